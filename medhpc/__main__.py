@@ -1,0 +1,3 @@
+from medhpc.cli.main import run
+
+run()

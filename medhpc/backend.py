@@ -1,0 +1,104 @@
+"""Compute backends: the one place that chooses between CPU and CUDA kernels.
+
+Every algorithm package keeps its kernels as twins with one signature:
+``kernels_cpu.py`` (``numba.njit``) and ``kernels_cuda.py`` (``numba.cuda.jit``
+kernels behind launcher functions of the same name). :func:`kernels` returns
+the module for a device; the CUDA module is only imported when it is asked for,
+so the CPU path needs neither a GPU nor numba-cuda.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import numpy as np
+
+from medhpc.errors import DeviceError
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def cuda_available() -> bool:
+    """True when numba-cuda is importable and a driver with at least one GPU is present."""
+    from medhpc.parallel.device import cuda_gpu_count
+
+    return cuda_gpu_count() > 0
+
+
+def resolve_device(request: str, notice=None) -> str:
+    """Turn ``--device cpu|cuda|auto`` into 'cpu' or 'cuda'.
+
+    ``cuda`` without a usable GPU raises :class:`DeviceError`; ``auto`` falls back
+    to the CPU and calls ``notice`` with a one-line message.
+    """
+    request = (request or "auto").lower()
+    if request not in DEVICES:
+        raise DeviceError(f"--device {request!r}: expected one of {', '.join(DEVICES)}")
+    if request == "cpu":
+        return "cpu"
+    if cuda_available():
+        return "cuda"
+    if request == "cuda":
+        raise DeviceError("--device cuda: no CUDA GPU is usable here (no driver, no GPU, or "
+                          "numba-cuda missing: pip install 'medhpc[cuda12]' or 'medhpc[cuda13]')")
+    if notice is not None:
+        notice("no CUDA GPU found: running on the CPU")
+    return "cpu"
+
+
+def kernels(package: str, device: str):
+    """Return the kernel module of ``package`` for ``device`` ('cpu' or 'cuda').
+
+    ``kernels("medhpc.pet", "cuda")`` imports ``medhpc.pet.kernels_cuda``.
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be resolved to 'cpu' or 'cuda', got {device!r}")
+    return importlib.import_module(f"{package}.kernels_{device}")
+
+
+def to_device(array: np.ndarray, device: str):
+    """Copy a host array to ``device`` (a no-op on the CPU)."""
+    if device == "cpu":
+        return np.ascontiguousarray(array)
+    from numba import cuda
+
+    return cuda.to_device(np.ascontiguousarray(array))
+
+
+def to_host(array) -> np.ndarray:
+    """Return a host NumPy array for a host or device array."""
+    if hasattr(array, "copy_to_host"):
+        return array.copy_to_host()
+    return np.asarray(array)
+
+
+def zeros(shape, dtype, device: str):
+    """Allocate a zeroed array on ``device``."""
+    if device == "cpu":
+        return np.zeros(shape, dtype=dtype)
+    from numba import cuda
+
+    return cuda.to_device(np.zeros(shape, dtype=dtype))
+
+
+def synchronizer(device: str):
+    """Return a callable that waits for queued device work (``None`` on the CPU)."""
+    if device != "cuda":
+        return None
+    from numba import cuda
+
+    return cuda.synchronize
+
+
+def cuda_simulator_active() -> bool:
+    """True when ``NUMBA_ENABLE_CUDASIM=1`` runs CUDA kernels on the CPU (tests)."""
+    return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or (
+        "numba" in sys.modules and getattr(sys.modules["numba"].config, "ENABLE_CUDASIM", 0) == 1)
+
+
+def launch_config_1d(items: int, threads_per_block: int = 256) -> tuple[int, int]:
+    """Blocks and threads per block to cover ``items`` with a 1-D grid."""
+    blocks = max(1, (int(items) + threads_per_block - 1) // threads_per_block)
+    return blocks, threads_per_block

@@ -1,0 +1,34 @@
+"""Exceptions with the exit codes the command line maps them to.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or input error, 130 interrupted.
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class MedhpcError(Exception):
+    """Base class of errors that medhpc reports as one line."""
+
+    exit_code = EXIT_FAILURE
+
+
+class InputError(MedhpcError):
+    """Bad input: a missing, unreadable or inconsistent file or option (exit code 2).
+
+    The message names the file, what is wrong and what was expected.
+    """
+
+    exit_code = EXIT_INPUT
+
+
+class DeviceError(MedhpcError):
+    """A requested device (for instance ``--device cuda``) is not available (exit code 2)."""
+
+    exit_code = EXIT_INPUT
+
+
+class OutputExistsError(InputError):
+    """An output exists and ``--overwrite`` was not given (exit code 2)."""

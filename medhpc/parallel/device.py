@@ -1,0 +1,146 @@
+"""Devices per rank: GPU selection, CPU threads, CUDA-aware MPI and device buffers."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from contextlib import contextmanager
+
+import numpy as np
+
+_LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID",
+                         "PLE_RANK_ON_NODE", "PMI_LOCAL_RANK")
+
+
+def is_device_array(array) -> bool:
+    """True for objects that expose ``__cuda_array_interface__`` (CUDA device arrays)."""
+    return hasattr(array, "__cuda_array_interface__")
+
+
+def probe_cuda_aware(mpi_module=None) -> bool:
+    """Return whether the loaded MPI library can take device buffers directly.
+
+    ``MEDHPC_CUDA_AWARE_MPI=1|0`` overrides the probe. Otherwise the MPI library
+    that mpi4py loaded is asked through ``MPIX_Query_cuda_support`` (MPICH and
+    Open MPI both provide it); a library without it counts as not CUDA-aware.
+    """
+    override = os.environ.get("MEDHPC_CUDA_AWARE_MPI")
+    if override is not None:
+        return override.strip().lower() in ("1", "true", "yes", "on")
+    if mpi_module is None:
+        return False
+    try:
+        library = ctypes.CDLL(mpi_module.__file__)
+        query = library.MPIX_Query_cuda_support
+    except (OSError, AttributeError):
+        return False
+    query.restype = ctypes.c_int
+    try:
+        return bool(query())
+    except Exception:
+        return False
+
+
+_cuda_aware_cache: dict[int, bool] = {}
+
+
+def cuda_aware(world) -> bool:
+    """Cached :func:`probe_cuda_aware` for ``world``'s MPI library."""
+    key = id(world.MPI)
+    if key not in _cuda_aware_cache:
+        _cuda_aware_cache[key] = probe_cuda_aware(world.MPI)
+    return _cuda_aware_cache[key]
+
+
+@contextmanager
+def mpi_buffer(array, world, write_back: bool):
+    """Yield a buffer of ``array`` that MPI can use.
+
+    Host arrays and device arrays under a CUDA-aware MPI are yielded as they
+    are. Other device arrays are copied to host memory (``copy_to_host``) and,
+    when ``write_back`` is true, copied back (``copy_to_device``) on exit.
+    """
+    if not is_device_array(array) or cuda_aware(world):
+        yield array
+        return
+    host = np.ascontiguousarray(array.copy_to_host())
+    yield host
+    if write_back:
+        array.copy_to_device(host)
+
+
+def node_local_rank_from_environment() -> int | None:
+    """Return the node-local rank that a launcher put in the environment, if any."""
+    for name in _LOCAL_RANK_VARIABLES:
+        value = os.environ.get(name)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def gpu_for_rank(local_rank: int, gpus_visible: int) -> int | None:
+    """Return the GPU index a rank uses: one GPU per rank by node-local rank.
+
+    When the launcher already restricted the rank to one device
+    (``CUDA_VISIBLE_DEVICES`` with one entry, as Slurm's ``--gpus-per-task=1``
+    does), that device is index 0. Returns ``None`` without GPUs.
+    """
+    if gpus_visible <= 0:
+        return None
+    return local_rank % gpus_visible
+
+
+def cuda_gpu_count() -> int:
+    """Number of CUDA GPUs this process can see (0 without a driver or numba-cuda)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return 0
+    try:
+        from numba import cuda
+    except ImportError:
+        return 0
+    try:
+        if not cuda.is_available():
+            return 0
+        return len(cuda.gpus)
+    except Exception:
+        return 0
+
+
+def select_gpu(local_rank: int) -> int | None:
+    """Bind this process to its GPU before any other CUDA call; return the index used."""
+    index = gpu_for_rank(local_rank, cuda_gpu_count())
+    if index is not None:
+        from numba import cuda
+
+        cuda.select_device(index)
+    return index
+
+
+def default_threads(local_size: int, cores: int | None = None) -> int:
+    """CPU threads per rank: the cores this process may use divided by ranks on the node."""
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_size))
+
+
+def resolve_threads(requested: int | None, local_size: int) -> int:
+    """Threads per rank: ``requested`` (option), else ``MEDHPC_THREADS``, else the default."""
+    if requested is None:
+        env = os.environ.get("MEDHPC_THREADS")
+        if env:
+            requested = int(env)
+    if requested is None or requested <= 0:
+        return default_threads(local_size)
+    return requested
+
+
+def set_threads(threads: int) -> int:
+    """Set numba's thread count for this rank (capped at its thread pool size)."""
+    import numba
+
+    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
