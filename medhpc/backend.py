@@ -48,14 +48,15 @@ def resolve_device(request: str, notice=None) -> str:
     return "cpu"
 
 
-def kernels(package: str, device: str):
-    """Return the kernel module of ``package`` for ``device`` ('cpu' or 'cuda').
+def kernels(package: str, device: str, stem: str = "kernels"):
+    """Return the kernel module ``{package}.{stem}_{device}`` ('cpu' or 'cuda').
 
-    ``kernels("medhpc.pet", "cuda")`` imports ``medhpc.pet.kernels_cuda``.
+    ``kernels("medhpc.pet", "cuda")`` imports ``medhpc.pet.kernels_cuda``;
+    ``kernels("medhpc.pet", "cpu", "em")`` imports ``medhpc.pet.em_cpu``.
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be resolved to 'cpu' or 'cuda', got {device!r}")
-    return importlib.import_module(f"{package}.kernels_{device}")
+    return importlib.import_module(f"{package}.{stem}_{device}")
 
 
 def to_device(array: np.ndarray, device: str):

@@ -13,6 +13,7 @@ otherwise (see :mod:`medhpc.parallel.device`).
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 from typing import Any, Callable, Sequence
 
@@ -184,8 +185,9 @@ class World:
     def agree(self, check: Callable[[], Any], root: int = 0) -> Any:
         """Run ``check`` on ``root`` only and share its verdict with every rank.
 
-        If ``check`` raises, every rank raises the same exception, so no rank is
-        left waiting in a later collective and the message is printed once.
+        If ``check`` raises, every rank raises the same exception, marked
+        ``agreed = True``, so no rank is left waiting in a later collective and
+        the command line prints the message once.
         Returns ``check``'s result on every rank.
         """
         outcome = None
@@ -197,14 +199,36 @@ class World:
         outcome = self.bcast(outcome, root=root)
         if outcome[0] == "error":
             exc = outcome[1]
-            if self.rank != root:
-                exc.reported_elsewhere = True
+            exc.agreed = True
             raise exc
         return outcome[1]
 
     def any(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any rank."""
         return bool(self.allreduce_scalar(int(bool(flag)), "max"))
+
+    def agree_all(self, task: Callable[[], Any]) -> Any:
+        """Run ``task`` on every rank; if it raises on any rank, raise on every rank.
+
+        Every rank raises the exception of the lowest failing rank (the failing
+        rank its own object), marked ``agreed = True`` like :meth:`agree`.
+        Exceptions that cannot be pickled travel as a :class:`RuntimeError`
+        with their message. Returns this rank's result of ``task``.
+        """
+        try:
+            result, error = task(), None
+        except Exception as exc:  # shared with the others, re-raised below
+            result, error = None, exc
+        if self.size == 1:
+            failures = [error]
+        else:
+            failures = self.allgather(None if error is None else portable_exception(error))
+        first = next((rank for rank, exc in enumerate(failures) if exc is not None), None)
+        if first is None:
+            return result
+        exc = error if first == self.rank else failures[first]
+        exc.agreed = True
+        raise exc
 
     # -- exchanges ------------------------------------------------------------------------
     def sendrecv_(self, send, dest: int, recv, source: int, tag: int = 0) -> None:
@@ -224,9 +248,89 @@ class World:
         self.comm.Alltoallv([send, (list(send_counts), list(send_displ))],
                             [recv, (list(recv_counts), list(recv_displ))])
 
+    def scatterv_(self, send: np.ndarray | None, counts: Sequence[int], recv: np.ndarray,
+                  root: int = 0) -> None:
+        """Scatter consecutive blocks of ``send`` (on ``root``) into each rank's ``recv``.
+
+        ``counts[r]`` elements go to rank ``r``; ``send`` is only read on
+        ``root`` (pass ``None`` elsewhere). Buffers are contiguous.
+        """
+        if self.size == 1:
+            np.copyto(recv.reshape(-1), send.reshape(-1))
+            return
+        from medhpc.parallel import device
+
+        displ = _displacements(counts)
+        with device.mpi_buffer(recv, self, write_back=True) as rbuf:
+            if self.rank == root:
+                with device.mpi_buffer(send, self, write_back=False) as sbuf:
+                    self.comm.Scatterv([sbuf, (list(counts), displ)], rbuf, root=root)
+            else:
+                self.comm.Scatterv(None, rbuf, root=root)
+
+    def gatherv_(self, send: np.ndarray, recv: np.ndarray | None, counts: Sequence[int],
+                 root: int = 0) -> None:
+        """Gather each rank's contiguous ``send`` into consecutive blocks of ``recv`` on ``root``.
+
+        ``counts[r]`` is the number of elements rank ``r`` sends; ``recv`` is
+        only written on ``root`` (pass ``None`` elsewhere).
+        """
+        if self.size == 1:
+            np.copyto(recv.reshape(-1), send.reshape(-1))
+            return
+        from medhpc.parallel import device
+
+        displ = _displacements(counts)
+        with device.mpi_buffer(send, self, write_back=False) as sbuf:
+            if self.rank == root:
+                with device.mpi_buffer(recv, self, write_back=True) as rbuf:
+                    self.comm.Gatherv(sbuf, [rbuf, (list(counts), displ)], root=root)
+            else:
+                self.comm.Gatherv(sbuf, None, root=root)
+
+    @property
+    def proc_null(self) -> int:
+        """The rank that stands for "no neighbour": exchanges with it do nothing."""
+        return self.MPI.PROC_NULL if self.has_mpi else -1
+
+    def send_obj(self, obj: Any, dest: int, tag: int = 0) -> None:
+        """Send a picklable object to ``dest`` (blocking)."""
+        self.comm.send(obj, dest=dest, tag=tag)
+
+    def recv_obj(self, source: int | None = None, tag: int | None = None) -> tuple[Any, int, int]:
+        """Receive a picklable object; ``None`` means any source / any tag.
+
+        Returns ``(obj, source, tag)`` of the message received.
+        """
+        status = self.MPI.Status()
+        obj = self.comm.recv(source=self.MPI.ANY_SOURCE if source is None else source,
+                             tag=self.MPI.ANY_TAG if tag is None else tag, status=status)
+        return obj, status.Get_source(), status.Get_tag()
+
+    def iprobe(self, source: int | None = None, tag: int | None = None) -> bool:
+        """True when a message from ``source`` with ``tag`` (``None``: any) is waiting."""
+        if not self.has_mpi:
+            return False
+        return bool(self.comm.Iprobe(source=self.MPI.ANY_SOURCE if source is None else source,
+                                     tag=self.MPI.ANY_TAG if tag is None else tag))
+
     def abort(self, code: int = 1) -> None:
         """End the whole job (every rank) with exit code ``code``."""
         self.comm.Abort(code)
+
+
+def _displacements(counts: Sequence[int]) -> list[int]:
+    """Start offsets of consecutive blocks of ``counts`` elements."""
+    return [int(d) for d in np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)]
+
+
+def portable_exception(exc: BaseException) -> BaseException:
+    """Return ``exc`` if it survives pickling, else a :class:`RuntimeError` with its message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
 
 
 def get_world() -> World:

@@ -1,0 +1,104 @@
+"""The ``medhpc`` command: subcommands, exit codes and job-wide failure handling.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or input error, 130 interrupted.
+
+An error that every rank agreed on (input validation runs once and its verdict
+is shared) is printed once by rank 0 and every rank exits with its code. Any
+other exception on any rank ends the whole MPI job at once (``MPI_Abort``), so a
+failure never leaves the other ranks waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from medhpc import __version__
+from medhpc.errors import EXIT_FAILURE, EXIT_INPUT, EXIT_INTERRUPTED, MedhpcError
+
+
+class _Group(click.Group):
+    """Keeps subcommands in the order they were added in ``--help``."""
+
+    def list_commands(self, ctx):
+        return list(self.commands)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
+                                           "auto_envvar_prefix": "MEDHPC",
+                                           "max_content_width": 100})
+@click.version_option(__version__, prog_name="medhpc")
+def cli():
+    """MPI-parallel medical image processing: run any subcommand as
+    `mpiexec -n N medhpc SUBCOMMAND ...` or plainly on one rank.
+
+    Exit codes: 0 success, 1 runtime failure, 2 usage or input error, 130 interrupted.
+    """
+
+
+def _register():
+    from medhpc.cli import info, phantom, report
+
+    cli.add_command(info.info)
+    cli.add_command(phantom.phantom)
+    cli.add_command(report.report)
+    try:
+        from medhpc.cli import pet
+    except ImportError:
+        return
+    for command in pet.COMMANDS:
+        cli.add_command(command)
+
+
+_register()
+
+
+def _world_or_none():
+    from medhpc.parallel import comm
+
+    return comm._world
+
+
+def _end_job(code: int, message: str, exc: BaseException | None) -> None:
+    """Report an error and exit, aborting the MPI job when other ranks may be waiting."""
+    world = _world_or_none()
+    agreed = exc is not None and getattr(exc, "agreed", False)
+    size = world.size if world is not None else 1
+    rank = world.rank if world is not None else 0
+    if agreed:
+        if rank == 0:
+            sys.stderr.write(f"medhpc: error: {message}\n")
+        sys.stderr.flush()
+        sys.exit(code)
+    tag = f"[rank {rank}/{size}] " if size > 1 else ""
+    sys.stderr.write(f"{tag}medhpc: error: {message}\n")
+    sys.stderr.flush()
+    if size > 1 and world.has_mpi:
+        world.abort(code)
+    sys.exit(code)
+
+
+def run(argv=None) -> None:
+    """Console entry point: run the command line and map outcomes to exit codes."""
+    try:
+        cli.main(args=argv, prog_name="medhpc", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        from medhpc.parallel.comm import get_world
+
+        if get_world().rank == 0:  # every rank parses the same arguments
+            exc.show()
+        sys.exit(EXIT_INPUT)
+    except click.exceptions.Abort:
+        _end_job(EXIT_INTERRUPTED, "interrupted", None)
+    except KeyboardInterrupt:
+        _end_job(EXIT_INTERRUPTED, "interrupted", None)
+    except MedhpcError as exc:
+        _end_job(exc.exit_code, str(exc), exc)
+    except Exception as exc:
+        traceback.print_exc()
+        _end_job(EXIT_FAILURE, f"{type(exc).__name__}: {exc}", exc)
+    sys.exit(0)

@@ -1,0 +1,27 @@
+"""``medhpc report``: a picture of where the time went, per rank."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("timings", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--png", "out_png", required=True, type=click.Path(dir_okay=False),
+              help="Picture to write: stacked stage times per rank.")
+@click.option("--title", "titles", multiple=True, help="Panel title (once per TIMINGS file).")
+@click.option("--overwrite", is_flag=True, help="Replace the picture if it exists.")
+def report(timings, out_png, titles, overwrite):
+    """Draw the stage breakdown of one TIMINGS.json (from --timings), or of two side by side
+    (before and after) with the speed-up."""
+    from medhpc.errors import InputError
+    from medhpc.parallel.comm import get_world
+    from medhpc.report import load_breakdown, plot_breakdown
+
+    if len(timings) > 2:
+        raise InputError(f"got {len(timings)} timing files; expected one, or two (before, after)")
+    if not get_world().is_root:
+        return
+    documents = [load_breakdown(path) for path in timings]
+    plot_breakdown(documents, out_png, titles=list(titles) or None, overwrite=overwrite)
+    click.echo(f"wrote {out_png}", err=True)

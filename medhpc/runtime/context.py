@@ -1,0 +1,100 @@
+"""What every compute subcommand sets up before its work and reports after it.
+
+:func:`start_run` resolves the device (the same verdict on every rank), binds a
+GPU per rank, sets CPU threads per rank and starts the stage timer.
+:meth:`Run.finish` gathers the stage breakdown, prints its table on rank 0 and
+writes it as JSON when ``--timings`` asked for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medhpc import backend
+from medhpc.parallel import device as devices
+from medhpc.parallel.comm import World, get_world
+from medhpc.runtime.log import Log
+from medhpc.runtime.timing import StageTimer, format_breakdown, write_breakdown
+
+FAIL_ON_RANK_VARIABLE = "MEDHPC_FAIL_ON_RANK"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised on the rank named by ``MEDHPC_FAIL_ON_RANK`` (checks that jobs tear down)."""
+
+
+@dataclass
+class Run:
+    """The run-time state a subcommand's algorithm receives."""
+
+    command: str
+    world: World
+    device: str
+    threads: int
+    seed: int
+    log: Log
+    timer: StageTimer
+    gpu: int | None = None
+    timings_path: Path | None = None
+    overwrite: bool = False
+    dry_run: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def stage(self, name: str, kind: str = "other"):
+        """Time a block as a named stage (see :class:`StageTimer`)."""
+        return self.timer.stage(name, kind)
+
+    def finish(self, extra: dict | None = None) -> dict | None:
+        """Gather the breakdown; on rank 0 print the table and write ``--timings``."""
+        info = {"device": self.device, "threads_per_rank": self.threads}
+        info.update(self.extra)
+        info.update(extra or {})
+        document = self.timer.breakdown(self.world, command=self.command, extra=info)
+        if document is not None:
+            self.log.info(format_breakdown(document))
+            if self.timings_path is not None:
+                write_breakdown(document, self.timings_path)
+                self.log.info(f"timings written to {self.timings_path}")
+        return document
+
+    def print_plan(self, plan: dict) -> None:
+        """Print a ``--dry-run`` plan as JSON on stdout (rank 0 only)."""
+        if self.world.is_root:
+            plan = {"command": self.command, "ranks": self.world.size,
+                    "nodes": self.world.node_count, "device": self.device,
+                    "threads_per_rank": self.threads, **plan}
+            json.dump(plan, sys.stdout, indent=2, default=str)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def start_run(command: str, device: str = "auto", threads: int | None = None, seed: int = 0,
+              verbosity: int = 0, timings: str | None = None, overwrite: bool = False,
+              dry_run: bool = False, world: World | None = None) -> Run:
+    """Set up a compute subcommand's run on this rank.
+
+    The device is resolved on rank 0 and shared, so every rank takes the same
+    path; with ``cuda`` each rank then binds the GPU of its node-local rank.
+    """
+    world = world or get_world()
+    log = Log(world.rank, world.size, verbosity)
+    resolved = world.agree(lambda: backend.resolve_device(device, notice=log.notice))
+    gpu = devices.select_gpu(world.local_rank) if resolved == "cuda" else None
+    threads = devices.set_threads(devices.resolve_threads(threads, world.local_size))
+    timer = StageTimer(synchronize=backend.synchronizer(resolved))
+    run = Run(command=command, world=world, device=resolved, threads=threads, seed=seed,
+              log=log, timer=timer, gpu=gpu, overwrite=overwrite, dry_run=dry_run,
+              timings_path=Path(timings) if timings else None)
+    _maybe_inject_failure(world)
+    return run
+
+
+def _maybe_inject_failure(world: World) -> None:
+    """Raise :class:`InjectedFailure` on the rank named by ``MEDHPC_FAIL_ON_RANK``."""
+    value = os.environ.get(FAIL_ON_RANK_VARIABLE, "").strip()
+    if value.isdigit() and int(value) == world.rank:
+        raise InjectedFailure(f"failure injected on rank {world.rank} by {FAIL_ON_RANK_VARIABLE}")

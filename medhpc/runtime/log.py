@@ -1,0 +1,98 @@
+"""Rank-tagged messages and progress on stderr.
+
+Rank 0 speaks; other ranks stay quiet unless ``-vv`` asks for every rank.
+Messages are tagged ``[rank r/N]`` when the world has more than one rank.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Log:
+    """Messages of one rank.
+
+    Parameters
+    ----------
+    rank, size : int
+        This rank and the world size.
+    verbosity : int
+        -1 quiet (errors only), 0 normal, 1 verbose (``-v``), 2 every rank (``-vv``).
+    stream : file-like
+        Where messages go (stderr by default).
+    """
+
+    def __init__(self, rank: int = 0, size: int = 1, verbosity: int = 0, stream=None):
+        self.rank = rank
+        self.size = size
+        self.verbosity = verbosity
+        self.stream = stream if stream is not None else sys.stderr
+
+    @property
+    def tag(self) -> str:
+        """The prefix of this rank's messages."""
+        return f"[rank {self.rank}/{self.size}] " if self.size > 1 else ""
+
+    def _speaks(self, level: int) -> bool:
+        if self.verbosity < level:
+            return False
+        return self.rank == 0 or self.verbosity >= 2
+
+    def _write(self, text: str) -> None:
+        self.stream.write(f"{self.tag}{text}\n")
+        self.stream.flush()
+
+    def info(self, text: str) -> None:
+        """A normal message (hidden by ``--quiet``)."""
+        if self._speaks(0):
+            self._write(text)
+
+    def notice(self, text: str) -> None:
+        """A message worth seeing even with ``--quiet`` (root only)."""
+        if self.rank == 0 or self.verbosity >= 2:
+            self._write(text)
+
+    def debug(self, text: str) -> None:
+        """A detail shown with ``-v``."""
+        if self._speaks(1):
+            self._write(text)
+
+    def progress(self, iterable, total: int | None = None, desc: str = ""):
+        """Yield from ``iterable`` while rank 0 shows progress.
+
+        On a terminal a bar redraws in place; otherwise (batch jobs) a line is
+        written at most every 10 s and at the end, so job logs stay short.
+        """
+        if total is None:
+            total = len(iterable) if hasattr(iterable, "__len__") else None
+        show = self.rank == 0 and self.verbosity >= 0
+        interactive = show and hasattr(self.stream, "isatty") and self.stream.isatty()
+        started = last = time.perf_counter()
+        count = 0
+        for item in iterable:
+            yield item
+            count += 1
+            if not show:
+                continue
+            now = time.perf_counter()
+            if interactive or now - last >= 10.0 or count == total:
+                last = now
+                self._draw(desc, count, total, now - started, interactive)
+        if interactive:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _draw(self, desc, count, total, elapsed, interactive) -> None:
+        if total:
+            filled = int(30 * count / total)
+            eta = elapsed / count * (total - count) if count else 0.0
+            text = (f"{desc} [{'#' * filled}{'.' * (30 - filled)}] {count}/{total} "
+                    f"{elapsed:.1f} s, {eta:.1f} s left")
+        else:
+            text = f"{desc} {count} done, {elapsed:.1f} s"
+        if interactive:
+            self.stream.write(f"\r{self.tag}{text}")
+            self.stream.flush()
+        else:
+            self._write(text)
