@@ -35,7 +35,7 @@ demo: install
 	$(BIN)/medhpc info
 	$(BIN)/medhpc phantom pet --out $(DEMO)/phantom --overwrite
 	$(BIN)/medhpc pet-simulate --activity $(DEMO)/phantom/activity.nii.gz \
-	    --mu-map $(DEMO)/phantom/mu_map.nii.gz --scanner demo --counts 2e7 \
+	    --mu-map $(DEMO)/phantom/mu_map.nii.gz --scanner small-test --counts 2e7 \
 	    --out $(DEMO)/sinogram.h5 --overwrite
 	$(MPIEXEC) -n $(RANKS) $(BIN)/medhpc pet-recon --sinogram $(DEMO)/sinogram.h5 \
 	    --out $(DEMO)/recon.nii.gz --iterations 3 --subsets 8 --png \

@@ -1,0 +1,507 @@
+"""Cylindrical PET scanner geometry and its sinogram layout.
+
+Coordinates are (x, y, z) in mm with the scanner axis along z and the scanner
+centre at the origin.
+
+Crystals
+    Crystal ``c`` of a ring sits on a circle of radius ``radius_mm`` at the angle
+    ``phi_c = 2 pi c / crystals_per_ring`` from +x towards +y (a circle, not the
+    polygon of detector modules). Ring ``k`` sits at
+    ``z_k = (k - (rings - 1) / 2) * ring_spacing_mm``.
+
+Sinogram (radial, view, plane[, tof]), "interleaved" views
+    With ``N = crystals_per_ring``, radial index ``r`` and view ``v``, let
+    ``d = radial_trim + r`` (``radial_trim <= d <= N - radial_trim``) and
+    ``s = 2 v + (d mod 2)``. The LOR joins transaxial crystals
+    ``a = ((s + d) / 2) mod N`` (start) and ``b = ((s - d) / 2) mod N`` (end).
+    Its normal points at the angle ``pi s / N`` (views alternate between two
+    angles half a crystal apart: the interleaving) and its signed distance from
+    the axis along that normal is ``radius_mm * cos(pi d / N)``, which falls
+    from about +FOV radius at ``r = 0`` through 0 at ``d = N / 2`` to about
+    -FOV radius at the last radial bin. Hence
+    ``n_radial = N + 1 - 2 * radial_trim`` and ``n_views = N / 2``.
+
+Planes
+    Plane ``p`` is the ring pair ``(r1, r2)``: the LOR starts on crystal ``a``
+    of ring ``r1`` and ends on crystal ``b`` of ring ``r2``. Planes are grouped
+    in segments of ring difference ``r2 - r1 = 0, +1, -1, +2, -2, ...`` up to
+    ``max_ring_difference``; within a segment they are ordered by ``r1``
+    (that is, by mean ring). Only span 1 is supported: each ring pair is its
+    own plane, no axial compression.
+
+TOF
+    TOF bin ``t`` is centred ``(t - (tof_bins - 1) / 2) * tof_bin_mm`` from the
+    LOR's midpoint, positive towards its end point (crystal ``b``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from medhpc.errors import InputError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+SPEED_OF_LIGHT_MM_PER_PS = 0.299792458
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
+
+_INT_FIELDS = ("crystals_per_ring", "rings", "radial_trim", "max_ring_difference", "span",
+               "tof_bins")
+_FLOAT_FIELDS = ("radius_mm", "ring_spacing_mm", "crystal_size_mm", "tof_resolution_ps",
+                 "tof_bin_mm")
+_REQUIRED_KEYS = ("crystals_per_ring", "rings", "radius_mm", "ring_spacing_mm",
+                  "crystal_size_mm", "radial_trim", "max_ring_difference")
+
+
+@dataclass(frozen=True)
+class ScannerGeometry:
+    """A cylindrical PET scanner and its span-1 sinogram layout.
+
+    Parameters
+    ----------
+    name : str
+        Label of the scanner.
+    crystals_per_ring : int
+        Crystals on one ring (even, >= 4).
+    rings : int
+        Number of crystal rings (>= 1).
+    radius_mm : float
+        Radius of the crystal circle (the LOR end points).
+    ring_spacing_mm : float
+        Axial distance between neighbouring rings.
+    crystal_size_mm : float
+        Transaxial crystal width, at most the crystal pitch.
+    radial_trim : int
+        Radial bins dropped at each edge of the full ``N + 1`` (>= 1).
+    max_ring_difference : int
+        Largest ``|r1 - r2|`` kept, ``0 <= max_ring_difference < rings``.
+    span : int
+        Axial compression; only 1 (none) is supported.
+    tof_bins : int
+        Number of TOF bins; 0 for non-TOF.
+    tof_resolution_ps : float
+        Coincidence timing resolution (FWHM) in ps; required when TOF.
+    tof_bin_mm : float or None
+        TOF bin width along the LOR. None: the bins together span the ring
+        diameter (``2 radius_mm / tof_bins``). Set to 0 for non-TOF scanners.
+    """
+
+    name: str
+    crystals_per_ring: int
+    rings: int
+    radius_mm: float
+    ring_spacing_mm: float
+    crystal_size_mm: float
+    radial_trim: int
+    max_ring_difference: int
+    span: int = 1
+    tof_bins: int = 0
+    tof_resolution_ps: float = 0.0
+    tof_bin_mm: float | None = field(default=None)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise InputError(f"scanner name must be a non-empty string, got {self.name!r}")
+        for key in _INT_FIELDS:
+            value = getattr(self, key)
+            if not _is_int(value):
+                raise InputError(f"scanner {self.name!r}: {key} = {value!r} is not an integer")
+            object.__setattr__(self, key, int(value))
+        for key in _FLOAT_FIELDS:
+            value = getattr(self, key)
+            if key == "tof_bin_mm" and value is None:
+                continue
+            if not _is_real(value) or not math.isfinite(value):
+                raise InputError(f"scanner {self.name!r}: {key} = {value!r} is not a finite number")
+            object.__setattr__(self, key, float(value))
+        if self.tof_bin_mm is None:
+            default = 2.0 * self.radius_mm / self.tof_bins if self.tof_bins > 0 else 0.0
+            object.__setattr__(self, "tof_bin_mm", default)
+        self._validate()
+
+    def _validate(self):
+        def fail(message):
+            raise InputError(f"scanner {self.name!r}: {message}")
+
+        n = self.crystals_per_ring
+        if n < 4 or n % 2:
+            fail(f"crystals_per_ring = {n}: expected an even number >= 4")
+        if self.rings < 1:
+            fail(f"rings = {self.rings}: expected >= 1")
+        if self.radius_mm <= 0:
+            fail(f"radius_mm = {self.radius_mm}: expected > 0")
+        if self.ring_spacing_mm <= 0:
+            fail(f"ring_spacing_mm = {self.ring_spacing_mm}: expected > 0")
+        pitch = self.crystal_pitch_mm
+        if not 0 < self.crystal_size_mm <= pitch * (1 + 1e-6):
+            fail(f"crystal_size_mm = {self.crystal_size_mm}: expected > 0 and at most the "
+                 f"crystal pitch {pitch:.4g} mm")
+        if not 1 <= self.radial_trim <= n // 2:
+            fail(f"radial_trim = {self.radial_trim}: expected 1 <= radial_trim <= {n // 2}")
+        if not 0 <= self.max_ring_difference <= self.rings - 1:
+            fail(f"max_ring_difference = {self.max_ring_difference}: expected 0 <= "
+                 f"max_ring_difference <= {self.rings - 1} (rings - 1)")
+        if self.span != 1:
+            fail(f"span = {self.span} is not supported: expected 1 (no axial compression)")
+        if self.tof_bins < 0:
+            fail(f"tof_bins = {self.tof_bins}: expected >= 0 (0 for non-TOF)")
+        if self.tof_bins > 0:
+            if self.tof_resolution_ps <= 0:
+                fail(f"tof_resolution_ps = {self.tof_resolution_ps}: expected > 0 with "
+                     f"tof_bins = {self.tof_bins}")
+            if self.tof_bin_mm <= 0:
+                fail(f"tof_bin_mm = {self.tof_bin_mm}: expected > 0 with tof_bins = {self.tof_bins}")
+        elif self.tof_resolution_ps < 0 or self.tof_bin_mm < 0:
+            fail("tof_resolution_ps and tof_bin_mm must be >= 0")
+
+    @property
+    def crystal_pitch_mm(self) -> float:
+        """Arc length between neighbouring crystals of a ring."""
+        return 2.0 * math.pi * self.radius_mm / self.crystals_per_ring
+
+    @property
+    def is_tof(self) -> bool:
+        """Whether the sinogram has a TOF axis."""
+        return self.tof_bins > 0
+
+    @property
+    def n_radial(self) -> int:
+        """Radial bins: ``crystals_per_ring + 1 - 2 radial_trim``."""
+        return self.crystals_per_ring + 1 - 2 * self.radial_trim
+
+    @property
+    def n_views(self) -> int:
+        """Views: ``crystals_per_ring // 2``."""
+        return self.crystals_per_ring // 2
+
+    @property
+    def n_planes(self) -> int:
+        """Ring pairs with ``|r1 - r2| <= max_ring_difference``."""
+        m = self.max_ring_difference
+        return self.rings * (2 * m + 1) - m * (m + 1)
+
+    @property
+    def sinogram_shape(self) -> tuple[int, ...]:
+        """``(radial, view, plane)``, with a trailing ``tof`` axis for TOF scanners."""
+        shape = (self.n_radial, self.n_views, self.n_planes)
+        return shape + (self.tof_bins,) if self.is_tof else shape
+
+    @property
+    def n_lors(self) -> int:
+        """Geometric LORs (radial x view x plane), a Python int."""
+        return self.n_radial * self.n_views * self.n_planes
+
+    @property
+    def n_bins(self) -> int:
+        """Sinogram bins including the TOF axis, a Python int."""
+        return math.prod(self.sinogram_shape)
+
+    @property
+    def tof_sigma_mm(self) -> float:
+        """Standard deviation of the TOF kernel along the LOR (0 for non-TOF)."""
+        return SPEED_OF_LIGHT_MM_PER_PS * self.tof_resolution_ps / 2.0 / FWHM_PER_SIGMA
+
+    @property
+    def radial_fov_mm(self) -> float:
+        """Radius of the transaxial field of view covered by every view."""
+        return self.radius_mm * math.cos(math.pi * self.radial_trim / self.crystals_per_ring)
+
+    @property
+    def ring_z_mm(self) -> np.ndarray:
+        """Axial positions of the rings, centred on 0 (float64)."""
+        return (np.arange(self.rings) - (self.rings - 1) / 2.0) * self.ring_spacing_mm
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+# ---------------------------------------------------------------- loading and storing
+
+def available_presets() -> list[str]:
+    """Return the names of the bundled scanner presets."""
+    folder = resources.files("medhpc.pet") / "presets"
+    return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".toml"))
+
+
+def load_scanner(name_or_path) -> ScannerGeometry:
+    """Load a scanner from a preset name or a TOML file with a ``[scanner]`` table.
+
+    Parameters
+    ----------
+    name_or_path : str or path-like
+        A preset (see :func:`available_presets`) or a path to a ``.toml`` file.
+
+    Returns
+    -------
+    ScannerGeometry
+
+    Raises
+    ------
+    InputError
+        Unknown preset, missing or unreadable file, bad TOML, or a missing,
+        unknown or mistyped key (the message names the file and key).
+    """
+    text = str(name_or_path)
+    path = Path(text)
+    looks_like_path = (isinstance(name_or_path, Path) or path.suffix == ".toml"
+                       or "/" in text or "\\" in text or path.exists())
+    if looks_like_path:
+        if not path.is_file():
+            raise InputError(f"{path}: scanner file does not exist: expected a TOML file "
+                             f"with a [scanner] table or a preset name "
+                             f"({', '.join(available_presets())})")
+        try:
+            content = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: cannot read the scanner file ({exc})") from None
+        return _from_toml(content, str(path), default_name=path.stem)
+    presets = available_presets()
+    if text not in presets:
+        raise InputError(f"unknown scanner preset {text!r}: expected one of "
+                         f"{', '.join(presets)} or a path to a .toml file")
+    resource = resources.files("medhpc.pet") / "presets" / f"{text}.toml"
+    return _from_toml(resource.read_text(encoding="utf-8"), f"preset {text}", default_name=text)
+
+
+def _from_toml(content: str, source: str, default_name: str) -> ScannerGeometry:
+    try:
+        document = tomllib.loads(content)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{source}: invalid TOML ({exc})") from None
+    unknown_tables = sorted(set(document) - {"scanner"})
+    if unknown_tables:
+        raise InputError(f"{source}: unknown top-level key {unknown_tables[0]!r}: "
+                         f"expected only a [scanner] table")
+    table = document.get("scanner")
+    if not isinstance(table, dict):
+        raise InputError(f"{source}: missing [scanner] table")
+    table = dict(table)
+    table.setdefault("name", default_name)
+    return scanner_from_dict(table, source=source, key_prefix="[scanner] ")
+
+
+def scanner_to_dict(scanner: ScannerGeometry) -> dict:
+    """Return the scanner's fields as plain Python scalars (for JSON or HDF5 attributes)."""
+    return {f.name: getattr(scanner, f.name) for f in fields(ScannerGeometry)}
+
+
+def scanner_from_dict(mapping, source: str = "scanner", key_prefix: str = "") -> ScannerGeometry:
+    """Build a scanner from a mapping as written by :func:`scanner_to_dict`.
+
+    Accepts NumPy scalars and bytes names (as read back from HDF5 attributes).
+
+    Parameters
+    ----------
+    mapping : mapping
+        Field name -> value; ``span``, ``tof_bins``, ``tof_resolution_ps`` and
+        ``tof_bin_mm`` are optional.
+    source : str
+        Names the origin (a file) in error messages.
+    key_prefix : str
+        Prefix of key names in error messages (``"[scanner] "`` for TOML).
+
+    Raises
+    ------
+    InputError
+        Missing, unknown or mistyped keys, or invalid values.
+    """
+    known = {f.name for f in fields(ScannerGeometry)}
+    values = {}
+    for key, value in mapping.items():
+        if key not in known:
+            raise InputError(f"{source}: unknown key {key_prefix}{key!r}: expected one of "
+                             f"{', '.join(sorted(known))}")
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        values[key] = value
+    missing = [key for key in ("name",) + _REQUIRED_KEYS if key not in values]
+    if missing:
+        raise InputError(f"{source}: missing key {key_prefix}{missing[0]!r}")
+    for key, value in values.items():
+        if key in _INT_FIELDS and not _is_int(value):
+            raise InputError(f"{source}: {key_prefix}{key} = {value!r} has the wrong type: "
+                             f"expected an integer")
+        if key in _FLOAT_FIELDS and not _is_real(value) and not (key == "tof_bin_mm"
+                                                                 and value is None):
+            raise InputError(f"{source}: {key_prefix}{key} = {value!r} has the wrong type: "
+                             f"expected a number")
+        if key == "name" and not isinstance(value, str):
+            raise InputError(f"{source}: {key_prefix}name = {value!r} has the wrong type: "
+                             f"expected a string")
+    try:
+        return ScannerGeometry(**values)
+    except InputError as exc:
+        raise InputError(f"{source}: {exc}") from None
+
+
+# ---------------------------------------------------------------- crystals and planes
+
+def crystal_positions(scanner: ScannerGeometry) -> np.ndarray:
+    """Return crystal centres on the detector cylinder.
+
+    Returns
+    -------
+    ndarray, float32, shape (crystals_per_ring, rings, 3)
+        ``(x, y, z)`` in mm of crystal ``c`` of ring ``k`` (see the module notes).
+    """
+    angle = 2.0 * np.pi * np.arange(scanner.crystals_per_ring) / scanner.crystals_per_ring
+    positions = np.empty((scanner.crystals_per_ring, scanner.rings, 3), dtype=np.float32)
+    positions[:, :, 0] = (scanner.radius_mm * np.cos(angle))[:, None]
+    positions[:, :, 1] = (scanner.radius_mm * np.sin(angle))[:, None]
+    positions[:, :, 2] = scanner.ring_z_mm[None, :]
+    return positions
+
+
+def plane_ring_pairs(scanner: ScannerGeometry) -> np.ndarray:
+    """Return the ring pair ``(r1, r2)`` of every plane, in plane order.
+
+    Returns
+    -------
+    ndarray, int64, shape (n_planes, 2)
+        Segments ``r2 - r1 = 0, +1, -1, +2, -2, ...``; within one, ``r1`` ascending.
+    """
+    pairs = []
+    for difference in _segment_differences(scanner.max_ring_difference):
+        first = np.arange(max(0, -difference), scanner.rings - max(0, difference))
+        pairs.append(np.stack([first, first + difference], axis=1))
+    return np.concatenate(pairs).astype(np.int64)
+
+
+def plane_segments(scanner: ScannerGeometry) -> np.ndarray:
+    """Return the ring difference ``r2 - r1`` of every plane (int64, shape (n_planes,))."""
+    pairs = plane_ring_pairs(scanner)
+    return pairs[:, 1] - pairs[:, 0]
+
+
+def direct_planes(scanner: ScannerGeometry) -> np.ndarray:
+    """Return a bool mask over planes: True where ``r1 == r2``."""
+    return plane_segments(scanner) == 0
+
+
+def ring_pair_to_plane(scanner: ScannerGeometry) -> np.ndarray:
+    """Return the plane index of each ring pair ``[r1, r2]``, -1 where not recorded."""
+    table = np.full((scanner.rings, scanner.rings), -1, dtype=np.int64)
+    pairs = plane_ring_pairs(scanner)
+    table[pairs[:, 0], pairs[:, 1]] = np.arange(len(pairs))
+    return table
+
+
+def _segment_differences(max_ring_difference: int) -> list[int]:
+    differences = [0]
+    for step in range(1, max_ring_difference + 1):
+        differences += [step, -step]
+    return differences
+
+
+# ---------------------------------------------------------------- LORs
+
+def sinogram_crystals(scanner: ScannerGeometry, views=None) -> tuple[np.ndarray, np.ndarray]:
+    """Return the transaxial crystals ``(a, b)`` of every (radial, view) bin.
+
+    Parameters
+    ----------
+    scanner : ScannerGeometry
+    views : None, int, slice or array of int
+        Views to return; None for all.
+
+    Returns
+    -------
+    start_crystal, end_crystal : ndarray, int64, shape (n_radial, n_views_selected)
+        ``a = ((s + d) / 2) mod N``, ``b = ((s - d) / 2) mod N`` with
+        ``d = radial_trim + r`` and ``s = 2 v + (d mod 2)``.
+    """
+    view_index = _selection(views, scanner.n_views, "view")
+    d = scanner.radial_trim + np.arange(scanner.n_radial, dtype=np.int64)[:, None]
+    s = 2 * view_index[None, :] + d % 2
+    n = scanner.crystals_per_ring
+    return (s + d) // 2 % n, (s - d) // 2 % n
+
+
+def lor_endpoints(scanner: ScannerGeometry, views=None, planes=None):
+    """Return the start and end points of LORs in sinogram order.
+
+    Parameters
+    ----------
+    scanner : ScannerGeometry
+    views : None, int, slice or array of int
+        Views to generate; None for all (see :func:`subset_views`).
+    planes : None, int, slice or array of int
+        Planes to generate; None for all.
+
+    Returns
+    -------
+    xstart, xend : ndarray, float32, shape (n_radial, n_views_selected, n_planes_selected, 3)
+        ``(x, y, z)`` in mm of crystal ``a`` on ring ``r1`` and crystal ``b`` on
+        ring ``r2`` (see the module notes).
+    """
+    plane_index = _selection(planes, scanner.n_planes, "plane")
+    start_crystal, end_crystal = sinogram_crystals(scanner, views)
+    ring_pairs = plane_ring_pairs(scanner)[plane_index]
+    ring_z = scanner.ring_z_mm.astype(np.float32)
+    angle = (2.0 * np.pi / scanner.crystals_per_ring) * np.arange(scanner.crystals_per_ring)
+    ring_x = (scanner.radius_mm * np.cos(angle)).astype(np.float32)
+    ring_y = (scanner.radius_mm * np.sin(angle)).astype(np.float32)
+    shape = start_crystal.shape + (len(plane_index), 3)
+    endpoints = []
+    for crystal, ring in ((start_crystal, ring_pairs[:, 0]), (end_crystal, ring_pairs[:, 1])):
+        points = np.empty(shape, dtype=np.float32)
+        points[..., 0] = ring_x[crystal][:, :, None]
+        points[..., 1] = ring_y[crystal][:, :, None]
+        points[..., 2] = ring_z[ring][None, None, :]
+        endpoints.append(points)
+    return endpoints[0], endpoints[1]
+
+
+def tof_bin_centres_mm(scanner: ScannerGeometry) -> np.ndarray:
+    """Return TOF bin centres along the LOR from its midpoint, towards its end (float64)."""
+    return (np.arange(scanner.tof_bins) - (scanner.tof_bins - 1) / 2.0) * scanner.tof_bin_mm
+
+
+def subset_views(n_views: int, n_subsets: int, subset: int) -> np.ndarray:
+    """Return the views of an ordered subset: ``subset, subset + n_subsets, ...``.
+
+    Raises
+    ------
+    InputError
+        ``n_subsets`` outside ``[1, n_views]`` or ``subset`` outside ``[0, n_subsets)``.
+    """
+    if not (_is_int(n_views) and _is_int(n_subsets) and _is_int(subset)):
+        raise InputError(f"subset_views needs integers, got n_views={n_views!r}, "
+                         f"n_subsets={n_subsets!r}, subset={subset!r}")
+    if n_views < 1:
+        raise InputError(f"n_views = {n_views}: expected >= 1")
+    if not 1 <= n_subsets <= n_views:
+        raise InputError(f"number of subsets {n_subsets}: expected between 1 and the number "
+                         f"of views ({n_views})")
+    if not 0 <= subset < n_subsets:
+        raise InputError(f"subset {subset}: expected 0 <= subset < {n_subsets}")
+    return np.arange(subset, n_views, n_subsets, dtype=np.int64)
+
+
+def _selection(selection, n: int, what: str) -> np.ndarray:
+    if selection is None:
+        return np.arange(n, dtype=np.int64)
+    if isinstance(selection, slice):
+        return np.arange(n, dtype=np.int64)[selection]
+    index = np.atleast_1d(np.asarray(selection))
+    if index.ndim != 1 or not (index.size == 0 or np.issubdtype(index.dtype, np.integer)):
+        raise InputError(f"{what} selection must be a slice or a 1-D array of integers")
+    if index.size and (index.min() < 0 or index.max() >= n):
+        raise InputError(f"{what} index out of range: expected 0 <= {what} < {n}")
+    return index.astype(np.int64)

@@ -1,0 +1,73 @@
+"""Outputs appear complete or not at all, and never replace a file unasked."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+
+from medhpc.errors import OutputExistsError
+from medhpc.io import (ImageGeometry, atomic_path, write_image, write_nifti, write_tiff_stack,
+                       write_volume)
+
+VOLUME = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+GEOMETRY = ImageGeometry.from_spacing(VOLUME.shape, 1.5)
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _write_then_fail(path, *args, **kwargs):
+    with open(path, "wb") as partial:
+        partial.write(b"half a file")
+    raise RuntimeError("disk full")
+
+
+def test_atomic_path_failure_leaves_nothing(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("stop")
+    assert _leftovers(tmp_path) == []
+
+
+def test_hdf5_failure_inside_write_leaves_nothing(tmp_path):
+    with pytest.raises(TypeError):
+        write_volume(tmp_path / "v.h5", VOLUME, GEOMETRY, attrs={"bad": object()})
+    assert _leftovers(tmp_path) == []
+
+
+def test_nifti_failure_inside_write_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(nib, "save", lambda image, path: _write_then_fail(path))
+    with pytest.raises(RuntimeError):
+        write_nifti(tmp_path / "v.nii.gz", VOLUME, GEOMETRY)
+    assert _leftovers(tmp_path) == []
+
+
+def test_tiff_failure_inside_write_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(tifffile, "imwrite", _write_then_fail)
+    with pytest.raises(RuntimeError):
+        write_tiff_stack(tmp_path / "v.tif", VOLUME)
+    assert _leftovers(tmp_path) == []
+
+
+def test_failed_overwrite_keeps_the_old_file(tmp_path):
+    target = tmp_path / "v.h5"
+    write_volume(target, VOLUME, GEOMETRY)
+    before = target.read_bytes()
+    with pytest.raises(TypeError):
+        write_volume(target, VOLUME, GEOMETRY, attrs={"bad": object()}, overwrite=True)
+    assert target.read_bytes() == before
+    assert _leftovers(tmp_path) == ["v.h5"]
+
+
+@pytest.mark.parametrize("name", ["v.h5", "v.nii.gz", "v.nii", "v.tif", "v.ome.tif"])
+def test_existing_output_needs_overwrite(tmp_path, name):
+    target = tmp_path / name
+    write_image(target, VOLUME, GEOMETRY)
+    with pytest.raises(OutputExistsError) as excinfo:
+        write_image(target, VOLUME * 2, GEOMETRY)
+    assert str(target) in str(excinfo.value)
+    write_image(target, VOLUME * 2, GEOMETRY, overwrite=True)
+    assert _leftovers(tmp_path) == [name]
