@@ -505,3 +505,15 @@ def _selection(selection, n: int, what: str) -> np.ndarray:
     if index.size and (index.min() < 0 or index.max() >= n):
         raise InputError(f"{what} index out of range: expected 0 <= {what} < {n}")
     return index.astype(np.int64)
+
+
+def default_image_grid(scanner: ScannerGeometry) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """The usual image grid of a scanner: ``(shape_zyx, voxel_mm_xyz)``.
+
+    Planes every half ring spacing (``2 * rings - 1`` of them, the rebinned
+    planes), square voxels of that size across 85% of the transaxial field of
+    view (for ``ge-dmi-4ring``: 216 x 216 x 71 at 2.78 mm).
+    """
+    voxel = scanner.ring_spacing_mm / 2.0
+    across = int(2.0 * scanner.radial_fov_mm * 0.85 / voxel)
+    return (2 * scanner.rings - 1, across, across), (voxel, voxel, voxel)

@@ -1,0 +1,132 @@
+"""PET subcommands: pet-geometry, pet-simulate, pet-recon. Parse, validate, call."""
+
+from __future__ import annotations
+
+import click
+
+from medhpc.cli.options import pass_run
+from medhpc.cli.parsing import NumberList
+
+
+@click.command("pet-geometry")
+@click.option("--scanner", required=True, help="Preset name (small-test, ge-dmi-4ring, "
+              "ge-dmi-4ring-tof) or a TOML file with a [scanner] table.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="HDF5 file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace the file if it exists.")
+def pet_geometry(scanner, out, overwrite):
+    """Write the scanner and sinogram layout with the LOR end points (mm) of every bin, in
+    the sinogram's own order (radial x view x plane x 3)."""
+    from medhpc.parallel.comm import get_world
+    from medhpc.pet.geometry_file import write_geometry_file
+    from medhpc.pet.scanner import load_scanner
+
+    world = get_world()
+    geometry = world.agree(lambda: load_scanner(scanner))
+    if world.is_root:
+        write_geometry_file(out, geometry, overwrite=overwrite)
+        click.echo(f"wrote {out}: {geometry.name}, sinogram {geometry.sinogram_shape}, "
+                   f"{geometry.n_lors:,} LORs", err=True)
+
+
+@click.command("pet-simulate")
+@click.option("--activity", required=True, type=click.Path(),
+              help="Activity image (NIfTI or HDF5; 4-D = dynamic frames).")
+@click.option("--scanner", required=True, help="Preset name or TOML file.")
+@click.option("--mu-map", type=click.Path(), default=None,
+              help="Linear attenuation (1/mm) on the activity's grid.")
+@click.option("--counts", type=float, default=1e7, show_default=True,
+              help="Expected prompt counts per frame.")
+@click.option("--no-noise", is_flag=True, help="Write the expected counts, without Poisson noise.")
+@click.option("--randoms-fraction", type=float, default=0.2, show_default=True,
+              help="Share of the counts that are randoms (flat).")
+@click.option("--tof", is_flag=True, help="Time-of-flight data (the scanner must have TOF bins).")
+@click.option("--frames", type=int, default=None,
+              help="With a 3-D activity: this many frames (independent noise realisations).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Sinogram file (HDF5).")
+@pass_run("pet-simulate")
+def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fraction, tof, frames,
+                 out):
+    """Forward-project an activity image with attenuation, normalisation, randoms and Poisson
+    noise; write a sinogram file holding the factors, the additive term, the image grid and
+    the scanner."""
+    import numpy as np
+
+    from medhpc.io.atomic import check_output_free
+    from medhpc.pet.scanner import load_scanner
+    from medhpc.pet.simulate import Simulation, read_inputs, write_simulation
+
+    def prepare():
+        check_output_free(out, run.overwrite)
+        geometry = load_scanner(scanner)
+        image, mu, grid = read_inputs(activity, mu_map)
+        if frames is not None:
+            if frames < 1 or image.shape[0] != 1:
+                raise click.BadParameter("--frames needs a 3-D activity and a count >= 1")
+            image = np.repeat(image, frames, axis=0)
+        return geometry, image, mu, grid
+
+    geometry, image, mu, grid = run.world.agree(prepare)
+    simulation = run.world.agree(lambda: Simulation(run, geometry, image, mu, grid, counts,
+                                                    not no_noise, randoms_fraction, tof,
+                                                    source=activity))
+    if run.dry_run:
+        run.print_plan({"scanner": geometry.name, "lors": geometry.n_lors,
+                        "frames": int(image.shape[0]), "tof": tof})
+        return
+    data = simulation.execute(run.seed)
+    if run.world.is_root:
+        with run.stage("write", "io"):
+            write_simulation(out, geometry, grid, data, tof, run.overwrite,
+                             attrs={"counts": counts, "randoms_fraction": randoms_fraction,
+                                    "noise": not no_noise, "seed": run.seed,
+                                    "activity": str(activity)})
+        run.log.info(f"wrote {out}: {geometry.name}, {data['frames']} frame(s), "
+                     f"{float(np.sum(data['prompts'])):.4g} prompts")
+    run.finish()
+
+
+@click.command("pet-recon")
+@click.option("--sinogram", required=True, type=click.Path(), help="Sinogram file (pet-simulate's layout).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Image to write: .nii/.nii.gz or .h5 (4-D for dynamic data).")
+@click.option("--algorithm", type=click.Choice(["osem", "mlem", "osem-rdp"]), default="osem",
+              show_default=True)
+@click.option("--iterations", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--subsets", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--psf-fwhm-mm", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Image-space Gaussian resolution model.")
+@click.option("--postfilter-fwhm-mm", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--beta", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="Weight of the relative difference prior (osem-rdp).")
+@click.option("--gamma", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Edge preservation of the relative difference prior (osem-rdp).")
+@click.option("--decomp", type=click.Choice(["planes", "views", "frames", "auto"]), default="auto",
+              show_default=True, help="How the work is spread over the ranks.")
+@click.option("--image-shape", type=NumberList(3, int), default=None,
+              help="Image shape z,y,x [default: the grid stored in the sinogram].")
+@click.option("--voxel-size-mm", type=NumberList(3), default=None,
+              help="Voxel size x,y,z in mm [default: the stored grid].")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Save a checkpoint every K iterations (always on SIGTERM/SIGUSR1).")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint beside --out.")
+@click.option("--png", is_flag=True, help="Also write a picture: central planes and convergence.")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None,
+              help="JSON log [default: beside --out, .json].")
+@pass_run("pet-recon")
+def pet_recon(run, sinogram, out, algorithm, iterations, subsets, psf_fwhm_mm, postfilter_fwhm_mm,
+              beta, gamma, decomp, image_shape, voxel_size_mm, checkpoint_every, resume, png,
+              log_path):
+    """Reconstruct a PET image (OSEM, MLEM or OSEM with the relative difference prior) with the
+    Joseph projector, spreading views, planes or frames over the ranks."""
+    from medhpc.pet.recon import ReconSettings
+    from medhpc.pet.reconstruct import Reconstruction
+
+    settings = ReconSettings(algorithm=algorithm, iterations=iterations, subsets=subsets,
+                             psf_fwhm_mm=psf_fwhm_mm, postfilter_fwhm_mm=postfilter_fwhm_mm,
+                             rdp_beta=beta if algorithm == "osem-rdp" else 0.0, rdp_gamma=gamma)
+    Reconstruction(run, sinogram, out, settings, decomp=decomp, image_shape=image_shape,
+                   voxel_size_mm=voxel_size_mm, resume=resume, checkpoint_every=checkpoint_every,
+                   png=png, log_path=log_path).execute()
+
+
+COMMANDS = [pet_geometry, pet_simulate, pet_recon]

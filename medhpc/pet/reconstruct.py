@@ -1,0 +1,321 @@
+"""pet-recon: read the sinogram, spread it over the ranks, iterate, write the image.
+
+1. Read and check the sinogram's layout once; choose the decomposition.
+2. Each rank reads only its share (a block of every subset's views, a block of
+   rebinned planes, or whole frames from a queue) and builds the projectors.
+3. Sensitivity images, then OSEM sub-iterations (:mod:`medhpc.pet.recon`),
+   checkpointing when due.
+4. Post-filter, collect the image on rank 0, write image, JSON log and picture.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from medhpc import backend
+from medhpc.errors import InputError
+from medhpc.io.atomic import atomic_path, check_output_free
+from medhpc.io.geometry import ImageGeometry
+from medhpc.io.images import write_image
+from medhpc.parallel.comm import World
+from medhpc.parallel.work import map_items
+from medhpc.pet import decomposition
+from medhpc.pet.projector import JosephProjector, TofSpec
+from medhpc.pet.recon import OsemReconstructor, ReconSettings, ReconState, SubsetShare
+from medhpc.pet.scanner import direct_planes, lor_endpoints, plane_ring_pairs
+from medhpc.pet.sinogram import SinogramLayout, read_block, read_layout
+from medhpc.runtime.checkpoint import Checkpointer
+
+
+def axis_aligned_grid(geometry: ImageGeometry, source) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(origin_mm, voxel_mm)`` as (x, y, z) of an axis-aligned image grid."""
+    rotation = np.asarray(geometry.affine)[:3, :3]
+    spacing = np.diag(rotation)
+    if not np.allclose(rotation, np.diag(spacing), atol=1e-6) or np.any(spacing <= 0):
+        raise InputError(f"{source}: image grid is rotated or flipped (affine {rotation.tolist()}); "
+                         f"expected an axis-aligned grid with positive spacing")
+    return (np.asarray(geometry.origin_mm, dtype=np.float32),
+            np.asarray(spacing, dtype=np.float32))
+
+
+def output_grid(layout: SinogramLayout, image_shape=None, voxel_size_mm=None) -> ImageGeometry:
+    """The stored image grid, or a grid centred on the scanner from the overrides."""
+    if image_shape is None and voxel_size_mm is None:
+        return layout.image
+    shape = tuple(image_shape) if image_shape else layout.image.shape
+    spacing = tuple(voxel_size_mm) if voxel_size_mm else layout.image.spacing_mm
+    return ImageGeometry.from_spacing(shape, spacing)
+
+
+def tof_spec(scanner) -> TofSpec:
+    """The TOF kernel of a TOF scanner."""
+    return TofSpec(bins=scanner.tof_bins, bin_mm=scanner.tof_bin_mm, sigma_mm=scanner.tof_sigma_mm)
+
+
+class Reconstruction:
+    """One pet-recon run on every rank (see the module notes for the steps)."""
+
+    def __init__(self, run, sinogram, out, settings: ReconSettings, decomp="auto",
+                 image_shape=None, voxel_size_mm=None, resume=False, checkpoint_every=0,
+                 png=False, log_path=None):
+        self.run = run
+        self.world: World = run.world
+        self.settings = settings
+        self.out = Path(out)
+        self.png = self.out.with_name(_stem(self.out) + ".png") if png else None
+        self.log_path = Path(log_path) if log_path else self.out.with_name(_stem(self.out) + ".json")
+        self.checkpoint_path = self.out.with_name(_stem(self.out) + ".checkpoint.h5")
+        self.resume = resume
+        self.checkpoint_every = checkpoint_every
+        self.layout = self.world.agree(lambda: self._validated_layout(sinogram))
+        self.grid = self.world.agree(lambda: output_grid(self.layout, image_shape, voxel_size_mm))
+        self.origin_mm, self.voxel_mm = self.world.agree(
+            lambda: axis_aligned_grid(self.grid, sinogram))
+        self.mode = self.world.agree(
+            lambda: decomposition.choose_mode(decomp, self.layout.frames, self.world.size))
+        if self.mode == "planes":
+            self.world.agree(self._check_planes_grid)
+        self.tof = tof_spec(self.layout.scanner) if self.layout.tof else None
+
+    def _validated_layout(self, sinogram) -> SinogramLayout:
+        layout = read_layout(sinogram)
+        if self.settings.n_subsets > layout.scanner.n_views:
+            raise InputError(f"--subsets {self.settings.subsets}: the scanner has only "
+                             f"{layout.scanner.n_views} views; expected at most that many subsets")
+        return layout
+
+    def _check_planes_grid(self) -> None:
+        scanner = self.layout.scanner
+        nz = decomposition.rebinned_planes(scanner.rings)
+        ring_z = scanner.ring_z_mm
+        expected_z = ring_z[0] + 0.5 * scanner.ring_spacing_mm * np.arange(nz)
+        image_z = self.origin_mm[2] + self.voxel_mm[2] * np.arange(self.grid.shape[0])
+        if self.grid.shape[0] != nz or not np.allclose(image_z, expected_z, atol=1e-3):
+            raise InputError(
+                f"{self.layout.path}: --decomp planes needs image planes at the rebinned plane "
+                f"positions ({nz} planes every {scanner.ring_spacing_mm / 2:g} mm from "
+                f"z = {ring_z[0]:g} mm), but the image grid is {self.grid.describe()}; "
+                f"use --decomp views or pass --image-shape/--voxel-size-mm accordingly")
+
+    # -- plan --------------------------------------------------------------------------
+    def plan(self) -> dict:
+        """The decomposition and every rank's share and memory estimate."""
+        scanner, size = self.layout.scanner, self.world.size
+        shares = []
+        for rank in range(size):
+            share = {"rank": rank, "memory": decomposition.memory_per_rank(
+                scanner, self.grid.shape, self.mode, size, rank, self.layout.tof_bins,
+                self.settings.n_subsets)}
+            if self.mode == "views":
+                share["views_per_subset"] = [len(v) for v in decomposition.views_of_rank(
+                    scanner.n_views, self.settings.n_subsets, size, rank)]
+            elif self.mode == "planes":
+                share["planes"] = list(decomposition.planes_of_rank(scanner.rings, size, rank))
+            else:
+                share["frames_static_estimate"] = list(decomposition.frames_of_rank(
+                    self.layout.frames, size, rank))
+            shares.append(share)
+        return {"decomposition": self.mode, "scanner": scanner.name,
+                "sinogram_shape": list(self.layout.prompts_shape), "image_shape": list(self.grid.shape),
+                "lors": scanner.n_lors, "frames": self.layout.frames, "tof": self.layout.tof,
+                "settings": asdict(self.settings), "ranks_detail": shares}
+
+    # -- shares --------------------------------------------------------------------------
+    def _projector(self, xstart, xend, image_shape, origin_mm):
+        return JosephProjector(xstart.reshape(-1, 3), xend.reshape(-1, 3), image_shape, origin_mm,
+                               self.voxel_mm, device=self.run.device, tof=self.tof)
+
+    def _share(self, projector, prompts, multiplicative, additive) -> SubsetShare:
+        with self.run.stage("host to device", "transfer"):
+            arrays = [backend.to_device(np.ascontiguousarray(a, dtype=np.float32).reshape(-1),
+                                        self.run.device)
+                      for a in (prompts, multiplicative, additive)]
+        return SubsetShare(projector, *arrays, tof_bins=self.layout.tof_bins)
+
+    def view_shares(self, views_per_subset, frame=None) -> list[SubsetShare]:
+        """Shares of every subset's given views, all planes (fully 3-D)."""
+        shares = []
+        for views in views_per_subset:
+            with self.run.stage("read sinogram", "io"):
+                block = read_block(self.layout, views=views, frame=frame)
+            with self.run.stage("LOR geometry", "other"):
+                xstart, xend = lor_endpoints(self.layout.scanner, views=views)
+                projector = self._projector(xstart, xend, self.grid.shape, self.origin_mm)
+            shares.append(self._share(projector, block.prompts, block.multiplicative,
+                                      block.additive))
+        return shares
+
+    def plane_shares(self, start: int, stop: int) -> list[SubsetShare]:
+        """Shares of rebinned planes ``[start, stop)``: single-slice rebinning of the
+        oblique planes onto the plane of their mean ring, every subset."""
+        scanner = self.layout.scanner
+        pairs = plane_ring_pairs(scanner)
+        ring_sum = pairs[:, 0] + pairs[:, 1]
+        wanted = np.flatnonzero((ring_sum >= start) & (ring_sum < stop))
+        with self.run.stage("read sinogram", "io"):
+            block = read_block(self.layout, planes=wanted) if wanted.size else None
+        with self.run.stage("rebin", "other"):
+            shape = (scanner.n_radial, scanner.n_views, stop - start)
+            tof_shape = shape + ((self.layout.tof_bins,) if self.layout.tof else ())
+            prompts = np.zeros(tof_shape, np.float32)
+            additive = np.zeros(tof_shape, np.float32)
+            multiplicative = np.zeros(shape, np.float32)
+            if block is not None:
+                target = ring_sum[wanted] - start
+                np.add.at(prompts, (slice(None), slice(None), target), block.prompts)
+                np.add.at(additive, (slice(None), slice(None), target), block.additive)
+                np.add.at(multiplicative, (slice(None), slice(None), target), block.multiplicative)
+        slab_origin = self.origin_mm.copy()
+        slab_origin[2] += start * self.voxel_mm[2]
+        slab_shape = (stop - start,) + tuple(self.grid.shape[1:])
+        plane_z = slab_origin[2] + self.voxel_mm[2] * np.arange(stop - start, dtype=np.float32)
+        shares = []
+        for views in decomposition.views_of_rank(scanner.n_views, self.settings.n_subsets, 1, 0):
+            with self.run.stage("LOR geometry", "other"):
+                xstart, xend = lor_endpoints(scanner, views=views, planes=direct_planes(scanner)[:1])
+                xstart = np.repeat(xstart, stop - start, axis=2)
+                xend = np.repeat(xend, stop - start, axis=2)
+                xstart[..., 2] = plane_z
+                xend[..., 2] = plane_z
+                projector = self._projector(xstart, xend, slab_shape, slab_origin)
+            shares.append(self._share(projector, prompts[:, views], multiplicative[:, views],
+                                      additive[:, views]))
+        return shares
+
+    # -- running -----------------------------------------------------------------------
+    def execute(self) -> None:
+        """Reconstruct and write every output (rank 0 writes)."""
+        if self.run.dry_run:
+            self.run.print_plan(self.plan())
+            return
+        self.world.agree(self._check_outputs)
+        self.run.log.info(f"pet-recon: {self.settings.algorithm}, {self.settings.iterations} "
+                          f"iteration(s) x {self.settings.n_subsets} subset(s), decomposition "
+                          f"{self.mode} over {self.world.size} rank(s), device {self.run.device}")
+        if self.mode == "frames":
+            image, history = self._reconstruct_frames()
+        elif self.mode == "planes":
+            image, history = self._reconstruct_planes()
+        else:
+            image, history = self._reconstruct_views()
+        if self.world.is_root:
+            with self.run.stage("write", "io"):
+                self._write_outputs(image, history)
+        document = self.run.finish({"decomposition": self.mode})
+        if self.world.is_root:
+            self._append_timings(document)
+
+    def _check_outputs(self) -> None:
+        for path in (self.out, self.log_path, self.png):
+            if path is not None:
+                check_output_free(path, self.run.overwrite)
+
+    def _checkpointer(self, world, path: Path, fingerprint_extra=None) -> Checkpointer:
+        fingerprint = {"sinogram": str(self.layout.path.resolve()), "mode": self.mode,
+                       "ranks": self.world.size, **asdict(self.settings),
+                       "image_shape": list(self.grid.shape), **(fingerprint_extra or {})}
+        resume = self.resume and world.agree(path.exists)
+        if self.resume and not resume:
+            self.run.log.notice(f"--resume: no checkpoint at {path}; starting from the beginning")
+        return Checkpointer(world, path, every=self.checkpoint_every, resume=resume,
+                            fingerprint=fingerprint)
+
+    def _iterate(self, reconstructor: OsemReconstructor, checkpointer) -> ReconState:
+        state = ReconState(image=reconstructor.initial_image())
+        loaded = checkpointer.load() if checkpointer is not None else None
+        if loaded is not None:
+            iteration, saved = loaded
+            state = ReconState(image=np.asarray(saved["image"], np.float32), iteration=iteration,
+                               log_likelihood=list(np.asarray(saved["log_likelihood"])))
+            self.run.log.info(f"resuming from iteration {iteration} ({self.checkpoint_path})")
+        return reconstructor.run_iterations(state, checkpointer, progress=self.run.log.progress)
+
+    def _reconstruct_views(self):
+        scanner = self.layout.scanner
+        views = decomposition.views_of_rank(scanner.n_views, self.settings.n_subsets,
+                                            self.world.size, self.world.rank)
+        shares = self.view_shares(views)
+        with self.run.stage("sensitivity", "kernel"):
+            reconstructor = OsemReconstructor(self.run, shares, self.grid.shape, self.voxel_mm,
+                                              self.settings, reduce=self.world)
+        with self._checkpointer(self.world, self.checkpoint_path) as checkpointer:
+            state = self._iterate(reconstructor, checkpointer)
+        return reconstructor.postfilter(state.image, self.voxel_mm), state.log_likelihood
+
+    def _reconstruct_planes(self):
+        start, stop = decomposition.planes_of_rank(self.layout.scanner.rings, self.world.size,
+                                                   self.world.rank)
+        alone = self.world.split(self.world.rank)
+        shares = self.plane_shares(start, stop)
+        slab_shape = (stop - start,) + tuple(self.grid.shape[1:])
+        with self.run.stage("sensitivity", "kernel"):
+            reconstructor = OsemReconstructor(self.run, shares, slab_shape, self.voxel_mm,
+                                              self.settings, reduce=alone)
+        path = self.checkpoint_path.with_name(f"{_stem(self.out)}.checkpoint.rank{self.world.rank}.h5")
+        with self._checkpointer(alone, path, {"rank": self.world.rank}) as checkpointer:
+            state = self._iterate(reconstructor, checkpointer)
+        slab = reconstructor.postfilter(state.image, self.voxel_mm)
+        with self.run.stage("gather", "comm"):
+            slabs = self.world.gather(slab)
+            histories = self.world.gather(state.log_likelihood)
+        if not self.world.is_root:
+            return None, None
+        history = list(np.sum(np.asarray(histories, dtype=np.float64), axis=0))
+        return np.concatenate(slabs, axis=0), history
+
+    def _reconstruct_frames(self):
+        alone = self.world.split(self.world.rank)
+        n_views = self.layout.scanner.n_views
+        views = decomposition.views_of_rank(n_views, self.settings.n_subsets, 1, 0)
+
+        def reconstruct_frame(frame):
+            shares = self.view_shares(views, frame=frame)
+            with self.run.stage("sensitivity", "kernel"):
+                reconstructor = OsemReconstructor(self.run, shares, self.grid.shape,
+                                                  self.voxel_mm, self.settings, reduce=alone)
+            state = reconstructor.run_iterations(ReconState(image=reconstructor.initial_image()))
+            self.run.log.debug(f"frame {frame} done")
+            return reconstructor.postfilter(state.image, self.voxel_mm), state.log_likelihood
+
+        results = map_items(self.world, list(range(self.layout.frames)), reconstruct_frame,
+                            schedule="dynamic", gather_to="root")
+        if results is None:
+            return None, None
+        images = np.stack([image for image, _ in results])
+        return images, [history for _, history in results]
+
+    # -- outputs -------------------------------------------------------------------------
+    def _write_outputs(self, image, history) -> None:
+        write_image(self.out, image, self.grid, overwrite=self.run.overwrite, units="a.u.")
+        self.run.log.info(f"image written to {self.out}")
+        self._log_document = {
+            "command": "pet-recon", "sinogram": str(self.layout.path), "image": str(self.out),
+            "decomposition": self.mode, "ranks": self.world.size, "device": self.run.device,
+            "settings": asdict(self.settings), "subsets": self.settings.n_subsets,
+            "log_likelihood_per_subiteration": history,
+        }
+        if self.png is not None:
+            from medhpc.pet.figures import recon_figure
+
+            recon_figure(image, self.grid, history, self.png, overwrite=self.run.overwrite,
+                         title=f"{self.settings.algorithm.upper()} {self.settings.iterations} it x "
+                               f"{self.settings.n_subsets} subsets, {self.world.size} rank(s)")
+            self.run.log.info(f"picture written to {self.png}")
+
+    def _append_timings(self, timings: dict) -> None:
+        document = dict(self._log_document, timings=timings)
+        with atomic_path(self.log_path, overwrite=self.run.overwrite) as tmp:
+            tmp.write_text(json.dumps(document, indent=2, default=float))
+        self.run.log.info(f"log written to {self.log_path}")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".h5", ".hdf5"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem

@@ -1,0 +1,168 @@
+"""pet-simulate: measured data from an activity image, with the physics a scanner sees.
+
+For every sinogram bin::
+
+    attenuation   = exp(-A mu)                       (line integral of the mu-map)
+    normalisation = e_a e_b                          (crystal efficiencies, seeded)
+    m             = attenuation * normalisation
+    y_bar         = s * m * A x + a                  (s scales to the requested counts)
+    a             = randoms: flat, a share of the counts (randoms fraction)
+    prompts       ~ Poisson(y_bar)                   (or y_bar with --no-noise)
+
+Views are split over the ranks; each view's noise comes from its own seeded
+stream, so the data do not depend on the number of ranks. Rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medhpc.errors import InputError
+from medhpc.io.geometry import ImageGeometry
+from medhpc.io.images import check_nonnegative, check_same_grid, read_image
+from medhpc.parallel.geometry import block_range
+from medhpc.pet.projector import JosephProjector
+from medhpc.pet.reconstruct import axis_aligned_grid, tof_spec
+from medhpc.pet.scanner import (ScannerGeometry, lor_endpoints, plane_ring_pairs,
+                                sinogram_crystals)
+from medhpc.pet.sinogram import write_sinogram
+
+EFFICIENCY_SPREAD = 0.08
+
+
+def read_inputs(activity_path, mu_map_path):
+    """Read and check the activity (3-D or 4-D: frames) and the mu-map (1/mm)."""
+    activity, grid = read_image(activity_path, ndim=(3, 4))
+    check_nonnegative(activity_path, activity, "activity")
+    frames = activity if activity.ndim == 4 else activity[None]
+    mu_map = None
+    if mu_map_path is not None:
+        mu_map, mu_grid = read_image(mu_map_path, ndim=(3,))
+        check_nonnegative(mu_map_path, mu_map, "attenuation coefficients")
+        check_same_grid(mu_map_path, mu_grid, activity_path, grid, "mu-map")
+        if mu_map.max() > 1.0:
+            raise InputError(f"{mu_map_path}: mu-map maximum {mu_map.max():g} looks like 1/cm or "
+                             f"HU; expected linear attenuation in 1/mm (water 0.0096)")
+    return np.ascontiguousarray(frames, np.float32), mu_map, grid
+
+
+def crystal_efficiencies(scanner: ScannerGeometry, seed: int) -> np.ndarray:
+    """Seeded efficiencies per (ring, crystal), mean 1, clipped to [0.7, 1.3]."""
+    rng = np.random.default_rng([seed, 7919])
+    values = 1.0 + EFFICIENCY_SPREAD * rng.standard_normal((scanner.rings, scanner.crystals_per_ring))
+    return np.clip(values, 0.7, 1.3).astype(np.float32)
+
+
+def normalisation_factors(scanner: ScannerGeometry, views, seed: int) -> np.ndarray:
+    """e_a e_b per (radial, view, plane) for the given views."""
+    efficiency = crystal_efficiencies(scanner, seed)
+    crystal_a, crystal_b = sinogram_crystals(scanner, views)
+    rings = plane_ring_pairs(scanner)
+    return (efficiency[rings[None, None, :, 0], crystal_a[:, :, None]]
+            * efficiency[rings[None, None, :, 1], crystal_b[:, :, None]]).astype(np.float32)
+
+
+class Simulation:
+    """One pet-simulate run (see the module notes)."""
+
+    def __init__(self, run, scanner: ScannerGeometry, activity: np.ndarray, mu_map, grid: ImageGeometry,
+                 counts: float, noise: bool, randoms_fraction: float, tof: bool, source="activity"):
+        if not 0 <= randoms_fraction < 1:
+            raise InputError(f"--randoms-fraction {randoms_fraction}: expected 0 <= F < 1")
+        if counts <= 0:
+            raise InputError(f"--counts {counts:g}: expected a positive number of counts")
+        if tof and scanner.tof_bins < 1:
+            raise InputError(f"--tof: scanner '{scanner.name}' has no TOF bins; use a TOF scanner "
+                             f"(for example ge-dmi-4ring-tof)")
+        self.run = run
+        self.scanner = scanner
+        self.activity = activity
+        self.mu_map = mu_map
+        self.grid = grid
+        self.counts = counts
+        self.noise = noise
+        self.randoms_fraction = randoms_fraction
+        self.tof = tof
+        self.origin_mm, self.voxel_mm = axis_aligned_grid(grid, source)
+
+    def _projector(self, views, tof: bool):
+        xstart, xend = lor_endpoints(self.scanner, views=views)
+        return JosephProjector(xstart.reshape(-1, 3), xend.reshape(-1, 3), self.grid.shape,
+                               self.origin_mm, self.voxel_mm, device=self.run.device,
+                               tof=tof_spec(self.scanner) if tof else None)
+
+    def execute(self, seed: int) -> dict | None:
+        """Simulate this rank's views; return the whole data on rank 0 (None elsewhere)."""
+        scanner, world = self.scanner, self.run.world
+        views = np.arange(*block_range(scanner.n_views, world.size, world.rank))
+        n_radial, n_planes = scanner.n_radial, scanner.n_planes
+        shape = (n_radial, len(views), n_planes)
+        tof_bins = scanner.tof_bins if self.tof else 1
+        with self.run.stage("factors", "kernel"):
+            normalisation = normalisation_factors(scanner, views, seed)
+            if self.mu_map is not None:
+                attenuation = np.exp(-self._projector(views, False).forward(self.mu_map))
+                attenuation = attenuation.reshape(shape).astype(np.float32)
+            else:
+                attenuation = np.ones(shape, np.float32)
+            multiplicative = attenuation * normalisation
+        projector = self._projector(views, self.tof)
+        trues = []
+        for frame in self.run.log.progress(range(len(self.activity)), desc="frames"):
+            with self.run.stage("forward project", "kernel"):
+                projection = projector.forward(self.activity[frame])
+            values = projection.reshape(shape + ((tof_bins,) if self.tof else ()))
+            factors = multiplicative[..., None] if self.tof else multiplicative
+            trues.append((values * factors).astype(np.float32))
+        with self.run.stage("allreduce", "comm"):
+            total_trues = [world.sum(float(np.sum(t, dtype=np.float64))) for t in trues]
+        randoms_per_bin = self.randoms_fraction * self.counts / (scanner.n_lors * tof_bins)
+        prompts, additive = [], []
+        for frame, frame_trues in enumerate(trues):
+            if total_trues[frame] <= 0:
+                raise InputError(f"activity frame {frame} projects to zero counts in the scanner's "
+                                 f"field of view; expected activity inside the scanner")
+            scale = (1 - self.randoms_fraction) * self.counts / total_trues[frame]
+            expected = frame_trues * scale + randoms_per_bin
+            additive.append(np.full(expected.shape, randoms_per_bin, np.float32))
+            with self.run.stage("noise", "other"):
+                prompts.append(self._noisy(expected, views, frame, seed))
+        with self.run.stage("gather", "comm"):
+            blocks = world.gather({"prompts": prompts, "additive": additive,
+                                   "multiplicative": multiplicative, "attenuation": attenuation,
+                                   "normalisation": normalisation})
+        if blocks is None:
+            return None
+        return self._assemble(blocks)
+
+    def _noisy(self, expected: np.ndarray, views, frame: int, seed: int) -> np.ndarray:
+        if not self.noise:
+            return expected.astype(np.float32)
+        out = np.empty_like(expected, dtype=np.float32)
+        for index, view in enumerate(views):
+            rng = np.random.default_rng([seed, frame, int(view)])
+            out[:, index] = rng.poisson(expected[:, index])
+        return out
+
+    def _assemble(self, blocks: list[dict]) -> dict:
+        frames = len(self.activity)
+
+        def joined(name, frame=None):
+            parts = [b[name][frame] if frame is not None else b[name] for b in blocks]
+            return np.concatenate(parts, axis=1)
+
+        data = {name: joined(name) for name in ("multiplicative", "attenuation", "normalisation")}
+        for name in ("prompts", "additive"):
+            per_frame = [joined(name, frame) for frame in range(frames)]
+            data[name] = per_frame[0] if frames == 1 else np.stack(per_frame, axis=-1)
+        data["frames"] = frames
+        return data
+
+
+def write_simulation(path, scanner, grid, data: dict, tof: bool, overwrite: bool, attrs: dict):
+    """Write the simulated data as a sinogram file (rank 0)."""
+    write_sinogram(path, scanner, grid, data["prompts"], data["multiplicative"], data["additive"],
+                   tof=tof, frames=data["frames"], overwrite=overwrite,
+                   factors={"attenuation": data["attenuation"],
+                            "normalisation": data["normalisation"]},
+                   attrs=attrs)

@@ -1,0 +1,70 @@
+"""The command line: help, version, info, exit codes and job-wide failure handling."""
+
+import json
+import time
+
+from medhpc import __version__
+from tests.helpers import run_medhpc
+
+
+def test_help_lists_every_subcommand_with_one_line():
+    result = run_medhpc("--help")
+    assert result.returncode == 0
+    for name in ("info", "phantom", "report", "pet-geometry", "pet-simulate", "pet-recon"):
+        assert name in result.stdout
+
+
+def test_version():
+    result = run_medhpc("--version")
+    assert result.returncode == 0 and __version__ in result.stdout
+
+
+def test_unknown_option_is_a_usage_error():
+    result = run_medhpc("info", "--no-such-option")
+    assert result.returncode == 2
+    assert "no-such-option" in result.stderr
+
+
+def test_info_json_serial():
+    result = run_medhpc("info", "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["ranks"] == 1
+    assert document["medhpc"] == __version__
+    assert "numba" in document["packages"]
+
+
+def test_info_json_at_four_ranks_reports_the_device_plan():
+    result = run_medhpc("info", "--json", ranks=4, timeout=120)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["ranks"] == 4
+    assert document["nodes"] == 1
+    assert [entry["rank"] for entry in document["placement"]] == [0, 1, 2, 3]
+    assert sorted(entry["local_rank"] for entry in document["placement"]) == [0, 1, 2, 3]
+    assert "MPI" in document["mpi"]["library"] or "MPICH" in document["mpi"]["library"]
+    assert document["mpi"]["cuda_aware"] is False
+    assert all(entry["threads"] >= 1 for entry in document["placement"])
+
+
+def test_injected_failure_on_one_of_four_ranks_ends_the_job_quickly(tmp_path):
+    started = time.perf_counter()
+    result = run_medhpc("phantom", "pet", "--out", tmp_path / "p", ranks=1, timeout=60)
+    assert result.returncode == 0, result.stderr
+    result = run_medhpc("pet-recon", "--sinogram", tmp_path / "missing.h5", "--out",
+                        tmp_path / "x.nii.gz", ranks=4, timeout=60,
+                        env={"MEDHPC_FAIL_ON_RANK": "2"})
+    elapsed = time.perf_counter() - started
+    assert result.returncode != 0
+    assert "failure injected on rank 2" in result.stderr
+    assert elapsed < 60
+
+
+def test_bad_input_is_one_line_once_with_exit_code_2(tmp_path):
+    result = run_medhpc("pet-recon", "--sinogram", tmp_path / "missing.h5", "--out",
+                        tmp_path / "x.nii.gz", ranks=2, timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, result.stderr
+    assert "missing.h5" in errors[0] and "not found" in errors[0]
+    assert not (tmp_path / "x.nii.gz").exists()
