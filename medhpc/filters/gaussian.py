@@ -26,17 +26,20 @@ class GaussianFilter:
 
     The operator is symmetric (zero boundary, symmetric weights), so
     :meth:`apply` is also its adjoint. Arrays are ``[z, y, x]``, host or device.
+    With ``transaxial_only`` the planes are filtered independently (2-D data).
     """
 
-    def __init__(self, fwhm_mm: float, voxel_mm, device: str = "cpu"):
+    def __init__(self, fwhm_mm: float, voxel_mm, device: str = "cpu",
+                 transaxial_only: bool = False):
         self.fwhm_mm = float(fwhm_mm)
         self.device = device
         self.kernels = backend.kernels("medhpc.filters", device)
         sigma_mm = self.fwhm_mm / FWHM_PER_SIGMA
         voxel_x, voxel_y, voxel_z = (float(v) for v in voxel_mm)
+        sigma_z = 0.0 if transaxial_only else sigma_mm / voxel_z
         # axis 0 is z, 1 is y, 2 is x
-        self.weights = [backend.to_device(gaussian_weights(sigma_mm / size), device)
-                        for size in (voxel_z, voxel_y, voxel_x)]
+        self.weights = [backend.to_device(gaussian_weights(sigma), device)
+                        for sigma in (sigma_z, sigma_mm / voxel_y, sigma_mm / voxel_x)]
 
     @property
     def active(self) -> bool:

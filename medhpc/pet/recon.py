@@ -97,9 +97,12 @@ class OsemReconstructor:
     settings : ReconSettings
     reduce : medhpc.parallel.comm.World
         The ranks whose back projections add up to one image.
+    transaxial_only : bool
+        Model resolution and post-filter within planes only (2-D multi-slice data).
     """
 
-    def __init__(self, run, shares, image_shape, voxel_mm, settings: ReconSettings, reduce):
+    def __init__(self, run, shares, image_shape, voxel_mm, settings: ReconSettings, reduce,
+                 transaxial_only: bool = False):
         self.run = run
         self.device = run.device
         self.shares = shares
@@ -107,7 +110,8 @@ class OsemReconstructor:
         self.settings = settings
         self.reduce = reduce
         self.em = backend.kernels("medhpc.pet", self.device, "em")
-        self.psf = GaussianFilter(settings.psf_fwhm_mm, voxel_mm, self.device)
+        self.transaxial_only = transaxial_only
+        self.psf = GaussianFilter(settings.psf_fwhm_mm, voxel_mm, self.device, transaxial_only)
         self.sensitivities = [self._sensitivity(share) for share in shares]
 
     # -- the model --------------------------------------------------------------------
@@ -118,11 +122,11 @@ class OsemReconstructor:
         with self.run.stage("resolution model", "kernel"):
             blurred = self.psf.apply(image)
         with self.run.stage("forward project", "kernel"):
-            return share.projector.forward(blurred)
+            return share.projector.forward(blurred).reshape(-1)
 
     def _back(self, share: SubsetShare, values):
         with self.run.stage("back project", "kernel"):
-            image = share.projector.back(values)
+            image = share.projector.back(values.reshape(share.projector.shape_out))
         with self.run.stage("resolution model", "kernel"):
             image = self.psf.apply(image)
         with self.run.stage("allreduce", "comm"):
@@ -204,5 +208,6 @@ class OsemReconstructor:
         if self.settings.postfilter_fwhm_mm <= 0:
             return image
         with self.run.stage("post-filter", "kernel"):
-            smooth = GaussianFilter(self.settings.postfilter_fwhm_mm, voxel_mm, self.device)
+            smooth = GaussianFilter(self.settings.postfilter_fwhm_mm, voxel_mm, self.device,
+                                    self.transaxial_only)
             return backend.to_host(smooth.apply(backend.to_device(image, self.device)))

@@ -173,10 +173,11 @@ class Reconstruction:
         slab_origin[2] += start * self.voxel_mm[2]
         slab_shape = (stop - start,) + tuple(self.grid.shape[1:])
         plane_z = slab_origin[2] + self.voxel_mm[2] * np.arange(stop - start, dtype=np.float32)
+        first_direct_plane = np.flatnonzero(direct_planes(scanner))[:1]
         shares = []
         for views in decomposition.views_of_rank(scanner.n_views, self.settings.n_subsets, 1, 0):
             with self.run.stage("LOR geometry", "other"):
-                xstart, xend = lor_endpoints(scanner, views=views, planes=direct_planes(scanner)[:1])
+                xstart, xend = lor_endpoints(scanner, views=views, planes=first_direct_plane)
                 xstart = np.repeat(xstart, stop - start, axis=2)
                 xend = np.repeat(xend, stop - start, axis=2)
                 xstart[..., 2] = plane_z
@@ -196,18 +197,22 @@ class Reconstruction:
         self.run.log.info(f"pet-recon: {self.settings.algorithm}, {self.settings.iterations} "
                           f"iteration(s) x {self.settings.n_subsets} subset(s), decomposition "
                           f"{self.mode} over {self.world.size} rank(s), device {self.run.device}")
-        if self.mode == "frames":
-            image, history = self._reconstruct_frames()
-        elif self.mode == "planes":
-            image, history = self._reconstruct_planes()
-        else:
-            image, history = self._reconstruct_views()
+        image, history = self.compute()
         if self.world.is_root:
             with self.run.stage("write", "io"):
                 self._write_outputs(image, history)
         document = self.run.finish({"decomposition": self.mode})
         if self.world.is_root:
             self._append_timings(document)
+
+    def compute(self):
+        """Reconstruct; return ``(image, log-likelihood history)`` on rank 0, ``(None, None)``
+        elsewhere (views: the image on every rank)."""
+        if self.mode == "frames":
+            return self._reconstruct_frames()
+        if self.mode == "planes":
+            return self._reconstruct_planes()
+        return self._reconstruct_views()
 
     def _check_outputs(self) -> None:
         for path in (self.out, self.log_path, self.png):
@@ -244,6 +249,8 @@ class Reconstruction:
                                               self.settings, reduce=self.world)
         with self._checkpointer(self.world, self.checkpoint_path) as checkpointer:
             state = self._iterate(reconstructor, checkpointer)
+        if self.world.is_root:
+            self.checkpoint_path.unlink(missing_ok=True)
         return reconstructor.postfilter(state.image, self.voxel_mm), state.log_likelihood
 
     def _reconstruct_planes(self):
@@ -254,10 +261,11 @@ class Reconstruction:
         slab_shape = (stop - start,) + tuple(self.grid.shape[1:])
         with self.run.stage("sensitivity", "kernel"):
             reconstructor = OsemReconstructor(self.run, shares, slab_shape, self.voxel_mm,
-                                              self.settings, reduce=alone)
+                                              self.settings, reduce=alone, transaxial_only=True)
         path = self.checkpoint_path.with_name(f"{_stem(self.out)}.checkpoint.rank{self.world.rank}.h5")
         with self._checkpointer(alone, path, {"rank": self.world.rank}) as checkpointer:
             state = self._iterate(reconstructor, checkpointer)
+        path.unlink(missing_ok=True)
         slab = reconstructor.postfilter(state.image, self.voxel_mm)
         with self.run.stage("gather", "comm"):
             slabs = self.world.gather(slab)

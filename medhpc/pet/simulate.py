@@ -115,14 +115,15 @@ class Simulation:
             factors = multiplicative[..., None] if self.tof else multiplicative
             trues.append((values * factors).astype(np.float32))
         with self.run.stage("allreduce", "comm"):
-            total_trues = [world.sum(float(np.sum(t, dtype=np.float64))) for t in trues]
+            total_trues = world.sum(float(sum(np.sum(t, dtype=np.float64) for t in trues)))
+        if total_trues <= 0:
+            raise InputError("the activity projects to zero counts in the scanner's field of "
+                             "view; expected activity inside the scanner")
+        # one scale for all frames keeps their relative activity; the mean frame gets `counts`
+        scale = (1 - self.randoms_fraction) * self.counts * len(trues) / total_trues
         randoms_per_bin = self.randoms_fraction * self.counts / (scanner.n_lors * tof_bins)
         prompts, additive = [], []
         for frame, frame_trues in enumerate(trues):
-            if total_trues[frame] <= 0:
-                raise InputError(f"activity frame {frame} projects to zero counts in the scanner's "
-                                 f"field of view; expected activity inside the scanner")
-            scale = (1 - self.randoms_fraction) * self.counts / total_trues[frame]
             expected = frame_trues * scale + randoms_per_bin
             additive.append(np.full(expected.shape, randoms_per_bin, np.float32))
             with self.run.stage("noise", "other"):

@@ -1,0 +1,393 @@
+"""Joseph projector on the CPU (twins of :mod:`medhpc.pet.kernels_cuda`).
+
+Image arrays are float32 ``[z, y, x]``, C-order; ``origin_mm`` is the (x, y, z)
+centre of voxel [0, 0, 0] and ``voxel_mm`` the voxel size along (x, y, z).
+``xstart``/``xend`` are (n, 3) float32 LOR end points (x, y, z) in mm.
+
+Image model: each LOR is clipped exactly to the image box. Along the principal
+axis (the one the LOR crosses most voxels of) the box is cut into one slab per
+plane; the part of the LOR inside slab ``i`` is sampled at its midpoint with
+weight its length in mm, and the sample reads plane ``i`` by bilinear
+interpolation in the two other axes, constant in the outer half voxel. Inside
+the box this is Joseph's method; at the box faces it gives exact chords.
+
+TOF: bin ``k`` is centred at signed distance ``(k - (ntof - 1) / 2) * tof_bin_mm``
+from the LOR midpoint (towards ``xend``); the TOF kernel is a Gaussian truncated
+at ``tof_cutoff_sigmas`` and renormalised, so the bins of a LOR sum to its
+non-TOF projection wherever they cover the kernel.
+
+Forward kernels overwrite ``out``; back-projections add into ``image``. The
+back-projections give each thread its own image buffer (numba has no atomics),
+so they need ``threads x image`` extra memory.
+"""
+
+import math
+
+import numba
+import numpy as np
+
+_JIT = dict(cache=True, fastmath=False, nogil=True)
+_MISS = (False, 0, -1, 0, 0, 0, 0, 0,
+         0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+@numba.njit(**_JIT)
+def _clip_axis(start, step, size, t_min, t_max):
+    """Narrow [t_min, t_max] to where ``start + t * step`` lies in [-0.5, size - 0.5]."""
+    low, high = -0.5, size - 0.5
+    if step == 0.0:
+        if start < low or start > high:
+            return 1.0, 0.0
+        return t_min, t_max
+    t_low = (low - start) / step
+    t_high = (high - start) / step
+    if t_low > t_high:
+        t_low, t_high = t_high, t_low
+    return max(t_min, t_low), min(t_max, t_high)
+
+
+@numba.njit(**_JIT)
+def _ray(xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz):
+    """Per-LOR constants of the slab walk, in voxel-index units.
+
+    Returns (hit, first_plane, last_plane, stride_p, stride_a, stride_b, size_a,
+    size_b, start_p, inv_step_p, half_dt, start_a, step_a, start_b, step_b, t_min,
+    t_max, length_mm); ``p`` is the principal axis, ``a`` and ``b`` the other two.
+    """
+    x0 = (np.float64(xstart[lor, 0]) - origin_mm[0]) / voxel_mm[0]
+    y0 = (np.float64(xstart[lor, 1]) - origin_mm[1]) / voxel_mm[1]
+    z0 = (np.float64(xstart[lor, 2]) - origin_mm[2]) / voxel_mm[2]
+    dx_mm = np.float64(xend[lor, 0]) - np.float64(xstart[lor, 0])
+    dy_mm = np.float64(xend[lor, 1]) - np.float64(xstart[lor, 1])
+    dz_mm = np.float64(xend[lor, 2]) - np.float64(xstart[lor, 2])
+    dx, dy, dz = dx_mm / voxel_mm[0], dy_mm / voxel_mm[1], dz_mm / voxel_mm[2]
+
+    t_min, t_max = _clip_axis(x0, dx, nx, 0.0, 1.0)
+    t_min, t_max = _clip_axis(y0, dy, ny, t_min, t_max)
+    t_min, t_max = _clip_axis(z0, dz, nz, t_min, t_max)
+    length_mm = math.sqrt(dx_mm * dx_mm + dy_mm * dy_mm + dz_mm * dz_mm)
+    if not (t_max > t_min and length_mm > 0.0):
+        return _MISS
+
+    ax, ay, az = abs(dx), abs(dy), abs(dz)
+    if ax >= ay and ax >= az:
+        size_p, stride_p, start_p, step_p = nx, 1, x0, dx
+        size_a, stride_a, start_a, step_a = ny, nx, y0, dy
+        size_b, stride_b, start_b, step_b = nz, nx * ny, z0, dz
+    elif ay >= az:
+        size_p, stride_p, start_p, step_p = ny, nx, y0, dy
+        size_a, stride_a, start_a, step_a = nx, 1, x0, dx
+        size_b, stride_b, start_b, step_b = nz, nx * ny, z0, dz
+    else:
+        size_p, stride_p, start_p, step_p = nz, nx * ny, z0, dz
+        size_a, stride_a, start_a, step_a = nx, 1, x0, dx
+        size_b, stride_b, start_b, step_b = ny, nx, y0, dy
+
+    q_a = start_p + t_min * step_p
+    q_b = start_p + t_max * step_p
+    first = max(int(math.floor(min(q_a, q_b) + 0.5)), 0)
+    last = min(int(math.floor(max(q_a, q_b) + 0.5)), size_p - 1)
+    inv_step_p = 1.0 / step_p
+    return (True, first, last, stride_p, stride_a, stride_b, size_a, size_b,
+            start_p, inv_step_p, 0.5 * abs(inv_step_p), start_a, step_a, start_b, step_b,
+            t_min, t_max, length_mm)
+
+
+@numba.njit(inline='always', **_JIT)
+def _axis_weights(coord, size, stride):
+    """Lower neighbour offset, upper neighbour step and fraction for a clamped linear read."""
+    coord = min(max(coord, 0.0), size - 1.0)
+    index = min(int(coord), max(size - 2, 0))
+    return index * stride, stride if size > 1 else 0, coord - index
+
+
+@numba.njit(inline='always', **_JIT)
+def _end_sample(ray, plane):
+    """Sample of an end slab: (weight_t, t_mid, base, next_a, next_b, frac_a, frac_b).
+
+    ``weight_t`` is the slab's share of the clipped LOR parameter (times
+    length_mm: mm); it is <= 0 where the slab misses the clipped LOR.
+    """
+    (_, _, _, stride_p, stride_a, stride_b, size_a, size_b,
+     start_p, inv_step_p, half_dt, start_a, step_a, start_b, step_b, t_min, t_max, _) = ray
+    t_centre = (plane - start_p) * inv_step_p
+    t_low = max(t_centre - half_dt, t_min)
+    t_high = min(t_centre + half_dt, t_max)
+    t_mid = 0.5 * (t_low + t_high)
+    offset_a, next_a, frac_a = _axis_weights(start_a + t_mid * step_a, size_a, stride_a)
+    offset_b, next_b, frac_b = _axis_weights(start_b + t_mid * step_b, size_b, stride_b)
+    return (t_high - t_low, t_mid, plane * stride_p + offset_a + offset_b,
+            next_a, next_b, frac_a, frac_b)
+
+
+@numba.njit(inline='always', **_JIT)
+def _inner_line(ray):
+    """(a0, a_per_plane, b0, b_per_plane): transverse coordinates at the plane centres.
+
+    Slabs strictly between the first and the last lie wholly on the clipped LOR:
+    their sample is the plane centre and their weight_t is ``2 * half_dt``.
+    """
+    start_p, inv_step_p = ray[8], ray[9]
+    a_per_plane, b_per_plane = ray[12] * inv_step_p, ray[14] * inv_step_p
+    return (ray[11] - start_p * a_per_plane, a_per_plane,
+            ray[13] - start_p * b_per_plane, b_per_plane)
+
+
+@numba.njit(inline='always', **_JIT)
+def _inner_sample(ray, line, plane):
+    """(base, next_a, next_b, frac_a, frac_b) at the centre of plane ``plane``."""
+    offset_a, next_a, frac_a = _axis_weights(line[0] + plane * line[1], ray[6], ray[4])
+    offset_b, next_b, frac_b = _axis_weights(line[2] + plane * line[3], ray[7], ray[5])
+    return plane * ray[3] + offset_a + offset_b, next_a, next_b, frac_a, frac_b
+
+
+@numba.njit(inline='always', **_JIT)
+def _bilinear(flat, base, next_a, next_b, frac_a, frac_b):
+    low = (1.0 - frac_a) * flat[base] + frac_a * flat[base + next_a]
+    high = (1.0 - frac_a) * flat[base + next_b] + frac_a * flat[base + next_a + next_b]
+    return (1.0 - frac_b) * low + frac_b * high
+
+
+@numba.njit(inline='always', **_JIT)
+def _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight):
+    w_low, w_high = (1.0 - frac_b) * weight, frac_b * weight
+    flat[base] += (1.0 - frac_a) * w_low
+    flat[base + next_a] += frac_a * w_low
+    flat[base + next_b] += (1.0 - frac_a) * w_high
+    flat[base + next_a + next_b] += frac_a * w_high
+
+
+@numba.njit(inline='always', **_JIT)
+def _ends(ray):
+    """The end slabs of a LOR: none (miss), its only slab, or the first and the last."""
+    first, last = ray[1], ray[2]
+    return first, last, (0 if last < first else 1 if last == first else 2)
+
+
+@numba.njit(inline='always', **_JIT)
+def _ray_integral(flat, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz):
+    ray = _ray(xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz)
+    first, last, end_count = _ends(ray)
+    total = 0.0
+    for end in range(end_count):
+        weight_t, _, base, next_a, next_b, frac_a, frac_b = _end_sample(
+            ray, first if end == 0 else last)
+        if weight_t > 0.0:
+            total += weight_t * _bilinear(flat, base, next_a, next_b, frac_a, frac_b)
+    line = _inner_line(ray)
+    inner = 0.0
+    for plane in range(first + 1, last):
+        base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
+        inner += _bilinear(flat, base, next_a, next_b, frac_a, frac_b)
+    return (total + 2.0 * ray[10] * inner) * ray[17]
+
+
+@numba.njit(inline='always', **_JIT)
+def _ray_scatter(flat, value, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz):
+    ray = _ray(xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz)
+    first, last, end_count = _ends(ray)
+    value_mm = value * ray[17]
+    for end in range(end_count):
+        weight_t, _, base, next_a, next_b, frac_a, frac_b = _end_sample(
+            ray, first if end == 0 else last)
+        if weight_t > 0.0:
+            _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight_t * value_mm)
+    line = _inner_line(ray)
+    inner_mm = 2.0 * ray[10] * value_mm
+    for plane in range(first + 1, last):
+        base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
+        _scatter(flat, base, next_a, next_b, frac_a, frac_b, inner_mm)
+
+
+@numba.njit(inline='always', **_JIT)
+def _tof_range(distance_mm, ntof, tof_bin_mm, reach_mm):
+    """First and last TOF bin that can overlap [distance - reach, distance + reach]."""
+    middle = 0.5 * (ntof - 1)
+    first = int(math.floor((distance_mm - reach_mm) / tof_bin_mm + middle - 0.5))
+    last = int(math.floor((distance_mm + reach_mm) / tof_bin_mm + middle + 0.5))
+    return max(first, 0), min(last, ntof - 1), middle
+
+
+@numba.njit(inline='always', **_JIT)
+def _tof_edge_erf(edge_mm, distance_mm, inv_sigma_sqrt2, cutoff_sqrt2):
+    """erf of the bin edge's distance in sigma sqrt 2 units, clipped at the cutoff."""
+    return math.erf(min(max((edge_mm - distance_mm) * inv_sigma_sqrt2, -cutoff_sqrt2),
+                        cutoff_sqrt2))
+
+
+@numba.njit(inline='always', **_JIT)
+def _tof_spread(out_row, sample, distance_mm, tof):
+    """out_row[k] += sample x (TOF weight of bin k for an event at ``distance_mm``)."""
+    tof_bin_mm, inv_sigma_sqrt2, cutoff_sqrt2, reach_mm, norm = tof
+    first, last, middle = _tof_range(distance_mm, out_row.shape[0], tof_bin_mm, reach_mm)
+    low = _tof_edge_erf((first - middle - 0.5) * tof_bin_mm, distance_mm, inv_sigma_sqrt2,
+                        cutoff_sqrt2)
+    for k in range(first, last + 1):
+        high = _tof_edge_erf((k - middle + 0.5) * tof_bin_mm, distance_mm, inv_sigma_sqrt2,
+                             cutoff_sqrt2)
+        out_row[k] += sample * norm * (high - low)
+        low = high
+
+
+@numba.njit(inline='always', **_JIT)
+def _tof_gather(values_row, distance_mm, tof):
+    """Sum over k of values_row[k] x (TOF weight of bin k for an event at ``distance_mm``)."""
+    tof_bin_mm, inv_sigma_sqrt2, cutoff_sqrt2, reach_mm, norm = tof
+    first, last, middle = _tof_range(distance_mm, values_row.shape[0], tof_bin_mm, reach_mm)
+    low = _tof_edge_erf((first - middle - 0.5) * tof_bin_mm, distance_mm, inv_sigma_sqrt2,
+                        cutoff_sqrt2)
+    total = 0.0
+    for k in range(first, last + 1):
+        high = _tof_edge_erf((k - middle + 0.5) * tof_bin_mm, distance_mm, inv_sigma_sqrt2,
+                             cutoff_sqrt2)
+        total += values_row[k] * (high - low)
+        low = high
+    return total * norm
+
+
+@numba.njit(inline='always', **_JIT)
+def _ray_integral_tof(flat, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz, tof, out_row):
+    for k in range(out_row.shape[0]):
+        out_row[k] = 0.0
+    ray = _ray(xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz)
+    first, last, end_count = _ends(ray)
+    start_p, inv_step_p, length_mm = ray[8], ray[9], ray[17]
+    for end in range(end_count):
+        weight_t, t_mid, base, next_a, next_b, frac_a, frac_b = _end_sample(
+            ray, first if end == 0 else last)
+        if weight_t > 0.0:
+            sample = weight_t * length_mm * _bilinear(flat, base, next_a, next_b, frac_a, frac_b)
+            _tof_spread(out_row, sample, (t_mid - 0.5) * length_mm, tof)
+    line = _inner_line(ray)
+    inner_mm = 2.0 * ray[10] * length_mm
+    for plane in range(first + 1, last):
+        base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
+        sample = inner_mm * _bilinear(flat, base, next_a, next_b, frac_a, frac_b)
+        t_mid = (plane - start_p) * inv_step_p
+        _tof_spread(out_row, sample, (t_mid - 0.5) * length_mm, tof)
+
+
+@numba.njit(inline='always', **_JIT)
+def _ray_scatter_tof(flat, values_row, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz, tof):
+    ray = _ray(xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz)
+    first, last, end_count = _ends(ray)
+    start_p, inv_step_p, length_mm = ray[8], ray[9], ray[17]
+    for end in range(end_count):
+        weight_t, t_mid, base, next_a, next_b, frac_a, frac_b = _end_sample(
+            ray, first if end == 0 else last)
+        if weight_t > 0.0:
+            weight = weight_t * length_mm * _tof_gather(values_row, (t_mid - 0.5) * length_mm, tof)
+            _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight)
+    line = _inner_line(ray)
+    inner_mm = 2.0 * ray[10] * length_mm
+    for plane in range(first + 1, last):
+        t_mid = (plane - start_p) * inv_step_p
+        weight = inner_mm * _tof_gather(values_row, (t_mid - 0.5) * length_mm, tof)
+        base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
+        _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight)
+
+
+@numba.njit(**_JIT)
+def _tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas):
+    """(bin_mm, 1 / (sigma sqrt 2), cutoff / sqrt 2, reach_mm, 1 / (2 erf(cutoff / sqrt 2)))."""
+    sigma_mm, cutoff = np.float64(tof_sigma_mm), np.float64(tof_cutoff_sigmas)
+    cutoff_sqrt2 = cutoff / math.sqrt(2.0)
+    return (np.float64(tof_bin_mm), 1.0 / (sigma_mm * math.sqrt(2.0)), cutoff_sqrt2,
+            cutoff * sigma_mm, 0.5 / math.erf(cutoff_sqrt2))
+
+
+@numba.njit(**_JIT)
+def _geometry(image, origin_mm, voxel_mm):
+    nz, ny, nx = image.shape
+    origin = (np.float64(origin_mm[0]), np.float64(origin_mm[1]), np.float64(origin_mm[2]))
+    voxel = (np.float64(voxel_mm[0]), np.float64(voxel_mm[1]), np.float64(voxel_mm[2]))
+    return origin, voxel, nx, ny, nz
+
+
+@numba.njit(parallel=True, **_JIT)
+def _add_buffers(buffers, image):
+    """image += sum of the per-thread buffers (rows of ``buffers``, flat images)."""
+    if buffers.shape[0] == 0:
+        return
+    flat = image.reshape(image.size)
+    for index in numba.prange(flat.shape[0]):
+        total = 0.0
+        for block in range(buffers.shape[0]):
+            total += buffers[block, index]
+        flat[index] += total
+
+
+@numba.njit(**_JIT)
+def _block_range(block, blocks, n):
+    return block * n // blocks, (block + 1) * n // blocks
+
+
+@numba.njit(parallel=True, **_JIT)
+def joseph_forward(image, xstart, xend, origin_mm, voxel_mm, out):
+    """out[i] = line integral (value x mm) of ``image`` along LOR i."""
+    origin, voxel, nx, ny, nz = _geometry(image, origin_mm, voxel_mm)
+    flat = image.reshape(image.size)
+    for lor in numba.prange(xstart.shape[0]):
+        out[lor] = _ray_integral(flat, xstart, xend, lor, origin, voxel, nx, ny, nz)
+
+
+def joseph_back(values, xstart, xend, origin_mm, voxel_mm, image):
+    """image += A^T values, the exact adjoint of :func:`joseph_forward`."""
+    buffers = _back(values, xstart, xend, origin_mm, voxel_mm, image,
+                    _buffer_count(xstart.shape[0]))
+    _add_buffers(buffers, image)
+
+
+def _buffer_count(n_lors):
+    """One image buffer per thread; none (scatter into the image) with one thread."""
+    return max(min(numba.get_num_threads(), n_lors), 1)
+
+
+@numba.njit(parallel=True, **_JIT)
+def _back(values, xstart, xend, origin_mm, voxel_mm, image, blocks):
+    origin, voxel, nx, ny, nz = _geometry(image, origin_mm, voxel_mm)
+    flat = image.reshape(image.size)
+    n = np.int64(xstart.shape[0])
+    buffers = np.zeros((blocks if blocks > 1 else 0, flat.shape[0]), dtype=np.float32)
+    for block in numba.prange(blocks):
+        first, stop = _block_range(block, blocks, n)
+        buffer = buffers[block] if blocks > 1 else flat
+        for lor in range(first, stop):
+            _ray_scatter(buffer, values[lor], xstart, xend, lor, origin, voxel, nx, ny, nz)
+    return buffers
+
+
+@numba.njit(parallel=True, **_JIT)
+def joseph_forward_tof(image, xstart, xend, origin_mm, voxel_mm, tof_bin_mm, tof_sigma_mm,
+                       tof_cutoff_sigmas, out):
+    """out[i, k] = TOF-weighted line integral of ``image`` along LOR i in TOF bin k."""
+    origin, voxel, nx, ny, nz = _geometry(image, origin_mm, voxel_mm)
+    flat = image.reshape(image.size)
+    tof = _tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas)
+    for lor in numba.prange(xstart.shape[0]):
+        _ray_integral_tof(flat, xstart, xend, lor, origin, voxel, nx, ny, nz, tof, out[lor])
+
+
+def joseph_back_tof(values, xstart, xend, origin_mm, voxel_mm, tof_bin_mm, tof_sigma_mm,
+                    tof_cutoff_sigmas, image):
+    """image += A^T values for (n, ntof) ``values``: adjoint of :func:`joseph_forward_tof`."""
+    buffers = _back_tof(values, xstart, xend, origin_mm, voxel_mm, tof_bin_mm, tof_sigma_mm,
+                        tof_cutoff_sigmas, image, _buffer_count(xstart.shape[0]))
+    _add_buffers(buffers, image)
+
+
+@numba.njit(parallel=True, **_JIT)
+def _back_tof(values, xstart, xend, origin_mm, voxel_mm, tof_bin_mm, tof_sigma_mm,
+              tof_cutoff_sigmas, image, blocks):
+    origin, voxel, nx, ny, nz = _geometry(image, origin_mm, voxel_mm)
+    flat = image.reshape(image.size)
+    tof = _tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas)
+    n = np.int64(xstart.shape[0])
+    buffers = np.zeros((blocks if blocks > 1 else 0, flat.shape[0]), dtype=np.float32)
+    for block in numba.prange(blocks):
+        first, stop = _block_range(block, blocks, n)
+        buffer = buffers[block] if blocks > 1 else flat
+        for lor in range(first, stop):
+            _ray_scatter_tof(buffer, values[lor], xstart, xend, lor, origin, voxel, nx, ny, nz,
+                             tof)
+    return buffers

@@ -1,0 +1,49 @@
+"""PET test data: a small NEMA-like phantom and its simulated sinograms (made once per run)."""
+
+import numpy as np
+import pytest
+
+from medhpc.io.images import read_image
+from medhpc.parallel.comm import World, _SerialComm
+from medhpc.pet.scanner import load_scanner
+from medhpc.pet.simulate import Simulation, read_inputs, write_simulation
+from medhpc.phantoms.pet_files import write_pet_phantom
+from medhpc.runtime.context import start_run
+
+SHAPE = (15, 40, 40)
+VOXEL_MM = (4.0, 4.0, 2.0)
+
+
+def serial_run(command="test", device="cpu"):
+    """A one-rank run, also inside an MPI job (for reference results)."""
+    return start_run(command, device=device, verbosity=-1, world=World(_SerialComm()))
+
+
+def simulate(folder, name, counts=2e6, noise=True, frames=1, tof=False, scanner="small-test"):
+    phantom = folder / "phantom"
+    activity, mu_map, grid = read_inputs(phantom / "activity.nii.gz", phantom / "mu_map.nii.gz")
+    if frames > 1:
+        activity = np.concatenate([activity * (1.0 + 0.5 * k) for k in range(frames)])
+    geometry = load_scanner(scanner)
+    run = serial_run("pet-simulate")
+    simulation = Simulation(run, geometry, activity, mu_map, grid, counts, noise, 0.2, tof)
+    data = simulation.execute(seed=3)
+    path = folder / f"{name}.h5"
+    write_simulation(path, geometry, grid, data, tof, overwrite=True, attrs={})
+    return path
+
+
+@pytest.fixture(scope="session")
+def pet_case(tmp_path_factory):
+    """Phantom folder and sinograms: noise-free, noisy, dynamic (2 frames)."""
+    folder = tmp_path_factory.mktemp("pet_case")
+    write_pet_phantom(folder / "phantom", "small-test", shape=SHAPE, voxel_mm=VOXEL_MM)
+    truth, grid = read_image(folder / "phantom" / "activity.nii.gz")
+    return {
+        "folder": folder,
+        "truth": truth,
+        "grid": grid,
+        "noise_free": simulate(folder, "noise_free", noise=False),
+        "noisy": simulate(folder, "noisy", counts=5e6),
+        "dynamic": simulate(folder, "dynamic", counts=2e6, frames=2),
+    }

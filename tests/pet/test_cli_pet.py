@@ -1,0 +1,127 @@
+"""The PET subcommands as a user runs them: outputs, plans and bad input."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from medhpc.io.geometry import ImageGeometry
+from medhpc.io.nifti import write_nifti
+from tests.helpers import run_medhpc
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli_pet")
+    phantom = folder / "phantom"
+    result = run_medhpc("phantom", "pet", "--out", phantom, "--shape", "15,32,32",
+                        "--voxel-mm", "4,4,2")
+    assert result.returncode == 0, result.stderr
+    sinogram = folder / "sino.h5"
+    result = run_medhpc("pet-simulate", "--activity", phantom / "activity.nii.gz", "--mu-map",
+                        phantom / "mu_map.nii.gz", "--scanner", "small-test", "--counts", "1e6",
+                        "--out", sinogram, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    return folder, phantom, sinogram
+
+
+def test_recon_at_two_ranks_writes_image_log_picture_and_timings(tiny):
+    folder, _, sinogram = tiny
+    out = folder / "recon.nii.gz"
+    result = run_medhpc("pet-recon", "--sinogram", sinogram, "--out", out, "--iterations", "2",
+                        "--subsets", "4", "--png", "--timings", folder / "timings.json",
+                        "--device", "cpu", ranks=2)
+    assert result.returncode == 0, result.stderr
+    assert out.exists() and (folder / "recon.png").exists()
+    log = json.loads((folder / "recon.json").read_text())
+    assert len(log["log_likelihood_per_subiteration"]) == 8
+    assert log["timings"]["ranks"] == 2
+    timings = json.loads((folder / "timings.json").read_text())
+    names = {stage["name"] for stage in timings["stages"]}
+    assert {"forward project", "back project", "allreduce", "read sinogram", "write"} <= names
+    assert "time per stage over 2 rank(s)" in result.stderr
+    picture = folder / "timings.png"
+    result = run_medhpc("report", folder / "timings.json", "--png", picture)
+    assert result.returncode == 0 and picture.read_bytes()[:4] == b"\x89PNG"
+    again = run_medhpc("pet-recon", "--sinogram", sinogram, "--out", out, "--device", "cpu")
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(tiny):
+    folder, _, sinogram = tiny
+    result = run_medhpc("pet-recon", "--sinogram", sinogram, "--out", folder / "dry.nii.gz",
+                        "--dry-run", "--decomp", "views", "--subsets", "4", ranks=3)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["decomposition"] == "views" and plan["ranks"] == 3
+    assert len(plan["ranks_detail"]) == 3
+    assert all(share["memory"]["total_bytes"] > 0 for share in plan["ranks_detail"])
+    assert not (folder / "dry.nii.gz").exists()
+
+
+def test_pet_geometry_writes_lor_end_points(tmp_path):
+    out = tmp_path / "lors.h5"
+    result = run_medhpc("pet-geometry", "--scanner", "small-test", "--out", out)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(out) as h5:
+        assert h5["xstart"].shape == (63, 48, 64, 3)
+        radius = np.hypot(h5["xstart"][..., 0], h5["xstart"][..., 1])
+        assert np.allclose(radius, 120.0, atol=1e-3)
+
+
+def broken_copy(source, target, change):
+    with h5py.File(source) as src, h5py.File(target, "w") as dst:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        for name in src:
+            data = src[name][...]
+            data = change(name, data)
+            if data is not None:
+                dst.create_dataset(name, data=data)
+
+
+def expect_input_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case, change, words", [
+    ("shape", lambda n, d: d[:, :-1] if n == "prompts" else d, ["prompts", "shape"]),
+    ("nan", lambda n, d: np.where(np.arange(d.size).reshape(d.shape) == 5, np.nan, d)
+     if n == "prompts" else d, ["NaN"]),
+    ("negative", lambda n, d: -d if n == "additive" else d, ["negative"]),
+    ("missing", lambda n, d: None if n == "multiplicative" else d, ["multiplicative", "missing"]),
+])
+def test_bad_sinograms_are_rejected_at_two_ranks(tiny, tmp_path, case, change, words):
+    _, _, sinogram = tiny
+    broken = tmp_path / f"{case}.h5"
+    broken_copy(sinogram, broken, change)
+    out = tmp_path / "out.nii.gz"
+    result = run_medhpc("pet-recon", "--sinogram", broken, "--out", out, "--iterations", "1",
+                        "--subsets", "2", "--device", "cpu", ranks=2)
+    expect_input_error(result, f"{case}.h5", *words)
+    assert not out.exists()
+
+
+def test_mu_map_on_another_grid_is_rejected(tiny, tmp_path):
+    _, phantom, _ = tiny
+    other = tmp_path / "mu.nii.gz"
+    write_nifti(other, np.zeros((15, 16, 16), np.float32),
+                ImageGeometry.from_spacing((15, 16, 16), (8.0, 8.0, 2.0)))
+    out = tmp_path / "s.h5"
+    result = run_medhpc("pet-simulate", "--activity", phantom / "activity.nii.gz", "--mu-map",
+                        other, "--scanner", "small-test", "--out", out, ranks=2)
+    expect_input_error(result, "mu.nii.gz", "does not match")
+    assert not out.exists()
+
+
+def test_unknown_scanner_and_missing_activity(tmp_path):
+    result = run_medhpc("pet-simulate", "--activity", tmp_path / "none.nii.gz", "--scanner",
+                        "small-test", "--out", tmp_path / "s.h5")
+    expect_input_error(result, "none.nii.gz")
+    result = run_medhpc("pet-geometry", "--scanner", "no-such-scanner", "--out", tmp_path / "g.h5")
+    expect_input_error(result, "no-such-scanner")

@@ -1,0 +1,58 @@
+"""Decomposed pet-recon equals the one-rank result (run under mpiexec at 2, 3 and 4 ranks)."""
+
+import numpy as np
+import pytest
+
+from medhpc.parallel.comm import get_world
+from medhpc.pet import decomposition
+from medhpc.pet.recon import ReconSettings
+from medhpc.pet.reconstruct import Reconstruction
+from medhpc.runtime.context import start_run
+from tests.pet.conftest import serial_run
+
+SETTINGS = ReconSettings(iterations=2, subsets=4, psf_fwhm_mm=3.0)
+
+
+def compare(case, tmp_path, decomp):
+    world = get_world()
+    run = start_run("pet-recon", device="cpu", verbosity=-1, world=world)
+    image, history = Reconstruction(run, case, tmp_path / "x.nii.gz", SETTINGS,
+                                    decomp=decomp).compute()
+    reference, reference_history = Reconstruction(serial_run(), case, tmp_path / "y.nii.gz",
+                                                  SETTINGS, decomp=decomp).compute()
+    if decomp != "views" and not world.is_root:
+        assert image is None
+        return
+    np.testing.assert_allclose(image, reference, rtol=2e-4, atol=2e-5 * reference.max())
+    np.testing.assert_allclose(np.ravel(history), np.ravel(reference_history), rtol=1e-5)
+
+
+@pytest.mark.mpi
+def test_views_decomposition_equals_one_rank(pet_case, tmp_path):
+    compare(pet_case["noisy"], tmp_path, "views")
+
+
+@pytest.mark.mpi
+def test_planes_decomposition_equals_one_rank(pet_case, tmp_path):
+    compare(pet_case["noisy"], tmp_path, "planes")
+
+
+@pytest.mark.mpi
+def test_frames_decomposition_equals_one_rank(pet_case, tmp_path):
+    compare(pet_case["dynamic"], tmp_path, "frames")
+
+
+def test_every_view_of_every_subset_is_owned_once():
+    for size in (1, 2, 3, 5):
+        owned = [np.concatenate(decomposition.views_of_rank(48, 8, size, rank))
+                 for rank in range(size)]
+        everything = np.sort(np.concatenate(owned))
+        np.testing.assert_array_equal(everything, np.arange(48))
+
+
+def test_auto_mode_and_errors():
+    assert decomposition.choose_mode("auto", frames=1, ranks=4) == "views"
+    assert decomposition.choose_mode("auto", frames=8, ranks=4) == "frames"
+    assert decomposition.choose_mode("auto", frames=2, ranks=4) == "views"
+    with pytest.raises(Exception, match="frames"):
+        decomposition.choose_mode("frames", frames=1, ranks=2)

@@ -1,0 +1,127 @@
+"""CUDA Joseph kernels: PTX compilation without a GPU, and agreement with the CPU twins.
+
+The agreement tests run in the simulator pass::
+
+    NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/pet/test_kernels_cuda.py
+"""
+
+import numpy as np
+import pytest
+
+from medhpc.backend import cuda_simulator_active
+from medhpc.pet.projector import JosephProjector, TofSpec
+
+COMPUTE_CAPABILITIES = [(7, 5), (9, 0)]
+KERNEL_NAMES = ["joseph_forward", "joseph_back", "joseph_forward_tof", "joseph_back_tof"]
+
+SHAPE = (5, 7, 6)  # (nz, ny, nx)
+ORIGIN_MM = np.array([-5.0, -4.5, -3.0], dtype=np.float32)
+VOXEL_MM = np.array([2.0, 1.5, 1.25], dtype=np.float32)
+TOF_ARGS = (3.0, 2.5, 3.0)  # bin_mm, sigma_mm, cutoff_sigmas
+TOF_BINS = 9
+
+
+def kernels_cuda():
+    try:
+        from medhpc.pet import kernels_cuda as module
+    except ImportError as error:  # numba-cuda missing
+        pytest.skip(f"numba.cuda is not importable: {error}")
+    return module
+
+
+@pytest.mark.skipif(cuda_simulator_active(), reason="the CUDA simulator cannot compile PTX")
+@pytest.mark.parametrize("cc", COMPUTE_CAPABILITIES, ids=lambda cc: f"cc{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_kernel_compiles_to_ptx(name, cc):
+    module = kernels_cuda()
+    from numba import cuda
+    from numba.cuda.cudadrv.error import CCSupportError
+
+    assert set(module.PTX_SIGNATURES) == set(KERNEL_NAMES)
+    pyfunc, signature = module.PTX_SIGNATURES[name]
+    try:
+        ptx, _ = cuda.compile_ptx(pyfunc, signature, cc=cc)
+    except CCSupportError as error:
+        pytest.skip(f"compute capability {cc} unsupported by the installed toolkit: {error}")
+    assert f".target sm_{cc[0]}{cc[1]}" in ptx
+    assert ".f64" not in ptx  # float32 throughout: fast on every GPU
+
+
+def tiny_lors(rng, n_random=44):
+    """Random oblique LORs plus axis-parallel, missing and grazing ones."""
+    low = ORIGIN_MM - 0.5 * VOXEL_MM
+    high = low + np.array(SHAPE[::-1]) * VOXEL_MM
+    centre = 0.5 * (low + high)
+    points = low + rng.random((n_random, 3)) * (high - low) * 1.2 - 0.1 * (high - low)
+    direction = rng.normal(size=(n_random, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    starts = [points - 30 * direction]
+    ends = [points + 30 * direction]
+    for axis in range(3):
+        offset = np.array([0.3, -0.4, 0.2])
+        offset[axis] = 30.0
+        starts.append([centre - offset]), ends.append([centre + offset])
+    starts.append([[high[0] - 30, high[1], high[2] - 0.2]])  # on the top y face
+    ends.append([[high[0] + 30, high[1], high[2] - 0.2]])
+    starts.append([centre + [0, 40, 0]]), ends.append([centre + [10, 40, 3]])  # misses
+    return (np.vstack(starts).astype(np.float32), np.vstack(ends).astype(np.float32))
+
+
+def assert_close(actual, expected):
+    scale = np.abs(expected).max()
+    assert scale > 0
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("tof", [False, True], ids=["nontof", "tof"])
+def test_launchers_match_cpu_twins(tof):
+    from numba import cuda
+
+    from medhpc.pet import kernels_cpu
+
+    module = kernels_cuda()
+    rng = np.random.default_rng(7)
+    xstart, xend = tiny_lors(rng)
+    n = xstart.shape[0]
+    image = rng.random(SHAPE, dtype=np.float32)
+    out_shape = (n, TOF_BINS) if tof else (n,)
+    values = rng.random(out_shape, dtype=np.float32)
+    tof_args = TOF_ARGS if tof else ()
+    suffix = "_tof" if tof else ""
+    d_xstart, d_xend = cuda.to_device(xstart), cuda.to_device(xend)
+    d_origin, d_voxel = cuda.to_device(ORIGIN_MM), cuda.to_device(VOXEL_MM)
+
+    expected = np.zeros(out_shape, dtype=np.float32)
+    getattr(kernels_cpu, "joseph_forward" + suffix)(image, xstart, xend, ORIGIN_MM, VOXEL_MM,
+                                                    *tof_args, expected)
+    d_out = cuda.to_device(np.full(out_shape, np.nan, dtype=np.float32))
+    getattr(module, "joseph_forward" + suffix)(cuda.to_device(image), d_xstart, d_xend,
+                                               d_origin, d_voxel, *tof_args, d_out)
+    assert_close(d_out.copy_to_host(), expected)
+
+    expected_image = np.ones(SHAPE, dtype=np.float32)
+    getattr(kernels_cpu, "joseph_back" + suffix)(values, xstart, xend, ORIGIN_MM, VOXEL_MM,
+                                                 *tof_args, expected_image)
+    d_image = cuda.to_device(np.ones(SHAPE, dtype=np.float32))
+    getattr(module, "joseph_back" + suffix)(cuda.to_device(values), d_xstart, d_xend,
+                                            d_origin, d_voxel, *tof_args, d_image)
+    assert_close(d_image.copy_to_host(), expected_image)
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("tof", [None, TofSpec(TOF_BINS, *TOF_ARGS)], ids=["nontof", "tof"])
+def test_cuda_projector_matches_cpu_projector(tof):
+    rng = np.random.default_rng(8)
+    xstart, xend = tiny_lors(rng)
+    cpu = JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM, tof=tof)
+    gpu = JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM, device="cuda", tof=tof,
+                          chunk_lors=20)
+    image = rng.random(SHAPE, dtype=np.float32)
+    values = rng.random(cpu.shape_out, dtype=np.float32)
+    assert_close(gpu.forward(image), cpu.forward(image))
+    assert_close(gpu.back(values), cpu.back(values))
+    assert gpu.adjointness_error(rng) < 1e-5
+    resident = JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM, device="cuda", tof=tof)
+    for _ in range(2):  # the second call reuses the end points kept on the device
+        assert_close(resident.forward(image), cpu.forward(image))

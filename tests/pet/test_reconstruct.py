@@ -1,0 +1,120 @@
+"""pet-recon end to end on one rank: convergence, contrast, decompositions, checkpoints."""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from medhpc.pet.recon import OsemReconstructor, ReconSettings
+from medhpc.pet.reconstruct import Reconstruction
+from medhpc.runtime.checkpoint import CheckpointStop
+from medhpc.phantoms.pet import nema_iq_phantom
+from tests.pet.conftest import SHAPE, VOXEL_MM, serial_run
+
+
+def reconstruct(sinogram, out, decomp="views", run=None, **settings):
+    run = run or serial_run("pet-recon")
+    recon = Reconstruction(run, sinogram, out, ReconSettings(**settings), decomp=decomp)
+    return recon.compute()
+
+
+def nrmse(image, truth):
+    scale = np.sum(image * truth) / np.sum(image * image)
+    return float(np.linalg.norm(scale * image - truth) / np.linalg.norm(truth))
+
+
+def test_noise_free_nrmse_falls_with_iterations(pet_case, tmp_path):
+    errors = []
+    likelihoods = []
+    for iterations in (1, 3, 6):
+        image, history = reconstruct(pet_case["noise_free"], tmp_path / "x.nii.gz",
+                                     iterations=iterations, subsets=4)
+        errors.append(nrmse(image, pet_case["truth"]))
+        likelihoods.append(history[-1])
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 0.35, errors
+    assert likelihoods[0] < likelihoods[1] < likelihoods[2]
+
+
+def test_mlem_likelihood_increases_monotonically(pet_case, tmp_path):
+    _, history = reconstruct(pet_case["noise_free"], tmp_path / "x.nii.gz", algorithm="mlem",
+                             iterations=5)
+    assert np.all(np.diff(history) > 0), history
+
+
+def test_contrast_recovery_of_large_spheres_from_noisy_data(pet_case, tmp_path):
+    image, _ = reconstruct(pet_case["noisy"], tmp_path / "x.nii.gz", iterations=6, subsets=8)
+    phantom = nema_iq_phantom(SHAPE, VOXEL_MM)
+    analysis = __import__("medhpc.phantoms.pet", fromlist=["nema_analysis"]).nema_analysis(
+        image, phantom)
+    recovery = np.asarray(analysis["contrast_recovery"])
+    order = np.argsort(analysis["diameters_mm"])[::-1]
+    print("CR", dict(zip(np.asarray(analysis["diameters_mm"])[order].round(1),
+                         recovery[order].round(3))),
+          "BV", np.asarray(analysis["background_variability"])[order].round(3))
+    assert np.all(recovery[order[:4]] >= 0.7), recovery
+    assert np.all(np.asarray(analysis["background_variability"]) < 0.5)
+
+
+def test_psf_postfilter_and_rdp_keep_the_image_positive_and_finite(pet_case, tmp_path):
+    for settings in ({"psf_fwhm_mm": 4.0}, {"postfilter_fwhm_mm": 6.0},
+                     {"algorithm": "osem-rdp", "rdp_beta": 0.5}):
+        image, history = reconstruct(pet_case["noisy"], tmp_path / "x.nii.gz", iterations=2,
+                                     subsets=4, **settings)
+        assert np.isfinite(image).all() and image.min() >= 0, settings
+        assert np.isfinite(history).all()
+
+
+def test_rdp_smooths_the_background(pet_case, tmp_path):
+    plain, _ = reconstruct(pet_case["noisy"], tmp_path / "x.nii.gz", iterations=4, subsets=8)
+    smooth, _ = reconstruct(pet_case["noisy"], tmp_path / "x.nii.gz", iterations=4, subsets=8,
+                            algorithm="osem-rdp", rdp_beta=2.0)
+    body = pet_case["truth"] == 1.0
+    assert np.std(smooth[body]) < np.std(plain[body])
+
+
+def test_planes_decomposition_reconstructs_the_phantom(pet_case, tmp_path):
+    image, history = reconstruct(pet_case["noise_free"], tmp_path / "x.nii.gz", decomp="planes",
+                                 iterations=4, subsets=4)
+    assert image.shape == SHAPE
+    assert nrmse(image, pet_case["truth"]) < 0.45
+
+
+def test_frames_decomposition_gives_one_image_per_frame(pet_case, tmp_path):
+    images, histories = reconstruct(pet_case["dynamic"], tmp_path / "x.nii.gz", decomp="frames",
+                                    iterations=2, subsets=4)
+    assert images.shape == (2,) + SHAPE
+    ratio = images[1].sum() / images[0].sum()
+    assert 1.3 < ratio < 1.7  # the second frame has 1.5 x the activity
+    assert len(histories) == 2
+
+
+def test_checkpoint_on_sigterm_then_resume_gives_the_same_image(pet_case, tmp_path,
+                                                                monkeypatch):
+    settings = dict(iterations=3, subsets=4)
+    reference, _ = reconstruct(pet_case["noisy"], tmp_path / "ref.nii.gz", **settings)
+    original = OsemReconstructor.subiteration
+    calls = {"n": 0}
+
+    def interrupted(self, image, subset):
+        calls["n"] += 1
+        if calls["n"] == 6:  # during iteration 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, image, subset)
+
+    out = tmp_path / "stopped.nii.gz"
+    monkeypatch.setattr(OsemReconstructor, "subiteration", interrupted)
+    run = serial_run("pet-recon")
+    recon = Reconstruction(run, pet_case["noisy"], out, ReconSettings(**settings))
+    with pytest.raises(CheckpointStop):
+        recon.compute()
+    assert recon.checkpoint_path.exists()
+    monkeypatch.setattr(OsemReconstructor, "subiteration", original)
+    resumed = Reconstruction(serial_run("pet-recon"), pet_case["noisy"], out,
+                             ReconSettings(**settings), resume=True)
+    image, history = resumed.compute()
+    np.testing.assert_array_equal(image, reference)
+    assert len(history) == 3 * 4
+    assert not resumed.checkpoint_path.exists()
