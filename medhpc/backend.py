@@ -16,6 +16,7 @@ import sys
 import numpy as np
 
 from medhpc.errors import DeviceError
+from medhpc.parallel.device import is_device_array  # noqa: F401  (re-exported)
 
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -73,6 +74,15 @@ def to_host(array) -> np.ndarray:
     if hasattr(array, "copy_to_host"):
         return array.copy_to_host()
     return np.asarray(array)
+
+
+def empty(shape, dtype, device: str):
+    """Allocate an uninitialised array on ``device``."""
+    if device == "cpu":
+        return np.empty(shape, dtype=dtype)
+    from numba import cuda
+
+    return cuda.device_array(shape, dtype=dtype)
 
 
 def zeros(shape, dtype, device: str):

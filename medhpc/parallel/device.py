@@ -13,8 +13,9 @@ _LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM
 
 
 def is_device_array(array) -> bool:
-    """True for objects that expose ``__cuda_array_interface__`` (CUDA device arrays)."""
-    return hasattr(array, "__cuda_array_interface__")
+    """True for CUDA device arrays: ``__cuda_array_interface__``, or the simulator's
+    arrays, which have ``copy_to_host`` but no interface."""
+    return hasattr(array, "__cuda_array_interface__") or hasattr(array, "copy_to_host")
 
 
 def probe_cuda_aware(mpi_module=None) -> bool:

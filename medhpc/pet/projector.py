@@ -109,34 +109,43 @@ class JosephProjector:
                 self._resident = chunk  # a single chunk stays on the GPU between calls
             yield chunk
 
-    def forward(self, image) -> np.ndarray:
-        """Project ``image`` (nz, ny, nx); returns a float32 array of :attr:`shape_out`."""
-        image = backend.to_device(self._checked(image, self.image_shape, "image"), self.device)
-        out = np.empty(self.shape_out, dtype=np.float32)
+    def forward(self, image):
+        """Project ``image`` (nz, ny, nx) to float32 values of :attr:`shape_out`.
+
+        A host array gives a host result. On CUDA a device image gives a device
+        result, so iterative algorithms keep their arrays on the GPU.
+        """
+        on_device = self.device == "cuda" and backend.is_device_array(image)
+        if not on_device:
+            image = backend.to_device(self._checked(image, self.image_shape, "image"), self.device)
+        out = backend.empty(self.shape_out, np.float32, self.device if on_device else "cpu")
         forward = self._kernels.joseph_forward if self.tof is None else \
             self._kernels.joseph_forward_tof
         for part, xstart, xend in self._chunks():
-            if self.device == "cuda":
-                from numba import cuda
-
-                out_part = cuda.device_array(out[part].shape, dtype=np.float32)
+            if self.device == "cuda" and not on_device:
+                out_part = backend.empty(out[part].shape, np.float32, "cuda")
             else:
                 out_part = out[part]
             forward(image, xstart, xend, self.origin_mm, self.voxel_mm, *self._tof_args(),
                     out_part)
-            if self.device == "cuda":
+            if self.device == "cuda" and not on_device:
                 out[part] = out_part.copy_to_host()
         return out
 
-    def back(self, values) -> np.ndarray:
-        """Back-project ``values`` of :attr:`shape_out`; returns a float32 image."""
-        values = self._checked(values, self.shape_out, "values")
+    def back(self, values):
+        """Back-project ``values`` of :attr:`shape_out` into a new float32 image.
+
+        Host values give a host image; on CUDA, device values give a device image.
+        """
+        on_device = self.device == "cuda" and backend.is_device_array(values)
+        if not on_device:
+            values = self._checked(values, self.shape_out, "values")
         image = backend.zeros(self.image_shape, np.float32, self.device)
         back = self._kernels.joseph_back if self.tof is None else self._kernels.joseph_back_tof
         for part, xstart, xend in self._chunks():
-            back(backend.to_device(values[part], self.device), xstart, xend, self.origin_mm,
-                 self.voxel_mm, *self._tof_args(), image)
-        return backend.to_host(image)
+            chunk = values[part] if on_device else backend.to_device(values[part], self.device)
+            back(chunk, xstart, xend, self.origin_mm, self.voxel_mm, *self._tof_args(), image)
+        return image if on_device else backend.to_host(image)
 
     def adjointness_error(self, rng) -> float:
         """Relative |<A x, y> - <x, A^T y>| / |<A x, y>| for random x, y (float64 sums)."""

@@ -68,12 +68,22 @@ class StageTimer:
         wall time (slowest rank) its mean took.
         """
         local = {"seconds": self.seconds, "calls": self.calls, "kinds": self.kinds,
-                 "wall": self.elapsed()}
+                 "wall": self.elapsed(), "peak_memory_mb": peak_memory_mb()}
         everyone = world.gather(local)
         if everyone is None:
             return None
         return build_breakdown(everyone, command=command, ranks=world.size,
                                nodes=world.node_count, extra=extra)
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory in MiB (0 where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kilobytes / 1024.0 if platform.system() != "Darwin" else kilobytes / 2**20
 
 
 def build_breakdown(per_rank: list[dict], command: str = "", ranks: int | None = None,
@@ -101,6 +111,7 @@ def build_breakdown(per_rank: list[dict], command: str = "", ranks: int | None =
     document = {
         "command": command, "ranks": ranks, "nodes": nodes, "wall_seconds": wall,
         "wall_per_rank": [record["wall"] for record in per_rank],
+        "peak_memory_mb_per_rank": [record.get("peak_memory_mb", 0.0) for record in per_rank],
         "host": platform.node(), "stages": stages,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -125,6 +136,9 @@ def format_breakdown(document: dict) -> str:
     other = max(0.0, wall - accounted)
     lines.append(f"  {'(not in a stage)':<24}{'':<10}{'':>10}{other:>10.3f}{'':>10}"
                  f"{(100.0 * other / wall if wall > 0 else 0.0):>7.1f}%")
+    memory = document.get("peak_memory_mb_per_rank") or []
+    if memory:
+        lines.append(f"  peak memory per rank: min {min(memory):.0f} MiB, max {max(memory):.0f} MiB")
     return "\n".join(lines)
 
 
