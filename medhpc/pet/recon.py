@@ -124,8 +124,8 @@ class OsemReconstructor:
         with self.run.stage("forward project", "kernel"):
             return share.projector.forward(blurred).reshape(-1)
 
-    def _back(self, share: SubsetShare, values):
-        with self.run.stage("back project", "kernel"):
+    def _back(self, share: SubsetShare, values, stage: str = "back project"):
+        with self.run.stage(stage, "kernel"):
             image = share.projector.back(values.reshape(share.projector.shape_out))
         with self.run.stage("resolution model", "kernel"):
             image = self.psf.apply(image)
@@ -139,7 +139,7 @@ class OsemReconstructor:
         if share.tof_bins > 1:
             factors = backend.to_device(np.repeat(backend.to_host(factors), share.tof_bins),
                                         self.device)
-        return self._back(share, factors)
+        return self._back(share, factors, stage="sensitivity")
 
     # -- the algorithm -----------------------------------------------------------------
     def initial_image(self) -> np.ndarray:

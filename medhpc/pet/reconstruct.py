@@ -244,9 +244,8 @@ class Reconstruction:
         views = decomposition.views_of_rank(scanner.n_views, self.settings.n_subsets,
                                             self.world.size, self.world.rank)
         shares = self.view_shares(views)
-        with self.run.stage("sensitivity", "kernel"):
-            reconstructor = OsemReconstructor(self.run, shares, self.grid.shape, self.voxel_mm,
-                                              self.settings, reduce=self.world)
+        reconstructor = OsemReconstructor(self.run, shares, self.grid.shape, self.voxel_mm,
+                                          self.settings, reduce=self.world)
         with self._checkpointer(self.world, self.checkpoint_path) as checkpointer:
             state = self._iterate(reconstructor, checkpointer)
         if self.world.is_root:
@@ -259,9 +258,8 @@ class Reconstruction:
         alone = self.world.split(self.world.rank)
         shares = self.plane_shares(start, stop)
         slab_shape = (stop - start,) + tuple(self.grid.shape[1:])
-        with self.run.stage("sensitivity", "kernel"):
-            reconstructor = OsemReconstructor(self.run, shares, slab_shape, self.voxel_mm,
-                                              self.settings, reduce=alone, transaxial_only=True)
+        reconstructor = OsemReconstructor(self.run, shares, slab_shape, self.voxel_mm,
+                                          self.settings, reduce=alone, transaxial_only=True)
         path = self.checkpoint_path.with_name(f"{_stem(self.out)}.checkpoint.rank{self.world.rank}.h5")
         with self._checkpointer(alone, path, {"rank": self.world.rank}) as checkpointer:
             state = self._iterate(reconstructor, checkpointer)
@@ -282,9 +280,8 @@ class Reconstruction:
 
         def reconstruct_frame(frame):
             shares = self.view_shares(views, frame=frame)
-            with self.run.stage("sensitivity", "kernel"):
-                reconstructor = OsemReconstructor(self.run, shares, self.grid.shape,
-                                                  self.voxel_mm, self.settings, reduce=alone)
+            reconstructor = OsemReconstructor(self.run, shares, self.grid.shape,
+                                              self.voxel_mm, self.settings, reduce=alone)
             state = reconstructor.run_iterations(ReconState(image=reconstructor.initial_image()))
             self.run.log.debug(f"frame {frame} done")
             return reconstructor.postfilter(state.image, self.voxel_mm), state.log_likelihood
