@@ -110,12 +110,9 @@ class World:
             local_rank, local_size = local.Get_rank(), local.Get_size()
         finally:
             local.Free()
-        leaders = self.comm.allgather(socket.gethostname() if local_rank == 0 else None)
-        hosts = [h for h in leaders if h is not None]
-        node_index = self.comm.allgather((local_rank, socket.gethostname()))
-        my_host = node_index[self.rank][1]
-        index = hosts.index(my_host) if my_host in hosts else 0
-        return local_rank, local_size, index, len(hosts)
+        hosts = self.comm.allgather(socket.gethostname())
+        nodes = list(dict.fromkeys(hosts))
+        return local_rank, local_size, nodes.index(hosts[self.rank]), len(nodes)
 
     def split(self, color: int, key: int | None = None) -> "World":
         """Return a sub-world of the ranks that pass the same ``color``."""

@@ -116,8 +116,8 @@ def _end_sample(ray, plane):
     t_mid = 0.5 * (t_low + t_high)
     offset_a, next_a, frac_a = _axis_weights(start_a + t_mid * step_a, size_a, stride_a)
     offset_b, next_b, frac_b = _axis_weights(start_b + t_mid * step_b, size_b, stride_b)
-    return (t_high - t_low, t_mid, plane * stride_p + offset_a + offset_b,
-            next_a, next_b, frac_a, frac_b)
+    return (t_high - t_low, t_mid, np.uint64(plane * stride_p + offset_a + offset_b),
+            np.uint64(next_a), np.uint64(next_b), frac_a, frac_b)
 
 
 @numba.njit(inline='always', **_JIT)
@@ -138,7 +138,53 @@ def _inner_sample(ray, line, plane):
     """(base, next_a, next_b, frac_a, frac_b) at the centre of plane ``plane``."""
     offset_a, next_a, frac_a = _axis_weights(line[0] + plane * line[1], ray[6], ray[4])
     offset_b, next_b, frac_b = _axis_weights(line[2] + plane * line[3], ray[7], ray[5])
-    return plane * ray[3] + offset_a + offset_b, next_a, next_b, frac_a, frac_b
+    return (np.uint64(plane * ray[3] + offset_a + offset_b), np.uint64(next_a), np.uint64(next_b),
+            frac_a, frac_b)
+
+
+@numba.njit(inline='always', **_JIT)
+def _interior_planes(start, per_plane, size, low, high):
+    """Planes ``p`` in [low, high] where ``start + p * per_plane`` lies in [0, size - 1.001].
+
+    There the clamped read of :func:`_axis_weights` is a plain ``int``/fraction
+    split, so the inner loop can skip the clamping.
+    """
+    top = size - 1.001
+    if per_plane == 0.0:
+        return (low, high) if 0.0 <= start <= top else (high + 1, high)
+    first = (0.0 - start) / per_plane
+    last = (top - start) / per_plane
+    if first > last:
+        first, last = last, first
+    return max(low, int(math.ceil(first))), min(high, int(math.floor(last)))
+
+
+@numba.njit(inline='always', **_JIT)
+def _inner_segments(ray, line, first, last):
+    """Split the inner planes (first, last) into clamped / interior / clamped ranges.
+
+    Returns (interior_low, interior_high): planes first+1 .. interior_low-1 and
+    interior_high+1 .. last-1 need clamped reads, the rest do not. Without an
+    interior, (last, last - 1): the first range then covers every inner plane.
+    """
+    low, high = first + 1, last - 1
+    low_a, high_a = _interior_planes(line[0], line[1], ray[6], low, high)
+    low_b, high_b = _interior_planes(line[2], line[3], ray[7], low, high)
+    interior_low, interior_high = max(low_a, low_b), min(high_a, high_b)
+    if interior_low > interior_high:
+        return high + 1, high
+    return interior_low, interior_high
+
+
+@numba.njit(inline='always', **_JIT)
+def _interior_sample(ray, line, plane):
+    """(base, frac_a, frac_b) at the centre of an interior plane (no clamping needed)."""
+    a = line[0] + plane * line[1]
+    b = line[2] + plane * line[3]
+    index_a, index_b = int(a), int(b)
+    # unsigned: numba then skips its negative-index wraparound test on every read
+    base = np.uint64(plane * ray[3] + index_a * ray[4] + index_b * ray[5])
+    return base, a - index_a, b - index_b
 
 
 @numba.njit(inline='always', **_JIT)
@@ -175,8 +221,19 @@ def _ray_integral(flat, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz):
         if weight_t > 0.0:
             total += weight_t * _bilinear(flat, base, next_a, next_b, frac_a, frac_b)
     line = _inner_line(ray)
+    interior_low, interior_high = _inner_segments(ray, line, first, last)
     inner = 0.0
-    for plane in range(first + 1, last):
+    for plane in range(first + 1, interior_low):
+        base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
+        inner += _bilinear(flat, base, next_a, next_b, frac_a, frac_b)
+    stride_a, stride_b = np.uint64(ray[4]), np.uint64(ray[5])
+    for plane in range(interior_low, interior_high + 1):
+        base, frac_a, frac_b = _interior_sample(ray, line, plane)
+        low = flat[base] + frac_a * (flat[base + stride_a] - flat[base])
+        high = flat[base + stride_b] + frac_a * (flat[base + stride_a + stride_b]
+                                                 - flat[base + stride_b])
+        inner += low + frac_b * (high - low)
+    for plane in range(interior_high + 1, last):
         base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
         inner += _bilinear(flat, base, next_a, next_b, frac_a, frac_b)
     return (total + 2.0 * ray[10] * inner) * ray[17]
@@ -194,7 +251,15 @@ def _ray_scatter(flat, value, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz
             _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight_t * value_mm)
     line = _inner_line(ray)
     inner_mm = 2.0 * ray[10] * value_mm
-    for plane in range(first + 1, last):
+    interior_low, interior_high = _inner_segments(ray, line, first, last)
+    for plane in range(first + 1, interior_low):
+        base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
+        _scatter(flat, base, next_a, next_b, frac_a, frac_b, inner_mm)
+    stride_a, stride_b = np.uint64(ray[4]), np.uint64(ray[5])
+    for plane in range(interior_low, interior_high + 1):
+        base, frac_a, frac_b = _interior_sample(ray, line, plane)
+        _scatter(flat, base, stride_a, stride_b, frac_a, frac_b, inner_mm)
+    for plane in range(interior_high + 1, last):
         base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
         _scatter(flat, base, next_a, next_b, frac_a, frac_b, inner_mm)
 
