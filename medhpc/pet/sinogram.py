@@ -165,13 +165,31 @@ def read_block(layout: SinogramLayout, views=None, planes=None, frame: int | Non
 
 
 def _read_views_planes(dataset, views, planes) -> np.ndarray:
-    """h5py accepts one index list per read: read the views, then pick the planes."""
-    if isinstance(views, slice) or isinstance(planes, slice):
-        return dataset[:, views, planes]
-    views = np.asarray(views)
-    planes = np.asarray(planes)
+    """Read some views and planes, one chunk-wide window of planes at a time.
+
+    Views are read as their covering range and picked in memory (h5py reads long
+    point lists slowly); windows without a wanted plane are skipped, so memory
+    stays bounded by the window and only the needed chunks are decompressed.
+    """
+    views = _as_index(views, dataset.shape[1])
+    planes = _as_index(planes, dataset.shape[2])
     if views.size == 0 or planes.size == 0:
-        shape = (dataset.shape[0], views.size, planes.size) + dataset.shape[3:]
-        return np.zeros(shape, dtype=np.float32)
-    lo, hi = int(planes.min()), int(planes.max()) + 1
-    return dataset[:, views, lo:hi][:, :, planes - lo]
+        return np.zeros((dataset.shape[0], views.size, planes.size) + dataset.shape[3:],
+                        dtype=np.float32)
+    view_lo, view_hi = int(views.min()), int(views.max()) + 1
+    out = np.empty((dataset.shape[0], views.size, planes.size) + dataset.shape[3:], np.float32)
+    window = dataset.chunks[2] if dataset.chunks else 16
+    for first in range(int(planes.min()) // window * window, int(planes.max()) + 1, window):
+        inside = np.flatnonzero((planes >= first) & (planes < first + window))
+        if inside.size == 0:
+            continue
+        stop = int(planes[inside].max()) + 1
+        block = dataset[:, view_lo:view_hi, first:stop]
+        out[:, :, inside] = block[:, views - view_lo][:, :, planes[inside] - first]
+    return out
+
+
+def _as_index(selection, n: int) -> np.ndarray:
+    if isinstance(selection, slice):
+        return np.arange(n, dtype=np.int64)[selection]
+    return np.asarray(selection, dtype=np.int64)
