@@ -252,15 +252,19 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tof-lors", type=int, default=100_000,
                         help="LORs of the subset used for the TOF timing (TOF is slower).")
-    parser.add_argument("--skip-osem", action="store_true")
+    parser.add_argument("--parts", default="projector,radon,osem",
+                        help="Comma-separated parts to run (default: all).")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
-    results = {"machine": machine(), "repeats": args.repeats}
-    print("projector throughput ...", file=sys.stderr)
-    results["projector"] = projector_throughput(args.repeats, args.tof_lors)
-    print("skimage radon side by side ...", file=sys.stderr)
-    results["radon"] = radon_side_by_side(args.repeats)
-    if not args.skip_osem:
+    parts = set(args.parts.split(","))
+    results = {"machine": machine(), "repeats": args.repeats, "projector": []}
+    if "projector" in parts:
+        print("projector throughput ...", file=sys.stderr)
+        results["projector"] = projector_throughput(args.repeats, args.tof_lors)
+    if "radon" in parts:
+        print("skimage radon side by side ...", file=sys.stderr)
+        results["radon"] = radon_side_by_side(args.repeats)
+    if "osem" in parts:
         print("OSEM strong scaling ...", file=sys.stderr)
         with tempfile.TemporaryDirectory() as folder:
             results["osem"] = osem_scaling(args.repeats, Path(folder))

@@ -52,13 +52,16 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
     import numpy as np
 
     from medhpc.io.atomic import check_output_free
+    from medhpc.pet.reconstruct import axis_aligned_grid
     from medhpc.pet.scanner import load_scanner
-    from medhpc.pet.simulate import Simulation, read_inputs, write_simulation
+    from medhpc.pet.simulate import Simulation, check_settings, read_inputs, write_simulation
 
     def prepare():
         check_output_free(out, run.overwrite)
         geometry = load_scanner(scanner)
+        check_settings(geometry, counts, randoms_fraction, tof)
         image, mu, grid = read_inputs(activity, mu_map)
+        axis_aligned_grid(grid, activity)
         if frames is not None:
             if frames < 1 or image.shape[0] != 1:
                 raise click.BadParameter("--frames needs a 3-D activity and a count >= 1")
@@ -66,9 +69,8 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
         return geometry, image, mu, grid
 
     geometry, image, mu, grid = run.world.agree(prepare)
-    simulation = run.world.agree(lambda: Simulation(run, geometry, image, mu, grid, counts,
-                                                    not no_noise, randoms_fraction, tof,
-                                                    source=activity))
+    simulation = Simulation(run, geometry, image, mu, grid, counts, not no_noise,
+                            randoms_fraction, tof, source=activity)
     if run.dry_run:
         run.print_plan({"scanner": geometry.name, "lors": geometry.n_lors,
                         "frames": int(image.shape[0]), "tof": tof})

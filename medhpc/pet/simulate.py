@@ -62,18 +62,24 @@ def normalisation_factors(scanner: ScannerGeometry, views, seed: int) -> np.ndar
             * efficiency[rings[None, None, :, 1], crystal_b[:, :, None]]).astype(np.float32)
 
 
+def check_settings(scanner: ScannerGeometry, counts: float, randoms_fraction: float,
+                   tof: bool) -> None:
+    """Raise :class:`InputError` for counts, randoms fraction or TOF the scanner cannot take."""
+    if not 0 <= randoms_fraction < 1:
+        raise InputError(f"--randoms-fraction {randoms_fraction}: expected 0 <= F < 1")
+    if counts <= 0:
+        raise InputError(f"--counts {counts:g}: expected a positive number of counts")
+    if tof and scanner.tof_bins < 1:
+        raise InputError(f"--tof: scanner '{scanner.name}' has no TOF bins; use a TOF scanner "
+                         f"(for example ge-dmi-4ring-tof)")
+
+
 class Simulation:
     """One pet-simulate run (see the module notes)."""
 
     def __init__(self, run, scanner: ScannerGeometry, activity: np.ndarray, mu_map, grid: ImageGeometry,
                  counts: float, noise: bool, randoms_fraction: float, tof: bool, source="activity"):
-        if not 0 <= randoms_fraction < 1:
-            raise InputError(f"--randoms-fraction {randoms_fraction}: expected 0 <= F < 1")
-        if counts <= 0:
-            raise InputError(f"--counts {counts:g}: expected a positive number of counts")
-        if tof and scanner.tof_bins < 1:
-            raise InputError(f"--tof: scanner '{scanner.name}' has no TOF bins; use a TOF scanner "
-                             f"(for example ge-dmi-4ring-tof)")
+        check_settings(scanner, counts, randoms_fraction, tof)
         self.run = run
         self.scanner = scanner
         self.activity = activity
