@@ -38,68 +38,20 @@ MEDHPC_CONTAINER_RUNTIME="${MEDHPC_CONTAINER_RUNTIME:-singularity}"
 MEDHPC_CONTAINER_BIND="${MEDHPC_CONTAINER_BIND:-}"
 # ---- end site ----
 
-gpu_flags=(--nv)
+gpu_flag=--nv
 env_flag="${MEDHPC_ENV_FLAG:-}"
 
-# ---- common: identical in every medhpc job script (tests/jobscripts checks this) ----
-# Needs: job_id, workdir, node_tmp, submit, gpu_flags (array), env_flag, MEDHPC_LAUNCH,
-# MEDHPC_BIN, MEDHPC_CONTAINER, MEDHPC_CONTAINER_RUNTIME, MEDHPC_THREADS.
-if [ "$#" -eq 0 ] && [ -n "${MEDHPC_ARGS:-}" ]; then
-    read -r -a job_args <<< "$MEDHPC_ARGS"
-    set -- "${job_args[@]}"
-fi
-if [ "$#" -eq 0 ]; then
-    echo "medhpc job: no subcommand; usage: $submit SUBCOMMAND [ARGS...] (or set MEDHPC_ARGS)" >&2
+# ---- hand over to medhpc-job: the part every job script shares (jobscripts/README.md) ----
+export MEDHPC_JOB_ID="$job_id" MEDHPC_WORKDIR="$workdir" MEDHPC_NODE_TMP="$node_tmp" \
+    MEDHPC_SUBMIT_HINT="$submit" MEDHPC_GPU_FLAG="$gpu_flag" MEDHPC_ENV_FLAG="$env_flag" \
+    MEDHPC_THREADS MEDHPC_ARGS MEDHPC_VENV MEDHPC_LAUNCH MEDHPC_BIN MEDHPC_CONTAINER \
+    MEDHPC_CONTAINER_RUNTIME MEDHPC_CONTAINER_BIND
+# MEDHPC_JOB, else medhpc-job in MEDHPC_VENV or on PATH (pip install), else the checkout's.
+job="${MEDHPC_JOB:-$(PATH="${MEDHPC_VENV:+$MEDHPC_VENV/bin:}$PATH" command -v medhpc-job \
+                     || echo "$workdir/bin/medhpc-job")}"
+if [ ! -x "$job" ]; then
+    echo "medhpc job: launcher $job not found: set MEDHPC_JOB, install medhpc" \
+         "or submit from a medhpc checkout" >&2
     exit 2
 fi
-cd "$workdir"
-if [ -n "${MEDHPC_VENV:-}" ]; then
-    # shellcheck source=/dev/null
-    source "$MEDHPC_VENV/bin/activate"
-fi
-# Threads per rank, a node-local JIT cache, caches that never need $HOME, no HDF5 locks.
-export MEDHPC_THREADS
-export OMP_NUM_THREADS="$MEDHPC_THREADS"
-export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$node_tmp/medhpc-numba-$job_id}"
-export MPLCONFIGDIR="${MPLCONFIGDIR:-$node_tmp/medhpc-matplotlib-$job_id}"
-export HDF5_USE_FILE_LOCKING=FALSE
-medhpc_command=("$MEDHPC_BIN")
-if [ -n "$MEDHPC_CONTAINER" ]; then
-    if [ ! -f "$MEDHPC_CONTAINER" ]; then
-        echo "medhpc job: container image $MEDHPC_CONTAINER not found (build it: containers/README.md)" >&2
-        exit 2
-    fi
-    # Hybrid MPI model: the host launcher starts one container per rank.
-    export PYTHONNOUSERSITE=1
-    export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$node_tmp/medhpc-cache-$job_id}"
-    binds="$workdir,$node_tmp${MEDHPC_CONTAINER_BIND:+,$MEDHPC_CONTAINER_BIND}"
-    medhpc_command=("$MEDHPC_CONTAINER_RUNTIME" exec ${gpu_flags[@]+"${gpu_flags[@]}"} --bind "$binds"
-                    "$MEDHPC_CONTAINER" medhpc)
-fi
-read -r -a launcher <<< "$MEDHPC_LAUNCH"
-if [ -n "$env_flag" ]; then
-    # Launchers that do not forward the environment to other nodes (Open MPI: -x NAME).
-    for name in $(compgen -e); do
-        case "$name" in
-            MEDHPC_*|OMP_NUM_THREADS|NUMBA_*|MPLCONFIGDIR|HDF5_USE_FILE_LOCKING|PYTHONNOUSERSITE|XDG_CACHE_HOME)
-                launcher+=("$env_flag" "$name") ;;
-        esac
-    done
-fi
-echo "medhpc job $job_id on $(hostname) at $(date '+%Y-%m-%d %H:%M:%S'), $MEDHPC_THREADS thread(s) per rank"
-echo "launch: ${launcher[*]} ${medhpc_command[*]} $*"
-"${launcher[@]}" "${medhpc_command[@]}" info
-set +e
-"${launcher[@]}" "${medhpc_command[@]}" "$@"
-status=$?
-set -e
-case "$status" in
-    0) echo "medhpc job $job_id: finished" ;;
-    2) echo "medhpc job $job_id: usage or input error (exit 2): fix the arguments above" >&2 ;;
-    130) echo "medhpc job $job_id: interrupted (exit 130)" >&2 ;;
-    143) echo "medhpc job $job_id: stopped by the scheduler with a checkpoint saved (exit 143):" \
-              "resubmit the same command with --resume appended" >&2 ;;
-    *) echo "medhpc job $job_id: failed (exit $status): see the first error above" >&2 ;;
-esac
-exit "$status"
-# ---- end common ----
+exec "$job" "$@"

@@ -123,12 +123,12 @@ def test_extras_exist_and_no_mpi_wheel(definition):
 
 
 def test_job_scripts_use_exec_and_nv():
-    """Container job scripts call `exec` (never `run`) and hand GPUs in with --nv."""
+    """Container job scripts hand GPUs in with --nv; their launcher calls `exec` (never `run`)."""
+    assert '"$MEDHPC_CONTAINER_RUNTIME" exec' in (ROOT / "bin" / "medhpc-job").read_text()
     scripts = sorted((ROOT / "jobscripts").glob("*-apptainer.sh")) + sorted(
         (ROOT / "jobscripts").glob("*-singularity.sh"))
     assert len(scripts) >= 3
     for script in scripts:
         text = script.read_text()
-        assert '"$MEDHPC_CONTAINER_RUNTIME" exec' in text
-        assert "gpu_flags=(--nv)" in text
+        assert "gpu_flag=--nv" in text
         assert "MEDHPC_CONTAINER=" in text

@@ -4,7 +4,9 @@ The scheduler is played by its environment variables (SLURM_*, PBS_*, PJM_*) and
 stand-ins in ``standins/`` put first on PATH: ``srun``, a site ``mpirun`` and ``mpiexec``,
 ``apptainer``/``singularity`` (runs the command after the image on the host). Every launch
 ends in the venv's ``mpiexec -n 2``. ``medhpc`` on PATH is a wrapper that records the
-environment each rank sees, then runs the installed medhpc.
+environment each rank sees, then runs the installed medhpc. Every script hands over to
+``bin/medhpc-job``; the cases find it each of the ways a job does (``MEDHPC_JOB``, in
+``MEDHPC_VENV``, on PATH, in the submit folder's ``bin/``).
 
 Workloads: every script writes a tiny PET phantom (``phantom pet``, 7 x 24 x 24); the
 Slurm container script runs a 1-iteration, 2-subset ``pet-recon`` of a tiny simulated
@@ -32,6 +34,7 @@ from tests.helpers import mpiexec, run_medhpc
 
 ROOT = Path(__file__).resolve().parents[2]
 JOBSCRIPTS = ROOT / "jobscripts"
+LAUNCHER = ROOT / "bin" / "medhpc-job"
 STANDINS = Path(__file__).resolve().parent / "standins"
 SCRIPTS = sorted(JOBSCRIPTS.glob("*.sh"))
 RANKS = 2
@@ -39,7 +42,7 @@ JOB_ID = "4242"  # the same in every case: the node-local numba cache is compile
 TIMEOUT = 120
 PHANTOM_ARGS = ["--shape", "7,24,24", "--voxel-mm", "4,4,2"]
 ENV_RECORD = ("NUMBA_CACHE_DIR", "HDF5_USE_FILE_LOCKING", "MEDHPC_THREADS", "OMP_NUM_THREADS",
-              "MPLCONFIGDIR", "PYTHONNOUSERSITE", "XDG_CACHE_HOME")
+              "MPLCONFIGDIR", "PYTHONNOUSERSITE", "XDG_CACHE_HOME", "VIRTUAL_ENV")
 
 
 @dataclass
@@ -54,23 +57,24 @@ class Case:
     gpu: bool = False               # container started with --nv
     threads: int = 1
     recon: bool = False             # run pet-recon (else phantom pet)
+    lookup: str = "env"             # how medhpc-job is found: env, venv, path, workdir (none)
     launcher_words: list = field(default_factory=list)
 
 
 CASES = [
     Case("slurm-gpu.sh", "srun", {"SLURM_JOB_ID": JOB_ID, "SLURM_NTASKS": "2",
                                   "SLURM_CPUS_PER_TASK": "1", "SLURM_SUBMIT_DIR": "{work}"},
-         launcher_words=["--mpi=pmix"]),
+         launcher_words=["--mpi=pmix"], lookup="venv"),
     Case("slurm-cpu.sh", "srun", {"SLURM_JOB_ID": JOB_ID, "SLURM_NTASKS": "2",
                                   "SLURM_CPUS_PER_TASK": "1", "SLURM_SUBMIT_DIR": "{work}"},
-         launcher_words=["--mpi=pmix"]),
+         launcher_words=["--mpi=pmix"], lookup="path"),
     Case("slurm-gpu-apptainer.sh", "srun",
          {"SLURM_JOB_ID": JOB_ID, "SLURM_NTASKS": "2", "SLURM_CPUS_PER_TASK": "1",
           "SLURM_SUBMIT_DIR": "{work}"},
          container="apptainer", gpu=True, recon=True, launcher_words=["--mpi=pmi2"]),
     Case("pbs-gpu.sh", "mpirun", {"PBS_JOBID": JOB_ID, "PBS_O_WORKDIR": "{work}",
                                   "PBS_NODEFILE": "{nodes}", "OMP_NUM_THREADS": "1"},
-         by_args=False, launcher_words=["-np", "2"]),
+         by_args=False, launcher_words=["-np", "2"], lookup="workdir"),
     Case("pbs-gpu-singularity.sh", "mpirun",
          {"PBS_JOBID": JOB_ID, "PBS_O_WORKDIR": "{work}", "PBS_NODEFILE": "{nodes}",
           "OMP_NUM_THREADS": "1"},
@@ -137,11 +141,18 @@ def medhpc_wrapper(folder: Path, record: Path) -> None:
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
 
 
-def job_environment(tmp_path: Path, node_tmp: Path, extra: dict) -> tuple[dict, dict]:
-    """A bare environment for one job plus the paths it uses."""
+def job_environment(tmp_path: Path, node_tmp: Path, extra: dict,
+                    lookup: str = "env") -> tuple[dict, dict]:
+    """A bare environment for one job plus the paths it uses.
+
+    ``lookup`` is where the job script finds medhpc-job: ``env`` (MEDHPC_JOB), ``venv`` (in
+    MEDHPC_VENV's bin/, a stand-in virtual environment), ``path`` (on PATH), ``workdir`` (the
+    submit folder's bin/, as in a checkout) or ``none`` (nowhere).
+    """
     paths = {"work": tmp_path / "work", "bin": tmp_path / "bin", "tmp": node_tmp,
              "nodes": tmp_path / "nodefile", "log": tmp_path / "launches.log",
-             "record": tmp_path / "ranks", "image": tmp_path / "work" / "medhpc.sif"}
+             "record": tmp_path / "ranks", "image": tmp_path / "work" / "medhpc.sif",
+             "venv": tmp_path / "venv"}
     for name in ("work", "bin", "record"):
         paths[name].mkdir()
     paths["nodes"].write_text("node0\n" * RANKS)
@@ -150,6 +161,16 @@ def job_environment(tmp_path: Path, node_tmp: Path, extra: dict) -> tuple[dict, 
            "HOME": str(tmp_path), "TMPDIR": str(node_tmp), "LANG": "C.UTF-8",
            "MEDHPC_STANDIN_MPIEXEC": mpiexec(), "MEDHPC_STANDIN_LOG": str(paths["log"]),
            "MPIEXEC_TIMEOUT": str(TIMEOUT)}
+    if lookup == "env":
+        env["MEDHPC_JOB"] = str(LAUNCHER)
+    elif lookup in ("venv", "path", "workdir"):
+        folder = {"venv": paths["venv"] / "bin", "path": paths["bin"],
+                  "workdir": paths["work"] / "bin"}[lookup]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "medhpc-job").symlink_to(LAUNCHER)
+        if lookup == "venv":
+            (folder / "activate").write_text(f'export VIRTUAL_ENV="{paths["venv"]}"\n')
+            env["MEDHPC_VENV"] = str(paths["venv"])
     for name, value in extra.items():
         env[name] = value.format(work=paths["work"], tmp=node_tmp, nodes=paths["nodes"])
     return env, paths
@@ -175,7 +196,7 @@ def rank_records(folder: Path) -> list[dict]:
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.script)
 def test_job_script_runs(case, request, node_tmp, tmp_path):
     args, output = request.getfixturevalue("recon_workload") if case.recon else PHANTOM
-    env, paths = job_environment(tmp_path, node_tmp, case.env)
+    env, paths = job_environment(tmp_path, node_tmp, case.env, case.lookup)
     if case.container:
         paths["image"].write_bytes(b"stand-in image")
     # Submitted from elsewhere: the script must go to the job's working folder itself
@@ -219,6 +240,8 @@ def test_job_script_runs(case, request, node_tmp, tmp_path):
         if case.container:
             assert record["PYTHONNOUSERSITE"] == "1"
             assert record["XDG_CACHE_HOME"].startswith(str(node_tmp))
+        if case.lookup == "venv":  # medhpc-job activated the virtual environment
+            assert record["VIRTUAL_ENV"] == str(paths["venv"])
 
 
 def test_missing_subcommand_is_a_usage_error(node_tmp, tmp_path):
@@ -228,6 +251,23 @@ def test_missing_subcommand_is_a_usage_error(node_tmp, tmp_path):
     assert done.returncode == 2
     assert "usage: sbatch jobscripts/slurm-gpu.sh SUBCOMMAND" in done.stderr
     assert not paths["log"].exists()  # nothing was launched
+
+
+@pytest.mark.parametrize("where", ["none", "MEDHPC_JOB"])
+def test_missing_launcher_is_one_clear_line(where, node_tmp, tmp_path):
+    """No medhpc-job anywhere (or MEDHPC_JOB names a missing file): exit 2, one line."""
+    env, paths = job_environment(tmp_path, node_tmp, {"SLURM_JOB_ID": JOB_ID,
+                                                      "SLURM_SUBMIT_DIR": "{work}"}, "none")
+    missing = tmp_path / "nowhere" / "medhpc-job"
+    if where == "MEDHPC_JOB":
+        env["MEDHPC_JOB"] = str(missing)
+    done = run_script("slurm-gpu.sh", ["info"], env, tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "not found" in lines[0] and "MEDHPC_JOB" in lines[0], done.stderr
+    expected = missing if where == "MEDHPC_JOB" else paths["work"] / "bin" / "medhpc-job"
+    assert str(expected) in lines[0]
+    assert not paths["log"].exists()
 
 
 def test_missing_image_is_reported_before_launch(node_tmp, tmp_path):
@@ -260,18 +300,40 @@ def test_checkpoint_exit_asks_for_resume(node_tmp, tmp_path):
     assert "--resume" in done.stderr
 
 
-def common_block(path: Path) -> str:
+def hand_over(path: Path) -> str:
+    """The end of a job script, from ``# ---- hand over`` to its last line."""
     text = path.read_text()
-    match = re.search(r"^# ---- common:.*?^# ---- end common ----$", text, re.M | re.S)
-    assert match, f"{path.name}: no common block"
+    match = re.search(r"^# ---- hand over to medhpc-job.*\Z", text, re.M | re.S)
+    assert match, f"{path.name}: no hand-over to medhpc-job"
     return match.group(0)
 
 
-def test_common_block_is_identical_everywhere():
-    blocks = {path.name: common_block(path) for path in SCRIPTS}
-    reference = blocks["slurm-gpu.sh"]
-    different = [name for name, block in blocks.items() if block != reference]
-    assert not different, f"common block differs from slurm-gpu.sh in {different}"
+def handed_over(block: str) -> set:
+    """The MEDHPC_* names the hand-over's ``export`` statement passes to medhpc-job."""
+    match = re.search(r"^export .*?[^\\]\n", block, re.M | re.S)
+    assert match, "no export in the hand-over"
+    return set(re.findall(r"MEDHPC_\w+", match.group(0)))
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda path: path.name)
+def test_script_hands_over_to_medhpc_job(path):
+    """The job runs in bin/medhpc-job: the script only sets what its scheduler says."""
+    text = path.read_text()
+    block = hand_over(path)
+    assert block.rstrip().splitlines()[-1] == 'exec "$job" "$@"'
+    assert block == hand_over(JOBSCRIPTS / "slurm-gpu.sh"), "hand-over differs from slurm-gpu.sh"
+    for shared in ("compgen -e", "HDF5_USE_FILE_LOCKING", '"${launcher[@]}"'):
+        assert shared not in text, f"{shared!r}: that belongs in bin/medhpc-job"
+    # Every setting the script makes reaches medhpc-job.
+    for name in set(re.findall(r"^(MEDHPC_\w+)=", text, re.M)):
+        assert name in handed_over(block), f"{name} is set but not handed over"
+
+
+def test_medhpc_job_reads_what_is_handed_over():
+    text = LAUNCHER.read_text()
+    assert text.startswith("#!/bin/bash\n") and os.access(LAUNCHER, os.X_OK)
+    for name in handed_over(hand_over(JOBSCRIPTS / "slurm-gpu.sh")):
+        assert f"${{{name}" in text, f"medhpc-job ignores {name}"
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda path: path.name)
@@ -292,7 +354,7 @@ def test_shellcheck():
     checker = shutil.which("shellcheck")
     if checker is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck): scripts not linted")
-    files = [str(path) for path in SCRIPTS]
+    files = [str(path) for path in SCRIPTS] + [str(LAUNCHER)]
     files += [str(path) for path in STANDINS.iterdir() if not path.is_symlink()]
     files += [str(ROOT / "bench" / "gpu_check.sh")]
     done = subprocess.run([checker, "-x", "--severity=style", *files], capture_output=True,
