@@ -54,6 +54,7 @@ test-cudasim: install-test
 test-mpi: install-test
 	$(MPIEXEC) -n 2 $(PY) $(PYTEST) --with-mpi -m mpi tests
 	$(MPIEXEC) -n 3 $(PY) $(PYTEST) --with-mpi -m mpi tests
+	$(MPIEXEC) -n 4 $(PY) $(PYTEST) --with-mpi -m mpi tests
 
 bench: install-test
 	$(PY) bench/pet/run.py

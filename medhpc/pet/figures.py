@@ -7,10 +7,10 @@ import numpy as np
 from medhpc.io.atomic import atomic_path
 
 
-def recon_figure(image: np.ndarray, grid, log_likelihood, out_png, overwrite: bool = False,
-                 title: str = "") -> None:
+def recon_figure(image: np.ndarray, grid, log_likelihood, out_png, subsets: int = 1,
+                 overwrite: bool = False, title: str = "") -> None:
     """Write a PNG: transaxial, coronal and sagittal central planes, and the
-    log-likelihood per sub-iteration (the first frame of a dynamic image)."""
+    log-likelihood per iteration (the sum over its subsets; first frame of a dynamic image)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,10 +36,13 @@ def recon_figure(image: np.ndarray, grid, log_likelihood, out_png, overwrite: bo
         axis.set_xticks([])
         axis.set_yticks([])
     figure.colorbar(shown, ax=axes[:3], shrink=0.8, label="activity (a.u.)")
-    if history:
-        axes[3].plot(np.arange(1, len(history) + 1), history, marker=".", lw=1)
-    axes[3].set_xlabel("sub-iteration")
-    axes[3].set_ylabel("Poisson log-likelihood")
+    per_iteration = np.asarray(history, dtype=np.float64)
+    per_iteration = per_iteration[: len(per_iteration) // subsets * subsets]
+    per_iteration = per_iteration.reshape(-1, subsets).sum(axis=1)
+    if per_iteration.size:
+        axes[3].plot(np.arange(1, per_iteration.size + 1), per_iteration, marker="o", lw=1)
+    axes[3].set_xlabel("iteration")
+    axes[3].set_ylabel("Poisson log-likelihood (sum over subsets)")
     axes[3].set_title("convergence", fontsize=10)
     axes[3].grid(alpha=0.3)
     if title:

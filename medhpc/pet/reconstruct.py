@@ -136,16 +136,16 @@ class Reconstruction:
                       for a in (prompts, multiplicative, additive)]
         return SubsetShare(projector, *arrays, tof_bins=self.layout.tof_bins)
 
-    def view_shares(self, views_per_subset, frame=None) -> list[SubsetShare]:
+    def view_shares(self, views_per_subset, world: World, frame=None) -> list[SubsetShare]:
         """Shares of every subset's given views, all planes (fully 3-D).
 
         The rank's views of all subsets are read in one pass: subsets interleave
         views, so reading subset by subset would decompress every chunk (8 views)
-        once per subset.
+        once per subset. Bad values found by any rank of ``world`` stop all of them.
         """
         wanted = np.unique(np.concatenate([np.asarray(v, np.int64) for v in views_per_subset]))
         with self.run.stage("read sinogram", "io"):
-            block = read_block(self.layout, views=wanted, frame=frame)
+            block = world.agree_all(lambda: read_block(self.layout, views=wanted, frame=frame))
         shares = []
         for views in views_per_subset:
             columns = np.searchsorted(wanted, views)
@@ -165,7 +165,8 @@ class Reconstruction:
         ring_sum = pairs[:, 0] + pairs[:, 1]
         wanted = np.flatnonzero((ring_sum >= start) & (ring_sum < stop))
         with self.run.stage("read sinogram", "io"):
-            block = read_block(self.layout, planes=wanted) if wanted.size else None
+            block = self.world.agree_all(
+                lambda: read_block(self.layout, planes=wanted) if wanted.size else None)
         with self.run.stage("rebin", "other"):
             shape = (scanner.n_radial, scanner.n_views, stop - start)
             tof_shape = shape + ((self.layout.tof_bins,) if self.layout.tof else ())
@@ -251,7 +252,7 @@ class Reconstruction:
         scanner = self.layout.scanner
         views = decomposition.views_of_rank(scanner.n_views, self.settings.n_subsets,
                                             self.world.size, self.world.rank)
-        shares = self.view_shares(views)
+        shares = self.view_shares(views, self.world)
         reconstructor = OsemReconstructor(self.run, shares, self.grid.shape, self.voxel_mm,
                                           self.settings, reduce=self.world)
         with self._checkpointer(self.world, self.checkpoint_path) as checkpointer:
@@ -287,7 +288,7 @@ class Reconstruction:
         views = decomposition.views_of_rank(n_views, self.settings.n_subsets, 1, 0)
 
         def reconstruct_frame(frame):
-            shares = self.view_shares(views, frame=frame)
+            shares = self.view_shares(views, alone, frame=frame)
             reconstructor = OsemReconstructor(self.run, shares, self.grid.shape,
                                               self.voxel_mm, self.settings, reduce=alone)
             state = reconstructor.run_iterations(ReconState(image=reconstructor.initial_image()))
@@ -314,7 +315,8 @@ class Reconstruction:
         if self.png is not None:
             from medhpc.pet.figures import recon_figure
 
-            recon_figure(image, self.grid, history, self.png, overwrite=self.run.overwrite,
+            recon_figure(image, self.grid, history, self.png, subsets=self.settings.n_subsets,
+                         overwrite=self.run.overwrite,
                          title=f"{self.settings.algorithm.upper()} {self.settings.iterations} it x "
                                f"{self.settings.n_subsets} subsets, {self.world.size} rank(s)")
             self.run.log.info(f"picture written to {self.png}")

@@ -1,7 +1,6 @@
 """The command line: help, version, info, exit codes and job-wide failure handling."""
 
 import json
-import time
 
 from medhpc import __version__
 from tests.helpers import run_medhpc
@@ -47,17 +46,14 @@ def test_info_json_at_four_ranks_reports_the_device_plan():
     assert all(entry["threads"] >= 1 for entry in document["placement"])
 
 
-def test_injected_failure_on_one_of_four_ranks_ends_the_job_quickly(tmp_path):
-    started = time.perf_counter()
-    result = run_medhpc("phantom", "pet", "--out", tmp_path / "p", ranks=1, timeout=60)
-    assert result.returncode == 0, result.stderr
+def test_injected_failure_on_one_of_four_ranks_ends_the_job(tmp_path):
+    # the other three ranks wait in a collective: only a job-wide abort ends the run
+    # before the subprocess timeout (a hang fails the test)
     result = run_medhpc("pet-recon", "--sinogram", tmp_path / "missing.h5", "--out",
                         tmp_path / "x.nii.gz", ranks=4, timeout=60,
-                        env={"MEDHPC_FAIL_ON_RANK": "2"})
-    elapsed = time.perf_counter() - started
+                        env={"MEDHPC_FAIL_ON_RANK": "2", "MPIEXEC_TIMEOUT": "120"})
     assert result.returncode != 0
     assert "failure injected on rank 2" in result.stderr
-    assert elapsed < 60
 
 
 def test_bad_input_is_one_line_once_with_exit_code_2(tmp_path):
