@@ -91,7 +91,13 @@ def zeros(shape, dtype, device: str):
         return np.zeros(shape, dtype=dtype)
     from numba import cuda
 
-    return cuda.to_device(np.zeros(shape, dtype=dtype))
+    if cuda_simulator_active():
+        return cuda.to_device(np.zeros(shape, dtype=dtype))
+    from numba.cuda.cudadrv import driver
+
+    out = cuda.device_array(shape, dtype=dtype)
+    driver.device_memset(out, 0, out.nbytes)  # on the device: no host buffer, no copy
+    return out
 
 
 def synchronizer(device: str):

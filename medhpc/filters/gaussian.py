@@ -50,8 +50,8 @@ class GaussianFilter:
         """Return the filtered image (a new array; ``image`` is unchanged)."""
         if not self.active:
             return image
-        first = backend.zeros(image.shape, np.float32, self.device)
-        second = backend.zeros(image.shape, np.float32, self.device)
+        first = backend.empty(image.shape, np.float32, self.device)
+        second = backend.empty(image.shape, np.float32, self.device)
         self.kernels.convolve_axis(image, self.weights[0], 0, first)
         self.kernels.convolve_axis(first, self.weights[1], 1, second)
         self.kernels.convolve_axis(second, self.weights[2], 2, first)

@@ -161,7 +161,7 @@ class OsemReconstructor:
         with self.run.stage("allreduce", "comm"):
             likelihood = self.reduce.sum(likelihood)
         with self.run.stage("ratio", "kernel"):
-            ratio = backend.zeros(share.n_values, np.float32, self.device)
+            ratio = backend.empty(share.n_values, np.float32, self.device)
             self.em.em_ratio(share.prompts, projection, share.multiplicative, share.additive,
                              share.tof_bins, ratio)
         backprojection = self._back(share, ratio)
