@@ -14,7 +14,8 @@ the box this is Joseph's method; at the box faces it gives exact chords.
 TOF: bin ``k`` is centred at signed distance ``(k - (ntof - 1) / 2) * tof_bin_mm``
 from the LOR midpoint (towards ``xend``); the TOF kernel is a Gaussian truncated
 at ``tof_cutoff_sigmas`` and renormalised, so the bins of a LOR sum to its
-non-TOF projection wherever they cover the kernel.
+non-TOF projection wherever they cover the kernel. The CPU twin reads erf from
+a table (error below 3e-7); the CUDA twin calls ``math.erf``.
 
 Forward kernels overwrite ``out``; back-projections add into ``image``. The
 back-projections give each thread its own image buffer (numba has no atomics),
@@ -27,6 +28,11 @@ import numba
 import numpy as np
 
 _JIT = dict(cache=True, fastmath=False, nogil=True)
+# erf on [-4, 4] for the TOF kernel (read by linear interpolation)
+_ERF_RANGE = 4.0
+_ERF_POINTS = 8192
+_ERF_SCALE = (_ERF_POINTS - 1) / (2.0 * _ERF_RANGE)
+_ERF_TABLE = np.array([math.erf(-_ERF_RANGE + k / _ERF_SCALE) for k in range(_ERF_POINTS + 1)])
 _MISS = (False, 0, -1, 0, 0, 0, 0, 0,
          0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
@@ -275,9 +281,17 @@ def _tof_range(distance_mm, ntof, tof_bin_mm, reach_mm):
 
 @numba.njit(inline='always', **_JIT)
 def _tof_edge_erf(edge_mm, distance_mm, inv_sigma_sqrt2, cutoff_sqrt2):
-    """erf of the bin edge's distance in sigma sqrt 2 units, clipped at the cutoff."""
-    return math.erf(min(max((edge_mm - distance_mm) * inv_sigma_sqrt2, -cutoff_sqrt2),
-                        cutoff_sqrt2))
+    """erf of the bin edge's distance in sigma sqrt 2 units, clipped at the cutoff.
+
+    Read from :data:`_ERF_TABLE` by linear interpolation (error below 3e-7,
+    twice as fast as ``math.erf`` here); beyond +-4 erf is 1 to 2e-8.
+    """
+    limit = min(cutoff_sqrt2, _ERF_RANGE)
+    x = min(max((edge_mm - distance_mm) * inv_sigma_sqrt2, -limit), limit)
+    position = (x + _ERF_RANGE) * _ERF_SCALE
+    index = np.uint64(position)
+    fraction = position - index
+    return _ERF_TABLE[index] + fraction * (_ERF_TABLE[index + np.uint64(1)] - _ERF_TABLE[index])
 
 
 @numba.njit(inline='always', **_JIT)
