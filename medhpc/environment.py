@@ -30,7 +30,7 @@ def mpi_description(world) -> dict:
         return {"library": "none (serial fallback)", "standard": "-", "cuda_aware": False,
                 "mpi4py_library": None}
     MPI = world.MPI
-    library = MPI.Get_library_version().strip().splitlines()[0]
+    library = " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
     major, minor = MPI.Get_version()
     return {"library": library, "standard": f"{major}.{minor}",
             "cuda_aware": devices.cuda_aware(world), "mpi4py_library": MPI.__file__}
