@@ -111,13 +111,17 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Save a checkpoint every K iterations (always on SIGTERM/SIGUSR1).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint beside --out.")
+@click.option("--sensitivity-cache", type=click.Path(dir_okay=False), default=None,
+              help="Keep the subsets' sensitivity images in this HDF5 file and reuse them in "
+                   "later runs with the same sinogram, subsets, grid and resolution model "
+                   "(views decomposition).")
 @click.option("--png", is_flag=True, help="Also write a picture: central planes and convergence.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None,
               help="JSON log [default: beside --out, .json].")
 @pass_run("pet-recon")
 def pet_recon(run, sinogram, out, algorithm, iterations, subsets, psf_fwhm_mm, postfilter_fwhm_mm,
-              beta, gamma, decomp, image_shape, voxel_size_mm, checkpoint_every, resume, png,
-              log_path):
+              beta, gamma, decomp, image_shape, voxel_size_mm, checkpoint_every, resume,
+              sensitivity_cache, png, log_path):
     """Reconstruct a PET image (OSEM, MLEM or OSEM with the relative difference prior) with the
     Joseph projector, spreading views, planes or frames over the ranks."""
     from medhpc.pet.recon import ReconSettings
@@ -128,7 +132,7 @@ def pet_recon(run, sinogram, out, algorithm, iterations, subsets, psf_fwhm_mm, p
                              rdp_beta=beta if algorithm == "osem-rdp" else 0.0, rdp_gamma=gamma)
     Reconstruction(run, sinogram, out, settings, decomp=decomp, image_shape=image_shape,
                    voxel_size_mm=voxel_size_mm, resume=resume, checkpoint_every=checkpoint_every,
-                   png=png, log_path=log_path).execute()
+                   png=png, log_path=log_path, sensitivity_cache=sensitivity_cache).execute()
 
 
 COMMANDS = [pet_geometry, pet_simulate, pet_recon]

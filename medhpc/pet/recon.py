@@ -99,10 +99,12 @@ class OsemReconstructor:
         The ranks whose back projections add up to one image.
     transaxial_only : bool
         Model resolution and post-filter within planes only (2-D multi-slice data).
+    sensitivities : list of ndarray, optional
+        The subsets' sensitivity images (from a cache); computed when not given.
     """
 
     def __init__(self, run, shares, image_shape, voxel_mm, settings: ReconSettings, reduce,
-                 transaxial_only: bool = False):
+                 transaxial_only: bool = False, sensitivities=None):
         self.run = run
         self.device = run.device
         self.shares = shares
@@ -112,7 +114,10 @@ class OsemReconstructor:
         self.em = backend.kernels("medhpc.pet", self.device, "em")
         self.transaxial_only = transaxial_only
         self.psf = GaussianFilter(settings.psf_fwhm_mm, voxel_mm, self.device, transaxial_only)
-        self.sensitivities = [self._sensitivity(share) for share in shares]
+        if sensitivities is None:
+            self.sensitivities = [self._sensitivity(share) for share in shares]
+        else:
+            self.sensitivities = [backend.to_device(image, self.device) for image in sensitivities]
 
     # -- the model --------------------------------------------------------------------
     def _zeros_image(self):

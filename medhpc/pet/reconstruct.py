@@ -23,7 +23,7 @@ from medhpc.io.geometry import ImageGeometry
 from medhpc.io.images import write_image
 from medhpc.parallel.comm import World
 from medhpc.parallel.work import map_items
-from medhpc.pet import decomposition
+from medhpc.pet import decomposition, sensitivity_cache
 from medhpc.pet.projector import JosephProjector, TofSpec
 from medhpc.pet.recon import OsemReconstructor, ReconSettings, ReconState, SubsetShare
 from medhpc.pet.scanner import direct_planes, lor_endpoints, plane_ring_pairs
@@ -61,7 +61,7 @@ class Reconstruction:
 
     def __init__(self, run, sinogram, out, settings: ReconSettings, decomp="auto",
                  image_shape=None, voxel_size_mm=None, resume=False, checkpoint_every=0,
-                 png=False, log_path=None):
+                 png=False, log_path=None, sensitivity_cache=None):
         self.run = run
         self.world: World = run.world
         self.settings = settings
@@ -71,6 +71,7 @@ class Reconstruction:
         self.checkpoint_path = self.out.with_name(_stem(self.out) + ".checkpoint.h5")
         self.resume = resume
         self.checkpoint_every = checkpoint_every
+        self.sensitivity_cache = Path(sensitivity_cache) if sensitivity_cache else None
         self.layout = self.world.agree(lambda: self._validated_layout(sinogram))
         self.grid = self.world.agree(lambda: output_grid(self.layout, image_shape, voxel_size_mm))
         self.origin_mm, self.voxel_mm = self.world.agree(
@@ -203,6 +204,10 @@ class Reconstruction:
             self.run.print_plan(self.plan())
             return
         self.world.agree(self._check_outputs)
+        if self.sensitivity_cache is not None and self.mode != "views":
+            self.run.log.notice(f"--sensitivity-cache is used with --decomp views only, not "
+                                f"{self.mode}: computing the sensitivity images")
+            self.sensitivity_cache = None
         self.run.log.info(f"pet-recon: {self.settings.algorithm}, {self.settings.iterations} "
                           f"iteration(s) x {self.settings.n_subsets} subset(s), decomposition "
                           f"{self.mode} over {self.world.size} rank(s), device {self.run.device}")
@@ -254,12 +259,41 @@ class Reconstruction:
                                             self.world.size, self.world.rank)
         shares = self.view_shares(views, self.world)
         reconstructor = OsemReconstructor(self.run, shares, self.grid.shape, self.voxel_mm,
-                                          self.settings, reduce=self.world)
+                                          self.settings, reduce=self.world,
+                                          sensitivities=self._cached_sensitivities())
+        self._cache_sensitivities(reconstructor)
         with self._checkpointer(self.world, self.checkpoint_path) as checkpointer:
             state = self._iterate(reconstructor, checkpointer)
         if self.world.is_root:
             self.checkpoint_path.unlink(missing_ok=True)
         return reconstructor.postfilter(state.image, self.voxel_mm), state.log_likelihood
+
+    def _cached_sensitivities(self):
+        """The subsets' sensitivity images from ``--sensitivity-cache`` (views), or None."""
+        if self.sensitivity_cache is None:
+            return None
+        expected = sensitivity_cache.fingerprint(self.layout.path, self.settings, self.grid,
+                                                 self.layout.tof)
+        with self.run.stage("read sensitivity cache", "io"):
+            images = self.world.agree_all(lambda: sensitivity_cache.load(self.sensitivity_cache,
+                                                                         expected))
+            if self.world.any(images is None):
+                images = None
+        if images is None:
+            self.run.log.info(f"computing sensitivity images for {self.sensitivity_cache}")
+        else:
+            self.run.log.info(f"sensitivity images read from {self.sensitivity_cache}")
+        self._sensitivity_fingerprint, self._sensitivities_cached = expected, images is not None
+        return images
+
+    def _cache_sensitivities(self, reconstructor) -> None:
+        if self.sensitivity_cache is None or self._sensitivities_cached:
+            return
+        if self.world.is_root:
+            with self.run.stage("write sensitivity cache", "io"):
+                sensitivity_cache.save(self.sensitivity_cache, self._sensitivity_fingerprint,
+                                       [backend.to_host(image)
+                                        for image in reconstructor.sensitivities])
 
     def _reconstruct_planes(self):
         start, stop = decomposition.planes_of_rank(self.layout.scanner.rings, self.world.size,

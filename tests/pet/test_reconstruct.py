@@ -151,3 +151,23 @@ def test_tof_reconstruction_converges_faster_than_non_tof(tmp_path):
                                          subsets=4)[0], truth) for n in (1, 3)]
     assert errors[True][1] < errors[True][0]
     assert errors[True][0] < errors[False][0], errors
+
+
+def test_sensitivity_cache_is_written_reused_and_refreshed(pet_case, tmp_path):
+    cache = tmp_path / "sensitivity.h5"
+
+    def run_with_cache(subsets):
+        run = serial_run("pet-recon")
+        recon = Reconstruction(run, pet_case["noisy"], tmp_path / "x.nii.gz",
+                               ReconSettings(iterations=1, subsets=subsets),
+                               sensitivity_cache=cache)
+        image, _ = recon.compute()
+        return image, set(run.timer.seconds)
+
+    first, stages = run_with_cache(4)
+    assert cache.exists() and "sensitivity" in stages and "write sensitivity cache" in stages
+    second, stages = run_with_cache(4)
+    assert "sensitivity" not in stages and "read sensitivity cache" in stages
+    np.testing.assert_array_equal(first, second)
+    _, stages = run_with_cache(2)  # other subsets: the cache is outdated and rewritten
+    assert "sensitivity" in stages and "write sensitivity cache" in stages
