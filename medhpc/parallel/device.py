@@ -8,9 +8,6 @@ from contextlib import contextmanager
 
 import numpy as np
 
-_LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID",
-                         "PLE_RANK_ON_NODE", "PMI_LOCAL_RANK")
-
 
 def is_device_array(array) -> bool:
     """True for CUDA device arrays: ``__cuda_array_interface__``, or the simulator's
@@ -68,15 +65,6 @@ def mpi_buffer(array, world, write_back: bool):
     yield host
     if write_back:
         array.copy_to_device(host)
-
-
-def node_local_rank_from_environment() -> int | None:
-    """Return the node-local rank that a launcher put in the environment, if any."""
-    for name in _LOCAL_RANK_VARIABLES:
-        value = os.environ.get(name)
-        if value is not None and value.strip().isdigit():
-            return int(value)
-    return None
 
 
 def gpu_for_rank(local_rank: int, gpus_visible: int) -> int | None:

@@ -56,6 +56,21 @@ def tof_spec(scanner) -> TofSpec:
     return TofSpec(bins=scanner.tof_bins, bin_mm=scanner.tof_bin_mm, sigma_mm=scanner.tof_sigma_mm)
 
 
+def check_planes_grid(layout: SinogramLayout, grid: ImageGeometry, origin_mm, voxel_mm) -> None:
+    """Raise :class:`InputError` unless the image planes sit at the rebinned plane positions."""
+    scanner = layout.scanner
+    nz = decomposition.rebinned_planes(scanner.rings)
+    ring_z = scanner.ring_z_mm
+    expected_z = ring_z[0] + 0.5 * scanner.ring_spacing_mm * np.arange(nz)
+    image_z = origin_mm[2] + voxel_mm[2] * np.arange(grid.shape[0])
+    if grid.shape[0] != nz or not np.allclose(image_z, expected_z, atol=1e-3):
+        raise InputError(
+            f"{layout.path}: --decomp planes needs image planes at the rebinned plane "
+            f"positions ({nz} planes every {scanner.ring_spacing_mm / 2:g} mm from "
+            f"z = {ring_z[0]:g} mm), but the image grid is {grid.describe()}; "
+            f"use --decomp views or pass --image-shape/--voxel-size-mm accordingly")
+
+
 class Reconstruction:
     """One pet-recon run on every rank (see the module notes for the steps)."""
 
@@ -72,35 +87,22 @@ class Reconstruction:
         self.resume = resume
         self.checkpoint_every = checkpoint_every
         self.sensitivity_cache = Path(sensitivity_cache) if sensitivity_cache else None
-        self.layout = self.world.agree(lambda: self._validated_layout(sinogram))
-        self.grid = self.world.agree(lambda: output_grid(self.layout, image_shape, voxel_size_mm))
-        self.origin_mm, self.voxel_mm = self.world.agree(
-            lambda: axis_aligned_grid(self.grid, sinogram))
-        self.mode = self.world.agree(
-            lambda: decomposition.choose_mode(decomp, self.layout.frames, self.world.size))
-        if self.mode == "planes":
-            self.world.agree(self._check_planes_grid)
+        (self.layout, self.grid, self.origin_mm, self.voxel_mm, self.mode) = self.world.agree(
+            lambda: self._validated_inputs(sinogram, decomp, image_shape, voxel_size_mm))
         self.tof = tof_spec(self.layout.scanner) if self.layout.tof else None
 
-    def _validated_layout(self, sinogram) -> SinogramLayout:
+    def _validated_inputs(self, sinogram, decomp, image_shape, voxel_size_mm):
+        """Layout, image grid, (origin, voxel) and decomposition, checked once (rank 0)."""
         layout = read_layout(sinogram)
         if self.settings.n_subsets > layout.scanner.n_views:
             raise InputError(f"--subsets {self.settings.subsets}: the scanner has only "
                              f"{layout.scanner.n_views} views; expected at most that many subsets")
-        return layout
-
-    def _check_planes_grid(self) -> None:
-        scanner = self.layout.scanner
-        nz = decomposition.rebinned_planes(scanner.rings)
-        ring_z = scanner.ring_z_mm
-        expected_z = ring_z[0] + 0.5 * scanner.ring_spacing_mm * np.arange(nz)
-        image_z = self.origin_mm[2] + self.voxel_mm[2] * np.arange(self.grid.shape[0])
-        if self.grid.shape[0] != nz or not np.allclose(image_z, expected_z, atol=1e-3):
-            raise InputError(
-                f"{self.layout.path}: --decomp planes needs image planes at the rebinned plane "
-                f"positions ({nz} planes every {scanner.ring_spacing_mm / 2:g} mm from "
-                f"z = {ring_z[0]:g} mm), but the image grid is {self.grid.describe()}; "
-                f"use --decomp views or pass --image-shape/--voxel-size-mm accordingly")
+        grid = output_grid(layout, image_shape, voxel_size_mm)
+        origin_mm, voxel_mm = axis_aligned_grid(grid, sinogram)
+        mode = decomposition.choose_mode(decomp, layout.frames, self.world.size)
+        if mode == "planes":
+            check_planes_grid(layout, grid, origin_mm, voxel_mm)
+        return layout, grid, origin_mm, voxel_mm, mode
 
     # -- plan --------------------------------------------------------------------------
     def plan(self) -> dict:

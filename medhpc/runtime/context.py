@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from medhpc import backend
@@ -42,7 +42,6 @@ class Run:
     timings_path: Path | None = None
     overwrite: bool = False
     dry_run: bool = False
-    extra: dict = field(default_factory=dict)
 
     def stage(self, name: str, kind: str = "other"):
         """Time a block as a named stage (see :class:`StageTimer`)."""
@@ -51,7 +50,6 @@ class Run:
     def finish(self, extra: dict | None = None) -> dict | None:
         """Gather the breakdown; on rank 0 print the table and write ``--timings``."""
         info = {"device": self.device, "threads_per_rank": self.threads}
-        info.update(self.extra)
         info.update(extra or {})
         document = self.timer.breakdown(self.world, command=self.command, extra=info)
         if document is not None:

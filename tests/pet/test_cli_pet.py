@@ -125,3 +125,12 @@ def test_unknown_scanner_and_missing_activity(tmp_path):
     expect_input_error(result, "none.nii.gz")
     result = run_medhpc("pet-geometry", "--scanner", "no-such-scanner", "--out", tmp_path / "g.h5")
     expect_input_error(result, "no-such-scanner")
+
+
+def test_planes_on_a_grid_without_the_rebinned_planes_is_rejected(tiny, tmp_path):
+    _, _, sinogram = tiny
+    out = tmp_path / "planes.nii.gz"
+    result = run_medhpc("pet-recon", "--sinogram", sinogram, "--out", out, "--decomp", "planes",
+                        "--image-shape", "10,32,32", "--device", "cpu", ranks=2)
+    expect_input_error(result, "sino.h5", "--decomp planes", "rebinned")
+    assert not out.exists()
