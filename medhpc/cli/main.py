@@ -38,18 +38,31 @@ def cli():
     """
 
 
+# Application command modules: each lists its subcommands in ``COMMANDS`` and may add
+# ``PHANTOM_COMMANDS`` to ``medhpc phantom``; heavy or optional dependencies are imported
+# inside the commands, so ``--help`` stays fast and complete. Absent modules are skipped.
+APPLICATION_MODULES = ("pet", "lddmm", "tnr", "ct")
+
+
 def _register():
+    import importlib
+
     from medhpc.cli import info, phantom, report
 
     cli.add_command(info.info)
     cli.add_command(phantom.phantom)
     cli.add_command(report.report)
-    try:
-        from medhpc.cli import pet
-    except ImportError:
-        return
-    for command in pet.COMMANDS:
-        cli.add_command(command)
+    for name in APPLICATION_MODULES:
+        try:
+            module = importlib.import_module(f"medhpc.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"medhpc.cli.{name}":
+                continue
+            raise
+        for command in getattr(module, "COMMANDS", ()):
+            cli.add_command(command)
+        for command in getattr(module, "PHANTOM_COMMANDS", ()):
+            phantom.phantom.add_command(command)
 
 
 _register()
