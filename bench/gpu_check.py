@@ -14,7 +14,8 @@ from the network). Three parts:
    subset of ``ge-dmi-4ring`` (215 x 215 x 71 at 2.78 mm), forward and back, non-TOF and TOF,
    in million LORs per second.
 
-A new kernel is one more :class:`Check` in :data:`CHECKS`. Writes ``gpu_check.json`` and
+A new kernel is one more :class:`Check` in :data:`CHECKS`, or in what
+``checks(Check)`` of ``bench/<application>/gpu_checks.py`` returns. Writes ``gpu_check.json`` and
 ``gpu_check.txt`` to ``$OUT`` (else ``bench/results/``). Without a GPU it says so and exits 0;
 ``NUMBA_ENABLE_CUDASIM=1 python bench/gpu_check.py --smoke`` runs parts 1-2 at tiny sizes in
 numba's CUDA simulator (a test does).
@@ -183,6 +184,23 @@ CHECKS = [
           outputs=(8,), tolerance=1e-4, work=_lor_count, unit="LORs"),
 ]
 
+
+
+def _application_checks() -> list:
+    """The checks of ``bench/<application>/gpu_checks.py``: each defines ``checks(Check)``
+    returning a list of :class:`Check` (given the class, so it need not import this script)."""
+    import importlib.util
+
+    found = []
+    for path in sorted(Path(__file__).resolve().parent.glob("*/gpu_checks.py")):
+        spec = importlib.util.spec_from_file_location(f"gpu_checks_{path.parent.name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        found.extend(module.checks(Check))
+    return found
+
+
+CHECKS += _application_checks()
 
 # -- running one check ------------------------------------------------------------------------
 def _launchers(check: Check):
