@@ -1,0 +1,111 @@
+"""CT segmentation subcommands: ct-prepare, ct-train, ct-segment, and ``phantom ct``.
+
+Parse, validate, call. PyTorch is imported only inside ct-train and ct-segment.
+"""
+
+from __future__ import annotations
+
+import click
+
+from medhpc.cli.options import pass_run
+from medhpc.cli.parsing import NumberList
+
+DEFAULT_CLASSES = "liver,spleen,kidneys"
+
+
+class HuRange(click.ParamType):
+    """``low,high`` in HU (negative values allowed)."""
+
+    name = "low,high"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [item for item in str(value).split(",") if item.strip()]
+        try:
+            low, high = (float(item) for item in items)
+        except ValueError:
+            self.fail(f"{value!r}: expected two comma-separated numbers low,high", param, ctx)
+        if low >= high:
+            self.fail(f"{value!r}: expected low < high", param, ctx)
+        return low, high
+
+
+def _class_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise click.BadParameter("expected comma-separated class names")
+    return names
+
+
+@click.command("ct")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for images/case_NNN.nii.gz, labels/case_NNN.nii.gz and phantom.json.")
+@click.option("--cases", type=int, default=10, show_default=True, help="Number of cases.")
+@click.option("--shape", type=NumberList(3, int), default=None,
+              help="Volume shape z,y,x [default: 64,96,96 over 360x360x200 mm].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace files that exist.")
+def phantom_ct(out, cases, shape, seed, overwrite):
+    """CT-like abdominal volumes (body, fat, liver, spleen, kidneys, spine in HU with noise,
+    different anatomy per case) with label maps (1 liver, 2 spleen, 3 kidneys)."""
+    from pathlib import Path
+
+    from medhpc.io.atomic import check_output_free
+    from medhpc.parallel.comm import get_world
+    from medhpc.phantoms.ct import write_ct_phantom
+
+    world = get_world()
+
+    def check():
+        if not overwrite:
+            check_output_free(Path(out) / "phantom.json", overwrite)
+        if cases < 1:
+            raise click.BadParameter(f"{cases}: expected at least 1", param_hint="--cases")
+
+    world.agree(check)
+    summary = world.agree_all(lambda: write_ct_phantom(out, cases, shape, seed, overwrite, world))
+    if world.is_root:
+        click.echo(f"wrote {out}: {cases} case(s) of "
+                   f"{'x'.join(str(n) for n in reversed(summary['shape_zyx']))} voxels at "
+                   f"{'x'.join(f'{v:g}' for v in summary['spacing_mm'])} mm, classes "
+                   f"{', '.join(summary['classes'])}", err=True)
+
+
+@click.command("ct-prepare")
+@click.option("--images", required=True, type=click.Path(exists=True),
+              help="Folder of CT images: NIfTI files and/or one folder per DICOM series.")
+@click.option("--labels", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder of label maps named like the images (<case>.nii.gz).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="HDF5 dataset.")
+@click.option("--classes", default=DEFAULT_CLASSES, show_default=True,
+              help="Names of labels 1..n; labels above n are refused.")
+@click.option("--spacing-mm", type=NumberList(3), default=None,
+              help="Resample to this voxel size x,y,z in mm [default: keep each case's grid].")
+@click.option("--clip-hu", type=HuRange(), default=None,
+              help="Clip values to low,high HU [default: keep them].")
+@pass_run("ct-prepare")
+def ct_prepare(run, images, labels, out, classes, spacing_mm, clip_hu):
+    """Convert CT volumes (NIfTI, or DICOM series sorted along the slice normal, in HU) and
+    label maps into one chunked HDF5 dataset keeping each case's geometry; cases are spread
+    over the ranks."""
+    from medhpc.ct.dataset import prepare_dataset
+
+    class_names = _class_names(classes)
+    if run.dry_run:
+        from medhpc.ct.dataset import find_cases
+
+        cases = run.world.agree(lambda: find_cases(images, labels))
+        run.print_plan({"cases": len(cases), "classes": class_names,
+                        "spacing_mm": spacing_mm, "clip_hu": clip_hu})
+        return
+    summary = prepare_dataset(run, images, labels, out, class_names, clip_hu, spacing_mm)
+    run.log.info(f"wrote {out}: {summary['cases']} case(s), {summary['labelled']} labelled; "
+                 f"foreground HU {summary['intensity']['low']:.0f}..."
+                 f"{summary['intensity']['high']:.0f}")
+    run.finish()
+
+
+COMMANDS = [ct_prepare]
+PHANTOM_COMMANDS = [phantom_ct]

@@ -1,0 +1,107 @@
+"""DICOM CT series: slices sorted along the slice normal, values in Hounsfield units.
+
+DICOM positions are in the patient's LPS frame; the geometry returned here is in
+NIfTI's RAS frame (x and y negated), so labels stored as NIfTI line up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medhpc.errors import InputError
+from medhpc.io.geometry import ImageGeometry
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_EXPECTED = "expected a folder of CT slices of one series (DICOM)"
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError:
+        raise InputError("reading DICOM needs pydicom; install medhpc[dicom]") from None
+    return pydicom
+
+
+def read_dicom_series(paths) -> tuple[np.ndarray, ImageGeometry]:
+    """Read the slices of one series as a ``[z, y, x]`` float32 HU volume and its geometry.
+
+    Parameters
+    ----------
+    paths : str, Path or sequence of them
+        A folder (every file in it is read) or the slice files.
+
+    Slices are sorted by their position along the slice normal (the cross
+    product of the row and column directions); values are
+    ``stored * RescaleSlope + RescaleIntercept``. The slice spacing is the
+    distance between the first two sorted positions and must be uniform.
+    """
+    pydicom = _pydicom()
+    if isinstance(paths, (str, Path)):
+        folder = Path(paths)
+        paths = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else [folder]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise InputError(f"no files; {_EXPECTED}")
+    slices = []
+    for path in paths:
+        try:
+            dataset = pydicom.dcmread(path)
+        except Exception as error:  # pydicom raises several types for non-DICOM files
+            raise InputError(f"{path}: not readable as DICOM ({type(error).__name__}); "
+                             f"{_EXPECTED}") from None
+        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+                        "PixelData"):
+            if keyword not in dataset:
+                raise InputError(f"{path}: DICOM slice without {keyword}; {_EXPECTED}")
+        slices.append((path, dataset))
+
+    orientation = np.array(slices[0][1].ImageOrientationPatient, dtype=np.float64)
+    row_direction, column_direction = orientation[:3], orientation[3:]
+    normal = np.cross(row_direction, column_direction)
+    for path, dataset in slices[1:]:
+        if not np.allclose(np.array(dataset.ImageOrientationPatient, dtype=float), orientation,
+                           atol=1e-4):
+            raise InputError(f"{path}: slice orientation differs from {slices[0][0]}; "
+                             f"expected one series")
+    slices.sort(key=lambda item: float(np.dot(normal, np.array(item[1].ImagePositionPatient,
+                                                                 dtype=float))))
+    positions = np.array([[float(v) for v in d.ImagePositionPatient] for _, d in slices])
+    distances = positions @ normal
+    if len(slices) > 1:
+        steps = np.diff(distances)
+        if np.any(steps <= 1e-6):
+            raise InputError(f"{slices[0][0].parent}: two slices at the same position; "
+                             f"{_EXPECTED}")
+        if np.ptp(steps) > 1e-3 * max(abs(float(np.mean(steps))), 1.0) + 1e-3:
+            raise InputError(f"{slices[0][0].parent}: slice spacing is not uniform "
+                             f"({steps.min():.4g}..{steps.max():.4g} mm); expected a regular series")
+        slice_step = positions[1] - positions[0]
+    else:
+        thickness = float(getattr(slices[0][1], "SliceThickness", 0) or 1.0)
+        slice_step = normal * thickness
+
+    rows, columns = slices[0][1].Rows, slices[0][1].Columns
+    volume = np.empty((len(slices), rows, columns), dtype=np.float32)
+    for index, (path, dataset) in enumerate(slices):
+        if (dataset.Rows, dataset.Columns) != (rows, columns):
+            raise InputError(f"{path}: slice is {dataset.Columns}x{dataset.Rows}, others "
+                             f"{columns}x{rows}; expected one series")
+        slope = float(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
+        intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
+        volume[index] = dataset.pixel_array.astype(np.float32) * slope + intercept
+
+    row_spacing, column_spacing = (float(v) for v in slices[0][1].PixelSpacing)
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_direction * column_spacing   # x index: along a row
+    affine_lps[:3, 1] = column_direction * row_spacing   # y index: down a column
+    affine_lps[:3, 2] = slice_step
+    affine_lps[:3, 3] = positions[0]
+    return volume, ImageGeometry(volume.shape, LPS_TO_RAS @ affine_lps)
+
+
+def is_dicom_series(path) -> bool:
+    """True when ``path`` is a folder (a DICOM series is given as its folder)."""
+    return Path(path).is_dir()
