@@ -1,0 +1,101 @@
+"""Pure geometry of one pyramid level split into z-slabs (no communication).
+
+Every rank holds the owned planes of the velocity fields and of the gradient
+terms, the maps with ``halo`` ghost planes, and both images whole. The halo
+covers the trilinear stencil plus the longest departure of one semi-Lagrangian
+substep (``max_step_voxels``), so :func:`substeps` decides how finely each time
+step is split from the largest velocity over all ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from medhpc.errors import InputError
+from medhpc.parallel.geometry import Slab, block_range, slab
+
+FLOAT_BYTES = 4
+
+
+def halo_for(max_step_voxels: float) -> int:
+    """Ghost planes for departures up to ``max_step_voxels`` plus the trilinear stencil."""
+    return int(math.ceil(max_step_voxels)) + 1
+
+
+def substeps(max_speed_voxels: float, timesteps: int, max_step_voxels: float) -> int:
+    """Substeps per time step so that one substep moves at most ``max_step_voxels``."""
+    travel = max_speed_voxels / timesteps
+    return max(1, int(math.ceil(travel / max_step_voxels - 1e-9)))
+
+
+@dataclass(frozen=True)
+class LevelGrid:
+    """One rank's share of a level: global shape, spacing and the slab with halos."""
+
+    shape: tuple
+    spacing_zyx_mm: tuple
+    slab: Slab
+
+    @classmethod
+    def build(cls, shape, spacing_zyx_mm, size: int, rank: int, halo: int) -> "LevelGrid":
+        return cls(tuple(int(n) for n in shape), tuple(float(h) for h in spacing_zyx_mm),
+                   slab(int(shape[0]), size, rank, halo))
+
+    @property
+    def owned(self) -> int:
+        return self.slab.owned
+
+    @property
+    def halo(self) -> int:
+        return self.slab.halo
+
+    @property
+    def z_first(self) -> int:
+        return self.slab.start
+
+    @property
+    def plane(self) -> tuple:
+        return self.shape[1:]
+
+    def owned_shape(self, channels: int | None = None) -> tuple:
+        base = (self.owned,) + self.plane
+        return base if channels is None else (channels,) + base
+
+    def haloed_shape(self, channels: int | None = None, halo: int | None = None) -> tuple:
+        halo = self.halo if halo is None else halo
+        base = (self.owned + 2 * halo,) + self.plane
+        return base if channels is None else (channels,) + base
+
+
+def check_split(shapes, size: int, halo: int) -> None:
+    """Raise :class:`InputError` unless every level gives each rank at least ``halo`` planes."""
+    for level, shape in enumerate(shapes):
+        if shape[0] < size * max(1, halo):
+            raise InputError(
+                f"pyramid level {level} has {shape[0]} z planes: {size} ranks need at least "
+                f"{max(1, halo)} planes each (halo {halo}); use fewer --levels, fewer ranks or "
+                f"--decomp none")
+
+
+def memory_per_rank(shape, timesteps: int, size: int, rank: int, halo: int) -> dict:
+    """Bytes this rank holds at the finest level, by kind of array.
+
+    Velocities, trial velocities and smoothed forces (3 x 3T owned fields), the
+    warped template at every time point (T + 1 scalars with one ghost plane),
+    two maps with halos and their scratch copy (3 x 3 fields), gradient, force,
+    determinant and pulled-back target (8 owned scalars), both whole images.
+    """
+    nz, ny, nx = shape
+    start, stop = block_range(nz, size, rank)
+    plane = ny * nx * FLOAT_BYTES
+    owned = (stop - start) * plane
+    fields = {
+        "velocity_and_updates": 9 * timesteps * owned,
+        "warped_template": (timesteps + 1) * (owned + 2 * plane),
+        "maps_with_halos": 9 * ((stop - start) + 2 * halo) * plane,
+        "scratch": 8 * owned,
+        "images_whole": 2 * nz * plane,
+    }
+    fields["total"] = sum(fields.values())
+    return fields

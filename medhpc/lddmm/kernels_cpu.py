@@ -1,0 +1,306 @@
+"""LDDMM kernels on the CPU (twins of :mod:`medhpc.lddmm.kernels_cuda`, same signatures).
+
+Layouts (float32, C order, one rank's z-slab of a global ``(nz, ny, nx)`` grid whose
+first owned plane is global plane ``z_first``):
+
+- *owned* arrays hold the ``owned`` planes of the slab: velocities ``(3, owned, ny, nx)``,
+  forces, gradients, Jacobian determinants;
+- *haloed* arrays hold ``halo`` ghost planes on each side as well (``owned + 2 halo``
+  planes), e.g. the displacement ``u`` of a map ``phi(x) = x + u(x)``;
+- whole images ``(nz, ny, nx)`` are held by every rank.
+
+Vector components are ordered ``(z, y, x)`` and measured in voxels. Points outside the
+volume are clamped to it (replicated edges). Kernels never communicate.
+"""
+
+import math
+
+import numba
+import numpy as np
+
+
+@numba.njit(inline="always")
+def _corner(position, n):
+    """Clamp ``position`` to ``[0, n - 1]``; return the lower index, upper index, weight."""
+    if position < 0.0:
+        position = 0.0
+    elif position > n - 1:
+        position = n - 1
+    lower = int(position)
+    if lower > n - 2:
+        lower = max(n - 2, 0)
+    upper = min(lower + 1, n - 1)
+    return lower, upper, position - lower
+
+
+@numba.njit(inline="always")
+def _blend(f, z0, z1, wz, y0, y1, wy, x0, x1, wx):
+    c00 = f[z0, y0, x0] * (1.0 - wx) + f[z0, y0, x1] * wx
+    c01 = f[z0, y1, x0] * (1.0 - wx) + f[z0, y1, x1] * wx
+    c10 = f[z1, y0, x0] * (1.0 - wx) + f[z1, y0, x1] * wx
+    c11 = f[z1, y1, x0] * (1.0 - wx) + f[z1, y1, x1] * wx
+    return (c00 * (1.0 - wy) + c01 * wy) * (1.0 - wz) + (c10 * (1.0 - wy) + c11 * wy) * wz
+
+
+@numba.njit(inline="always")
+def _difference(f, k, index, n, step_z, step_y, step_x, z, y, x):
+    """Central difference along one axis at local ``(z, y, x)``; one-sided at the volume ends.
+
+    ``index`` is the global position along that axis and ``n`` the global length.
+    """
+    if n == 1:
+        return 0.0
+    if index == 0:
+        return f[k, z + step_z, y + step_y, x + step_x] - f[k, z, y, x]
+    if index == n - 1:
+        return f[k, z, y, x] - f[k, z - step_z, y - step_y, x - step_x]
+    return 0.5 * (f[k, z + step_z, y + step_y, x + step_x] - f[k, z - step_z, y - step_y, x - step_x])
+
+
+@numba.njit(parallel=True, cache=True)
+def compose_displacement(u, v, scale, halo, z_first, nz_global, out):
+    """One semi-Lagrangian step of a map: ``out(x) = s v(x) + u(x + s v(x))`` (owned planes).
+
+    Parameters
+    ----------
+    u : float32 (3, owned + 2 halo, ny, nx)
+        Displacement of the map so far, halos filled.
+    v : float32 (3, owned, ny, nx)
+        Velocity in voxels per unit time.
+    scale : float
+        Signed time step ``s`` (``-dt`` for the flow to time 0, ``+dt`` towards time 1).
+    halo, z_first, nz_global : int
+        Ghost planes of ``u``, global index of the first owned plane, global plane count.
+    out : float32 like ``u``
+        Owned planes are written; ghost planes are left alone.
+    """
+    _, local_nz, ny, nx = u.shape
+    owned = v.shape[1]
+    z_low = max(0, halo - z_first)
+    z_high = min(local_nz - 1, halo + nz_global - 1 - z_first)
+    for zo in numba.prange(owned):
+        zl = zo + halo
+        for y in range(ny):
+            for x in range(nx):
+                dz = scale * v[0, zo, y, x]
+                dy = scale * v[1, zo, y, x]
+                dx = scale * v[2, zo, y, x]
+                pz = min(max(zl + dz, z_low), z_high) - z_low
+                z0, z1, wz = _corner(pz, z_high - z_low + 1)
+                y0, y1, wy = _corner(y + dy, ny)
+                x0, x1, wx = _corner(x + dx, nx)
+                z0 += z_low
+                z1 += z_low
+                out[0, zl, y, x] = dz + _blend(u[0], z0, z1, wz, y0, y1, wy, x0, x1, wx)
+                out[1, zl, y, x] = dy + _blend(u[1], z0, z1, wz, y0, y1, wy, x0, x1, wx)
+                out[2, zl, y, x] = dx + _blend(u[2], z0, z1, wz, y0, y1, wy, x0, x1, wx)
+
+
+@numba.njit(parallel=True, cache=True)
+def warp_image(image, u, halo, z_first, out, out_halo):
+    """Sample a whole image at ``x + u(x)``: ``out(x) = image(x + u(x))`` (trilinear).
+
+    Parameters
+    ----------
+    image : float32 (nz, ny, nx)
+        The whole image.
+    u : float32 (3, owned + 2 halo, ny, nx)
+        Displacement in voxels, halos filled where ``out_halo > 0``.
+    halo, z_first : int
+    out : float32 (owned + 2 out_halo, ny, nx)
+        Planes inside the volume are written (``out_halo <= halo`` ghost planes too).
+    out_halo : int
+    """
+    nz, ny, nx = image.shape
+    for k in numba.prange(out.shape[0]):
+        zg = z_first - out_halo + k
+        if zg < 0 or zg >= nz:
+            continue
+        zl = k - out_halo + halo
+        for y in range(ny):
+            for x in range(nx):
+                z0, z1, wz = _corner(zg + u[0, zl, y, x], nz)
+                y0, y1, wy = _corner(y + u[1, zl, y, x], ny)
+                x0, x1, wx = _corner(x + u[2, zl, y, x], nx)
+                out[k, y, x] = _blend(image, z0, z1, wz, y0, y1, wy, x0, x1, wx)
+
+
+@numba.njit(parallel=True, cache=True)
+def image_gradient(image, image_halo, z_first, nz_global, out):
+    """Gradient in voxels of an image slab (central differences, one-sided at the ends).
+
+    Parameters
+    ----------
+    image : float32 (owned + 2 image_halo, ny, nx)
+        With at least one valid ghost plane where a neighbouring plane exists.
+    image_halo, z_first, nz_global : int
+    out : float32 (3, owned, ny, nx)
+    """
+    owned = out.shape[1]
+    ny, nx = image.shape[1], image.shape[2]
+    f = image.reshape((1,) + image.shape)
+    for zo in numba.prange(owned):
+        k = zo + image_halo
+        zg = z_first + zo
+        for y in range(ny):
+            for x in range(nx):
+                out[0, zo, y, x] = _difference(f, 0, zg, nz_global, 1, 0, 0, k, y, x)
+                out[1, zo, y, x] = _difference(f, 0, y, ny, 0, 1, 0, k, y, x)
+                out[2, zo, y, x] = _difference(f, 0, x, nx, 0, 0, 1, k, y, x)
+
+
+@numba.njit(parallel=True, cache=True)
+def jacobian_determinant(u, halo, z_first, nz_global, out):
+    """``det(I + Du)`` of the map ``x + u(x)`` on the owned planes.
+
+    Parameters
+    ----------
+    u : float32 (3, owned + 2 halo, ny, nx)
+        Displacement in voxels, halos filled.
+    halo, z_first, nz_global : int
+    out : float32 (owned, ny, nx)
+    """
+    owned = out.shape[0]
+    ny, nx = u.shape[2], u.shape[3]
+    for zo in numba.prange(owned):
+        k = zo + halo
+        zg = z_first + zo
+        for y in range(ny):
+            for x in range(nx):
+                a00 = 1.0 + _difference(u, 0, zg, nz_global, 1, 0, 0, k, y, x)
+                a01 = _difference(u, 0, y, ny, 0, 1, 0, k, y, x)
+                a02 = _difference(u, 0, x, nx, 0, 0, 1, k, y, x)
+                a10 = _difference(u, 1, zg, nz_global, 1, 0, 0, k, y, x)
+                a11 = 1.0 + _difference(u, 1, y, ny, 0, 1, 0, k, y, x)
+                a12 = _difference(u, 1, x, nx, 0, 0, 1, k, y, x)
+                a20 = _difference(u, 2, zg, nz_global, 1, 0, 0, k, y, x)
+                a21 = _difference(u, 2, y, ny, 0, 1, 0, k, y, x)
+                a22 = 1.0 + _difference(u, 2, x, nx, 0, 0, 1, k, y, x)
+                out[zo, y, x] = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
+                                 + a02 * (a10 * a21 - a11 * a20))
+
+
+@numba.njit(parallel=True, cache=True)
+def similarity_force(gradient, j0, j0_halo, j1, determinant, weight_j0, weight_j1, offset, out):
+    """The force ``b = |D phi_{t,1}| r_t grad J0_t`` with ``r_t = a J0_t + c J1_t + d``.
+
+    ``r_t`` is the derivative of the similarity term with respect to the warped image,
+    pulled back to time t (affine in the two images for SSD and global NCC).
+
+    Parameters
+    ----------
+    gradient : float32 (3, owned, ny, nx)
+        Gradient of ``J0_t``.
+    j0 : float32 (owned + 2 j0_halo, ny, nx)
+    j0_halo : int
+    j1, determinant : float32 (owned, ny, nx)
+    weight_j0, weight_j1, offset : float
+        ``a``, ``c`` and ``d``.
+    out : float32 (3, owned, ny, nx)
+    """
+    owned, ny, nx = j1.shape
+    for zo in numba.prange(owned):
+        for y in range(ny):
+            for x in range(nx):
+                r = determinant[zo, y, x] * (weight_j0 * j0[zo + j0_halo, y, x]
+                                             + weight_j1 * j1[zo, y, x] + offset)
+                out[0, zo, y, x] = r * gradient[0, zo, y, x]
+                out[1, zo, y, x] = r * gradient[1, zo, y, x]
+                out[2, zo, y, x] = r * gradient[2, zo, y, x]
+
+
+@numba.njit(parallel=True, cache=True)
+def sample_points(image, points, nearest, fill, out):
+    """Sample an image at fractional voxel positions (trilinear or nearest neighbour).
+
+    Parameters
+    ----------
+    image : float32 (nz, ny, nx)
+    points : float32 (3, n)
+        ``(z, y, x)`` voxel positions.
+    nearest : int
+        1 for nearest neighbour, 0 for trilinear.
+    fill : float
+        Value for points more than half a voxel outside the volume.
+    out : float32 (n,)
+    """
+    nz, ny, nx = image.shape
+    for i in numba.prange(points.shape[1]):
+        pz = points[0, i]
+        py = points[1, i]
+        px = points[2, i]
+        if (pz < -0.5 or pz > nz - 0.5 or py < -0.5 or py > ny - 0.5
+                or px < -0.5 or px > nx - 0.5):
+            out[i] = fill
+            continue
+        if nearest == 1:
+            iz = min(max(int(math.floor(pz + 0.5)), 0), nz - 1)
+            iy = min(max(int(math.floor(py + 0.5)), 0), ny - 1)
+            ix = min(max(int(math.floor(px + 0.5)), 0), nx - 1)
+            out[i] = image[iz, iy, ix]
+        else:
+            z0, z1, wz = _corner(pz, nz)
+            y0, y1, wy = _corner(py, ny)
+            x0, x1, wx = _corner(px, nx)
+            out[i] = _blend(image, z0, z1, wz, y0, y1, wy, x0, x1, wx)
+
+
+@numba.njit(parallel=True, cache=True)
+def local_correlation_terms(j0, j1, halo, z_first, nz_global, radius, out):
+    """Local NCC in cubic windows of ``2 radius + 1`` voxels (clipped at the volume ends).
+
+    For each owned voxel: ``out[0] = cc``, ``out[1] = d cc / d J0`` contribution weights
+    ``A = 2 cross / (var0 var1)`` and ``B = cross / var0`` so that the derivative of
+    ``sum(cc)`` with respect to ``J0`` at a voxel, gathered over windows, is
+    ``sum_w A_w (J1 - mean1_w) - A_w B_w (J0 - mean0_w)`` (the local NCC force).
+    Here ``out`` holds ``(cc, A, A * B, mean1 * A - mean0 * A * B)`` per voxel.
+
+    Parameters
+    ----------
+    j0, j1 : float32 (owned + 2 halo, ny, nx)
+        Halos filled (``halo >= radius``).
+    halo, z_first, nz_global, radius : int
+    out : float32 (4, owned, ny, nx)
+    """
+    owned = out.shape[1]
+    ny, nx = j0.shape[1], j0.shape[2]
+    epsilon = 1e-5
+    for zo in numba.prange(owned):
+        zg = z_first + zo
+        za = max(zg - radius, 0) - zg
+        zb = min(zg + radius, nz_global - 1) - zg
+        for y in range(ny):
+            ya = max(y - radius, 0)
+            yb = min(y + radius, ny - 1)
+            for x in range(nx):
+                xa = max(x - radius, 0)
+                xb = min(x + radius, nx - 1)
+                s0 = 0.0
+                s1 = 0.0
+                s00 = 0.0
+                s11 = 0.0
+                s01 = 0.0
+                count = 0.0
+                for dz in range(za, zb + 1):
+                    k = zo + halo + dz
+                    for yy in range(ya, yb + 1):
+                        for xx in range(xa, xb + 1):
+                            a = j0[k, yy, xx]
+                            b = j1[k, yy, xx]
+                            s0 += a
+                            s1 += b
+                            s00 += a * a
+                            s11 += b * b
+                            s01 += a * b
+                            count += 1.0
+                mean0 = s0 / count
+                mean1 = s1 / count
+                var0 = s00 - mean0 * s0 + epsilon
+                var1 = s11 - mean1 * s1 + epsilon
+                cross = s01 - mean0 * s1
+                weight = 2.0 * cross / (var0 * var1)
+                ratio = cross / var0
+                out[0, zo, y, x] = cross * cross / (var0 * var1)
+                out[1, zo, y, x] = weight
+                out[2, zo, y, x] = weight * ratio
+                out[3, zo, y, x] = mean1 * weight - mean0 * weight * ratio

@@ -1,0 +1,207 @@
+"""A whole registration: pyramid levels from coarse to fine, velocity carried up.
+
+Both images are on the fixed grid (see :mod:`medhpc.lddmm.transform`). Level ``l``
+halves the grid ``levels - 1 - l`` times by 2x2x2 averaging; the velocity of a level
+is resampled to the next finer grid and doubled (it is measured in voxels). Every
+rank holds its z-slab of the velocity; the code is the same for one rank (one slab)
+and many.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from medhpc.lddmm.flows import Flows
+from medhpc.lddmm.grid import LevelGrid, check_split, halo_for
+from medhpc.lddmm.optimise import LevelOptimiser, LevelState, Settings
+from medhpc.lddmm.transform import sample
+from medhpc.parallel.comm import World
+from medhpc.parallel.geometry import slab
+from medhpc.parallel.slabs import gather_volume
+
+
+def pyramid_shapes(shape, levels: int) -> list[tuple]:
+    """Grid shapes from the coarsest level to the finest (``shape``)."""
+    shapes = [tuple(int(n) for n in shape)]
+    for _ in range(levels - 1):
+        shapes.append(tuple((n + 1) // 2 for n in shapes[-1]))
+    return shapes[::-1]
+
+
+def downsample(image: np.ndarray) -> np.ndarray:
+    """Average 2x2x2 blocks (an odd axis gets its last plane repeated first)."""
+    pad = [(0, n % 2) for n in image.shape]
+    padded = np.pad(image, pad, mode="edge")
+    nz, ny, nx = padded.shape
+    blocks = padded.reshape(nz // 2, 2, ny // 2, 2, nx // 2, 2)
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float64).astype(np.float32)
+
+
+def image_pyramid(image: np.ndarray, levels: int) -> list[np.ndarray]:
+    """The image at every level, coarsest first."""
+    images = [np.ascontiguousarray(image, np.float32)]
+    for _ in range(levels - 1):
+        images.append(downsample(images[-1]))
+    return images[::-1]
+
+
+def upsample_velocity(world: World, velocity: list, coarse: LevelGrid,
+                      fine: LevelGrid) -> list:
+    """Carry a level's velocity to the next finer level (this rank's fine planes).
+
+    The coarse slabs are gathered on every rank (an eighth of a fine field each),
+    sampled trilinearly at the fine voxel centres and doubled (voxels halve).
+    """
+    gathered = world.allgather([np.ascontiguousarray(v) for v in velocity])
+    whole = [np.concatenate([parts[i] for parts in gathered], axis=1)
+             for i in range(len(velocity))]
+    z = np.arange(fine.z_first, fine.z_first + fine.owned, dtype=np.float32)
+    y = np.arange(fine.shape[1], dtype=np.float32)
+    x = np.arange(fine.shape[2], dtype=np.float32)
+    points = np.stack(np.meshgrid(z, y, x, indexing="ij"))
+    points = (points + 0.5) / 2.0 - 0.5
+    result = []
+    for field in whole:
+        result.append(np.stack([2.0 * sample(np.ascontiguousarray(c), points) for c in field])
+                      .astype(np.float32))
+    return result
+
+
+@dataclass
+class RegistrationResult:
+    """This rank's share of the outcome at the finest level."""
+
+    grid: LevelGrid
+    velocity: list
+    forward: np.ndarray
+    inverse: np.ndarray
+    warped: np.ndarray
+    history: list
+    stopped: list
+
+
+class Registration:
+    """Register ``moving`` to ``fixed`` (whole images on the fixed grid) across ``world``.
+
+    Parameters
+    ----------
+    world : World
+    kernels : module
+    settings : Settings
+    fixed, moving : numpy.ndarray
+    spacing_zyx_mm : tuple of float
+        Voxel size of the fixed grid.
+    stage : callable
+        The run's ``stage(name, kind)``.
+    log : medhpc.runtime.log.Log or None
+    """
+
+    def __init__(self, world: World, kernels, settings: Settings, fixed, moving,
+                 spacing_zyx_mm, stage, log=None):
+        self.world = world
+        self.kernels = kernels
+        self.settings = settings
+        self.stage = stage
+        self.log = log
+        self.spacing = tuple(float(h) for h in spacing_zyx_mm)
+        self.shapes = pyramid_shapes(fixed.shape, settings.levels)
+        self.halo = halo_for(settings.max_step_voxels)
+        check_split(self.shapes, world.size, self.halo)
+        with stage("pyramid", "other"):
+            self.fixed = image_pyramid(fixed, settings.levels)
+            self.moving = image_pyramid(moving, settings.levels)
+
+    def grid(self, level: int) -> LevelGrid:
+        factor = np.asarray(self.shapes[-1], np.float64) / np.asarray(self.shapes[level])
+        spacing = tuple(h * f for h, f in zip(self.spacing, factor))
+        return LevelGrid.build(self.shapes[level], spacing, self.world.size, self.world.rank,
+                               self.halo)
+
+    def iterations(self, level: int) -> int:
+        budget = self.settings.iterations
+        return int(budget[level]) if level < len(budget) else int(budget[-1])
+
+    def run(self, checkpointer=None) -> RegistrationResult:
+        """Every level, coarse to fine; checkpoint through ``checkpointer`` when due."""
+        loaded = checkpointer.load() if checkpointer is not None else None
+        start_level = int(loaded[1]["level"]) if loaded else 0
+        history, stopped, done_before = [], [], 0
+        if loaded:
+            history = json.loads(loaded[1]["history"])
+            stopped = json.loads(loaded[1]["stopped"])
+            done_before = int(loaded[1]["done_before"])
+            if self.log:
+                self.log.info(f"resuming at level {start_level}, iteration {loaded[0]}")
+        velocity, previous_grid = None, None
+        for level in range(start_level, self.settings.levels):
+            grid = self.grid(level)
+            optimiser = LevelOptimiser(self.world, grid, self.kernels, self.settings,
+                                       self.moving[level], self.fixed[level], self.stage, level)
+            if loaded and level == start_level:
+                state = self._restored_state(loaded[1], grid)
+                state.history = [entry for entry in history if entry["level"] == level]
+                history = [entry for entry in history if entry["level"] < level]
+            else:
+                if velocity is None:
+                    velocity, regularity = optimiser.zero_velocity(), 0.0
+                else:
+                    with self.stage("carry velocity up", "comm"):
+                        velocity = upsample_velocity(self.world, velocity, previous_grid, grid)
+                    regularity = optimiser.regularity(velocity)
+                state = LevelState(velocity, regularity, self.settings.step)
+
+            def after_iteration(state, level=level, done_before=done_before):
+                self._checkpoint(checkpointer, level, state, done_before, history, stopped)
+
+            state, forward = optimiser.run(state, self.iterations(level), after_iteration,
+                                           progress=self.log.progress if self.log else None)
+            history.extend(state.history)
+            stopped.append(state.stopped or "iterations")
+            done_before += state.iteration
+            velocity, previous_grid = state.velocity, grid
+        flows = optimiser.flows
+        with self.stage("inverse map", "other"):
+            inverse = flows.inverse_map(velocity)
+        return RegistrationResult(grid=grid, velocity=velocity, forward=forward.displacement,
+                                  inverse=inverse, warped=forward.template[-1][1:-1],
+                                  history=history, stopped=stopped)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _checkpoint(self, checkpointer, level, state, done_before, history, stopped) -> None:
+        iteration = done_before + state.iteration
+        if checkpointer is None or not checkpointer.due(iteration):
+            return
+        with self.stage("checkpoint", "io"):
+            grid = self.grid(level)
+            owned = slab(grid.shape[0], self.world.size, self.world.rank, 0)
+            velocity = np.stack(state.velocity, axis=0)
+            whole = gather_volume(self.world, np.ascontiguousarray(
+                velocity.reshape((-1,) + velocity.shape[2:])), owned)
+            if whole is not None:
+                whole = whole.reshape((len(state.velocity), 3) + tuple(grid.shape))
+            checkpointer.save(iteration, {
+                "level": level, "velocity": whole, "regularity": state.regularity,
+                "step": state.step, "done_before": done_before,
+                "history": json.dumps(history + state.history), "stopped": json.dumps(stopped)})
+
+    def _restored_state(self, saved: dict, grid: LevelGrid) -> LevelState:
+        velocity = np.asarray(saved["velocity"], np.float32)
+        z0, z1 = grid.z_first, grid.z_first + grid.owned
+        return LevelState(velocity=[np.ascontiguousarray(v[:, z0:z1]) for v in velocity],
+                          regularity=float(saved["regularity"]), step=float(saved["step"]),
+                          iteration=int(self._iteration_of(saved)))
+
+    @staticmethod
+    def _iteration_of(saved: dict) -> int:
+        history = json.loads(saved["history"])
+        level = int(saved["level"])
+        return max((entry["iteration"] for entry in history if entry["level"] == level),
+                   default=0)
+
+
+def settings_record(settings: Settings) -> dict:
+    return {key: (list(value) if isinstance(value, tuple) else value)
+            for key, value in asdict(settings).items()}
