@@ -1,0 +1,117 @@
+"""TNR subcommands: tnr-register and its phantom. Parse, validate, call."""
+
+from __future__ import annotations
+
+import click
+
+from medhpc.cli.options import pass_run
+
+
+@click.command("tnr-register")
+@click.option("--input", "source", required=True,
+              help="Folder of section images (PNG/TIFF/JPEG, natural order), a multi-page or "
+                   "OME-TIFF, or an HDF5 stack (file.h5[:dataset]).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Registered stack: .h5 (parts written by every rank), .ome.tif/.tif or "
+                   ".nii/.nii.gz (gathered on rank 0).")
+@click.option("--mode", type=click.Choice(["tnr", "pairwise", "none"]), default="tnr",
+              show_default=True, help="tnr: smooth trajectories along z; pairwise: straight "
+                                      "trajectories; none: rigid pre-alignment only.")
+@click.option("--sigma", type=float, default=3.0, show_default=True,
+              help="Gaussian smoothing of the trajectories along z, in sections.")
+@click.option("--patch", type=int, default=64, show_default=True, help="Patch side (working px).")
+@click.option("--search", type=int, default=32, show_default=True,
+              help="Search radius R: patches move by at most +/-R working px.")
+@click.option("--grid", type=int, default=64, show_default=True,
+              help="Spacing of the patch grid (working px).")
+@click.option("--downsample", type=int, default=None,
+              help="Working level: this many input pixels per working pixel [default 1].")
+@click.option("--level", type=int, default=None,
+              help="Working level as a pyramid level: --downsample 2**LEVEL.")
+@click.option("--stain", type=click.Choice(["gray", "od", "hematoxylin"]), default="od",
+              show_default=True, help="Channel that sections of any stain share.")
+@click.option("--min-ncc", type=float, default=0.6, show_default=True,
+              help="Matches with a lower NCC peak are rejected.")
+@click.option("--max-angle", type=float, default=10.0, show_default=True,
+              help="Largest rotation between neighbours searched by the rigid pre-alignment (deg).")
+@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), default="bicubic",
+              show_default=True)
+@click.option("--full-res", is_flag=True,
+              help="Apply the warp to the input resolution, tile by tile (default: output at "
+                   "the working level).")
+@click.option("--fields", type=click.Path(dir_okay=False), default=None,
+              help="Also write the per-section displacement fields (output -> input, working "
+                   "px), the rigid transforms and the trajectories (HDF5).")
+@click.option("--resume", is_flag=True,
+              help="Reuse the pairs already matched by an interrupted run with the same input "
+                   "and settings.")
+@click.option("--png", is_flag=True,
+              help="Also write a QC picture: orthogonal views before/after and trajectories.")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None,
+              help="JSON log [default: beside --out, .json].")
+@pass_run("tnr-register")
+def tnr_register(run, source, out, mode, sigma, patch, search, grid, downsample, level, stain,
+                 min_ncc, max_angle, interpolation, full_res, fields, resume, png, log_path):
+    """Rebuild a volume from serial sections by trajectory-based non-linear registration:
+    matches between neighbours are chained into trajectories through the stack, smoothed
+    along z, and each section is warped onto its smoothed trajectories."""
+    from medhpc.errors import InputError
+    from medhpc.tnr.matching import MatchSettings
+    from medhpc.tnr.register import Reconstruction, TnrSettings
+
+    if downsample is not None and level is not None:
+        raise InputError("--downsample and --level both given; expected one of them")
+    factor = 2 ** level if level is not None else (downsample or 1)
+    settings = TnrSettings(mode=mode, sigma=sigma, stain=stain, downsample=factor,
+                           match=MatchSettings(patch=patch, search=search, grid=grid,
+                                               min_ncc=min_ncc),
+                           max_angle_deg=max_angle, interpolation=interpolation,
+                           full_res=full_res)
+    Reconstruction(run, source, out, settings, fields=fields, log_path=log_path, png=png,
+                   resume=resume).execute()
+
+
+@click.command("tnr")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for sections/section_NNN.png, truth.h5 and phantom.json.")
+@click.option("--sections", type=int, default=24, show_default=True)
+@click.option("--size", type=int, default=256, show_default=True, help="Section side (px).")
+@click.option("--rotation-deg", type=float, default=2.0, show_default=True,
+              help="Largest random rotation of a section.")
+@click.option("--shift-px", type=float, default=None, help="Largest random shift [size/50].")
+@click.option("--warp-px", type=float, default=None,
+              help="Amplitude of the smooth random distortion [size/85].")
+@click.option("--curvature-px", type=float, default=None,
+              help="Drift of the anatomy along z [size/20].")
+@click.option("--heldout", type=int, default=64, show_default=True,
+              help="Evaluation points per section (never used for matching).")
+@click.option("--blank", type=int, multiple=True, help="Make this section empty glass.")
+@click.option("--restain", type=int, multiple=True,
+              help="Give this section another stain (other colours, gamma).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty folder.")
+def phantom_tnr(out, sections, size, rotation_deg, shift_px, warp_px, curvature_px, heldout,
+                blank, restain, seed, overwrite):
+    """Serial sections cut from a textured 3-D block with smoothly curved structures, each
+    with its own random rigid and smooth non-linear distortion, and the ground truth."""
+    from medhpc.parallel.comm import get_world
+    from medhpc.phantoms.tnr import TnrPhantomSettings, check_settings, write_tnr_phantom
+
+    settings = TnrPhantomSettings(sections=sections, size=size, rotation_deg=rotation_deg,
+                                  shift_px=shift_px, warp_px=warp_px, curvature_px=curvature_px,
+                                  heldout=heldout, blank=tuple(blank), restain=tuple(restain),
+                                  seed=seed)
+    world = get_world()
+
+    def write():
+        check_settings(settings.resolved())
+        return write_tnr_phantom(out, settings, overwrite=overwrite)
+
+    summary = world.agree(write)
+    if world.is_root:
+        click.echo(f"wrote {out}: {summary['sections']} sections of {summary['size']}x"
+                   f"{summary['size']} px (sections/), ground truth truth.h5", err=True)
+
+
+COMMANDS = [tnr_register]
+PHANTOM_COMMANDS = [phantom_tnr]

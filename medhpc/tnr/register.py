@@ -1,0 +1,546 @@
+"""tnr-register: rebuild a volume from serial sections by trajectory-based registration.
+
+1. Check the input once (count, readable images, sizes; mixed sizes are padded).
+2. Match every neighbouring pair (i, i+1), pairs spread over the ranks by a
+   dynamic queue: working-level stain channel and tissue mask of both sections,
+   rigid pre-alignment, grid patches matched by zero-mean NCC, outlier rejection.
+3. Flag sections: blank (little tissue or texture), off-stain (mean colour far
+   from the stack's), unmatched (too few accepted matches on both sides). Unmatched
+   sections are bridged by matching their matched neighbours directly.
+4. On the gathered pair results: rigid transforms chained from the centre
+   section, trajectories chained from seeds in the centre section, smoothed along
+   z (``tnr``), made straight (``pairwise``), or only the rigid chain (``none``);
+   a thin-plate-spline warp per section from (target, observed) positions.
+5. Sections warped across the ranks (block split) and written without gathering
+   (HDF5 parts behind one virtual dataset); ``--fields``, JSON log and QC picture.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from medhpc import backend
+from medhpc.errors import InputError
+from medhpc.io.atomic import atomic_path, check_output_free
+from medhpc.io.geometry import ImageGeometry
+from medhpc.parallel.geometry import block_range, slab
+from medhpc.parallel.work import map_items
+from medhpc.tnr import rigid, trajectories
+from medhpc.tnr.matching import STATUS_NAMES, Matches, MatchSettings, grid_axes, match_sections
+from medhpc.tnr.preprocess import STAINS, WorkingSection, downsample, prepare_section
+from medhpc.tnr.sources import SectionStack, open_stack
+from medhpc.tnr.warpfield import SectionWarp, fitted_warp, rigid_warp
+
+MODES = ("tnr", "pairwise", "none")
+INTERPOLATION_ORDER = {"bilinear": 1, "bicubic": 3}
+BLANK_TISSUE_RATIO = 0.25
+BLANK_TEXTURE_RATIO = 0.2
+STAIN_DISTANCE = 0.12
+TILE_ROWS = 512
+NCC_BINS = np.linspace(-1.0, 1.0, 41)
+
+
+@dataclass(frozen=True)
+class TnrSettings:
+    """Everything that decides the result (the fingerprint of ``--resume``)."""
+
+    mode: str = "tnr"
+    sigma: float = 3.0
+    stain: str = "od"
+    downsample: int = 1
+    match: MatchSettings = field(default_factory=MatchSettings)
+    max_angle_deg: float = 10.0
+    tps_smoothing: float = 0.1
+    min_accepted_fraction: float = 0.2
+    interpolation: str = "bicubic"
+    full_res: bool = False
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"--mode {self.mode}: expected one of {', '.join(MODES)}")
+        if self.stain not in STAINS:
+            raise InputError(f"--stain {self.stain}: expected one of {', '.join(STAINS)}")
+        if self.sigma <= 0 and self.mode == "tnr":
+            raise InputError(f"--sigma {self.sigma}: expected a positive number of sections")
+        m = self.match
+        if m.patch < 8 or m.search < 1 or m.grid < 4:
+            raise InputError(f"--patch {m.patch} --search {m.search} --grid {m.grid}: expected "
+                             "patch >= 8, search >= 1, grid >= 4 pixels")
+        if self.downsample < 1:
+            raise InputError(f"--downsample {self.downsample}: expected an integer >= 1")
+
+
+@dataclass
+class PairResult:
+    """What matching one pair (a, b) gives (small; gathered on every rank)."""
+
+    a: int
+    b: int
+    transform: np.ndarray
+    matches: Matches
+    sections: dict                 # {index: statistics of the section}
+    tissue_nodes: dict             # {index: bool (gy, gx) tissue at the grid nodes}
+
+    @property
+    def accepted_fraction(self) -> float:
+        total = len(self.matches.status)
+        return float(np.count_nonzero(self.matches.accepted)) / total if total else 0.0
+
+
+class HostKernels:
+    """The kernel twins behind host-array calls (device copies made here for CUDA)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.module = backend.kernels("medhpc.tnr", device, "kernels")
+
+    def zncc_scores(self, templates, windows, out):
+        if self.device == "cpu":
+            self.module.zncc_scores(templates, windows, out)
+            return
+        scores = backend.empty(out.shape, np.float32, self.device)
+        self.module.zncc_scores(backend.to_device(templates, self.device),
+                                backend.to_device(windows, self.device), scores)
+        out[...] = backend.to_host(scores)
+
+    def remap(self, image, coord_y, coord_x, order, fill, out):
+        if self.device == "cpu":
+            self.module.remap(image, coord_y, coord_x, order, fill, out)
+            return
+        warped = backend.empty(out.shape, np.float32, self.device)
+        self.module.remap(*(backend.to_device(np.ascontiguousarray(a, np.float32), self.device)
+                            for a in (image, coord_y, coord_x)), order, fill, warped)
+        out[...] = backend.to_host(warped)
+
+
+def section_statistics(section: WorkingSection) -> dict:
+    return {"tissue_fraction": section.tissue_fraction, "texture": section.texture,
+            "mean_colour": list(section.mean_colour)}
+
+
+def flag_sections(count: int, statistics: dict, pairs: dict, min_accepted: float) -> dict:
+    """``{section: [reasons]}`` for blank, off-stain and unmatched sections."""
+    flags = {i: [] for i in range(count)}
+    tissue = np.array([statistics[i]["tissue_fraction"] for i in range(count)])
+    texture = np.array([statistics[i]["texture"] for i in range(count)])
+    colour = np.array([statistics[i]["mean_colour"] for i in range(count)])
+    median_colour = np.median(colour, axis=0)
+    for i in range(count):
+        if (tissue[i] < BLANK_TISSUE_RATIO * np.median(tissue)
+                or texture[i] < BLANK_TEXTURE_RATIO * np.median(texture)):
+            flags[i].append("blank or damaged: little tissue or texture")
+        distance = float(np.sqrt(np.mean((colour[i] - median_colour) ** 2)))
+        if distance > STAIN_DISTANCE:
+            flags[i].append(f"stain differs from the stack (colour distance {distance:.2f})")
+        sides = [pairs[key].accepted_fraction for key in ((i - 1, i), (i, i + 1)) if key in pairs]
+        if sides and max(sides) < min_accepted:
+            flags[i].append(f"unmatched: at most {100 * max(sides):.0f}% of patches matched its "
+                            "neighbours; bridged")
+    return {i: reasons for i, reasons in flags.items() if reasons}
+
+
+def excluded_from_matching(flags: dict) -> set:
+    return {i for i, reasons in flags.items()
+            if any(r.startswith(("blank", "unmatched")) for r in reasons)}
+
+
+def build_warps(settings: TnrSettings, count: int, shape, pairs: dict, matched: list[int]):
+    """Per-section warps (output -> input, working pixels) and the trajectory record."""
+    reference = min(matched, key=lambda i: (abs(i - (count - 1) / 2), i))
+    chained = rigid.chain_from_centre({(a, b): pairs[(a, b)].transform
+                                       for a, b in zip(matched, matched[1:])}, matched, reference)
+    for i in range(count):
+        if i not in chained:
+            nearest = min(matched, key=lambda m: (abs(m - i), m))
+            chained[i] = chained[nearest]
+    transforms = np.stack([chained[i] for i in range(count)])
+    grid = settings.match.grid
+    step = max(2, grid // 4)
+    record = {"reference": reference, "rigid": transforms}
+    if settings.mode == "none":
+        return [rigid_warp(transforms[i], shape, step) for i in range(count)], record
+    fields = {(a, b): trajectories.pair_field(a, b, shape, grid, pairs[(a, b)].matches,
+                                              pairs[(a, b)].transform)
+              for a, b in zip(matched, matched[1:])}
+    ys, xs = grid_axes(shape, grid)
+    tissue = pairs_tissue(pairs, reference)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    seeds = np.stack([yy.ravel(), xx.ravel()], axis=1)
+    if tissue is not None and np.count_nonzero(tissue) >= 3:
+        seeds = seeds[tissue.ravel()]
+    observed, valid = trajectories.chain_trajectories(fields, matched, count, reference, seeds,
+                                                      shape)
+    centre = 0.5 * (np.asarray(shape, float) - 1)
+    angles = np.array([rigid.rotation_angle(t) for t in transforms])
+    frame = trajectories.derotate(observed, angles, centre)
+    if settings.mode == "tnr":
+        target = trajectories.smooth_along_z(frame, valid, settings.sigma)
+    else:
+        target = trajectories.straight(frame, valid, reference)
+    warps = [fitted_warp(target[:, i], observed[:, i], shape, step, settings.tps_smoothing,
+                         transforms[i]) for i in range(count)]
+    record.update(observed=observed, target=target, valid=valid)
+    return warps, record
+
+
+def pairs_tissue(pairs: dict, section: int):
+    for result in pairs.values():
+        if section in result.tissue_nodes:
+            return result.tissue_nodes[section]
+    return None
+
+
+class Reconstruction:
+    """One tnr-register run on every rank (see the module notes for the steps)."""
+
+    def __init__(self, run, source, out, settings: TnrSettings, fields=None, log_path=None,
+                 png=False, resume=False):
+        self.run = run
+        self.world = run.world
+        self.settings = settings
+        self.out = Path(out)
+        stem = _stem(self.out)
+        self.fields = Path(fields) if fields else None
+        self.log_path = Path(log_path) if log_path else self.out.with_name(stem + ".json")
+        self.png = self.out.with_name(stem + ".png") if png else None
+        self.pairs_dir = self.out.with_name(stem + ".tnr-pairs")
+        self.resume = resume
+        self.kernels = HostKernels(run.device)
+        self.stack: SectionStack = self.world.agree(lambda: self._validated(source))
+        self.work_shape = tuple(n // settings.downsample for n in self.stack.shape)
+        self._cache: dict[int, WorkingSection] = {}
+
+    def _validated(self, source) -> SectionStack:
+        self.settings.check()
+        stack = open_stack(source)
+        if min(stack.shape) // self.settings.downsample < self.settings.match.patch + 2:
+            raise InputError(f"{source}: sections of {stack.shape[1]}x{stack.shape[0]} px at "
+                             f"--downsample {self.settings.downsample} are smaller than a patch "
+                             f"({self.settings.match.patch} px); expected larger sections or "
+                             "a smaller --patch")
+        suffix = "".join(self.out.suffixes).lower()
+        if not suffix.endswith((".h5", ".hdf5", ".tif", ".tiff", ".nii", ".nii.gz")):
+            raise InputError(f"{self.out}: unknown output format; expected .h5, .ome.tif/.tif "
+                             "or .nii/.nii.gz")
+        if self.fields is not None and self.fields.suffix.lower() not in (".h5", ".hdf5"):
+            raise InputError(f"{self.fields}: --fields is written as HDF5; expected .h5")
+        return stack
+
+    # -- plan ----------------------------------------------------------------------------
+    def plan(self) -> dict:
+        n = self.stack.count
+        return {"sections": n, "section_shape": list(self.stack.shape),
+                "working_shape": list(self.work_shape), "pairs": n - 1,
+                "settings": _jsonable(asdict(self.settings)),
+                "ranks_detail": [{"rank": r, "sections_warped": list(block_range(n, self.world.size, r))}
+                                 for r in range(self.world.size)]}
+
+    # -- running ---------------------------------------------------------------------------
+    def execute(self) -> None:
+        if self.run.dry_run:
+            self.run.print_plan(self.plan())
+            return
+        self.world.agree(self._check_outputs)
+        stack = self.stack
+        if stack.padded and self.world.is_root:
+            self.run.log.notice(f"{len(stack.padded)} section(s) smaller than "
+                                f"{stack.shape[1]}x{stack.shape[0]} px padded (centred): "
+                                f"{', '.join(stack.names[i] for i in stack.padded)}")
+        self.run.log.info(f"tnr-register: {stack.count} sections of {stack.shape[1]}x"
+                          f"{stack.shape[0]} px, working level {self.work_shape[1]}x"
+                          f"{self.work_shape[0]}, mode {self.settings.mode}, "
+                          f"{self.world.size} rank(s), device {self.run.device}")
+        pairs, flags, matched = self.match_stack()
+        with self.run.stage("trajectories", "other"):
+            if self.world.is_root:
+                warps, record = build_warps(self.settings, stack.count, self.work_shape, pairs,
+                                            matched)
+            else:
+                warps, record = None, None
+        with self.run.stage("broadcast warps", "comm"):
+            warps = self.world.bcast(warps)
+        local, views, displacement = self.warp_sections(warps)
+        self.write_outputs(local, displacement)
+        views = self.world.gather(views)
+        if self.world.is_root:
+            self.pairs_dir.exists() and _remove_tree(self.pairs_dir)
+            self._document = self._log_document(pairs, flags, matched, record)
+            if self.fields is not None:
+                with self.run.stage("write fields", "io"):
+                    self._append_trajectories(record)
+            if self.png is not None:
+                with self.run.stage("picture", "io"):
+                    from medhpc.tnr.figures import qc_figure
+
+                    qc_figure(self.png, views, record, self.settings, self.run.overwrite)
+        timings = self.run.finish({"mode": self.settings.mode})
+        if self.world.is_root:
+            document = dict(self._document, timings=timings)
+            with atomic_path(self.log_path, overwrite=self.run.overwrite) as tmp:
+                tmp.write_text(json.dumps(document, indent=2, default=_json_default))
+            self.run.log.info(f"log written to {self.log_path}")
+
+    def _check_outputs(self) -> None:
+        for path in (self.out, self.log_path, self.png, self.fields):
+            if path is not None:
+                check_output_free(path, self.run.overwrite)
+        if self.resume:
+            return
+        if self.pairs_dir.exists():
+            _remove_tree(self.pairs_dir)
+
+    # -- matching --------------------------------------------------------------------------
+    def working_section(self, index: int) -> WorkingSection:
+        if index not in self._cache:
+            with self.run.stage("read sections", "io"):
+                section = self.stack.read(index)
+            with self.run.stage("preprocess", "kernel"):
+                self._cache[index] = prepare_section(section, self.settings.stain,
+                                                     self.settings.downsample)
+            while len(self._cache) > 3:
+                self._cache.pop(next(iter(self._cache)))
+        return self._cache[index]
+
+    def match_pair(self, pair) -> PairResult:
+        a, b = pair
+        saved = self._load_pair(a, b)
+        if saved is not None:
+            return saved
+        fixed, moving = self.working_section(a), self.working_section(b)
+        grid = self.settings.match.grid
+        ys, xs = grid_axes(self.work_shape, grid)
+        nodes = np.ix_(np.round(ys).astype(int), np.round(xs).astype(int))
+        with self.run.stage("rigid pre-alignment", "kernel"):
+            transform = rigid.estimate_rigid(fixed.image, moving.image,
+                                             self.settings.max_angle_deg)
+            aligned = rigid.resample(moving.image, transform)
+        with self.run.stage("match patches", "kernel"):
+            matches = match_sections(fixed.image, fixed.mask, aligned, self.settings.match,
+                                     self.kernels.zncc_scores)
+        result = PairResult(a, b, transform, matches,
+                            {a: section_statistics(fixed), b: section_statistics(moving)},
+                            {a: fixed.mask[nodes], b: moving.mask[nodes]})
+        self._save_pair(result)
+        return result
+
+    def _fingerprint(self) -> str:
+        return json.dumps({"input": self.stack.source, "names": self.stack.names,
+                           "settings": _jsonable(asdict(replace(self.settings, mode="tnr",
+                                                                sigma=1.0)))}, sort_keys=True)
+
+    def _pair_path(self, a: int, b: int) -> Path:
+        return self.pairs_dir / f"pair-{a:05d}-{b:05d}.pkl"
+
+    def _load_pair(self, a, b):
+        path = self._pair_path(a, b)
+        if not (self.resume and path.exists()):
+            return None
+        with open(path, "rb") as stream:
+            fingerprint, result = pickle.load(stream)
+        return result if fingerprint == self._fingerprint() else None
+
+    def _save_pair(self, result: PairResult) -> None:
+        self.pairs_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self._pair_path(result.a, result.b), overwrite=True) as tmp:
+            with open(tmp, "wb") as stream:
+                pickle.dump((self._fingerprint(), result), stream)
+
+    def _match(self, pair_list) -> dict:
+        results = map_items(self.world, pair_list, self.match_pair, schedule="dynamic")
+        return {(r.a, r.b): r for r in results}
+
+    def match_stack(self):
+        """Match every neighbouring pair, flag sections, bridge the unmatched ones."""
+        n = self.stack.count
+        if self.resume and self.world.is_root and self.pairs_dir.exists():
+            self.run.log.info(f"--resume: reusing matched pairs in {self.pairs_dir}")
+        pairs = self._match([(i, i + 1) for i in range(n - 1)])
+        statistics = {}
+        for result in pairs.values():
+            statistics.update(result.sections)
+        flags = flag_sections(n, statistics, pairs, self.settings.min_accepted_fraction)
+        excluded = excluded_from_matching(flags)
+        matched = [i for i in range(n) if i not in excluded]
+        if len(matched) < 2:
+            raise InputError(f"{self.stack.source}: fewer than 2 sections could be matched "
+                             f"(flags: {flags}); expected sections with tissue and texture")
+        bridges = [(a, b) for a, b in zip(matched, matched[1:]) if (a, b) not in pairs]
+        if bridges:
+            self.run.log.info(f"bridging {len(bridges)} pair(s) over unmatched sections: "
+                              f"{bridges}")
+            pairs.update(self._match(bridges))
+        for index, reasons in sorted(flags.items()):
+            self.run.log.notice(f"section {index} ({self.stack.names[index]}): "
+                                f"{'; '.join(reasons)}")
+        return pairs, flags, matched
+
+    # -- warping and writing ---------------------------------------------------------------
+    def output_shape(self) -> tuple:
+        return tuple(self.stack.shape) if self.settings.full_res else self.work_shape
+
+    def warp_sections(self, warps: list[SectionWarp]):
+        """Warp this rank's block of sections; also the QC rows/columns and displacements."""
+        start, stop = block_range(self.stack.count, self.world.size, self.world.rank)
+        ny, nx = self.output_shape()
+        channels = self.stack.channels
+        dtype = np.dtype(self.stack.dtype)
+        local = np.zeros((channels, stop - start, ny, nx), dtype)
+        factor = self.settings.downsample if self.settings.full_res else 1
+        order = INTERPOLATION_ORDER[self.settings.interpolation]
+        fill = self.stack.background
+        views = {}
+        displacement = (np.zeros((2, stop - start) + self.work_shape, np.float32)
+                        if self.fields is not None else None)
+        for row, index in enumerate(range(start, stop)):
+            with self.run.stage("read sections", "io"):
+                section = self.stack.read(index)
+            image = section.astype(np.float32)
+            if not self.settings.full_res:
+                image = downsample(image, self.settings.downsample)
+            if image.ndim == 2:
+                image = image[..., None]
+            planes = [np.ascontiguousarray(image[..., c]) for c in range(channels)]
+            with self.run.stage("warp", "kernel"):
+                for top in range(0, ny, TILE_ROWS):
+                    rows = slice(top, min(ny, top + TILE_ROWS))
+                    coord_y, coord_x = warps[index].coordinates(rows, nx, factor)
+                    tile = np.empty(coord_y.shape, np.float32)
+                    for c, plane in enumerate(planes):
+                        self.kernels.remap(plane, coord_y, coord_x, order, fill, tile)
+                        local[c, row, rows] = _cast(tile, dtype)
+            if displacement is not None:
+                displacement[:, row] = warps[index].dense()
+            views[index] = _qc_views(image.mean(axis=2), local[:, row].astype(np.float32).mean(0))
+        return local, views, displacement
+
+    def write_outputs(self, local: np.ndarray, displacement) -> None:
+        ny, nx = self.output_shape()
+        n = self.stack.count
+        scale = self.settings.downsample if not self.settings.full_res else 1
+        geometry = ImageGeometry.from_spacing((n, ny, nx), (float(scale), float(scale), 1.0))
+        volume = local if self.stack.channels == 3 else local[0]
+        own = slab(n, self.world.size, self.world.rank)
+        suffix = "".join(self.out.suffixes).lower()
+        with self.run.stage("write volume", "io"):
+            if suffix.endswith((".h5", ".hdf5")):
+                from medhpc.parallel.slabs import write_slabs_hdf5
+
+                write_slabs_hdf5(self.world, self.out, "volume", volume, own,
+                                 attrs={**geometry.to_attrs(), "units": "input intensity"},
+                                 overwrite=self.run.overwrite)
+            else:
+                from medhpc.io.images import write_image
+
+                parts = self.world.gather(volume)
+                if self.world.is_root:
+                    whole = np.concatenate(parts, axis=volume.ndim - 3)
+                    if self.stack.channels == 3 and suffix.endswith((".nii", ".nii.gz")):
+                        whole = whole.mean(axis=0).astype(whole.dtype)
+                    write_image(self.out, whole, geometry, overwrite=self.run.overwrite)
+        if self.world.is_root:
+            self.run.log.info(f"volume written to {self.out}")
+        if displacement is not None:
+            from medhpc.parallel.slabs import write_slabs_hdf5
+
+            with self.run.stage("write fields", "io"):
+                write_slabs_hdf5(self.world, self.fields, "displacement", displacement, own,
+                                 attrs={"description": "output -> input displacement (y, x) in "
+                                                       "working-level pixels"},
+                                 overwrite=self.run.overwrite)
+
+    def _append_trajectories(self, record: dict) -> None:
+        import h5py
+
+        with h5py.File(self.fields, "a") as h5:
+            h5.create_dataset("rigid", data=record["rigid"])
+            h5.attrs["reference_section"] = record["reference"]
+            for name in ("observed", "target", "valid"):
+                if name in record:
+                    h5.create_dataset(f"trajectories/{name}", data=record[name],
+                                      compression="gzip")
+        self.run.log.info(f"fields written to {self.fields}")
+
+    def _log_document(self, pairs, flags, matched, record) -> dict:
+        peaks = np.concatenate([p.matches.ncc for p in pairs.values()] or [np.zeros(0)])
+        counts = {name: 0 for name in STATUS_NAMES}
+        pair_rows = []
+        for (a, b), result in sorted(pairs.items()):
+            row = result.matches.counts()
+            for name, value in row.items():
+                counts[name] += value
+            pair_rows.append({"pair": [a, b], "patches": len(result.matches.status), **row,
+                              "accepted_fraction": result.accepted_fraction,
+                              "rotation_deg": float(np.rad2deg(rigid.rotation_angle(result.transform))),
+                              "translation_px": result.transform[:2, 2].tolist(),
+                              "bridge": b - a > 1})
+        total = max(1, sum(counts.values()))
+        histogram, _ = np.histogram(peaks, bins=NCC_BINS)
+        return {
+            "command": "tnr-register", "input": self.stack.source, "output": str(self.out),
+            "fields": str(self.fields) if self.fields else None, "ranks": self.world.size,
+            "device": self.run.device, "settings": _jsonable(asdict(self.settings)),
+            "sections": self.stack.count, "section_shape": list(self.stack.shape),
+            "working_shape": list(self.work_shape), "output_shape": list(self.output_shape()),
+            "padded_sections": [self.stack.names[i] for i in self.stack.padded],
+            "flagged_sections": {str(i): {"name": self.stack.names[i], "reasons": r}
+                                 for i, r in sorted(flags.items())},
+            "matched_sections": matched, "reference_section": record["reference"],
+            "pairs": pair_rows,
+            "rejection_rates": {name: value / total for name, value in counts.items()},
+            "ncc_histogram": {"edges": NCC_BINS.tolist(), "counts": histogram.tolist()},
+        }
+
+
+def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(dtype)
+
+
+def _qc_views(before: np.ndarray, after: np.ndarray) -> dict:
+    ny, nx = after.shape
+    before = before[: ny, : nx] if before.shape == after.shape else _fit(before, after.shape)
+    return {"before_row": before[ny // 2].copy(), "after_row": after[ny // 2].copy(),
+            "before_column": before[:, nx // 2].copy(), "after_column": after[:, nx // 2].copy(),
+            "after_plane": after[:: max(1, ny // 256), :: max(1, nx // 256)].copy()}
+
+
+def _fit(image: np.ndarray, shape) -> np.ndarray:
+    factor = max(1, image.shape[0] // shape[0])
+    small = downsample(image, factor)
+    out = np.zeros(shape, np.float32)
+    out[: min(shape[0], small.shape[0]), : min(shape[1], small.shape[1])] = \
+        small[: shape[0], : shape[1]]
+    return out
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif", ".nii.gz", ".nii", ".h5", ".hdf5", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    return str(value)

@@ -1,0 +1,85 @@
+"""Dense per-section warps from scattered correspondences, and their evaluation at any level.
+
+A :class:`SectionWarp` maps output pixels to input pixels of one section. It
+stores the displacement ``input - output`` on a coarse grid of working-level
+output pixels (every ``step`` pixels), fitted by a thin-plate spline with
+smoothing through the (output, input) point pairs of the section's
+trajectories; between nodes it is bilinear. :meth:`SectionWarp.coordinates`
+evaluates it for any block of output rows at any resolution (factor ``f``
+between the output and the working level), which the tile-by-tile warp uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.interpolate import RBFInterpolator
+
+from medhpc.tnr import rigid
+
+MIN_POINTS = 4
+NEIGHBOURS = 64
+
+
+@dataclass
+class SectionWarp:
+    """Output -> input map of one section on a coarse grid of working-level pixels."""
+
+    shape: tuple              # working-level output shape (y, x)
+    step: int                 # grid step in working pixels
+    displacement: np.ndarray  # (gy, gx, 2) input - output, working pixels
+
+    def coordinates(self, rows: slice, width: int, factor: float = 1.0):
+        """Input coordinates (y, x) of output rows ``rows`` of an image ``factor`` times finer
+        than the working level, ``width`` pixels wide; float32 arrays (rows, width)."""
+        out_y = np.arange(rows.start, rows.stop, dtype=np.float64)
+        out_x = np.arange(width, dtype=np.float64)
+        work_y = (out_y + 0.5) / factor - 0.5
+        work_x = (out_x + 0.5) / factor - 0.5
+        grid_y, grid_x = np.meshgrid(work_y / self.step, work_x / self.step, indexing="ij")
+        coords = []
+        for c, base in ((0, out_y[:, None]), (1, out_x[None, :])):
+            shift = ndimage.map_coordinates(self.displacement[..., c], [grid_y, grid_x],
+                                            order=1, mode="nearest")
+            coords.append((base + shift * factor).astype(np.float32))
+        return coords[0], coords[1]
+
+    def dense(self) -> np.ndarray:
+        """Displacement (2, y, x) at every working-level output pixel."""
+        coord_y, coord_x = self.coordinates(slice(0, self.shape[0]), self.shape[1])
+        yy, xx = np.mgrid[0:self.shape[0], 0:self.shape[1]]
+        return np.stack([coord_y - yy, coord_x - xx]).astype(np.float32)
+
+
+def _nodes(shape, step: int) -> np.ndarray:
+    ys = np.arange(0, shape[0] + step, step, dtype=np.float64)
+    xs = np.arange(0, shape[1] + step, step, dtype=np.float64)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([yy.ravel(), xx.ravel()], axis=1), (len(ys), len(xs))
+
+
+def rigid_warp(matrix: np.ndarray, shape, step: int) -> SectionWarp:
+    """The warp of a rigid transform (output pixel p -> input pixel matrix p)."""
+    nodes, grid_shape = _nodes(shape, step)
+    displacement = rigid.apply(matrix, nodes) - nodes
+    return SectionWarp(tuple(shape), step, displacement.reshape(*grid_shape, 2))
+
+
+def fitted_warp(output_points: np.ndarray, input_points: np.ndarray, shape, step: int,
+                smoothing: float, fallback: np.ndarray) -> SectionWarp:
+    """Thin-plate-spline warp through point pairs (NaN pairs skipped).
+
+    ``smoothing`` is the spline's smoothing parameter (0 interpolates); with fewer
+    than :data:`MIN_POINTS` pairs the rigid ``fallback`` matrix is used.
+    """
+    keep = np.all(np.isfinite(output_points), axis=1) & np.all(np.isfinite(input_points), axis=1)
+    if np.count_nonzero(keep) < MIN_POINTS:
+        return rigid_warp(fallback, shape, step)
+    source, target = output_points[keep], input_points[keep]
+    nodes, grid_shape = _nodes(shape, step)
+    neighbours = NEIGHBOURS if len(source) > 4 * NEIGHBOURS else None
+    spline = RBFInterpolator(source, target - source, kernel="thin_plate_spline",
+                             smoothing=smoothing * len(source), degree=1, neighbors=neighbours)
+    return SectionWarp(tuple(shape), step, spline(nodes).reshape(*grid_shape, 2))
