@@ -107,5 +107,61 @@ def ct_prepare(run, images, labels, out, classes, spacing_mm, clip_hu):
     run.finish()
 
 
-COMMANDS = [ct_prepare]
+@click.command("ct-train")
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="Dataset written by ct-prepare.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run folder: model.pt, checkpoint.pt, log.json, log.csv (curves.png).")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Optimisation steps per epoch.")
+@click.option("--patch", type=NumberList(3, int), default=None,
+              help="Patch z,y,x [default: planned from --gpu-mem-gb].")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Patches per rank per step [default: planned].")
+@click.option("--widths", type=str, default="8,16,32,64", show_default=True,
+              help="Channels per U-Net level (the count sets the depth).")
+@click.option("--deep-supervision", is_flag=True, help="Loss on every decoder level.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd",
+              show_default=True, help="SGD Nesterov (momentum 0.99) or AdamW; poly LR decay.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Initial learning rate [default: 0.01 sgd, 3e-4 adamw].")
+@click.option("--grad-sync", type=click.Choice(["ddp", "mpi"]), default="ddp", show_default=True,
+              help="Average gradients with DDP or one flat MPI all-reduce.")
+@click.option("--gpu-mem-gb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Memory budget per GPU for the plan [default: 16 on GPU, 4 on CPU].")
+@click.option("--amp/--no-amp", default=None, help="Mixed precision [default: planned].")
+@click.option("--checkpointing/--no-checkpointing", default=None,
+              help="Activation checkpointing [default: planned].")
+@click.option("--folds", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--fold", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--no-augment", is_flag=True, help="Crop patches without augmentation.")
+@click.option("--resume", is_flag=True, help="Continue from RUN/checkpoint.pt.")
+@click.option("--png", is_flag=True, help="Also plot the loss and Dice curves.")
+@pass_run("ct-train")
+def ct_train(run, data, out, epochs, steps, patch, batch, widths, deep_supervision, optimizer,
+             lr, grad_sync, gpu_mem_gb, amp, checkpointing, folds, fold, no_augment, resume,
+             png):
+    """Train a 3-D U-Net for organ segmentation, data-parallel over the ranks (gloo on CPU,
+    NCCL on GPU), with a memory plan, validation Dice per organ and checkpoints."""
+    from medhpc.ct.train import Training, TrainSettings
+
+    try:
+        width_list = tuple(int(w) for w in widths.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{widths!r}: expected comma-separated integers",
+                                 param_hint="--widths") from None
+    if not width_list or min(width_list) < 1:
+        raise click.BadParameter(f"{widths!r}: expected positive integers", param_hint="--widths")
+    settings = TrainSettings(epochs=epochs, steps=steps, batch=batch, patch=patch,
+                             widths=width_list, deep_supervision=deep_supervision,
+                             optimizer=optimizer, lr=lr, grad_sync=grad_sync, amp=amp,
+                             checkpointing=checkpointing, gpu_mem_gb=gpu_mem_gb, folds=folds,
+                             fold=fold, augment=not no_augment, seed=run.seed)
+    result = Training(run, data, out, settings, resume=resume, png=png).execute()
+    if result is not None:
+        run.finish()
+
+
+COMMANDS = [ct_prepare, ct_train]
 PHANTOM_COMMANDS = [phantom_ct]

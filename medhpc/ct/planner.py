@@ -1,0 +1,135 @@
+"""Memory planner: patch size, batch size, AMP and activation checkpointing for a GPU budget.
+
+The estimate counts what training keeps alive (numbers of float elements):
+
+- activations saved for the backward pass: per encoder level about 4 feature
+  maps of the level's width (two convolutions and two norms; the leaky ReLU is
+  in place), per decoder level about 7 (transposed convolution, the
+  concatenation counted twice, two convolutions and two norms), plus about 6
+  maps of the class count at full resolution (logits, softmax, one-hot, loss
+  terms). With activation checkpointing only each block's input stays
+  (1 map per level, 3 for decoder inputs), and one block is recomputed at a time.
+- weights, gradients and optimizer state (1 or 2 more copies).
+- a fixed allowance for the CUDA context and convolution workspaces.
+
+AMP stores activations in half precision (counted as 2.5 bytes per element, as
+some stay in float32). nnU-Net's reference point: 5.6e8 feature-map elements at
+8 GB with batch 2. The plan keeps the estimate below ``usable_fraction`` of
+the budget; the peak actually allocated is logged after the first epoch on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+GIB = 1024 ** 3
+CONTEXT_BYTES = 0.8 * GIB
+USABLE_FRACTION = 0.85
+MIN_BATCH = 2
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The chosen training shape and its memory estimate."""
+
+    patch: tuple
+    batch: int
+    amp: bool
+    checkpointing: bool
+    estimated_gb: float
+    budget_gb: float | None
+    fits: bool
+    source: str  # "planned" or "given"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "patch": list(self.patch)}
+
+
+def parameter_count(widths, classes: int, in_channels: int = 1, deep_supervision=False) -> int:
+    """Weights of :class:`~medhpc.ct.unet.UNet3D` with these widths (computed, no torch)."""
+    def conv(cin, cout, k):
+        return cin * cout * k ** 3 + cout
+
+    count, previous = 0, in_channels
+    for w in widths:
+        count += conv(previous, w, 3) + conv(w, w, 3) + 4 * w
+        previous = w
+    for i in range(len(widths) - 1, 0, -1):
+        low, high = widths[i], widths[i - 1]
+        count += conv(low, high, 2) + conv(2 * high, high, 3) + conv(high, high, 3) + 4 * high
+    heads = len(widths) - 1 if deep_supervision else 1
+    return count + heads * conv(widths[0], classes, 1)
+
+
+def estimate_bytes(widths, classes: int, patch, batch: int, amp: bool, checkpointing: bool,
+                   optimizer: str = "sgd") -> float:
+    """Estimated peak training memory in bytes on one GPU."""
+    voxels = float(np.prod(patch))
+    per_sample = 6.0 * classes * voxels
+    largest_block = 0.0
+    for level, width in enumerate(widths):
+        level_voxels = voxels / 8 ** level
+        decoder = level < len(widths) - 1
+        if checkpointing:
+            per_sample += width * level_voxels * (1 + (3 if decoder else 0))
+            largest_block = max(largest_block, (4 + (7 if decoder else 0)) * width * level_voxels)
+        else:
+            per_sample += width * level_voxels * (4 + (7 if decoder else 0))
+    activation_bytes = (2.5 if amp else 4.0) * batch * (per_sample + largest_block)
+    copies = 3 if optimizer == "sgd" else 4
+    return activation_bytes + 4.0 * copies * parameter_count(widths, classes) + CONTEXT_BYTES
+
+
+def _fits(widths, classes, patch, batch, amp, checkpointing, optimizer, budget_bytes):
+    return estimate_bytes(widths, classes, patch, batch, amp, checkpointing,
+                          optimizer) <= USABLE_FRACTION * budget_bytes
+
+
+def plan_training(widths, classes: int, case_shape, budget_gb: float, amp: bool | None,
+                  checkpointing: bool | None, optimizer: str = "sgd", max_batch: int = 4,
+                  max_patch: int = 192) -> MemoryPlan:
+    """Choose the largest patch (then batch) that fits ``budget_gb``.
+
+    The patch starts at the median case shape rounded up to the network's
+    divisor (at most ``max_patch`` per axis) and its largest axis shrinks by one
+    divisor at a time until batch 2 fits. AMP is used unless ``amp`` is False;
+    activation checkpointing is added (unless ``checkpointing`` is False) when
+    the patch would otherwise fall below 96 voxels on an axis that is longer.
+    """
+    divisor = 2 ** (len(widths) - 1)
+    budget = budget_gb * GIB
+    use_amp = True if amp is None else amp
+    start = [int(min(max_patch, divisor * np.ceil(n / divisor))) for n in case_shape]
+    options = [False, True] if checkpointing is None else [checkpointing]
+    for use_checkpointing in options:
+        patch = list(start)
+        while not _fits(widths, classes, patch, MIN_BATCH, use_amp, use_checkpointing,
+                        optimizer, budget):
+            axis = int(np.argmax(patch))
+            if patch[axis] <= divisor:
+                break
+            patch[axis] -= divisor
+        fits = _fits(widths, classes, patch, MIN_BATCH, use_amp, use_checkpointing, optimizer,
+                     budget)
+        small = any(p < min(96, s) for p, s in zip(patch, start))
+        if fits and (not small or use_checkpointing or len(options) == 1):
+            break
+    batch = MIN_BATCH
+    while batch < max_batch and _fits(widths, classes, patch, batch + 1, use_amp,
+                                      use_checkpointing, optimizer, budget):
+        batch += 1
+    estimate = estimate_bytes(widths, classes, patch, batch, use_amp, use_checkpointing,
+                              optimizer)
+    return MemoryPlan(tuple(patch), batch, use_amp, use_checkpointing,
+                      round(estimate / GIB, 3), budget_gb, bool(fits), "planned")
+
+
+def given_plan(widths, classes: int, patch, batch: int, amp: bool, checkpointing: bool,
+               budget_gb: float | None, optimizer: str = "sgd") -> MemoryPlan:
+    """The estimate for a patch and batch set on the command line."""
+    estimate = estimate_bytes(widths, classes, patch, batch, amp, checkpointing, optimizer)
+    fits = True if budget_gb is None else estimate <= USABLE_FRACTION * budget_gb * GIB
+    return MemoryPlan(tuple(patch), batch, amp, checkpointing, round(estimate / GIB, 3),
+                      budget_gb, bool(fits), "given")

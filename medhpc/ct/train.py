@@ -1,0 +1,406 @@
+"""ct-train: data-parallel 3-D U-Net training over MPI ranks.
+
+One epoch is ``steps`` optimisation steps on a global batch of
+``batch * ranks`` patches (:mod:`medhpc.ct.sampler`), each step averaging the
+gradients over the ranks (DDP, or one flat MPI all-reduce), then validation:
+sliding-window segmentation of the held-out fold's cases, spread over the ranks,
+with Dice from TP/FP/FN counts summed over the ranks. After every epoch, and on
+SIGTERM/SIGUSR1 after the current step, the state (model, optimizer, LR
+schedule position, epoch, step, sampler, RNG, log so far) is written atomically;
+``--resume`` continues to the same parameters as a run never stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medhpc import backend
+from medhpc.ct import distributed
+from medhpc.ct.augment import AugmentSettings
+from medhpc.ct.dataset import CtDataset
+from medhpc.ct.inference import segment_volume
+from medhpc.ct.loss import confusion_counts, deep_supervision_loss, dice_from_counts
+from medhpc.ct.planner import given_plan, plan_training
+from medhpc.ct.sampler import PatchSampler, TrainingCase, rank_slots
+from medhpc.ct.unet import UNet3D, UNetConfig
+from medhpc.errors import InputError
+from medhpc.io.atomic import atomic_path
+from medhpc.parallel.geometry import block_range
+from medhpc.runtime.checkpoint import STOP_SIGNALS, CheckpointStop
+
+CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_NAME = "model.pt"
+POLY_EXPONENT = 0.9
+
+
+@dataclass
+class TrainSettings:
+    """Everything that defines a training run (its fingerprint for --resume)."""
+
+    epochs: int = 10
+    steps: int = 50
+    batch: int | None = None
+    patch: tuple | None = None
+    widths: tuple = (8, 16, 32, 64)
+    deep_supervision: bool = False
+    optimizer: str = "sgd"
+    lr: float | None = None
+    weight_decay: float = 3e-5
+    grad_sync: str = "ddp"
+    amp: bool | None = None
+    checkpointing: bool | None = None
+    gpu_mem_gb: float | None = None
+    folds: int = 5
+    fold: int = 0
+    augment: bool = True
+    foreground_fraction: float = 1 / 3
+    seed: int = 0
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (0.01 if self.optimizer == "sgd" else 3e-4)
+
+    def fingerprint(self, ranks: int) -> dict:
+        values = asdict(self)
+        values["global_batch"] = None if self.batch is None else self.batch * ranks
+        values.pop("batch")
+        return json.loads(json.dumps(values, default=list))
+
+
+def split_folds(names: list[str], folds: int, fold: int) -> tuple[list[str], list[str]]:
+    """Training and validation cases of fold ``fold`` of ``folds`` (a fixed shuffle of names).
+
+    ``folds == 1`` trains on every case and validates on none.
+    """
+    if folds < 1 or not 0 <= fold < folds:
+        raise InputError(f"--fold {fold} of --folds {folds}: expected 0 <= fold < folds")
+    if folds == 1:
+        return list(names), []
+    if len(names) < folds:
+        raise InputError(f"{len(names)} case(s) cannot make {folds} folds; expected at least "
+                         f"as many cases as folds (or --folds 1)")
+    order = np.random.default_rng(12345).permutation(len(names))
+    start, stop = block_range(len(names), folds, fold)
+    validation = sorted(names[i] for i in order[start:stop])
+    return [n for n in names if n not in validation], validation
+
+
+def poly_lr(base: float, step: int, total: int) -> float:
+    """nnU-Net's polynomial decay: base * (1 - step / total) ** 0.9."""
+    return base * (1 - min(step, total) / total) ** POLY_EXPONENT
+
+
+class StopSignals:
+    """Notes SIGTERM/SIGUSR1; the ranks agree on stopping after the current step."""
+
+    def __init__(self):
+        self.received = 0
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._note)
+
+    def _note(self, signum, frame):
+        self.received = signum
+
+    def close(self):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
+
+
+class Training:
+    """The ct-train run on this rank (collective: every rank builds one and calls execute)."""
+
+    def __init__(self, run, data, out, settings: TrainSettings, resume: bool = False,
+                 png: bool = False):
+        self.run = run
+        self.world = run.world
+        self.data = data
+        self.out = Path(out)
+        self.settings = settings
+        self.resume = resume
+        self.png = png
+
+    # -- setup ----------------------------------------------------------------------------
+    def validate(self):
+        s = self.settings
+        if s.optimizer not in ("sgd", "adamw"):
+            raise InputError(f"--optimizer {s.optimizer}: expected sgd or adamw")
+        if s.grad_sync not in ("ddp", "mpi"):
+            raise InputError(f"--grad-sync {s.grad_sync}: expected ddp or mpi")
+        dataset = CtDataset(self.data)
+        unlabelled = [n for n in dataset.names if not dataset.labelled[n]]
+        if unlabelled:
+            raise InputError(f"{self.data}: case(s) {', '.join(unlabelled[:3])} have no labels; "
+                             f"expected a labelled dataset (ct-prepare --labels)")
+        train, validation = split_folds(dataset.names, s.folds, s.fold)
+        if not train:
+            raise InputError(f"{self.data}: no training cases in fold {s.fold}")
+        config = UNetConfig(classes=dataset.n_classes + 1, widths=tuple(s.widths),
+                            deep_supervision=s.deep_supervision)
+        plan = self.memory_plan(config, dataset)
+        if any(p % config.divisor for p in plan.patch):
+            raise InputError(f"--patch {','.join(map(str, plan.patch))}: every size must be a "
+                             f"multiple of {config.divisor} ({config.depth} levels)")
+        if self.resume and not (self.out / CHECKPOINT_NAME).exists():
+            raise InputError(f"{self.out / CHECKPOINT_NAME}: no checkpoint to resume from; "
+                             f"run without --resume to start afresh")
+        if not self.resume and (self.out / MODEL_NAME).exists() and not self.run.overwrite:
+            raise InputError(f"{self.out / MODEL_NAME}: output exists; pass --overwrite or "
+                             f"--resume")
+        return dataset, train, validation, config, plan
+
+    def memory_plan(self, config: UNetConfig, dataset: CtDataset):
+        s = self.settings
+        if s.patch is not None:
+            amp = bool(s.amp) if s.amp is not None else False
+            return given_plan(config.widths, config.classes, s.patch, s.batch or 2, amp,
+                              bool(s.checkpointing), s.gpu_mem_gb, s.optimizer)
+        budget = s.gpu_mem_gb or (16.0 if self.run.device == "cuda" else 4.0)
+        median = np.median(np.array(list(dataset.shapes.values())), axis=0)
+        plan = plan_training(config.widths, config.classes, median, budget,
+                             s.amp if self.run.device == "cuda" or s.amp is not None else False,
+                             s.checkpointing, s.optimizer)
+        if s.batch is not None:
+            plan = given_plan(config.widths, config.classes, plan.patch, s.batch, plan.amp,
+                              plan.checkpointing, budget, s.optimizer)
+        return plan
+
+    def torch_device(self) -> torch.device:
+        if self.run.device == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def load_cases(self, dataset: CtDataset, names: list[str]) -> dict:
+        kernels = backend.kernels("medhpc.ct", "cpu", "augment")
+        stats = dataset.intensity
+        fill = (stats["low"] - stats["mean"]) / stats["std"]
+        cases = {}
+        for index, name in names:
+            image, labels, _ = dataset.read(name)
+            normalised = np.empty_like(image, dtype=np.float32)
+            kernels.normalise_hu(image.astype(np.float32), np.float32(stats["low"]),
+                                 np.float32(stats["high"]), np.float32(stats["mean"]),
+                                 np.float32(stats["std"]), normalised)
+            cases[index] = TrainingCase(name, normalised, labels, dataset.n_classes, fill)
+        return cases
+
+    # -- the run --------------------------------------------------------------------------
+    def execute(self) -> dict | None:
+        run, s = self.run, self.settings
+        with run.stage("validate inputs", "io"):
+            dataset, train_names, val_names, config, plan = self.world.agree(self.validate)
+        batch = plan.batch
+        global_batch = batch * self.world.size
+        summary = {"cases": {"train": len(train_names), "validation": len(val_names)},
+                   "network": config.to_dict(), "memory_plan": plan.to_dict(),
+                   "global_batch": global_batch, "grad_sync": s.grad_sync,
+                   "optimizer": s.optimizer, "lr": s.learning_rate,
+                   "epochs": s.epochs, "steps_per_epoch": s.steps}
+        if run.dry_run:
+            run.print_plan(summary)
+            return None
+        run.log.info("plan: " + json.dumps(summary["memory_plan"]))
+        torch.set_num_threads(run.threads)
+        with run.stage("rendezvous", "comm"):
+            ranks = distributed.rendezvous(self.world, run.device)
+        try:
+            return self._train(dataset, train_names, val_names, config, plan, ranks, summary)
+        finally:
+            distributed.shutdown(self.world, ranks)
+
+    def _train(self, dataset, train_names, val_names, config, plan, ranks, summary):
+        run, s = self.run, self.settings
+        device = self.torch_device()
+        batch, patch = plan.batch, plan.patch
+        global_batch = batch * ranks.size
+        total_steps = s.epochs * s.steps
+        torch.manual_seed(s.seed)
+        model = UNet3D(config, activation_checkpointing=plan.checkpointing).to(device)
+        if s.optimizer == "sgd":
+            optimizer = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=0.99,
+                                        nesterov=True, weight_decay=s.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=s.learning_rate,
+                                          weight_decay=s.weight_decay)
+        scaler = torch.amp.GradScaler("cuda", enabled=plan.amp and device.type == "cuda")
+
+        slots = rank_slots(ranks.rank, batch)
+        sampler = PatchSampler({}, len(train_names), global_batch, slots, patch, s.seed,
+                               backend.kernels("medhpc.ct", "cpu", "augment"),
+                               AugmentSettings() if s.augment else AugmentSettings.none(),
+                               s.foreground_fraction)
+        with run.stage("load cases", "io"):
+            needed = sampler.needed_cases()
+            sampler.cases = self.load_cases(dataset, [(i, train_names[i]) for i in needed])
+            mine = range(*block_range(len(val_names), ranks.size, ranks.rank))
+            val_cases = self.load_cases(dataset, [(i, val_names[i]) for i in mine])
+
+        state = {"epoch": 0, "step": 0, "history": [], "epoch_loss": 0.0, "epoch_seconds": 0.0}
+        fingerprint = s.fingerprint(ranks.size)
+        fingerprint["global_batch"] = global_batch
+        if self.resume:
+            with run.stage("read checkpoint", "io"):
+                state = self.read_checkpoint(model, optimizer, scaler, fingerprint)
+            state["epoch_loss"] /= ranks.size  # the saved partial sum is over every rank
+        if ranks.size > 1 and s.grad_sync == "ddp":
+            network = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+            sync = None
+        else:
+            network = model
+            sync = distributed.FlatGradientSync(self.world, model.parameters())
+            if ranks.launcher == "torchrun" and ranks.size > 1:
+                raise InputError("--grad-sync mpi needs an MPI launch (mpiexec/srun)")
+        autocast_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        signals = StopSignals()
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            for epoch in range(state["epoch"], s.epochs):
+                network.train()
+                started = time.perf_counter() - state["epoch_seconds"]
+                for step in range(state["step"], s.steps):
+                    global_step = epoch * s.steps + step
+                    with run.stage("sample and augment", "kernel"):
+                        images, labels = sampler.batch(global_step)
+                        x = torch.from_numpy(images).to(device)
+                        y = torch.from_numpy(labels).to(device)
+                    for group in optimizer.param_groups:
+                        group["lr"] = poly_lr(s.learning_rate, global_step, total_steps)
+                    with run.stage("forward and backward", "kernel"):
+                        optimizer.zero_grad(set_to_none=True)
+                        with torch.autocast(device.type, dtype=autocast_dtype, enabled=plan.amp):
+                            loss = deep_supervision_loss(network(x), y)
+                        scaler.scale(loss).backward()
+                    if sync is not None:
+                        with run.stage("gradient all-reduce", "comm"):
+                            sync()
+                    with run.stage("optimizer step", "kernel"):
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+                        scaler.step(optimizer)
+                        scaler.update()
+                    state["epoch_loss"] += float(loss.detach())
+                    stop = distributed.reduce_max(self.world, ranks, signals.received)
+                    if stop:
+                        partial = distributed.reduce_sum(
+                            self.world, ranks, np.array([state["epoch_loss"]]))[0]
+                        state.update(epoch=epoch, step=step + 1, epoch_loss=float(partial),
+                                     epoch_seconds=time.perf_counter() - started)
+                        self.write_checkpoint(model, optimizer, scaler, state, fingerprint,
+                                              ranks)
+                        raise CheckpointStop(int(stop), global_step + 1,
+                                             self.out / CHECKPOINT_NAME)
+                seconds = time.perf_counter() - started
+                epoch_loss = distributed.reduce_sum(
+                    self.world, ranks, np.array([state["epoch_loss"]]))[0] / ranks.size
+                with run.stage("validation", "kernel"):
+                    dice = self.validate_epoch(model, val_cases, dataset, patch, device, plan.amp,
+                                               ranks)
+                record = {"epoch": epoch + 1, "loss": float(epoch_loss) / s.steps,
+                          "lr": poly_lr(s.learning_rate, (epoch + 1) * s.steps, total_steps),
+                          "patches_per_s": s.steps * global_batch / seconds,
+                          "seconds": seconds,
+                          "dice": {name: _finite(d) for name, d in zip(dataset.classes, dice)}}
+                if device.type == "cuda":
+                    record["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1024 ** 3
+                state["history"].append(record)
+                run.log.info(f"epoch {epoch + 1}/{s.epochs}: loss {record['loss']:.4f}, "
+                             f"{record['patches_per_s']:.2f} patches/s, Dice "
+                             + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -"
+                                         for k, v in record["dice"].items()))
+                state.update(epoch=epoch + 1, step=0, epoch_loss=0.0, epoch_seconds=0.0)
+                with run.stage("checkpoint", "io"):
+                    self.write_checkpoint(model, optimizer, scaler, state, fingerprint, ranks)
+        finally:
+            signals.close()
+        with run.stage("write model and log", "io"):
+            self.write_outputs(model, config, plan, dataset, state["history"], summary)
+        return {"history": state["history"]}
+
+    # -- validation -----------------------------------------------------------------------
+    def validate_epoch(self, model, val_cases: dict, dataset, patch, device, amp, ranks):
+        counts = np.zeros((dataset.n_classes, 3))
+        for case in val_cases.values():
+            prediction = segment_volume(model, case.image, patch, dataset.n_classes + 1, device,
+                                        case.fill, amp=amp)
+            counts += confusion_counts(prediction, case.labels, dataset.n_classes)
+        counts = distributed.reduce_sum(self.world, ranks, counts)
+        return dice_from_counts(counts)
+
+    # -- state ----------------------------------------------------------------------------
+    def write_checkpoint(self, model, optimizer, scaler, state, fingerprint, ranks):
+        if ranks.rank != 0:
+            return
+        document = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "state": state, "fingerprint": fingerprint,
+                    "sampler": {"seed": self.settings.seed, "next_step":
+                                state["epoch"] * self.settings.steps + state["step"]},
+                    "torch_rng": torch.get_rng_state()}
+        with atomic_path(self.out / CHECKPOINT_NAME, overwrite=True) as tmp:
+            torch.save(document, tmp)
+
+    def read_checkpoint(self, model, optimizer, scaler, fingerprint) -> dict:
+        path = self.out / CHECKPOINT_NAME
+
+        def read():
+            try:
+                document = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as error:
+                raise InputError(f"{path}: not a readable ct-train checkpoint "
+                                 f"({type(error).__name__}); run without --resume") from None
+            if document["fingerprint"] != fingerprint:
+                changed = sorted(k for k in set(fingerprint) | set(document["fingerprint"])
+                                 if fingerprint.get(k) != document["fingerprint"].get(k))
+                raise InputError(f"{path}: checkpoint of a run with different settings "
+                                 f"({', '.join(changed)}); rerun with the same settings")
+            return document
+
+        document = self.world.agree(read)
+        model.load_state_dict(document["model"])
+        optimizer.load_state_dict(document["optimizer"])
+        scaler.load_state_dict(document["scaler"])
+        torch.set_rng_state(document["torch_rng"])
+        return document["state"]
+
+    def write_outputs(self, model, config, plan, dataset, history, summary):
+        if not self.world.is_root:
+            return
+        document = {"model": model.state_dict(), "network": config.to_dict(),
+                    "patch": list(plan.patch), "classes": dataset.classes,
+                    "intensity": dataset.intensity, "spacing_mm": dataset.spacing_mm,
+                    "amp": plan.amp}
+        with atomic_path(self.out / MODEL_NAME, overwrite=True) as tmp:
+            torch.save(document, tmp)
+        log = {**summary, "epochs_run": history}
+        with atomic_path(self.out / "log.json", overwrite=True) as tmp:
+            tmp.write_text(json.dumps(log, indent=2) + "\n")
+        with atomic_path(self.out / "log.csv", overwrite=True) as tmp:
+            with open(tmp, "w", newline="") as stream:
+                writer = csv.writer(stream)
+                writer.writerow(["epoch", "loss", "lr", "patches_per_s", "seconds"]
+                                + [f"dice_{c}" for c in dataset.classes])
+                for r in history:
+                    writer.writerow([r["epoch"], f"{r['loss']:.6f}", f"{r['lr']:.6g}",
+                                     f"{r['patches_per_s']:.4f}", f"{r['seconds']:.3f}"]
+                                    + ["" if r["dice"][c] is None else f"{r['dice'][c]:.4f}"
+                                       for c in dataset.classes])
+        if self.png:
+            from medhpc.ct.figures import plot_training_curves
+
+            plot_training_curves(self.out / "curves.png", history, dataset.classes)
+
+
+def _finite(value) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
