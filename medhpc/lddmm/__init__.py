@@ -1,0 +1,1 @@
+"""Diffeomorphic registration (Beg LDDMM) with velocity fields split across ranks."""

@@ -1,0 +1,136 @@
+"""LDDMM subcommands: lddmm, lddmm-apply, phantom lddmm. Parse, validate, call."""
+
+from __future__ import annotations
+
+import click
+
+from medhpc.cli.options import pass_run
+from medhpc.cli.parsing import NumberList
+
+
+class IntegerList(click.ParamType):
+    """Comma-separated positive integers of any length (``50,25``)."""
+
+    name = "list"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [item for item in str(value).split(",") if item.strip()]
+        try:
+            numbers = tuple(int(item) for item in items)
+        except ValueError:
+            self.fail(f"{value!r}: expected comma-separated integers", param, ctx)
+        if not numbers or any(n < 0 for n in numbers):
+            self.fail(f"{value!r}: expected non-negative integers", param, ctx)
+        return numbers
+
+
+@click.command("lddmm")
+@click.option("--fixed", type=click.Path(), default=None, help="Fixed (target) image.")
+@click.option("--moving", type=click.Path(), default=None,
+              help="Moving (template) image, registered to the fixed one.")
+@click.option("--pairs", type=click.Path(dir_okay=False), default=None,
+              help="CSV of fixed,moving[,name] lines: many registrations over the ranks.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--metric", type=click.Choice(["ssd", "ncc"]), default="ssd", show_default=True)
+@click.option("--timesteps", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Time points of the velocity.")
+@click.option("--alpha", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="Weight of the Laplacian in L = (-alpha Lap + gamma)^power (mm^2).")
+@click.option("--gamma", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True)
+@click.option("--power", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--sigma", type=click.FloatRange(min=0, min_open=True), default=0.02,
+              show_default=True,
+              help="Weight of the similarity: 1/sigma^2 (intensities are scaled to [0, 1]).")
+@click.option("--levels", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Pyramid levels (each halves the grid).")
+@click.option("--iterations", type=IntegerList(), default="60,40", show_default=True,
+              help="Iterations per level, coarsest first (the last repeats).")
+@click.option("--step", type=click.FloatRange(min=0, min_open=True), default=0.2,
+              show_default=True, help="First step length of the gradient descent.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Stop a level when the energy falls by less than this share 3 times running.")
+@click.option("--max-step-voxels", type=click.FloatRange(min=0.5), default=2.0, show_default=True,
+              help="Longest semi-Lagrangian substep; sets the halo and the substeps.")
+@click.option("--decomp", type=click.Choice(["slabs", "none", "auto"]), default="auto",
+              show_default=True, help="slabs: all ranks share one registration along z.")
+@click.option("--ranks-per-pair", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --pairs: ranks that share each registration (slabs).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Save a checkpoint every K iterations (always on SIGTERM/SIGUSR1).")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
+@click.option("--save-velocity", is_flag=True, help="Also store the velocity fields.")
+@pass_run("lddmm")
+def lddmm(run, fixed, moving, pairs, out, metric, timesteps, alpha, gamma, power, sigma, levels,
+          iterations, step, tolerance, max_step_voxels, decomp, ranks_per_pair, checkpoint_every,
+          resume, save_velocity):
+    """Register a moving image to a fixed one with LDDMM (time-varying velocity, Beg et al.),
+    spreading the fields over the ranks in z-slabs, or register many pairs."""
+    from medhpc.errors import InputError
+    from medhpc.lddmm.optimise import Settings
+    from medhpc.lddmm.pairs import register_one, register_pairs
+
+    def check_inputs():
+        if (pairs is None) == (fixed is None or moving is None) or (
+                pairs is not None and (fixed or moving)):
+            raise InputError("give --fixed and --moving, or --pairs (not both)")
+
+    run.world.agree(check_inputs)
+    settings = Settings(metric=metric, sigma=sigma, timesteps=timesteps, alpha=alpha, gamma=gamma,
+                        power=power, levels=levels, iterations=tuple(iterations), step=step,
+                        tolerance=tolerance, max_step_voxels=max_step_voxels)
+    options = dict(decomp=decomp, resume=resume, checkpoint_every=checkpoint_every,
+                   save_velocity=save_velocity)
+    if pairs is None:
+        register_one(run, settings, fixed, moving, out, **options)
+    else:
+        register_pairs(run, settings, pairs, out, ranks_per_pair=ranks_per_pair, **options)
+
+
+@click.command("lddmm-apply")
+@click.option("--transform", required=True, type=click.Path(), help="lddmm's transform.h5.")
+@click.option("--image", required=True, type=click.Path(), help="Image or label map to warp.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Warped image.")
+@click.option("--interp", type=click.Choice(["linear", "nearest", "label"]), default="linear",
+              show_default=True, help="label: per-label linear weights, most likely label kept.")
+@click.option("--inverse", is_flag=True,
+              help="Warp an image of the fixed space into the moving space (moving grid).")
+@click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
+def lddmm_apply(transform, image, out, interp, inverse, overwrite):
+    """Warp an image or a label map with a transform written by lddmm."""
+    from medhpc.lddmm.pairs import apply_command
+    from medhpc.parallel.comm import get_world
+
+    world = get_world()
+    message = world.agree(lambda: apply_command(transform, image, out, interp, inverse,
+                                                overwrite))
+    if world.is_root:
+        click.echo(message, err=True)
+
+
+@click.command("lddmm")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for fixed/moving images, labels, true_transform.h5, phantom.json.")
+@click.option("--shape", type=NumberList(3, int), default="64", show_default=True,
+              help="Grid z,y,x (one number: a cube).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace files that exist.")
+def phantom_lddmm(out, shape, seed, overwrite):
+    """A brain-like pair (4 tissue labels) related by a known smooth diffeomorphism."""
+    from medhpc.parallel.comm import get_world
+    from medhpc.phantoms.lddmm import write_lddmm_phantom
+
+    world = get_world()
+    summary = world.agree(lambda: write_lddmm_phantom(out, shape, seed, overwrite))
+    if world.is_root:
+        size = "x".join(str(n) for n in reversed(summary["shape_zyx"]))
+        click.echo(f"wrote {out}: fixed and moving {size} voxels with tissue labels, "
+                   f"deformation up to {summary['amplitude_voxels']:.2g} voxels "
+                   f"(true_transform.h5)", err=True)
+
+
+COMMANDS = [lddmm, lddmm_apply]
+PHANTOM_COMMANDS = [phantom_lddmm]

@@ -1,0 +1,250 @@
+"""LDDMM kernels on the GPU (twins of :mod:`medhpc.lddmm.kernels_cpu`, same signatures).
+
+One thread per output voxel, float32 arithmetic. The launchers take numba device
+arrays (scalars as Python numbers); layouts and conventions are those of the CPU twin.
+"""
+
+import math
+
+from numba import cuda, float32
+
+from medhpc.backend import launch_config_1d
+
+
+@cuda.jit(device=True, inline=True)
+def _corner(position, n):
+    if position < float32(0.0):
+        position = float32(0.0)
+    elif position > float32(n - 1):
+        position = float32(n - 1)
+    lower = int(position)
+    if lower > n - 2:
+        lower = max(n - 2, 0)
+    upper = min(lower + 1, n - 1)
+    return lower, upper, position - float32(lower)
+
+
+@cuda.jit(device=True, inline=True)
+def _blend(f, z0, z1, wz, y0, y1, wy, x0, x1, wx):
+    one = float32(1.0)
+    c00 = f[z0, y0, x0] * (one - wx) + f[z0, y0, x1] * wx
+    c01 = f[z0, y1, x0] * (one - wx) + f[z0, y1, x1] * wx
+    c10 = f[z1, y0, x0] * (one - wx) + f[z1, y0, x1] * wx
+    c11 = f[z1, y1, x0] * (one - wx) + f[z1, y1, x1] * wx
+    return (c00 * (one - wy) + c01 * wy) * (one - wz) + (c10 * (one - wy) + c11 * wy) * wz
+
+
+@cuda.jit(device=True, inline=True)
+def _blend_component(f, c, z0, z1, wz, y0, y1, wy, x0, x1, wx):
+    one = float32(1.0)
+    c00 = f[c, z0, y0, x0] * (one - wx) + f[c, z0, y0, x1] * wx
+    c01 = f[c, z0, y1, x0] * (one - wx) + f[c, z0, y1, x1] * wx
+    c10 = f[c, z1, y0, x0] * (one - wx) + f[c, z1, y0, x1] * wx
+    c11 = f[c, z1, y1, x0] * (one - wx) + f[c, z1, y1, x1] * wx
+    return (c00 * (one - wy) + c01 * wy) * (one - wz) + (c10 * (one - wy) + c11 * wy) * wz
+
+
+@cuda.jit(device=True, inline=True)
+def _difference(f, c, index, n, step_z, step_y, step_x, z, y, x):
+    if n == 1:
+        return float32(0.0)
+    if index == 0:
+        return f[c, z + step_z, y + step_y, x + step_x] - f[c, z, y, x]
+    if index == n - 1:
+        return f[c, z, y, x] - f[c, z - step_z, y - step_y, x - step_x]
+    return float32(0.5) * (f[c, z + step_z, y + step_y, x + step_x]
+                           - f[c, z - step_z, y - step_y, x - step_x])
+
+
+@cuda.jit(device=True, inline=True)
+def _difference_3d(f, index, n, step_z, step_y, step_x, z, y, x):
+    if n == 1:
+        return float32(0.0)
+    if index == 0:
+        return f[z + step_z, y + step_y, x + step_x] - f[z, y, x]
+    if index == n - 1:
+        return f[z, y, x] - f[z - step_z, y - step_y, x - step_x]
+    return float32(0.5) * (f[z + step_z, y + step_y, x + step_x] - f[z - step_z, y - step_y, x - step_x])
+
+
+def _compose_displacement(u, v, scale, halo, z_first, nz_global, out):
+    index = cuda.grid(1)
+    owned, ny, nx = v.shape[1], v.shape[2], v.shape[3]
+    if index >= owned * ny * nx:
+        return
+    zo = index // (ny * nx)
+    y = (index // nx) % ny
+    x = index % nx
+    local_nz = u.shape[1]
+    z_low = max(0, halo - z_first)
+    z_high = min(local_nz - 1, halo + nz_global - 1 - z_first)
+    zl = zo + halo
+    dz = scale * v[0, zo, y, x]
+    dy = scale * v[1, zo, y, x]
+    dx = scale * v[2, zo, y, x]
+    pz = min(max(float32(zl) + dz, float32(z_low)), float32(z_high)) - float32(z_low)
+    z0, z1, wz = _corner(pz, z_high - z_low + 1)
+    y0, y1, wy = _corner(float32(y) + dy, ny)
+    x0, x1, wx = _corner(float32(x) + dx, nx)
+    z0 += z_low
+    z1 += z_low
+    out[0, zl, y, x] = dz + _blend_component(u, 0, z0, z1, wz, y0, y1, wy, x0, x1, wx)
+    out[1, zl, y, x] = dy + _blend_component(u, 1, z0, z1, wz, y0, y1, wy, x0, x1, wx)
+    out[2, zl, y, x] = dx + _blend_component(u, 2, z0, z1, wz, y0, y1, wy, x0, x1, wx)
+
+
+def _warp_image(image, u, halo, z_first, out, out_halo):
+    index = cuda.grid(1)
+    nk, ny, nx = out.shape
+    if index >= nk * ny * nx:
+        return
+    k = index // (ny * nx)
+    y = (index // nx) % ny
+    x = index % nx
+    nz = image.shape[0]
+    zg = z_first - out_halo + k
+    if zg < 0 or zg >= nz:
+        return
+    zl = k - out_halo + halo
+    z0, z1, wz = _corner(float32(zg) + u[0, zl, y, x], nz)
+    y0, y1, wy = _corner(float32(y) + u[1, zl, y, x], ny)
+    x0, x1, wx = _corner(float32(x) + u[2, zl, y, x], nx)
+    out[k, y, x] = _blend(image, z0, z1, wz, y0, y1, wy, x0, x1, wx)
+
+
+def _image_gradient(image, image_halo, z_first, nz_global, out):
+    index = cuda.grid(1)
+    owned, ny, nx = out.shape[1], out.shape[2], out.shape[3]
+    if index >= owned * ny * nx:
+        return
+    zo = index // (ny * nx)
+    y = (index // nx) % ny
+    x = index % nx
+    k = zo + image_halo
+    zg = z_first + zo
+    out[0, zo, y, x] = _difference_3d(image, zg, nz_global, 1, 0, 0, k, y, x)
+    out[1, zo, y, x] = _difference_3d(image, y, ny, 0, 1, 0, k, y, x)
+    out[2, zo, y, x] = _difference_3d(image, x, nx, 0, 0, 1, k, y, x)
+
+
+def _jacobian_determinant(u, halo, z_first, nz_global, out):
+    index = cuda.grid(1)
+    owned, ny, nx = out.shape
+    if index >= owned * ny * nx:
+        return
+    zo = index // (ny * nx)
+    y = (index // nx) % ny
+    x = index % nx
+    k = zo + halo
+    zg = z_first + zo
+    one = float32(1.0)
+    a00 = one + _difference(u, 0, zg, nz_global, 1, 0, 0, k, y, x)
+    a01 = _difference(u, 0, y, ny, 0, 1, 0, k, y, x)
+    a02 = _difference(u, 0, x, nx, 0, 0, 1, k, y, x)
+    a10 = _difference(u, 1, zg, nz_global, 1, 0, 0, k, y, x)
+    a11 = one + _difference(u, 1, y, ny, 0, 1, 0, k, y, x)
+    a12 = _difference(u, 1, x, nx, 0, 0, 1, k, y, x)
+    a20 = _difference(u, 2, zg, nz_global, 1, 0, 0, k, y, x)
+    a21 = _difference(u, 2, y, ny, 0, 1, 0, k, y, x)
+    a22 = one + _difference(u, 2, x, nx, 0, 0, 1, k, y, x)
+    out[zo, y, x] = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
+                     + a02 * (a10 * a21 - a11 * a20))
+
+
+def _similarity_force(gradient, j0, j0_halo, j1, determinant, weight_j0, weight_j1, offset, out):
+    index = cuda.grid(1)
+    owned, ny, nx = j1.shape
+    if index >= owned * ny * nx:
+        return
+    zo = index // (ny * nx)
+    y = (index // nx) % ny
+    x = index % nx
+    r = determinant[zo, y, x] * (weight_j0 * j0[zo + j0_halo, y, x] + weight_j1 * j1[zo, y, x]
+                                 + offset)
+    out[0, zo, y, x] = r * gradient[0, zo, y, x]
+    out[1, zo, y, x] = r * gradient[1, zo, y, x]
+    out[2, zo, y, x] = r * gradient[2, zo, y, x]
+
+
+def _sample_points(image, points, nearest, fill, out):
+    i = cuda.grid(1)
+    if i >= points.shape[1]:
+        return
+    nz, ny, nx = image.shape
+    pz = points[0, i]
+    py = points[1, i]
+    px = points[2, i]
+    half = float32(0.5)
+    if (pz < -half or pz > float32(nz) - half or py < -half or py > float32(ny) - half
+            or px < -half or px > float32(nx) - half):
+        out[i] = fill
+        return
+    if nearest == 1:
+        iz = min(max(int(math.floor(pz + half)), 0), nz - 1)
+        iy = min(max(int(math.floor(py + half)), 0), ny - 1)
+        ix = min(max(int(math.floor(px + half)), 0), nx - 1)
+        out[i] = image[iz, iy, ix]
+    else:
+        z0, z1, wz = _corner(pz, nz)
+        y0, y1, wy = _corner(py, ny)
+        x0, x1, wx = _corner(px, nx)
+        out[i] = _blend(image, z0, z1, wz, y0, y1, wy, x0, x1, wx)
+
+
+compose_displacement_kernel = cuda.jit(_compose_displacement)
+warp_image_kernel = cuda.jit(_warp_image)
+image_gradient_kernel = cuda.jit(_image_gradient)
+jacobian_determinant_kernel = cuda.jit(_jacobian_determinant)
+similarity_force_kernel = cuda.jit(_similarity_force)
+sample_points_kernel = cuda.jit(_sample_points)
+
+_F3 = "float32[:, :, ::1]"
+_F4 = "float32[:, :, :, ::1]"
+PTX_SIGNATURES = {
+    "compose_displacement": (_compose_displacement,
+                             f"({_F4}, {_F4}, float32, int64, int64, int64, {_F4})"),
+    "warp_image": (_warp_image, f"({_F3}, {_F4}, int64, int64, {_F3}, int64)"),
+    "image_gradient": (_image_gradient, f"({_F3}, int64, int64, int64, {_F4})"),
+    "jacobian_determinant": (_jacobian_determinant, f"({_F4}, int64, int64, int64, {_F3})"),
+    "similarity_force": (_similarity_force,
+                         f"({_F4}, {_F3}, int64, {_F3}, {_F3}, float32, float32, float32, {_F4})"),
+    "sample_points": (_sample_points,
+                      "(float32[:, :, ::1], float32[:, ::1], int64, float32, float32[::1])"),
+}
+
+
+def _launch(kernel, items, *args):
+    blocks, threads = launch_config_1d(items)
+    kernel[blocks, threads](*args)
+
+
+def compose_displacement(u, v, scale, halo, z_first, nz_global, out):
+    """One semi-Lagrangian step of a map (see the CPU twin)."""
+    _launch(compose_displacement_kernel, v.shape[1] * v.shape[2] * v.shape[3], u, v,
+            float32(scale), halo, z_first, nz_global, out)
+
+
+def warp_image(image, u, halo, z_first, out, out_halo):
+    """``out(x) = image(x + u(x))`` (see the CPU twin)."""
+    _launch(warp_image_kernel, out.size, image, u, halo, z_first, out, out_halo)
+
+
+def image_gradient(image, image_halo, z_first, nz_global, out):
+    """Gradient in voxels of an image slab (see the CPU twin)."""
+    _launch(image_gradient_kernel, out.size // 3, image, image_halo, z_first, nz_global, out)
+
+
+def jacobian_determinant(u, halo, z_first, nz_global, out):
+    """``det(I + Du)`` on the owned planes (see the CPU twin)."""
+    _launch(jacobian_determinant_kernel, out.size, u, halo, z_first, nz_global, out)
+
+
+def similarity_force(gradient, j0, j0_halo, j1, determinant, weight_j0, weight_j1, offset, out):
+    """``|D phi| (a J0 + c J1 + d) grad J0`` (see the CPU twin)."""
+    _launch(similarity_force_kernel, j1.size, gradient, j0, j0_halo, j1, determinant,
+            float32(weight_j0), float32(weight_j1), float32(offset), out)
+
+
+def sample_points(image, points, nearest, fill, out):
+    """Trilinear or nearest samples at voxel positions (see the CPU twin)."""
+    _launch(sample_points_kernel, points.shape[1], image, points, nearest, float32(fill), out)
