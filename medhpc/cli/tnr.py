@@ -28,7 +28,7 @@ from medhpc.cli.options import pass_run
               help="Working level: this many input pixels per working pixel [default 1].")
 @click.option("--level", type=int, default=None,
               help="Working level as a pyramid level: --downsample 2**LEVEL.")
-@click.option("--stain", type=click.Choice(["gray", "od", "hematoxylin"]), default="od",
+@click.option("--stain", type=click.Choice(["gray", "od", "hematoxylin"]), default="hematoxylin",
               show_default=True, help="Channel that sections of any stain share.")
 @click.option("--min-ncc", type=float, default=0.6, show_default=True,
               help="Matches with a lower NCC peak are rejected.")

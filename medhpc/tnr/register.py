@@ -51,7 +51,7 @@ class TnrSettings:
 
     mode: str = "tnr"
     sigma: float = 3.0
-    stain: str = "od"
+    stain: str = "hematoxylin"
     downsample: int = 1
     match: MatchSettings = field(default_factory=MatchSettings)
     max_angle_deg: float = 10.0
