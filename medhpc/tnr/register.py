@@ -270,14 +270,12 @@ class Reconstruction:
         if self.world.is_root:
             self.pairs_dir.exists() and _remove_tree(self.pairs_dir)
             self._document = self._log_document(pairs, flags, matched, record)
-            if self.fields is not None:
-                with self.run.stage("write fields", "io"):
-                    self._append_trajectories(record)
-            if self.png is not None:
-                with self.run.stage("picture", "io"):
-                    from medhpc.tnr.figures import qc_figure
-
-                    qc_figure(self.png, views, record, self.settings, self.run.overwrite)
+        if self.fields is not None:
+            with self.run.stage("write fields", "io"):
+                self.world.agree(lambda: self._append_trajectories(record))
+        if self.png is not None:
+            with self.run.stage("picture", "io"):
+                self.world.agree(lambda: self._picture(views, record))
         timings = self.run.finish({"mode": self.settings.mode})
         if self.world.is_root:
             document = dict(self._document, timings=timings)
@@ -452,6 +450,12 @@ class Reconstruction:
                                  attrs={"description": "output -> input displacement (y, x) in "
                                                        "working-level pixels"},
                                  overwrite=self.run.overwrite)
+
+    def _picture(self, views, record) -> None:
+        from medhpc.tnr.figures import qc_figure
+
+        qc_figure(self.png, views, record, self.settings, self.run.overwrite)
+        self.run.log.info(f"picture written to {self.png}")
 
     def _append_trajectories(self, record: dict) -> None:
         import h5py
