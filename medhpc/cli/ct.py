@@ -163,5 +163,29 @@ def ct_train(run, data, out, epochs, steps, patch, batch, widths, deep_supervisi
         run.finish()
 
 
-COMMANDS = [ct_prepare, ct_train]
+@click.command("ct-segment")
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="RUN/model.pt written by ct-train.")
+@click.option("--images", required=True, multiple=True, type=click.Path(exists=True),
+              help="A folder of images (NIfTI files, DICOM series folders), or image files; "
+                   "repeatable.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for <case>.nii.gz label maps (and dice.csv/json with --labels).")
+@click.option("--labels", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Reference label maps (<case>.nii.gz): print per-organ Dice.")
+@click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Windows per forward pass.")
+@pass_run("ct-segment")
+def ct_segment(run, model_path, images, out, labels, batch):
+    """Segment CT volumes by sliding windows with Gaussian blending, cases over the ranks;
+    label maps on each input's own grid."""
+    from medhpc.ct.segment import Segmentation
+
+    sources = images[0] if len(images) == 1 else list(images)
+    result = Segmentation(run, model_path, sources, out, labels, batch).execute()
+    if result is not None:
+        run.finish()
+
+
+COMMANDS = [ct_prepare, ct_train, ct_segment]
 PHANTOM_COMMANDS = [phantom_ct]

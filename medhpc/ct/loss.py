@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 
 def dice_ce_loss(logits, labels, smooth: float = 1e-5):
-    """Mean over samples of (cross-entropy + 1 - mean foreground soft Dice).
+    """Mean over samples of (cross-entropy + 1 - mean soft Dice of the foreground classes
+    present in the sample; no Dice term for a sample of background only).
 
     ``logits`` (B, C, z, y, x); ``labels`` (B, z, y, x) integer classes 0..C-1.
     """
@@ -24,7 +25,11 @@ def dice_ce_loss(logits, labels, smooth: float = 1e-5):
     intersection = (probabilities * onehot).sum(axes)
     denominator = probabilities.sum(axes) + onehot.sum(axes)
     dice = (2 * intersection + smooth) / (denominator + smooth)
-    return (cross_entropy + 1 - dice[:, 1:].mean(1)).mean()
+    # classes absent from a sample's reference would only reward predicting nothing of them
+    # (cross-entropy already does), so each sample averages Dice over the classes it holds
+    present = (onehot.sum(axes) > 0)[:, 1:].to(dice.dtype)
+    mean_dice = (dice[:, 1:] * present).sum(1) / present.sum(1).clamp(min=1)
+    return (cross_entropy + present.amax(1) * (1 - mean_dice)).mean()
 
 
 def deep_supervision_loss(outputs, labels):

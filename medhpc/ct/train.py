@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -38,6 +39,8 @@ from medhpc.io.atomic import atomic_path
 from medhpc.parallel.geometry import block_range
 from medhpc.runtime.checkpoint import STOP_SIGNALS, CheckpointStop
 
+# A test hook: the rank sends itself SIGTERM after this global step (exercises the stop path).
+STOP_AFTER_STEP_VARIABLE = "MEDHPC_CT_SIGTERM_AFTER_STEP"
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
 POLY_EXPONENT = 0.9
@@ -292,6 +295,8 @@ class Training:
                         scaler.step(optimizer)
                         scaler.update()
                     state["epoch_loss"] += float(loss.detach())
+                    if global_step + 1 == _signal_step():
+                        os.kill(os.getpid(), signal.SIGTERM)
                     stop = distributed.reduce_max(self.world, ranks, signals.received)
                     if stop:
                         partial = distributed.reduce_sum(
@@ -400,6 +405,11 @@ class Training:
             from medhpc.ct.figures import plot_training_curves
 
             plot_training_curves(self.out / "curves.png", history, dataset.classes)
+
+
+def _signal_step() -> int | None:
+    value = os.environ.get(STOP_AFTER_STEP_VARIABLE, "").strip()
+    return int(value) if value.isdigit() else None
 
 
 def _finite(value) -> float | None:

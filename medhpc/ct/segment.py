@@ -1,0 +1,164 @@
+"""ct-segment: sliding-window segmentation of CT volumes with a trained model, cases over ranks.
+
+Each rank segments its block of cases: read (NIfTI or DICOM series), resample
+to the model's voxel size when it was trained on resampled data, normalise as in
+training, blend windows (:mod:`medhpc.ct.inference`), bring the label map back
+to the input's own grid and write it as NIfTI. With reference labels, TP/FP/FN
+counts per case and organ are gathered and rank 0 prints a Dice table (also
+written as ``dice.csv`` and ``dice.json``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medhpc import backend
+from medhpc.ct.dataset import find_cases, read_ct, read_labels, resample, resampled_geometry
+from medhpc.ct.inference import segment_volume
+from medhpc.ct.loss import confusion_counts, dice_from_counts
+from medhpc.ct.unet import UNet3D, UNetConfig
+from medhpc.errors import InputError
+from medhpc.io.atomic import atomic_path, check_output_free
+from medhpc.io.nifti import write_nifti
+from medhpc.parallel.work import static_items
+
+
+def load_model(path, device) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the network saved by ct-train and return it with its settings."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: model not found; expected RUN/model.pt written by ct-train")
+    try:
+        document = torch.load(path, map_location="cpu", weights_only=False)
+        config = UNetConfig.from_dict(document["network"])
+        model = UNet3D(config)
+        model.load_state_dict(document["model"])
+    except InputError:
+        raise
+    except Exception as error:
+        raise InputError(f"{path}: not a ct-train model ({type(error).__name__}: {error}); "
+                         f"expected RUN/model.pt") from None
+    return model.to(device).eval(), document
+
+
+class Segmentation:
+    """The ct-segment run on this rank (collective)."""
+
+    def __init__(self, run, model_path, images, out, labels=None, batch: int = 2):
+        self.run = run
+        self.world = run.world
+        self.model_path = model_path
+        self.images = images
+        self.out = Path(out)
+        self.labels = labels
+        self.batch = batch
+
+    def check(self):
+        _, document = load_model(self.model_path, torch.device("cpu"))
+        cases = find_cases(self.images, self.labels)
+        for case in cases:
+            check_output_free(self.out / f"{case.name}.nii.gz", self.run.overwrite)
+        return cases, len(document["classes"])
+
+    def execute(self) -> dict | None:
+        run = self.run
+        with run.stage("validate inputs", "io"):
+            cases, n_classes = self.world.agree(self.check)
+        if run.dry_run:
+            run.print_plan({"cases": len(cases), "cases_per_rank":
+                            [len(static_items(_RankView(r, self.world.size), len(cases)))
+                             for r in range(self.world.size)]})
+            return None
+        torch.set_num_threads(run.threads)
+        device = (torch.device("cuda", torch.cuda.current_device()) if run.device == "cuda"
+                  else torch.device("cpu"))
+        with run.stage("load model", "io"):
+            model, document = load_model(self.model_path, device)
+        mine = static_items(self.world, len(cases))
+        results = self.world.agree_all(
+            lambda: [self.segment_case(cases[i], model, document, device) for i in mine])
+        with run.stage("gather Dice counts", "comm"):
+            gathered = self.world.gather(results)
+        table = None
+        if self.world.is_root and self.labels is not None:
+            rows = [row for part in gathered for row in part]
+            table = self.write_table(rows, document["classes"])
+        return {"cases": len(cases), "dice": table}
+
+    def segment_case(self, case, model, document, device) -> dict:
+        run = self.run
+        with run.stage("read", "io"):
+            image, geometry = read_ct(case.image)
+            reference = None
+            if case.labels is not None:
+                reference = read_labels(case.labels, case.image, geometry,
+                                        len(document["classes"]))
+        stats = document["intensity"]
+        kernels = backend.kernels("medhpc.ct", "cpu", "augment")
+        with run.stage("resample and normalise", "kernel"):
+            model_grid = geometry
+            if document.get("spacing_mm"):
+                model_grid = resampled_geometry(geometry, document["spacing_mm"])
+                image = resample(image, geometry, model_grid, labels=False,
+                                 fill=float(image.min()))
+            normalised = np.empty(image.shape, dtype=np.float32)
+            kernels.normalise_hu(np.ascontiguousarray(image, dtype=np.float32),
+                                 np.float32(stats["low"]), np.float32(stats["high"]),
+                                 np.float32(stats["mean"]), np.float32(stats["std"]), normalised)
+        fill = (stats["low"] - stats["mean"]) / stats["std"]
+        with run.stage("inference", "kernel"):
+            prediction = segment_volume(model, normalised, tuple(document["patch"]),
+                                        len(document["classes"]) + 1, device, fill,
+                                        batch=self.batch, amp=bool(document.get("amp")))
+        if model_grid is not geometry:
+            prediction = resample(prediction, model_grid, geometry, labels=True)
+        with run.stage("write", "io"):
+            write_nifti(self.out / f"{case.name}.nii.gz", prediction, geometry,
+                        overwrite=run.overwrite)
+        row = {"case": case.name}
+        if reference is not None:
+            row["counts"] = confusion_counts(prediction, reference,
+                                             len(document["classes"])).tolist()
+        run.log.info(f"segmented {case.name} ({geometry.describe()})")
+        return row
+
+    def write_table(self, rows: list[dict], classes) -> dict:
+        total = np.zeros((len(classes), 3))
+        table = {"cases": {}, "classes": list(classes)}
+        lines = ["case".ljust(16) + "".join(c[:10].rjust(11) for c in classes)]
+        for row in rows:
+            counts = np.array(row["counts"])
+            total += counts
+            dice = dice_from_counts(counts)
+            table["cases"][row["case"]] = [None if np.isnan(d) else float(d) for d in dice]
+            lines.append(row["case"][:16].ljust(16) + "".join(_cell(d) for d in dice))
+        overall = dice_from_counts(total)
+        table["all"] = [None if np.isnan(d) else float(d) for d in overall]
+        lines.append("all (pooled)".ljust(16) + "".join(_cell(d) for d in overall))
+        self.run.log.info("Dice per organ:\n" + "\n".join(lines))
+        with atomic_path(self.out / "dice.json", overwrite=True) as tmp:
+            tmp.write_text(json.dumps(table, indent=2) + "\n")
+        with atomic_path(self.out / "dice.csv", overwrite=True) as tmp:
+            with open(tmp, "w", newline="") as stream:
+                writer = csv.writer(stream)
+                writer.writerow(["case", *classes])
+                for name, values in table["cases"].items():
+                    writer.writerow([name, *("" if v is None else f"{v:.4f}" for v in values)])
+                writer.writerow(["all", *("" if v is None else f"{v:.4f}" for v in table["all"])])
+        return table
+
+
+def _cell(value) -> str:
+    return ("-" if np.isnan(value) else f"{value:.3f}").rjust(11)
+
+
+class _RankView:
+    """A stand-in world of (rank, size) for computing another rank's share."""
+
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size

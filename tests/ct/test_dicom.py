@@ -1,0 +1,124 @@
+"""DICOM CT series: slice order along the normal, HU from rescale, geometry; ct-prepare on it."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from medhpc.io.geometry import ImageGeometry
+from medhpc.io.nifti import write_nifti
+from tests.helpers import run_medhpc
+
+pydicom = pytest.importorskip("pydicom")
+
+ROW_DIRECTION = np.array([0.0, 1.0, 0.0])     # x index moves along +y (LPS)
+COLUMN_DIRECTION = np.array([1.0, 0.0, 0.0])  # y index moves along +x (LPS)
+NORMAL = np.cross(ROW_DIRECTION, COLUMN_DIRECTION)  # (0, 0, -1): slices go towards the feet
+ORIGIN_LPS = np.array([-120.0, 35.5, 60.0])
+PIXEL_SPACING = (0.8, 0.6)  # row spacing (between rows), column spacing (between columns)
+SLICE_MM = 2.5
+SLOPE, INTERCEPT = 2.0, -1024.0
+
+
+def write_series(folder, hu):
+    """One file per plane of ``hu`` [z, y, x], written in a shuffled order of names."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    series = generate_uid()
+    order = np.random.default_rng(0).permutation(hu.shape[0])
+    for name_index, z in enumerate(order):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.SeriesInstanceUID = series
+        ds.Modality = "CT"
+        ds.ImageOrientationPatient = [*ROW_DIRECTION, *COLUMN_DIRECTION]
+        ds.ImagePositionPatient = list(ORIGIN_LPS + z * SLICE_MM * NORMAL)
+        ds.PixelSpacing = list(PIXEL_SPACING)
+        ds.SliceThickness = SLICE_MM
+        ds.RescaleSlope, ds.RescaleIntercept = SLOPE, INTERCEPT
+        ds.Rows, ds.Columns = hu.shape[1], hu.shape[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        stored = np.round((hu[z] - INTERCEPT) / SLOPE).astype(np.int16)
+        ds.PixelData = stored.tobytes()
+        ds.save_as(folder / f"slice_{name_index:03d}.dcm", enforce_file_format=True)
+
+
+def expected_geometry(shape):
+    lps = np.eye(4)
+    lps[:3, 0] = ROW_DIRECTION * PIXEL_SPACING[1]
+    lps[:3, 1] = COLUMN_DIRECTION * PIXEL_SPACING[0]
+    lps[:3, 2] = NORMAL * SLICE_MM
+    lps[:3, 3] = ORIGIN_LPS
+    return ImageGeometry(shape, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dicom")
+    rng = np.random.default_rng(2)
+    hu = (2 * rng.integers(-500, 700, (6, 10, 12))).astype(np.float32)
+    hu[:, 0, 0] = np.arange(6) * 100  # a marker of each plane
+    write_series(folder / "images" / "patient_a", hu)
+    return folder, hu
+
+
+def test_series_is_sorted_along_the_normal_in_hounsfield_units(series):
+    from medhpc.ct.dicom import read_dicom_series
+
+    folder, hu = series
+    volume, geometry = read_dicom_series(folder / "images" / "patient_a")
+    np.testing.assert_array_equal(volume, hu)
+    assert geometry.same_grid(expected_geometry(hu.shape), tol=1e-6)
+    assert geometry.spacing_mm == pytest.approx((0.6, 0.8, 2.5))
+    # voxel (x=3, y=2, z=4) sits at ORIGIN + 3*0.6 row + 2*0.8 column + 4*2.5 normal (LPS)
+    lps = ORIGIN_LPS + 3 * 0.6 * ROW_DIRECTION + 2 * 0.8 * COLUMN_DIRECTION + 10 * NORMAL
+    np.testing.assert_allclose(geometry.voxel_to_world([3, 2, 4]), lps * [-1, -1, 1], atol=1e-9)
+
+
+def test_pydicom_bundled_ct_slice_reads_with_hu_and_geometry():
+    from pydicom.data import get_testdata_file
+
+    from medhpc.ct.dicom import read_dicom_series
+
+    path = get_testdata_file("CT_small.dcm")
+    reference = pydicom.dcmread(path)
+    volume, geometry = read_dicom_series([path])
+    assert volume.shape == (1, 128, 128)
+    expected = reference.pixel_array * float(reference.RescaleSlope) + float(reference.RescaleIntercept)
+    np.testing.assert_array_equal(volume[0], expected)
+    assert volume.min() == 128 - 1024 and volume.max() == 2191 - 1024
+    spacing = [float(v) for v in reference.PixelSpacing]
+    assert geometry.spacing_mm == pytest.approx((spacing[1], spacing[0], 5.0))
+    position = np.array([float(v) for v in reference.ImagePositionPatient])
+    np.testing.assert_allclose(geometry.origin_mm, position * [-1, -1, 1], atol=1e-9)
+
+
+def test_ct_prepare_converts_a_dicom_series_with_nifti_labels(series, tmp_path):
+    folder, hu = series
+    geometry = expected_geometry(hu.shape)
+    labels = folder / "labels"
+    label_map = (hu > 600).astype(np.uint8) + (hu > 1000).astype(np.uint8)
+    write_nifti(labels / "patient_a.nii.gz", label_map, geometry, overwrite=True)
+    out = tmp_path / "data.h5"
+    done = run_medhpc("ct-prepare", "--images", folder / "images", "--labels", labels,
+                      "--out", out, "--classes", "soft,bone", "--device", "cpu", timeout=60)
+    assert done.returncode == 0, done.stderr
+    with h5py.File(out) as h5:
+        assert json.loads(h5.attrs["classes"]) == ["soft", "bone"]
+        case = h5["cases/patient_a"]
+        np.testing.assert_array_equal(case["image"][()], hu)
+        np.testing.assert_array_equal(case["labels"][()], label_map)
+        stored = ImageGeometry.from_attrs(case["image"].attrs)
+        assert stored.same_grid(geometry, tol=1e-5)
+        np.testing.assert_allclose(case.attrs["original_affine"], geometry.affine, atol=1e-5)
+        assert case["image"].chunks is not None
