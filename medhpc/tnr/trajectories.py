@@ -149,33 +149,46 @@ def chain_trajectories(fields: dict, matched: list[int], count: int, reference: 
 
 
 def smooth_along_z(positions: np.ndarray, valid: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian smoothing of every trajectory along z (sigma in sections), reflecting at the
-    stack ends; only valid points contribute (normalised convolution)."""
+    """Gaussian smoothing of every trajectory along z (sigma in sections).
+
+    Each trajectory is smoothed over the sections where it is valid (a contiguous
+    run); beyond its ends it is continued by point reflection about the end
+    position (``x[-k] = 2 x[0] - x[k]``), so that a trajectory drifting steadily
+    (oblique anatomy) is not bent towards the middle near the stack ends.
+    """
     n, count, _ = positions.shape
+    smoothed = np.full_like(positions, np.nan, dtype=np.float64)
     if sigma <= 0:
-        return positions.copy()
+        return np.where(valid[..., None], positions, np.nan)
     radius = int(np.ceil(4 * sigma))
     offsets = np.arange(-radius, radius + 1)
     kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
-    weights = valid.astype(np.float64)
-    values = np.where(valid[..., None], positions, 0.0)
-    total = np.zeros_like(values)
-    norm = np.zeros((n, count))
-    for offset, w in zip(offsets, kernel):
-        source = _reflect(np.arange(count) + offset, count)
-        total += w * weights[:, source, None] * values[:, source]
-        norm += w * weights[:, source]
-    smoothed = total / np.maximum(norm, 1e-12)[..., None]
-    return np.where(valid[..., None], smoothed, np.nan)
+    kernel /= kernel.sum()
+    for k in range(n):
+        index = np.flatnonzero(valid[k])
+        if index.size == 0:
+            continue
+        first, last = index[0], index[-1]
+        run = positions[k, first:last + 1].astype(np.float64)
+        if len(run) == 1:
+            smoothed[k, first] = run[0]
+            continue
+        padded = _odd_extension(run, radius)
+        smoothed[k, first:last + 1] = ndimage.convolve1d(padded, kernel, axis=0,
+                                                         mode="nearest")[radius:-radius]
+    return smoothed
 
 
-def _reflect(index: np.ndarray, count: int) -> np.ndarray:
-    """Whole-sample symmetric reflection of indices into [0, count)."""
-    if count == 1:
-        return np.zeros_like(index)
-    period = 2 * count - 2
-    index = np.abs(index) % period
-    return np.where(index >= count, period - index, index)
+def _odd_extension(run: np.ndarray, radius: int) -> np.ndarray:
+    """``run`` continued by ``radius`` samples on each side by point reflection."""
+    padded = run
+    while padded.shape[0] < len(run) + 2 * radius:
+        need_before = min(radius - (padded.shape[0] - len(run)) // 2, len(padded) - 1)
+        before = 2 * padded[0] - padded[1:need_before + 1][::-1]
+        after = 2 * padded[-1] - padded[-need_before - 1:-1][::-1]
+        padded = np.concatenate([before, padded, after])
+    extra = (padded.shape[0] - len(run)) // 2 - radius
+    return padded[extra: padded.shape[0] - extra] if extra > 0 else padded
 
 
 def straight(positions: np.ndarray, valid: np.ndarray, reference: int) -> np.ndarray:
