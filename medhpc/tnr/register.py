@@ -167,12 +167,7 @@ def build_warps(settings: TnrSettings, count: int, shape, pairs: dict, matched: 
     fields = {(a, b): trajectories.pair_field(a, b, shape, grid, pairs[(a, b)].matches,
                                               pairs[(a, b)].transform)
               for a, b in zip(matched, matched[1:])}
-    ys, xs = grid_axes(shape, grid)
-    tissue = pairs_tissue(pairs, reference)
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    seeds = np.stack([yy.ravel(), xx.ravel()], axis=1)
-    if tissue is not None and np.count_nonzero(tissue) >= 3:
-        seeds = seeds[tissue.ravel()]
+    seeds = trajectories.seed_points(shape, grid, pairs_tissue(pairs, reference))
     observed, valid = trajectories.chain_trajectories(fields, matched, count, reference, seeds,
                                                       shape)
     centre = 0.5 * (np.asarray(shape, float) - 1)

@@ -11,6 +11,7 @@ angle search around it.
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
 from scipy import ndimage
 
 from medhpc.tnr.preprocess import downsample
@@ -42,10 +43,10 @@ def resample(image: np.ndarray, matrix: np.ndarray, order: int = 1) -> np.ndarra
 
 def _phase_correlation(fixed_spectrum: np.ndarray, moving: np.ndarray, shape):
     """(peak height, (dy, dx)) with ``fixed(p) ~ moving(p + d)``."""
-    spectrum = np.fft.rfft2(moving, s=shape)
+    spectrum = scipy.fft.rfft2(moving, s=shape, workers=1)
     cross = spectrum * np.conj(fixed_spectrum)
     cross /= np.maximum(np.abs(cross), 1e-12)
-    correlation = np.fft.irfft2(cross, s=shape)
+    correlation = scipy.fft.irfft2(cross, s=shape, workers=1)
     correlation = ndimage.gaussian_filter(correlation, 1.0, mode="wrap")
     iy, ix = np.unravel_index(int(np.argmax(correlation)), correlation.shape)
     shift = []
@@ -61,13 +62,13 @@ def _phase_correlation(fixed_spectrum: np.ndarray, moving: np.ndarray, shape):
 
 
 def estimate_rigid(fixed: np.ndarray, moving: np.ndarray, max_angle_deg: float = 10.0,
-                   step_deg: float = 1.0) -> np.ndarray:
+                   step_deg: float = 2.0) -> np.ndarray:
     """Rigid transform ``T`` (3 x 3, on (y, x, 1)) with ``fixed(p) ~ moving(T p)``."""
     factor = max(1, int(np.ceil(max(fixed.shape) / COARSE_SIDE)))
     coarse_fixed = downsample(fixed, factor)
     coarse_moving = downsample(moving, factor)
     shape = tuple(2 * n for n in coarse_fixed.shape)
-    fixed_spectrum = np.fft.rfft2(coarse_fixed, s=shape)
+    fixed_spectrum = scipy.fft.rfft2(coarse_fixed, s=shape, workers=1)
     centre = 0.5 * (np.array(coarse_fixed.shape) - 1)
 
     def score(angle_deg):
@@ -78,7 +79,7 @@ def estimate_rigid(fixed: np.ndarray, moving: np.ndarray, max_angle_deg: float =
     angles = np.arange(-max_angle_deg, max_angle_deg + 0.5 * step_deg, step_deg)
     results = [score(a) for a in angles]
     best = int(np.argmax([height for height, _ in results]))
-    fine = angles[best] + np.arange(-0.75, 0.76, 0.25) * step_deg
+    fine = angles[best] + np.arange(-0.75, 0.76, 0.25) * step_deg  # 0.5 deg steps
     fine_results = [score(a) for a in fine]
     best_fine = int(np.argmax([height for height, _ in fine_results]))
     angle = np.deg2rad(fine[best_fine])

@@ -89,16 +89,14 @@ def pair_field(a: int, b: int, shape, grid: int, matches: Matches,
     return PairField(a, b, ys, xs, (matched - nodes).reshape(len(ys), len(xs), 2))
 
 
-def seed_points(shape, grid: int, tissue: np.ndarray | None = None) -> np.ndarray:
-    """Trajectory seeds on the grid nodes of the reference section (inside tissue if given)."""
+def seed_points(shape, grid: int, tissue_nodes: np.ndarray | None = None) -> np.ndarray:
+    """Trajectory seeds: the grid nodes of the reference section, those in tissue if at least
+    three are (``tissue_nodes`` is a bool (gy, gx) array on the same grid)."""
     ys, xs = grid_axes(shape, grid)
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
     points = np.stack([yy.ravel(), xx.ravel()], axis=1)
-    if tissue is not None:
-        inside = tissue[np.clip(np.round(points[:, 0]).astype(int), 0, shape[0] - 1),
-                        np.clip(np.round(points[:, 1]).astype(int), 0, shape[1] - 1)]
-        if np.count_nonzero(inside) >= 3:
-            points = points[inside]
+    if tissue_nodes is not None and np.count_nonzero(tissue_nodes) >= 3:
+        points = points[tissue_nodes.ravel()]
     return points
 
 
