@@ -33,19 +33,17 @@ def dice_ce_loss(logits, labels, smooth: float = 1e-5):
 
 
 def deep_supervision_loss(outputs, labels):
-    """Weighted loss over a deep-supervision pyramid (finest first, weights 1, 1/2, 1/4 ...).
+    """Weighted loss over a deep-supervision pyramid (finest first, weights 1, 1/2, 1/4 ...,
+    normalised to sum 1; every output takes part, so DDP sees every parameter used).
 
     Coarser outputs are compared with labels downsampled by nearest neighbour.
     """
     if not isinstance(outputs, (list, tuple)):
         return dice_ce_loss(outputs, labels)
     weights = np.array([0.5 ** i for i in range(len(outputs))])
-    weights[-1] = 0.0 if len(outputs) > 1 else 1.0  # the coarsest adds noise, as in nnU-Net
     weights /= weights.sum()
     total = 0.0
     for weight, logits in zip(weights, outputs):
-        if weight == 0:
-            continue
         target = labels
         if logits.shape[2:] != labels.shape[1:]:
             target = F.interpolate(labels[:, None].float(), size=logits.shape[2:],

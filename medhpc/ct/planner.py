@@ -59,8 +59,8 @@ def parameter_count(widths, classes: int, in_channels: int = 1, deep_supervision
     for i in range(len(widths) - 1, 0, -1):
         low, high = widths[i], widths[i - 1]
         count += conv(low, high, 2) + conv(2 * high, high, 3) + conv(high, high, 3) + 4 * high
-    heads = len(widths) - 1 if deep_supervision else 1
-    return count + heads * conv(widths[0], classes, 1)
+    supervised = widths[:-1] if deep_supervision else widths[:1]
+    return count + sum(conv(w, classes, 1) for w in supervised)
 
 
 def estimate_bytes(widths, classes: int, patch, batch: int, amp: bool, checkpointing: bool,
@@ -74,7 +74,7 @@ def estimate_bytes(widths, classes: int, patch, batch: int, amp: bool, checkpoin
         decoder = level < len(widths) - 1
         if checkpointing:
             per_sample += width * level_voxels * (1 + (3 if decoder else 0))
-            largest_block = max(largest_block, (4 + (7 if decoder else 0)) * width * level_voxels)
+            largest_block = max(largest_block, (7 if decoder else 4) * width * level_voxels)
         else:
             per_sample += width * level_voxels * (4 + (7 if decoder else 0))
     activation_bytes = (2.5 if amp else 4.0) * batch * (per_sample + largest_block)
