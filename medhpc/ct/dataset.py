@@ -178,11 +178,19 @@ def foreground_sample(image, labels, rng) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def intensity_statistics(samples: np.ndarray) -> dict:
-    """Foreground 0.5/99.5 percentiles, and mean and std after clipping to them."""
+def intensity_statistics(samples: np.ndarray, window=None) -> dict:
+    """The normalisation window and the foreground mean and std inside it.
+
+    The window is ``window`` (``--clip-hu``) when given, else the foreground's
+    0.5 and 99.5 percentiles (nnU-Net's CT normalisation).
+    """
     if samples.size == 0:
-        return {"low": -1000.0, "high": 1000.0, "mean": 0.0, "std": 1000.0}
-    low, high = np.percentile(samples, [0.5, 99.5])
+        low, high = window if window is not None else (-1000.0, 1000.0)
+        return {"low": float(low), "high": float(high), "mean": 0.0, "std": 1000.0}
+    if window is not None:
+        low, high = window
+    else:
+        low, high = np.percentile(samples, [0.5, 99.5])
     clipped = np.clip(samples, low, high)
     return {"low": float(low), "high": float(high), "mean": float(clipped.mean()),
             "std": float(max(clipped.std(), 1e-3))}
@@ -318,7 +326,7 @@ def prepare_dataset(run, images, labels, out, classes, clip_hu=None, spacing_mm=
         gathered = world.gather(samples)
     summary = None
     if world.is_root:
-        statistics = intensity_statistics(np.concatenate(gathered))
+        statistics = intensity_statistics(np.concatenate(gathered), clip_hu)
         attrs = {"classes": json.dumps(list(classes)), "intensity": json.dumps(statistics),
                  "clip_hu": json.dumps(list(clip_hu) if clip_hu is not None else None),
                  "spacing_mm": json.dumps(list(spacing_mm) if spacing_mm is not None else None)}
