@@ -150,43 +150,43 @@ def smooth_along_z(positions: np.ndarray, valid: np.ndarray, sigma: float) -> np
     """Gaussian smoothing of every trajectory along z (sigma in sections).
 
     Each trajectory is smoothed over the sections where it is valid (a contiguous
-    run); beyond its ends it is continued by point reflection about the end
-    position (``x[-k] = 2 x[0] - x[k]``), so that a trajectory drifting steadily
-    (oblique anatomy) is not bent towards the middle near the stack ends.
+    run) by a Gaussian-weighted local linear fit: away from the ends of the run
+    (the whole window inside) this is exactly the Gaussian-weighted mean; near the
+    ends the fitted line keeps a steadily drifting (oblique) trajectory straight
+    instead of bending it towards the middle, while still averaging out each
+    section's own distortion (mirroring the run would leave the end point
+    unsmoothed, or bend it).
     """
     n, count, _ = positions.shape
-    smoothed = np.full_like(positions, np.nan, dtype=np.float64)
+    smoothed = np.full(positions.shape, np.nan)
     if sigma <= 0:
         return np.where(valid[..., None], positions, np.nan)
-    radius = int(np.ceil(4 * sigma))
-    offsets = np.arange(-radius, radius + 1)
-    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel /= kernel.sum()
     for k in range(n):
         index = np.flatnonzero(valid[k])
         if index.size == 0:
             continue
         first, last = index[0], index[-1]
-        run = positions[k, first:last + 1].astype(np.float64)
-        if len(run) == 1:
-            smoothed[k, first] = run[0]
-            continue
-        padded = _odd_extension(run, radius)
-        smoothed[k, first:last + 1] = ndimage.convolve1d(padded, kernel, axis=0,
-                                                         mode="nearest")[radius:-radius]
+        smoothed[k, first:last + 1] = local_linear(positions[k, first:last + 1], sigma)
     return smoothed
 
 
-def _odd_extension(run: np.ndarray, radius: int) -> np.ndarray:
-    """``run`` continued by ``radius`` samples on each side by point reflection."""
-    padded = run
-    while padded.shape[0] < len(run) + 2 * radius:
-        need_before = min(radius - (padded.shape[0] - len(run)) // 2, len(padded) - 1)
-        before = 2 * padded[0] - padded[1:need_before + 1][::-1]
-        after = 2 * padded[-1] - padded[-need_before - 1:-1][::-1]
-        padded = np.concatenate([before, padded, after])
-    extra = (padded.shape[0] - len(run)) // 2 - radius
-    return padded[extra: padded.shape[0] - extra] if extra > 0 else padded
+def local_linear(run: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian-weighted local linear regression of ``run`` (L, 2) at each of its samples."""
+    length = len(run)
+    if length < 3:
+        return run.astype(np.float64)
+    z = np.arange(length, dtype=np.float64)
+    offset = z[None, :] - z[:, None]                     # (at, from)
+    weight = np.exp(-0.5 * (offset / sigma) ** 2)
+    weight[np.abs(offset) > 4 * sigma] = 0.0
+    s0, s1, s2 = (np.sum(weight * offset ** p, axis=1) for p in (0, 1, 2))
+    t0 = weight @ run
+    t1 = (weight * offset) @ run
+    determinant = s0 * s2 - s1 * s1
+    safe = determinant > 1e-12 * np.maximum(s0 * s2, 1e-300)
+    fitted = np.where(safe[:, None], (s2[:, None] * t0 - s1[:, None] * t1)
+                      / np.where(safe, determinant, 1.0)[:, None], t0 / s0[:, None])
+    return fitted
 
 
 def straight(positions: np.ndarray, valid: np.ndarray, reference: int) -> np.ndarray:
