@@ -62,7 +62,7 @@ def gaussian_blur(volume: np.ndarray, sigma_voxels: float) -> np.ndarray:
     grids = np.meshgrid(*axes, indexing="ij")
     squared = sum(g * g for g in grids)
     spectrum *= np.exp(-2.0 * (np.pi * sigma_voxels) ** 2 * squared)
-    return np.fft.irfftn(spectrum, s=shape).astype(np.float32)
+    return np.fft.irfftn(spectrum, s=shape, axes=tuple(range(len(shape)))).astype(np.float32)
 
 
 def intensities(labels: np.ndarray) -> np.ndarray:

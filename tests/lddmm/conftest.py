@@ -30,6 +30,18 @@ def register(fixed, moving, settings=QUICK, world=None, spacing=(1.0, 1.0, 1.0),
     return registration.run(checkpointer)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Test grids are tiny: one thread per process avoids parallel start-up costs that
+    dominate on a busy machine (and with several ranks per core)."""
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def small_phantom():
     return make_phantom((24, 24, 24), seed=1)
