@@ -1,0 +1,76 @@
+"""GPU checks of the LDDMM kernels (``medhpc/lddmm/kernels_{cpu,cuda}.py``) for bench/gpu_check.py."""
+
+import numpy as np
+
+# size -> (global grid z,y,x, owned planes, halo, first owned plane, sample points)
+SIZES = {"smoke": ((6, 5, 7), 3, 2, 1, 50), "check": ((64, 64, 64), 32, 3, 16, 100_000),
+         "time": ((256, 256, 256), 256, 3, 0, 4_000_000)}
+
+
+def _grid(size):
+    shape, owned, halo, z_first, _ = SIZES[size]
+    return shape, owned, halo, z_first
+
+
+def _field(rng, channels, planes, plane, scale):
+    return (rng.standard_normal((channels, planes) + plane) * scale).astype(np.float32)
+
+
+def _compose(rng, size):
+    shape, owned, halo, z_first = _grid(size)
+    u = _field(rng, 3, owned + 2 * halo, shape[1:], 1.0)
+    return [u, _field(rng, 3, owned, shape[1:], 2.0), -0.5, halo, z_first, shape[0],
+            np.zeros_like(u)]
+
+
+def _warp(rng, size):
+    shape, owned, halo, z_first = _grid(size)
+    return [rng.random(shape).astype(np.float32), _field(rng, 3, owned + 2 * halo, shape[1:], 1.5),
+            halo, z_first, np.zeros((owned + 2,) + shape[1:], np.float32), 1]
+
+
+def _gradient(rng, size):
+    shape, owned, _, z_first = _grid(size)
+    return [rng.random((owned + 2,) + shape[1:]).astype(np.float32), 1, z_first, shape[0],
+            np.zeros((3, owned) + shape[1:], np.float32)]
+
+
+def _jacobian(rng, size):
+    shape, owned, halo, z_first = _grid(size)
+    return [_field(rng, 3, owned + 2 * halo, shape[1:], 0.3), halo, z_first, shape[0],
+            np.zeros((owned,) + shape[1:], np.float32)]
+
+
+def _force(rng, size):
+    shape, owned, _, _ = _grid(size)
+    plane = shape[1:]
+    return [_field(rng, 3, owned, plane, 1.0), rng.random((owned + 2,) + plane).astype(np.float32),
+            1, rng.random((owned,) + plane).astype(np.float32),
+            (rng.random((owned,) + plane) + 0.5).astype(np.float32), 2.0, -2.0, 0.1,
+            np.zeros((3, owned) + plane, np.float32)]
+
+
+def _sample(rng, size):
+    shape, *_, points = SIZES[size]
+    where = (rng.random((3, points)) * np.array(shape)[:, None] * 1.1 - 0.5).astype(np.float32)
+    return [rng.random(shape).astype(np.float32), where, 0, -1.0, np.zeros(points, np.float32)]
+
+
+def checks(Check):
+    """The LDDMM kernel checks (``Check`` is bench/gpu_check.py's class)."""
+    voxels = lambda args: args[-1].size  # noqa: E731
+    owned_voxels = lambda args: args[1].size // 3  # noqa: E731
+    return [
+        Check("lddmm compose_displacement", "medhpc.lddmm", "kernels", "compose_displacement",
+              _compose, outputs=(6,), tolerance=1e-4, work=owned_voxels, unit="voxels"),
+        Check("lddmm warp_image", "medhpc.lddmm", "kernels", "warp_image", _warp,
+              outputs=(4,), tolerance=1e-5, work=lambda args: args[4].size, unit="voxels"),
+        Check("lddmm image_gradient", "medhpc.lddmm", "kernels", "image_gradient", _gradient,
+              outputs=(4,), work=lambda args: args[4].size // 3, unit="voxels"),
+        Check("lddmm jacobian_determinant", "medhpc.lddmm", "kernels", "jacobian_determinant",
+              _jacobian, outputs=(4,), tolerance=1e-4, work=voxels, unit="voxels"),
+        Check("lddmm similarity_force", "medhpc.lddmm", "kernels", "similarity_force", _force,
+              outputs=(8,), tolerance=1e-5, work=lambda args: args[3].size, unit="voxels"),
+        Check("lddmm sample_points", "medhpc.lddmm", "kernels", "sample_points", _sample,
+              outputs=(4,), tolerance=1e-5, work=lambda args: args[1].shape[1], unit="points"),
+    ]
