@@ -34,7 +34,10 @@ class IntegerList(click.ParamType):
 @click.option("--pairs", type=click.Path(dir_okay=False), default=None,
               help="CSV of fixed,moving[,name] lines: many registrations over the ranks.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--metric", type=click.Choice(["ssd", "ncc"]), default="ssd", show_default=True)
+@click.option("--metric", type=click.Choice(["ssd", "ncc", "lncc"]), default="ssd",
+              show_default=True, help="Sum of squared differences, global or local NCC.")
+@click.option("--radius", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Window radius of the local NCC (voxels).")
 @click.option("--timesteps", type=click.IntRange(min=1), default=5, show_default=True,
               help="Time points of the velocity.")
 @click.option("--alpha", type=click.FloatRange(min=0), default=0.5, show_default=True,
@@ -42,9 +45,9 @@ class IntegerList(click.ParamType):
 @click.option("--gamma", type=click.FloatRange(min=0, min_open=True), default=1.0,
               show_default=True)
 @click.option("--power", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--sigma", type=click.FloatRange(min=0, min_open=True), default=0.02,
-              show_default=True,
-              help="Weight of the similarity: 1/sigma^2 (intensities are scaled to [0, 1]).")
+@click.option("--sigma", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Weight of the similarity: 1/sigma^2 (intensities are scaled to [0, 1]) "
+                   "[default: 0.02 for ssd and ncc, 0.1 for lncc].")
 @click.option("--levels", type=click.IntRange(min=1), default=2, show_default=True,
               help="Pyramid levels (each halves the grid).")
 @click.option("--iterations", type=IntegerList(), default="60,40", show_default=True,
@@ -64,7 +67,7 @@ class IntegerList(click.ParamType):
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
 @click.option("--save-velocity", is_flag=True, help="Also store the velocity fields.")
 @pass_run("lddmm")
-def lddmm(run, fixed, moving, pairs, out, metric, timesteps, alpha, gamma, power, sigma, levels,
+def lddmm(run, fixed, moving, pairs, out, metric, radius, timesteps, alpha, gamma, power, sigma, levels,
           iterations, step, tolerance, max_step_voxels, decomp, ranks_per_pair, checkpoint_every,
           resume, save_velocity):
     """Register a moving image to a fixed one with LDDMM (time-varying velocity, Beg et al.),
@@ -79,9 +82,12 @@ def lddmm(run, fixed, moving, pairs, out, metric, timesteps, alpha, gamma, power
             raise InputError("give --fixed and --moving, or --pairs (not both)")
 
     run.world.agree(check_inputs)
+    from medhpc.lddmm.similarity import DEFAULT_SIGMA
+
+    sigma = DEFAULT_SIGMA[metric] if sigma is None else sigma
     settings = Settings(metric=metric, sigma=sigma, timesteps=timesteps, alpha=alpha, gamma=gamma,
                         power=power, levels=levels, iterations=tuple(iterations), step=step,
-                        tolerance=tolerance, max_step_voxels=max_step_voxels)
+                        tolerance=tolerance, max_step_voxels=max_step_voxels, radius=radius)
     options = dict(decomp=decomp, resume=resume, checkpoint_every=checkpoint_every,
                    save_velocity=save_velocity)
     if pairs is None:

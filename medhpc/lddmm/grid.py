@@ -18,9 +18,13 @@ from medhpc.parallel.geometry import Slab, block_range, slab
 FLOAT_BYTES = 4
 
 
-def halo_for(max_step_voxels: float) -> int:
-    """Ghost planes for departures up to ``max_step_voxels`` plus the trilinear stencil."""
-    return int(math.ceil(max_step_voxels)) + 1
+def halo_for(max_step_voxels: float, settings=None) -> int:
+    """Ghost planes for departures up to ``max_step_voxels`` plus the trilinear stencil
+    (at least the local-correlation window radius when ``settings`` asks for lncc)."""
+    halo = int(math.ceil(max_step_voxels)) + 1
+    if settings is not None and settings.metric == "lncc":
+        halo = max(halo, settings.radius)
+    return halo
 
 
 def substeps(max_speed_voxels: float, timesteps: int, max_step_voxels: float) -> int:

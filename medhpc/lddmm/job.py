@@ -74,8 +74,8 @@ def read_inputs(fixed_path, moving_path) -> Inputs:
 
 def check_settings(settings: Settings, shape) -> None:
     """Reject settings that cannot work, naming the option."""
-    if settings.metric not in ("ssd", "ncc"):
-        raise InputError(f"--metric {settings.metric}: expected ssd or ncc")
+    if settings.metric not in ("ssd", "ncc", "lncc"):
+        raise InputError(f"--metric {settings.metric}: expected ssd, ncc or lncc")
     if len(settings.iterations) > settings.levels:
         raise InputError(f"--iterations has {len(settings.iterations)} entries for "
                          f"{settings.levels} level(s); expected at most one per level")
@@ -95,19 +95,19 @@ def choose_decomposition(decomp: str, settings: Settings, shape, size: int) -> s
     shapes = pyramid_shapes(shape, settings.levels)
     if decomp == "auto":
         try:
-            check_split(shapes, size, halo_for(settings.max_step_voxels))
+            check_split(shapes, size, halo_for(settings.max_step_voxels, settings))
         except InputError:
             return "none"
         return "slabs"
     if decomp == "slabs":
-        check_split(shapes, size, halo_for(settings.max_step_voxels))
+        check_split(shapes, size, halo_for(settings.max_step_voxels, settings))
     return decomp
 
 
 def plan(settings: Settings, shape, size: int, mode: str) -> dict:
     """The decomposition and every rank's memory at the finest level."""
     ranks = size if mode == "slabs" else 1
-    halo = halo_for(settings.max_step_voxels)
+    halo = halo_for(settings.max_step_voxels, settings)
     shares = []
     for rank in range(ranks):
         share = slab(shape[0], ranks, rank, halo)

@@ -29,6 +29,7 @@ from medhpc.lddmm.flows import J0_HALO, Flows, ForwardFlow
 from medhpc.lddmm.grid import LevelGrid
 from medhpc.lddmm.regulariser import Metric, smooth
 from medhpc.parallel.comm import World
+from medhpc.parallel.geometry import slab
 
 STEP_GROWTH = 1.25
 STEP_SHRINK = 0.5
@@ -52,6 +53,7 @@ class Settings:
     step: float = 0.2
     tolerance: float = 1e-4
     max_step_voxels: float = 2.0
+    radius: int = 2
 
     @property
     def metric_v(self) -> Metric:
@@ -127,9 +129,32 @@ class LevelOptimiser:
         return self.dt * self.world.sum(local)
 
     def similarity(self, forward: ForwardFlow) -> similarity.SimilarityValue:
+        if self.settings.metric == "lncc":
+            return self._local_correlation(forward)
         warped = _owned(forward.template[-1], J0_HALO)
         return similarity.evaluate(self.world, warped, self.target_owned, self.settings.metric,
                                    self.settings.sigma)
+
+    def _local_correlation(self, forward: ForwardFlow) -> similarity.SimilarityValue:
+        radius, grid = self.settings.radius, self.grid
+        warped = self.flows.warp(self.template, forward.displacement, radius)
+        target = np.zeros_like(warped)
+        low = max(grid.z_first - radius, 0)
+        high = min(grid.z_first + grid.owned + radius, grid.shape[0])
+        offset = low - (grid.z_first - radius)
+        target[offset:offset + high - low] = self.target[low:high]
+        with self.stage("local correlation", "kernel"):
+            return similarity.local_correlation(self.world, warped, target,
+                                                slab(grid.shape[0], self.world.size,
+                                                     self.world.rank, radius),
+                                                radius, self.settings.sigma)
+
+    def pulled_back_image(self, term: similarity.SimilarityValue) -> np.ndarray:
+        """The whole image the backward flow pulls back: the target, or dD/dJ for lncc."""
+        if term.derivative is None:
+            return self.target
+        with self.stage("gather derivative", "comm"):
+            return np.ascontiguousarray(np.concatenate(self.world.allgather(term.derivative)))
 
     def zero_velocity(self) -> list:
         return [np.zeros(self.grid.owned_shape(3), np.float32)
@@ -152,8 +177,8 @@ class LevelOptimiser:
             if converged(state.history, self.settings.tolerance):
                 state.stopped = "converged"
                 break
-            forces, _ = self.flows.backward_forces(state.velocity, self.target, forward,
-                                                   term.coefficients)
+            forces, _ = self.flows.backward_forces(state.velocity, self.pulled_back_image(term),
+                                                   forward, term.coefficients)
             smoothed, v_dot_b, b_dot_kb = self._smoothed_forces(state.velocity, forces)
             gradient_norm = float(np.sqrt(max(4 * state.regularity - 4 * v_dot_b + b_dot_kb, 0.0)))
             for _ in range(MAX_HALVINGS):

@@ -108,7 +108,7 @@ class Registration:
         self.log = log
         self.spacing = tuple(float(h) for h in spacing_zyx_mm)
         self.shapes = pyramid_shapes(fixed.shape, settings.levels)
-        self.halo = halo_for(settings.max_step_voxels)
+        self.halo = halo_for(settings.max_step_voxels, settings)
         check_split(self.shapes, world.size, self.halo)
         with stage("pyramid", "other"):
             self.fixed = image_pyramid(fixed, settings.levels)

@@ -12,7 +12,8 @@ from tests.lddmm.conftest import no_stage, register, serial_world
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 CASES = [Settings(levels=2, iterations=(6, 3), timesteps=3),
-         Settings(metric="ncc", levels=2, iterations=(5, 3), timesteps=3, max_step_voxels=1.0)]
+         Settings(metric="ncc", levels=2, iterations=(5, 3), timesteps=3, max_step_voxels=1.0),
+         Settings(metric="lncc", sigma=0.1, levels=1, iterations=(4,), timesteps=3, radius=3)]
 
 
 def owned(grid, field):
@@ -25,7 +26,7 @@ def whole_on_root(world, compute):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("settings", CASES, ids=["ssd", "ncc"])
+@pytest.mark.parametrize("settings", CASES, ids=["ssd", "ncc", "lncc"])
 def test_slabs_equal_one_rank(small_phantom, settings):
     world = get_world()
     fixed, moving = small_phantom["fixed"], small_phantom["moving"]

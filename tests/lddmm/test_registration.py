@@ -154,3 +154,44 @@ def test_sigterm_checkpoint_then_resume_gives_the_same_velocity(small_phantom, t
         np.testing.assert_array_equal(v, w)
     np.testing.assert_array_equal(resumed.forward, reference.forward)
     assert [e["energy"] for e in resumed.history] == [e["energy"] for e in reference.history]
+
+
+def test_local_correlation_derivative_matches_finite_differences():
+    from medhpc.parallel.geometry import slab
+
+    rng = np.random.default_rng(3)
+    radius, shape = 2, (7, 6, 8)
+    warped = rng.random(shape)
+    target = 0.5 * warped + 0.5 * rng.random(shape)
+    pad = ((radius, radius), (0, 0), (0, 0))
+    slab_ = slab(shape[0], 1, 0, radius)
+
+    def term(values):
+        return similarity.local_correlation(serial_world(), np.pad(values, pad),
+                                            np.pad(target, pad), slab_, radius, 0.5)
+
+    base = term(warped)
+    for index in [(0, 0, 0), (3, 2, 4), (6, 5, 7), (1, 4, 2)]:
+        step = 1e-5
+        bumped = warped.copy()
+        bumped[index] += step
+        numeric = (term(bumped).value - base.value) / step
+        assert numeric == pytest.approx(base.derivative[index], rel=2e-3, abs=2e-3)
+
+
+def test_box_sum_counts_clipped_windows():
+    inside = np.zeros((4 + 2, 3, 5))
+    inside[1:5] = 1.0
+    counts = similarity.box_sum(inside, 1)
+    assert counts.shape == (4, 3, 5)
+    assert counts[0, 0, 0] == 2 * 2 * 2 and counts[1, 1, 2] == 27
+
+
+def test_lncc_registration_recovers(small_phantom):
+    settings = Settings(metric="lncc", sigma=0.2, levels=2, iterations=(15, 8), timesteps=4)
+    result = register(small_phantom["fixed"], small_phantom["moving"], settings)
+    forward = owned_map(result, result.forward)
+    warped = sample(small_phantom["moving_labels"],
+                    np.indices(forward.shape[1:], dtype=np.float32) + forward, "label")
+    before = dice(small_phantom["moving_labels"], small_phantom["fixed_labels"], 3)
+    assert dice(warped, small_phantom["fixed_labels"], 3) > before + 0.02
