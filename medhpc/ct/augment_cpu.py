@@ -13,7 +13,6 @@ labels take the nearest voxel (0 outside).
 import math
 
 import numba
-import numpy as np
 
 
 @numba.njit(inline="always")

@@ -75,8 +75,10 @@ class Segmentation:
                              for r in range(self.world.size)]})
             return None
         torch.set_num_threads(run.threads)
-        device = (torch.device("cuda", torch.cuda.current_device()) if run.device == "cuda"
-                  else torch.device("cpu"))
+        device = torch.device("cpu")
+        if run.device == "cuda":
+            device = torch.device("cuda", run.gpu if run.gpu is not None else 0)
+            torch.cuda.set_device(device)
         with run.stage("load model", "io"):
             model, document = load_model(self.model_path, device)
         mine = static_items(self.world, len(cases))

@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -182,7 +182,9 @@ class Training:
 
     def torch_device(self) -> torch.device:
         if self.run.device == "cuda":
-            return torch.device("cuda", torch.cuda.current_device())
+            index = self.run.gpu if self.run.gpu is not None else torch.cuda.current_device()
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
         return torch.device("cpu")
 
     def load_cases(self, dataset: CtDataset, names: list[str]) -> dict:
@@ -331,7 +333,8 @@ class Training:
         finally:
             signals.close()
         with run.stage("write model and log", "io"):
-            self.write_outputs(model, config, plan, dataset, state["history"], summary)
+            if ranks.rank == 0:
+                self.write_outputs(model, config, plan, dataset, state["history"], summary)
         return {"history": state["history"]}
 
     # -- validation -----------------------------------------------------------------------
@@ -380,8 +383,6 @@ class Training:
         return document["state"]
 
     def write_outputs(self, model, config, plan, dataset, history, summary):
-        if not self.world.is_root:
-            return
         document = {"model": model.state_dict(), "network": config.to_dict(),
                     "patch": list(plan.patch), "classes": dataset.classes,
                     "intensity": dataset.intensity, "spacing_mm": dataset.spacing_mm,

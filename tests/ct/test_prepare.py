@@ -9,7 +9,7 @@ import pytest
 
 from medhpc.ct.dataset import CtDataset
 from medhpc.io.nifti import read_nifti, write_nifti
-from tests.ct.conftest import make_phantoms, prepare
+from tests.ct.conftest import prepare
 from tests.helpers import run_medhpc
 
 
