@@ -27,7 +27,9 @@ import numpy as np
 from medhpc.lddmm import similarity
 from medhpc.lddmm.flows import J0_HALO, Flows, ForwardFlow
 from medhpc.lddmm.grid import LevelGrid
-from medhpc.lddmm.regulariser import Metric, smooth
+from medhpc.lddmm.reductions import inner
+from medhpc.lddmm.regulariser import Metric, multiplier_on_block
+from medhpc.parallel.fft import apply_fourier_multiplier
 from medhpc.parallel.comm import World
 from medhpc.parallel.geometry import slab
 
@@ -115,16 +117,23 @@ class LevelOptimiser:
         self.flows = Flows(world, grid, kernels, settings.timesteps, settings.max_step_voxels,
                            stage)
         self.dt = 1.0 / settings.timesteps
+        self._multipliers = {}
 
     # -- terms ----------------------------------------------------------------------------
     def smooth(self, field: np.ndarray, inverse: bool = False) -> np.ndarray:
+        """``K field`` (or ``K^-1 field``); the multiplier is computed once per level."""
+        if inverse not in self._multipliers:
+            self._multipliers[inverse] = multiplier_on_block(
+                self.world, self.grid.shape, self.grid.spacing_zyx_mm, self.settings.metric_v,
+                inverse)
+        multiplier = self._multipliers[inverse]
         with self.stage("fft smoothing", "kernel"):
-            return smooth(self.world, field, self.grid.shape, self.grid.spacing_zyx_mm,
-                          self.settings.metric_v, inverse)
+            return apply_fourier_multiplier(self.world, field, self.grid.shape,
+                                            lambda kz, ky, kx: multiplier)
 
     def regularity(self, velocity: list) -> float:
         """``dt sum_i <v_i, K^-1 v_i>`` (one FFT pair per component and time point)."""
-        local = sum(float(np.vdot(v.astype(np.float64), self.smooth(v, inverse=True)))
+        local = sum(inner(v, self.smooth(v, inverse=True))
                     for v in velocity)
         return self.dt * self.world.sum(local)
 
@@ -216,9 +225,9 @@ class LevelOptimiser:
         smoothed = []
         sums = np.zeros(2)
         for i, (v, b) in enumerate(zip(velocity, forces)):
-            sums[0] += np.vdot(v.astype(np.float64), b)
+            sums[0] += inner(v, b)
             kb = self.smooth(b)
-            sums[1] += np.vdot(b.astype(np.float64), kb)
+            sums[1] += inner(b, kb)
             forces[i] = None
             smoothed.append(kb)
         with self.stage("reductions", "comm"):

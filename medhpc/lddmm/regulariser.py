@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medhpc.parallel.comm import World
-from medhpc.parallel.fft import apply_fourier_multiplier
+from medhpc.parallel.fft import apply_fourier_multiplier, fourier_frequencies_local
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,14 @@ class Metric:
         for k, n, h in zip((kz, ky, kx), shape, spacing_zyx_mm):
             laplacian = laplacian + (2.0 - 2.0 * np.cos(2.0 * np.pi * k / n)) / (h * h)
         return (self.alpha * laplacian + self.gamma) ** self.power
+
+
+def multiplier_on_block(world: World, shape, spacing_zyx_mm, metric: Metric,
+                        inverse: bool = False) -> np.ndarray:
+    """The multiplier of ``K`` (or ``K^-1``) on this rank's block of the spectrum."""
+    kz, ky, kx = fourier_frequencies_local(world, shape)
+    eigenvalue = metric.operator_eigenvalues(kz, ky, kx, shape, spacing_zyx_mm) ** 2
+    return (eigenvalue if inverse else 1.0 / eigenvalue).astype(np.float32)
 
 
 def smooth(world: World, field: np.ndarray, shape, spacing_zyx_mm, metric: Metric,
@@ -53,11 +61,9 @@ def smooth(world: World, field: np.ndarray, shape, spacing_zyx_mm, metric: Metri
     numpy.ndarray
         A new array like ``field``.
     """
-    def multiplier(kz, ky, kx):
-        eigenvalue = metric.operator_eigenvalues(kz, ky, kx, shape, spacing_zyx_mm) ** 2
-        return eigenvalue if inverse else 1.0 / eigenvalue
-
-    return apply_fourier_multiplier(world, np.ascontiguousarray(field), shape, multiplier)
+    multiplier = multiplier_on_block(world, shape, spacing_zyx_mm, metric, inverse)
+    return apply_fourier_multiplier(world, np.ascontiguousarray(field), shape,
+                                    lambda kz, ky, kx: multiplier)
 
 
 def apply_operator_directly(field: np.ndarray, spacing_zyx_mm, metric: Metric,

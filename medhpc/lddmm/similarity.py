@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medhpc.lddmm.reductions import moments, squared_distance
 from medhpc.parallel.comm import World
 
 METRICS = ("ssd", "ncc", "lncc")
@@ -44,11 +45,9 @@ class SimilarityValue:
 
 
 def _local_sums(warped: np.ndarray, target: np.ndarray, metric: str) -> np.ndarray:
-    j = warped.astype(np.float64).ravel()
-    i = target.astype(np.float64).ravel()
     if metric == "ssd":
-        return np.array([np.dot(j - i, j - i)])
-    return np.array([j.size, j.sum(), i.sum(), np.dot(j, j), np.dot(i, i), np.dot(j, i)])
+        return np.array([squared_distance(warped, target)])
+    return moments(warped, target)
 
 
 def box_sum(volume: np.ndarray, radius: int) -> np.ndarray:
