@@ -78,6 +78,7 @@ def compose_displacement(u, v, scale, halo, z_first, nz_global, out):
     owned = v.shape[1]
     z_low = max(0, halo - z_first)
     z_high = min(local_nz - 1, halo + nz_global - 1 - z_first)
+    u_z, u_y, u_x = u[0], u[1], u[2]
     for zo in numba.prange(owned):
         zl = zo + halo
         for y in range(ny):
@@ -91,9 +92,9 @@ def compose_displacement(u, v, scale, halo, z_first, nz_global, out):
                 x0, x1, wx = _corner(x + dx, nx)
                 z0 += z_low
                 z1 += z_low
-                out[0, zl, y, x] = dz + _blend(u[0], z0, z1, wz, y0, y1, wy, x0, x1, wx)
-                out[1, zl, y, x] = dy + _blend(u[1], z0, z1, wz, y0, y1, wy, x0, x1, wx)
-                out[2, zl, y, x] = dx + _blend(u[2], z0, z1, wz, y0, y1, wy, x0, x1, wx)
+                out[0, zl, y, x] = dz + _blend(u_z, z0, z1, wz, y0, y1, wy, x0, x1, wx)
+                out[1, zl, y, x] = dy + _blend(u_y, z0, z1, wz, y0, y1, wy, x0, x1, wx)
+                out[2, zl, y, x] = dx + _blend(u_x, z0, z1, wz, y0, y1, wy, x0, x1, wx)
 
 
 @numba.njit(parallel=True, cache=True)
