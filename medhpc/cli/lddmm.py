@@ -48,9 +48,9 @@ class IntegerList(click.ParamType):
 @click.option("--sigma", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Weight of the similarity: 1/sigma^2 (intensities are scaled to [0, 1]) "
                    "[default: 0.02 for ssd and ncc, 0.1 for lncc].")
-@click.option("--levels", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--levels", type=click.IntRange(min=1), default=3, show_default=True,
               help="Pyramid levels (each halves the grid).")
-@click.option("--iterations", type=IntegerList(), default="60,40", show_default=True,
+@click.option("--iterations", type=IntegerList(), default="40,20,10", show_default=True,
               help="Iterations per level, coarsest first (the last repeats).")
 @click.option("--step", type=click.FloatRange(min=0, min_open=True), default=0.2,
               show_default=True, help="First step length of the gradient descent.")

@@ -50,8 +50,8 @@ class Settings:
     alpha: float = 0.5
     gamma: float = 1.0
     power: int = 2
-    levels: int = 2
-    iterations: tuple = (50, 25)
+    levels: int = 3
+    iterations: tuple = (40, 20, 10)
     step: float = 0.2
     tolerance: float = 1e-4
     max_step_voxels: float = 2.0
