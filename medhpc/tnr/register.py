@@ -263,7 +263,7 @@ class Reconstruction:
         self.write_outputs(local, displacement)
         views = self.world.gather(views)
         if self.world.is_root:
-            self.pairs_dir.exists() and _remove_tree(self.pairs_dir)
+            _remove_tree(self.pairs_dir)
             self._document = self._log_document(pairs, flags, matched, record)
         if self.fields is not None:
             with self.run.stage("write fields", "io"):
@@ -282,9 +282,7 @@ class Reconstruction:
         for path in (self.out, self.log_path, self.png, self.fields):
             if path is not None:
                 check_output_free(path, self.run.overwrite)
-        if self.resume:
-            return
-        if self.pairs_dir.exists():
+        if not self.resume:
             _remove_tree(self.pairs_dir)
 
     # -- matching --------------------------------------------------------------------------
@@ -344,8 +342,13 @@ class Reconstruction:
                 pickle.dump((self._fingerprint(), result), stream)
 
     def _match(self, pair_list) -> dict:
-        results = map_items(self.world, pair_list, self.match_pair, schedule="dynamic")
-        return {(r.a, r.b): r for r in results}
+        """Match pairs through the dynamic queue, in runs of consecutive pairs so that a
+        rank prepares the section they share once (about four runs per rank)."""
+        run = max(1, min(8, len(pair_list) // (4 * self.world.size)))
+        runs = [pair_list[i:i + run] for i in range(0, len(pair_list), run)]
+        results = map_items(self.world, runs, lambda pairs: [self.match_pair(p) for p in pairs],
+                            schedule="dynamic")
+        return {(r.a, r.b): r for chunk in results for r in chunk}
 
     def match_stack(self):
         """Match every neighbouring pair, flag sections, bridge the unmatched ones."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 from scipy.interpolate import RBFInterpolator
 
 from medhpc.tnr import rigid
@@ -36,14 +35,16 @@ class SectionWarp:
         than the working level, ``width`` pixels wide; float32 arrays (rows, width)."""
         out_y = np.arange(rows.start, rows.stop, dtype=np.float64)
         out_x = np.arange(width, dtype=np.float64)
-        work_y = (out_y + 0.5) / factor - 0.5
-        work_x = (out_x + 0.5) / factor - 0.5
-        grid_y, grid_x = np.meshgrid(work_y / self.step, work_x / self.step, indexing="ij")
+        weights_y = _linear_weights(((out_y + 0.5) / factor - 0.5) / self.step,
+                                    self.displacement.shape[0])
+        weights_x = _linear_weights(((out_x + 0.5) / factor - 0.5) / self.step,
+                                    self.displacement.shape[1])
         coords = []
         for c, base in ((0, out_y[:, None]), (1, out_x[None, :])):
-            shift = ndimage.map_coordinates(self.displacement[..., c], [grid_y, grid_x],
-                                            order=1, mode="nearest")
-            coords.append((base + shift * factor).astype(np.float32))
+            node_values = np.ascontiguousarray(self.displacement[..., c], np.float32) * factor
+            shift = weights_y @ node_values @ weights_x.T
+            shift += base.astype(np.float32)
+            coords.append(shift)
         return coords[0], coords[1]
 
     def dense(self) -> np.ndarray:
@@ -51,6 +52,21 @@ class SectionWarp:
         coord_y, coord_x = self.coordinates(slice(0, self.shape[0]), self.shape[1])
         yy, xx = np.mgrid[0:self.shape[0], 0:self.shape[1]]
         return np.stack([coord_y - yy, coord_x - xx]).astype(np.float32)
+
+
+def _linear_weights(positions: np.ndarray, nodes: int) -> np.ndarray:
+    """(len(positions), nodes) matrix of linear interpolation weights at fractional node
+    positions, constant beyond the first and last node (the grid is separable, so a block
+    of the field is two small matrix products)."""
+    positions = np.clip(positions, 0.0, nodes - 1.0)
+    below = np.minimum(np.floor(positions).astype(np.int64), max(nodes - 2, 0))
+    fraction = positions - below
+    weights = np.zeros((len(positions), nodes), np.float32)
+    rows = np.arange(len(positions))
+    weights[rows, below] = 1.0 - fraction
+    if nodes > 1:
+        weights[rows, below + 1] += fraction
+    return weights
 
 
 def _nodes(shape, step: int) -> np.ndarray:
