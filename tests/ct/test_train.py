@@ -80,13 +80,14 @@ def test_resume_after_sigterm_mid_epoch_equals_an_uninterrupted_run(tiny_dataset
     assert changed.returncode == 2 and "different settings" in changed.stderr
 
 
+@pytest.mark.timeout(900)
 def test_phantom_training_on_two_ranks_reaches_dice_and_segments(tmp_path):
     images, labels = make_phantoms(tmp_path / "phantoms", 8, (48, 64, 64), seed=5)
     dataset = tmp_path / "data.h5"
     prepare(images, labels, dataset, clip_hu=(-100.0, 300.0))  # a soft-tissue window
     run = tmp_path / "run"
     done = run_medhpc("ct-train", "--data", dataset, "--out", run, "--widths", "4,8,16",
-                      "--patch", "48", "--batch", "2", "--epochs", "4", "--steps", "50",
+                      "--patch", "48", "--batch", "2", "--epochs", "4", "--steps", "30",
                       "--optimizer", "adamw", "--lr", "1e-2", "--no-augment", "--folds", "4",
                       "--threads", "1", "--device", "cpu", "--png", ranks=2, timeout=900)
     assert done.returncode == 0, done.stderr
