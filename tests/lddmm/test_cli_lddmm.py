@@ -182,3 +182,15 @@ def test_pairs_queue_writes_one_folder_per_pair_and_a_summary(phantom_files, tmp
     assert rows["c"]["status"] == "failed" and "missing.nii.gz" in rows["c"]["error"]
     for name in ("a", "b"):
         assert (out / name / "transform.h5").exists() and (out / name / "log.json").exists()
+
+
+def test_groups_of_ranks_share_each_pair(phantom_files, tmp_path):
+    table = tmp_path / "pairs.csv"
+    table.write_text(f"{phantom_files / 'fixed.nii.gz'},{phantom_files / 'moving.nii.gz'},a\n")
+    out = tmp_path / "out"
+    result = run_medhpc("lddmm", "--pairs", table, "--out", out, "--device", "cpu",
+                        "--ranks-per-pair", "2", "--levels", "1", "--iterations", "3",
+                        "--timesteps", "3", "--quiet", ranks=2, timeout=120)
+    assert result.returncode == 0, result.stderr
+    log = json.loads((out / "a" / "log.json").read_text())
+    assert log["ranks"] == 2 and log["decomposition"] == "slabs"
