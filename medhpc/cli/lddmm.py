@@ -50,8 +50,9 @@ class IntegerList(click.ParamType):
                    "[default: 0.02 for ssd and ncc, 0.1 for lncc].")
 @click.option("--levels", type=click.IntRange(min=1), default=3, show_default=True,
               help="Pyramid levels (each halves the grid).")
-@click.option("--iterations", type=IntegerList(), default="40,20,10", show_default=True,
-              help="Iterations per level, coarsest first (the last repeats).")
+@click.option("--iterations", type=IntegerList(), default=None,
+              help="Iterations per level, coarsest first (the last repeats) [default: 40 at "
+                   "the coarsest level, 10 at the finest, 20 between].")
 @click.option("--step", type=click.FloatRange(min=0, min_open=True), default=0.2,
               show_default=True, help="First step length of the gradient descent.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
@@ -85,6 +86,8 @@ def lddmm(run, fixed, moving, pairs, out, metric, radius, timesteps, alpha, gamm
     from medhpc.lddmm.similarity import DEFAULT_SIGMA
 
     sigma = DEFAULT_SIGMA[metric] if sigma is None else sigma
+    if iterations is None:
+        iterations = (40,) + (20,) * (levels - 2) + ((10,) if levels > 1 else ())
     settings = Settings(metric=metric, sigma=sigma, timesteps=timesteps, alpha=alpha, gamma=gamma,
                         power=power, levels=levels, iterations=tuple(iterations), step=step,
                         tolerance=tolerance, max_step_voxels=max_step_voxels, radius=radius)
