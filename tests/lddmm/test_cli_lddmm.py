@@ -12,7 +12,13 @@ from medhpc.io.geometry import ImageGeometry
 from medhpc.io.images import write_image
 from medhpc.lddmm.job import plan, read_inputs
 from medhpc.lddmm.optimise import Settings
-from tests.helpers import run_medhpc
+from tests.helpers import run_medhpc as run_medhpc_threads
+
+ONE_THREAD = {"NUMBA_NUM_THREADS": "1"}  # tiny grids: thread start-up would dominate
+
+
+def run_medhpc(*args, **options):
+    return run_medhpc_threads(*args, env=ONE_THREAD, **options)
 
 FAST = ["--levels", "2", "--iterations", "12,6", "--timesteps", "4", "--quiet"]
 

@@ -13,7 +13,7 @@ from medhpc.lddmm.transform import compose_error_voxels, sample
 from medhpc.runtime.checkpoint import Checkpointer, CheckpointStop
 from tests.lddmm.conftest import QUICK, register, serial_world
 
-RECOVERY = Settings(levels=2, iterations=(60, 40), timesteps=5)
+RECOVERY = Settings()  # the command line defaults: 3 levels, 40/20/10 iterations
 
 
 def owned_map(result, field):
@@ -54,7 +54,7 @@ def test_no_folding_and_energy_decreases_at_every_level(recovered):
     assert determinant.min() > 0
     for level in range(RECOVERY.levels):
         energies = [e["energy"] for e in result.history if e["level"] == level]
-        assert len(energies) > 5
+        assert len(energies) > 2
         assert all(b < a for a, b in zip(energies, energies[1:]))
     coarse = [e for e in result.history if e["level"] == 0]
     assert coarse[-1]["similarity"] < 0.3 * coarse[0]["similarity"]
