@@ -4,8 +4,7 @@ Each case is an axial stack through the upper abdomen: an elliptic body with a
 subcutaneous fat rim around soft tissue, the liver on the patient's right, the
 spleen on the left and behind, two kidneys beside a vertebral column, and air
 outside. Values are Hounsfield units of a late portal-venous (nephrographic)
-contrast phase, the vertebral body as cancellous bone without a cortical shell,
-with Gaussian noise; every case has its own organ sizes, positions and tilts, drawn
+contrast phase with Gaussian noise; every case has its own organ sizes, positions and tilts, drawn
 from ``seed`` and the case number.
 
 Labels: 0 background, 1 liver, 2 spleen, 3 kidneys (:data:`CLASS_NAMES`).
@@ -27,7 +26,7 @@ DEFAULT_SHAPE = (64, 96, 96)  # z, y, x
 FIELD_OF_VIEW_MM = (360.0, 360.0, 200.0)  # x, y, z
 
 HU = {"air": -1000.0, "fat": -100.0, "soft_tissue": 45.0, "liver": 105.0, "spleen": 125.0,
-      "kidney": 200.0, "bone": 160.0}
+      "kidney": 200.0, "bone": 450.0}
 NOISE_HU = 15.0
 
 
@@ -101,7 +100,7 @@ def make_case(shape, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         hu[mask] = HU[value] + rng.uniform(-10, 10)
         labels[mask] = label
     spine = union("spine") & inner
-    hu[spine] = HU["bone"] + rng.uniform(-15, 15)
+    hu[spine] = HU["bone"] + rng.uniform(-50, 50)
     labels[spine] = 0
     hu += rng.normal(0.0, NOISE_HU, size=shape).astype(np.float32)
     return hu, labels

@@ -86,8 +86,8 @@ def test_phantom_training_on_two_ranks_reaches_dice_and_segments(tmp_path):
     dataset = tmp_path / "data.h5"
     prepare(images, labels, dataset, clip_hu=(-100.0, 300.0))  # a soft-tissue window
     run = tmp_path / "run"
-    done = run_medhpc("ct-train", "--data", dataset, "--out", run, "--widths", "4,8,16",
-                      "--patch", "48", "--batch", "2", "--epochs", "4", "--steps", "30",
+    done = run_medhpc("ct-train", "--data", dataset, "--out", run, "--widths", "8,16,32",
+                      "--patch", "48", "--batch", "2", "--epochs", "6", "--steps", "40",
                       "--optimizer", "adamw", "--lr", "1e-2", "--no-augment", "--folds", "4",
                       "--threads", "1", "--device", "cpu", "--png", ranks=2, timeout=900)
     assert done.returncode == 0, done.stderr
