@@ -151,7 +151,7 @@ def inference_time(folder: Path, model: Path, repeats: int, threads: int) -> flo
                folder / "segmented", "--threads", threads, "--device", "cpu", "--overwrite",
                "--timings", timings, "--quiet")
         stages = json.loads(timings.read_text())["stages"]
-        times.append(sum(s["max_s"] for s in stages if s["name"] == "inference"))
+        times.append(sum(s["max"] for s in stages if s["name"] == "inference"))
     return statistics.median(times)
 
 
@@ -212,6 +212,8 @@ def main(argv=None) -> int:
         by_key = {(r["ranks"], r["augment"]): r["patches_per_s"] for r in results["train"]}
         results["overhead_1_rank"] = 1 - by_key[(1, False)] / results["plain_patches_per_s"]
         results["scaling_efficiency_2_ranks"] = by_key[(2, False)] / (2 * by_key[(1, False)])
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "ct-training-latest.json").write_text(json.dumps(results, indent=2))
         if not args.skip_inference:
             threads = os.cpu_count()
             results["inference_threads"] = threads
