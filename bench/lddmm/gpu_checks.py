@@ -1,4 +1,5 @@
-"""GPU checks of the LDDMM kernels (``medhpc/lddmm/kernels_{cpu,cuda}.py``) for bench/gpu_check.py."""
+"""GPU checks of the LDDMM kernels (``medhpc/lddmm/kernels_{cpu,cuda}.py``) for
+bench/gpu_check.py."""
 
 import numpy as np
 

@@ -74,7 +74,8 @@ def _load(data: Path):
     import nibabel as nib
 
     def read(name):  # (z, y, x) like medhpc
-        return np.ascontiguousarray(np.asarray(nib.load(str(data / name)).dataobj).transpose(2, 1, 0))
+        volume = np.asarray(nib.load(str(data / name)).dataobj)
+        return np.ascontiguousarray(volume.transpose(2, 1, 0))
 
     return {name: read(f"{name}.nii.gz")
             for name in ("fixed", "moving", "fixed_labels", "moving_labels")}
@@ -249,7 +250,8 @@ def per_iteration(data: Path, n: int, repeats: int, skip_ardent: bool) -> list[d
             row["wall_s_per_iteration"] = row["wall_s"] / row["iterations"]
             row["cpu_s_per_iteration"] = row["cpu_s"] / row["iterations"]
     ardent = next((r for r in rows if r.get("tool") == "ardent" and "wall_s" in r), None)
-    reference = ardent["wall_s_per_iteration"] if ardent else ARDENT_PUBLISHED_S_PER_ITERATION.get(n)
+    reference = (ardent["wall_s_per_iteration"] if ardent
+                 else ARDENT_PUBLISHED_S_PER_ITERATION.get(n))
     for row in rows:
         if "wall_s_per_iteration" in row and reference:
             row["speedup_vs_ardent"] = reference / row["wall_s_per_iteration"]
@@ -310,7 +312,8 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {row.get('tool')} | missing | | | |")
                 continue
             speed = row.get("speedup_vs_ardent")
-            lines.append(f"| {row['tool']} | {row['iterations']} | {row['wall_s_per_iteration']:.3f}"
+            lines.append(f"| {row['tool']} | {row['iterations']} | "
+                         f"{row['wall_s_per_iteration']:.3f}"
                          f" | {row['cpu_s_per_iteration']:.3f} | "
                          f"{'' if speed is None else f'{speed:.1f}'} |")
     for n, rows in results["accuracy"].items():

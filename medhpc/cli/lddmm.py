@@ -68,7 +68,8 @@ class IntegerList(click.ParamType):
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
 @click.option("--save-velocity", is_flag=True, help="Also store the velocity fields.")
 @pass_run("lddmm")
-def lddmm(run, fixed, moving, pairs, out, metric, radius, timesteps, alpha, gamma, power, sigma, levels,
+def lddmm(run, fixed, moving, pairs, out, metric, radius, timesteps, alpha, gamma, power, sigma,
+          levels,
           iterations, step, tolerance, max_step_voxels, decomp, ranks_per_pair, checkpoint_every,
           resume, save_velocity):
     """Register a moving image to a fixed one with LDDMM (time-varying velocity, Beg et al.),

@@ -16,7 +16,6 @@ volume are clamped to it (replicated edges). Kernels never communicate.
 import math
 
 import numba
-import numpy as np
 
 
 @numba.njit(inline="always")
@@ -54,7 +53,8 @@ def _difference(f, k, index, n, step_z, step_y, step_x, z, y, x):
         return f[k, z + step_z, y + step_y, x + step_x] - f[k, z, y, x]
     if index == n - 1:
         return f[k, z, y, x] - f[k, z - step_z, y - step_y, x - step_x]
-    return 0.5 * (f[k, z + step_z, y + step_y, x + step_x] - f[k, z - step_z, y - step_y, x - step_x])
+    return 0.5 * (f[k, z + step_z, y + step_y, x + step_x]
+                  - f[k, z - step_z, y - step_y, x - step_x])
 
 
 @numba.njit(parallel=True, cache=True)

@@ -64,7 +64,8 @@ def _difference_3d(f, index, n, step_z, step_y, step_x, z, y, x):
         return f[z + step_z, y + step_y, x + step_x] - f[z, y, x]
     if index == n - 1:
         return f[z, y, x] - f[z - step_z, y - step_y, x - step_x]
-    return float32(0.5) * (f[z + step_z, y + step_y, x + step_x] - f[z - step_z, y - step_y, x - step_x])
+    return float32(0.5) * (f[z + step_z, y + step_y, x + step_x]
+                           - f[z - step_z, y - step_y, x - step_x])
 
 
 def _compose_displacement(u, v, scale, halo, z_first, nz_global, out):

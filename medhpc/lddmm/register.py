@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from medhpc.lddmm.flows import Flows
 from medhpc.lddmm.grid import LevelGrid, check_split, halo_for
 from medhpc.lddmm.optimise import LevelOptimiser, LevelState, Settings
 from medhpc.lddmm.transform import sample

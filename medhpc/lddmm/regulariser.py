@@ -77,6 +77,7 @@ def apply_operator_directly(field: np.ndarray, spacing_zyx_mm, metric: Metric,
     for _ in range(times * metric.power):
         laplacian = np.zeros_like(result)
         for axis, h in zip(axes, spacing_zyx_mm):
-            laplacian += (np.roll(result, 1, axis) - 2 * result + np.roll(result, -1, axis)) / (h * h)
+            laplacian += (np.roll(result, 1, axis) - 2 * result
+                          + np.roll(result, -1, axis)) / (h * h)
         result = -metric.alpha * laplacian + metric.gamma * result
     return result

@@ -137,7 +137,8 @@ def read_transform(path) -> dict:
                     "fixed": ImageGeometry.from_attrs(f["fixed"].attrs),
                     "moving": ImageGeometry.from_attrs(f["moving"].attrs)}
     except OSError as exc:
-        raise InputError(f"{path}: unreadable HDF5 ({exc}); expected lddmm's transform.h5") from None
+        raise InputError(f"{path}: unreadable HDF5 ({exc}); expected lddmm's "
+                         f"transform.h5") from None
 
 
 def apply_transform(transform: dict, image: np.ndarray, image_geometry: ImageGeometry,

@@ -22,7 +22,8 @@ INTENSITY = {0: 0.0, 1: 0.25, 2: 0.6, 3: 0.95}
 TISSUES = {0: "background", 1: "csf", 2: "grey matter", 3: "white matter"}
 
 
-def phantom_geometry(shape, spacing_xyz_mm=(1.1, 1.0, 1.2), angle_deg: float = 12.0) -> ImageGeometry:
+def phantom_geometry(shape, spacing_xyz_mm=(1.1, 1.0, 1.2),
+                     angle_deg: float = 12.0) -> ImageGeometry:
     """A non-trivial affine: x flipped, rotated about z, anisotropic voxels, off-centre."""
     angle = np.deg2rad(angle_deg)
     rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0],
@@ -133,7 +134,8 @@ def write_lddmm_phantom(out, shape=(64, 64, 64), seed: int = 0, overwrite: bool 
                 f.attrs[key] = value
             f.attrs["description"] = ("moving(x) = fixed(x + displacement(x)); components "
                                       "(z, y, x) in voxels of the fixed grid")
-    summary = {"shape_zyx": list(shape), "seed": seed, "amplitude_voxels": phantom["amplitude_voxels"],
+    summary = {"shape_zyx": list(shape), "seed": seed,
+               "amplitude_voxels": phantom["amplitude_voxels"],
                "voxel_mm": list(geometry.spacing_mm), "tissues": TISSUES,
                "intensity": {TISSUES[k]: v for k, v in INTENSITY.items()},
                "files": names[:-1]}
