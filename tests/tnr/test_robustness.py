@@ -56,12 +56,16 @@ def test_mixed_sizes_run_says_so(phantom_folder, tmp_path):
         if i == 2:
             image = image[4:-4, 2:-2]
         Image.fromarray(image).save(folder / path.name)
-    result = run_medhpc("tnr-register", "--input", folder, "--out", tmp_path / "v.h5", *FAST,
-                        timeout=120)
+    result = run_medhpc("tnr-register", "--input", folder, "--out", tmp_path / "v.ome.tif",
+                        "--png", *FAST, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "padded" in result.stderr and "section_002.png" in result.stderr
     log = json.loads((tmp_path / "v.json").read_text())
     assert log["padded_sections"] == ["section_002.png"]
+    import tifffile
+
+    assert tifffile.imread(tmp_path / "v.ome.tif").shape == (5, 128, 128, 3)
+    assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_unreadable_image_exits_2_once(phantom_folder, tmp_path):
