@@ -104,9 +104,9 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 def prepare_section(section: np.ndarray, stain: str, factor: int) -> WorkingSection:
     """Working-level channel, tissue mask and statistics of one input section."""
     scale = intensity_scale(section.dtype)
-    channel = downsample(stain_channel(section, stain), factor)
-    mask = tissue_mask(channel)
     colour = downsample(np.asarray(section, np.float32) / np.float32(scale), factor)
+    channel = stain_channel(colour, stain)  # at the working level: block means of intensity
+    mask = tissue_mask(channel)
     if colour.ndim == 2:
         colour = colour[..., np.newaxis]
     if mask.sum() < 16:
