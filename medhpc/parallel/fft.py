@@ -11,6 +11,8 @@ Layouts (global shape ``(nz, ny, nx)``, ``size`` ranks, this rank ``rank``):
 Ranks may own no planes or no y rows (more ranks than ``nz`` or ``ny``): their
 arrays are empty and they still take part in the transposes. float32 input
 gives complex64 spectra, everything else complex128. Host (NumPy) arrays only.
+The serial FFTs are SciPy's, in the input's precision, on the rank's numba
+thread count; on one rank the transposes are skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
+import scipy.fft
 
 from medhpc.parallel.comm import World
 from medhpc.parallel.geometry import block_range, block_ranges
@@ -29,6 +32,13 @@ def _complex_type(dtype) -> np.dtype:
 
 def _real_type(dtype) -> np.dtype:
     return np.dtype(np.float32) if np.dtype(dtype) == np.complex64 else np.dtype(np.float64)
+
+
+def _workers() -> int:
+    """Threads for the serial FFTs: the rank's numba thread count (``--threads``)."""
+    import numba
+
+    return max(1, numba.get_num_threads())
 
 
 def spectrum_shape(world: World, global_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -62,8 +72,10 @@ def rfftn_slabs(world: World, local_real: np.ndarray, nz_global: int) -> np.ndar
                          f"slab has {local_real.shape[0]}")
     _, ny, nx = local_real.shape
     complex_type = _complex_type(local_real.dtype)
-    planes = np.fft.rfft2(np.asarray(local_real, dtype=_real_type(complex_type)), axes=(1, 2))
-    planes = planes.astype(complex_type, copy=False)
+    real = np.asarray(local_real, dtype=_real_type(complex_type))
+    if world.size == 1:
+        return scipy.fft.rfftn(real, workers=_workers())
+    planes = scipy.fft.rfft2(real, axes=(1, 2), workers=_workers())
     nxh = nx // 2 + 1
     y_blocks = block_ranges(ny, world.size)
     z_blocks = block_ranges(nz_global, world.size)
@@ -72,7 +84,7 @@ def rfftn_slabs(world: World, local_real: np.ndarray, nz_global: int) -> np.ndar
     spectrum = np.empty((nz_global, y1 - y0, nxh), dtype=complex_type)
     world.alltoallv_(send, [(z1 - z0) * (b1 - b0) * nxh for b0, b1 in y_blocks],
                      spectrum, [(b1 - b0) * (y1 - y0) * nxh for b0, b1 in z_blocks])
-    return np.fft.fft(spectrum, axis=0).astype(complex_type, copy=False)
+    return scipy.fft.fft(spectrum, axis=0, overwrite_x=True, workers=_workers())
 
 
 def irfftn_slabs(world: World, local_spectrum: np.ndarray,
@@ -99,8 +111,11 @@ def irfftn_slabs(world: World, local_spectrum: np.ndarray,
                          f"got {local_spectrum.shape}")
     complex_type = np.dtype(np.complex64) if local_spectrum.dtype == np.complex64 \
         else np.dtype(np.complex128)
+    if world.size == 1:
+        return scipy.fft.irfftn(local_spectrum, s=(nz, ny, nx), workers=_workers())
     nxh = nx // 2 + 1
-    along_z = np.ascontiguousarray(np.fft.ifft(local_spectrum, axis=0), dtype=complex_type)
+    along_z = np.ascontiguousarray(scipy.fft.ifft(local_spectrum, axis=0, workers=_workers()),
+                                   dtype=complex_type)
     y_blocks = block_ranges(ny, world.size)
     z_blocks = block_ranges(nz, world.size)
     y0, y1 = y_blocks[world.rank]
@@ -114,8 +129,8 @@ def irfftn_slabs(world: World, local_spectrum: np.ndarray,
         count = (z1 - z0) * (b1 - b0) * nxh
         planes[:, b0:b1, :] = received[offset:offset + count].reshape(z1 - z0, b1 - b0, nxh)
         offset += count
-    real = np.fft.irfft2(planes, s=(ny, nx), axes=(1, 2))
-    return real.astype(_real_type(complex_type), copy=False)
+    return scipy.fft.irfft2(planes, s=(ny, nx), axes=(1, 2), overwrite_x=True,
+                            workers=_workers())
 
 
 def fourier_frequencies_local(world: World,
