@@ -24,43 +24,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from bench.machine import machine as bench_machine  # noqa: E402
 TIMESTEPS = 5
 TISSUES = {"grey": 2, "white": 3}
 ARDENT_PUBLISHED_S_PER_ITERATION = {64: 1.8, 128: 20.0}  # docs/lddmm notes, this machine type
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for name in ("medhpc", "numpy", "numba", "mpi4py", "mpich", "ardent", "dipy", "SimpleITK"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "versions": versions, "load_average_start": load,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    """CPU, cores, load and the versions this benchmark depends on."""
+    return bench_machine(("medhpc", "numpy", "scipy", "numba", "mpi4py", "mpich", "ardent", "dipy", "SimpleITK"))
 
 
 # -- workers (one registration each, in their own process) ----------------------------------

@@ -21,41 +21,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from bench.machine import machine as bench_machine  # noqa: E402
 BAR_FORWARD = 0.56
 BAR_BACK = 0.28
 
 
 def machine() -> dict:
-    """CPU, cores and versions of this run."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for name in ("medhpc", "numpy", "numba", "scikit-image", "mpi4py", "mpich", "h5py"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "versions": versions,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    """CPU, cores, load and the versions this benchmark depends on."""
+    return bench_machine(("medhpc", "numpy", "numba", "scikit-image", "mpi4py", "mpich", "h5py"))
 
 
 def median_time(function, repeats: int) -> float:

@@ -23,42 +23,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from bench.machine import machine as bench_machine  # noqa: E402
 OPENCV_NOTE_MS = 0.29  # the note's per-patch time of OpenCV on one core (another machine)
 
 
 def machine() -> dict:
-    """CPU, cores, load and versions of this run."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for name in ("medhpc", "numpy", "scipy", "numba", "opencv-python-headless", "pystackreg",
-                 "mpi4py", "h5py"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": os.getloadavg(),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    """CPU, cores, load and the versions this benchmark depends on."""
+    return bench_machine(("medhpc", "numpy", "scipy", "numba", "opencv-python-headless", "pystackreg", "mpi4py", "h5py"))
 
 
 def _median_time(function, repeats: int) -> float:

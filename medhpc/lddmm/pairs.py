@@ -86,7 +86,7 @@ def register_pairs(run, settings: Settings, pairs_path, out, ranks_per_pair=1, d
             if index is None:
                 break
             _attempt(run_pair, index)
-    document = run.finish({"pairs": len(pairs), "ranks_per_pair": ranks_per_pair})
+    run.finish({"pairs": len(pairs), "ranks_per_pair": ranks_per_pair})
     if world.is_root and results is not None:
         rows = []
         for pair, (summary, error) in zip(pairs, results):

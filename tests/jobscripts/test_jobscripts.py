@@ -133,7 +133,7 @@ def node_tmp(tmp_path_factory):
 def medhpc_wrapper(folder: Path, record: Path) -> None:
     """Put a ``medhpc`` on PATH that records each process's environment, then runs medhpc."""
     real = Path(sys.executable).parent / "medhpc"
-    lines = ["#!/bin/bash", f'{{ echo "$*"'] + [
+    lines = ["#!/bin/bash", '{ echo "$*"'] + [
         f'  echo "{name}=${{{name}-<unset>}}"' for name in ENV_RECORD] + [
         f'}} > "{record}/$$.txt"', f'exec "{real}" "$@"']
     wrapper = folder / "medhpc"

@@ -1,6 +1,5 @@
 """pet-recon end to end on one rank: convergence, contrast, decompositions, checkpoints."""
 
-import json
 import os
 import signal
 
