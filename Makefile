@@ -56,8 +56,12 @@ test-mpi: install-test
 	$(MPIEXEC) -n 3 $(PY) $(PYTEST) --with-mpi -m mpi tests
 	$(MPIEXEC) -n 4 $(PY) $(PYTEST) --with-mpi -m mpi tests
 
+# Every application's benchmark beside its peers; results in bench/results/ (see docs/performance.md).
 bench: install-test
 	$(PY) bench/pet/run.py
+	$(PY) bench/lddmm/run.py
+	$(PY) bench/tnr/run.py
+	$(PY) bench/ct/run.py
 
 clean:
 	rm -rf $(DEMO) build *.egg-info
