@@ -99,7 +99,6 @@ def register_pairs(run, settings: Settings, pairs_path, out, ranks_per_pair=1, d
         failed = sum(1 for row in rows if row["status"] != "ok")
         run.log.info(f"{len(rows) - failed} of {len(rows)} pairs registered; summary in "
                      f"{out / 'summary.csv'}")
-        del document
 
 
 def _attempt(register, index):
