@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from medhpc.cli.options import pass_run
+from medhpc.errors import InputError
 from medhpc.cli.parsing import NumberList
 
 DEFAULT_CLASSES = "liver,spleen,kidneys"
@@ -107,6 +108,17 @@ def ct_prepare(run, images, labels, out, classes, spacing_mm, clip_hu):
     run.finish()
 
 
+def _require_torch(run, command: str) -> None:
+    """End with one line (exit 2) on every rank when PyTorch is not installed."""
+    def check():
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise InputError(f"{command} needs PyTorch: pip install 'medhpc[train]' (CPU build) "
+                             "or install your site's CUDA build of torch first") from None
+    run.world.agree(check)
+
+
 @click.command("ct-train")
 @click.option("--data", required=True, type=click.Path(dir_okay=False),
               help="Dataset written by ct-prepare.")
@@ -144,6 +156,7 @@ def ct_train(run, data, out, epochs, steps, patch, batch, widths, deep_supervisi
              png):
     """Train a 3-D U-Net for organ segmentation, data-parallel over the ranks (gloo on CPU,
     NCCL on GPU), with a memory plan, validation Dice per organ and checkpoints."""
+    _require_torch(run, "ct-train")
     from medhpc.ct.train import Training, TrainSettings
 
     try:
@@ -179,6 +192,7 @@ def ct_train(run, data, out, epochs, steps, patch, batch, widths, deep_supervisi
 def ct_segment(run, model_path, images, out, labels, batch):
     """Segment CT volumes by sliding windows with Gaussian blending, cases over the ranks;
     label maps on each input's own grid."""
+    _require_torch(run, "ct-segment")
     from medhpc.ct.segment import Segmentation
 
     sources = images[0] if len(images) == 1 else list(images)
