@@ -14,25 +14,6 @@ from medhpc.cli.parsing import NumberList
 DEFAULT_CLASSES = "liver,spleen,kidneys"
 
 
-class HuRange(click.ParamType):
-    """``low,high`` in HU (negative values allowed)."""
-
-    name = "low,high"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            items = [item for item in str(value).split(",") if item.strip()]
-        try:
-            low, high = (float(item) for item in items)
-        except ValueError:
-            self.fail(f"{value!r}: expected two comma-separated numbers low,high", param, ctx)
-        if low >= high:
-            self.fail(f"{value!r}: expected low < high", param, ctx)
-        return low, high
-
-
 def _class_names(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
@@ -84,7 +65,8 @@ def phantom_ct(out, cases, shape, seed, overwrite):
               help="Names of labels 1..n; labels above n are refused.")
 @click.option("--spacing-mm", type=NumberList(3), default=None,
               help="Resample to this voxel size x,y,z in mm [default: keep each case's grid].")
-@click.option("--clip-hu", type=HuRange(), default=None,
+@click.option("--clip-hu", type=NumberList(2, values="any", increasing=True, metavar="low,high"),
+              default=None,
               help="Clip values to low,high HU [default: keep them].")
 @pass_run("ct-prepare")
 def ct_prepare(run, images, labels, out, classes, spacing_mm, clip_hu):

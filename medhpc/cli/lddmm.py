@@ -8,25 +8,6 @@ from medhpc.cli.options import pass_run
 from medhpc.cli.parsing import NumberList
 
 
-class IntegerList(click.ParamType):
-    """Comma-separated positive integers of any length (``50,25``)."""
-
-    name = "list"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            items = [item for item in str(value).split(",") if item.strip()]
-        try:
-            numbers = tuple(int(item) for item in items)
-        except ValueError:
-            self.fail(f"{value!r}: expected comma-separated integers", param, ctx)
-        if not numbers or any(n < 0 for n in numbers):
-            self.fail(f"{value!r}: expected non-negative integers", param, ctx)
-        return numbers
-
-
 @click.command("lddmm")
 @click.option("--fixed", type=click.Path(), default=None, help="Fixed (target) image.")
 @click.option("--moving", type=click.Path(), default=None,
@@ -50,7 +31,8 @@ class IntegerList(click.ParamType):
                    "[default: 0.02 for ssd and ncc, 0.1 for lncc].")
 @click.option("--levels", type=click.IntRange(min=1), default=3, show_default=True,
               help="Pyramid levels (each halves the grid).")
-@click.option("--iterations", type=IntegerList(), default=None,
+@click.option("--iterations", type=NumberList(None, int, values="non-negative"),
+              default=None,
               help="Iterations per level, coarsest first (the last repeats) [default: 40 at "
                    "the coarsest level, 10 at the finest, 20 between].")
 @click.option("--step", type=click.FloatRange(min=0, min_open=True), default=0.2,
