@@ -20,41 +20,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from bench.machine import machine as bench_machine  # noqa: E402
 WIDTHS = "4,8,16"
 PATCH = 48
 BATCH = 2
 
 
 def machine() -> dict:
-    """CPU, cores and versions of this run."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for name in ("medhpc", "torch", "numpy", "numba", "mpi4py", "mpich", "h5py"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "versions": versions, "load_average_1min": load,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    """CPU, cores, load and the versions this benchmark depends on."""
+    return bench_machine(("medhpc", "torch", "numpy", "numba", "mpi4py", "mpich", "h5py"))
 
 
 def medhpc(*args, ranks=None, env=None):
