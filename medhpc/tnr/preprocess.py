@@ -27,6 +27,8 @@ _HED_VECTORS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.
 _RGB_FROM_HED = _HED_VECTORS / np.linalg.norm(_HED_VECTORS, axis=1, keepdims=True)
 _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
 _OD_FLOOR = 1.0 / 255.0
+# Tissue intensity quantiles (percent) recorded per section for the output's normalisation.
+QUANTILES = (1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0)
 
 
 @dataclass
@@ -38,6 +40,8 @@ class WorkingSection:
     tissue_fraction: float
     mean_colour: tuple         # mean input intensity per channel inside the tissue (0-1 scale)
     texture: float             # median local standard deviation inside the tissue
+    od_direction: tuple = ()   # unit mean optical-density vector in the tissue (the stain mix)
+    quantiles: tuple = ()      # per channel, tissue intensity at QUANTILES (0-1 scale)
 
 
 def intensity_scale(dtype) -> float:
@@ -119,6 +123,12 @@ def prepare_section(section: np.ndarray, stain: str, factor: int) -> WorkingSect
     image = np.where(mask, (channel - median) / spread, 0.0).astype(np.float32)
     mean = ndimage.uniform_filter(image, 5)
     local_std = np.sqrt(np.maximum(ndimage.uniform_filter(image * image, 5) - mean * mean, 0))
+    tissue_colour = colour[mask]
+    density = -np.log10(np.clip(tissue_colour, _OD_FLOOR, 1.0)).mean(axis=0)
+    direction = density / max(float(np.linalg.norm(density)), 1e-12)
+    quantiles = np.percentile(tissue_colour, QUANTILES, axis=0).T
     return WorkingSection(image=image, mask=mask, tissue_fraction=float(mask.mean()),
-                          mean_colour=tuple(float(v) for v in colour[mask].mean(axis=0)),
-                          texture=float(np.median(local_std[mask]) * spread))
+                          mean_colour=tuple(float(v) for v in tissue_colour.mean(axis=0)),
+                          texture=float(np.median(local_std[mask]) * spread),
+                          od_direction=tuple(float(v) for v in direction),
+                          quantiles=tuple(tuple(float(v) for v in row) for row in quantiles))

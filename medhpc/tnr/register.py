@@ -31,6 +31,7 @@ from medhpc.io.geometry import ImageGeometry
 from medhpc.parallel.geometry import block_range, slab
 from medhpc.parallel.work import map_items
 from medhpc.tnr import rigid, trajectories
+from medhpc.tnr.flags import SectionFlags, flag_sections
 from medhpc.tnr.matching import STATUS_NAMES, Matches, MatchSettings, grid_axes, match_sections
 from medhpc.tnr.preprocess import STAINS, WorkingSection, downsample, prepare_section
 from medhpc.tnr.sources import SectionStack, open_stack
@@ -38,9 +39,6 @@ from medhpc.tnr.warpfield import SectionWarp, fitted_warp, rigid_warp
 
 MODES = ("tnr", "pairwise", "none")
 INTERPOLATION_ORDER = {"bilinear": 1, "bicubic": 3}
-BLANK_TISSUE_RATIO = 0.25
-BLANK_TEXTURE_RATIO = 0.2
-STAIN_DISTANCE = 0.12
 TILE_ROWS = 512
 NCC_BINS = np.linspace(-1.0, 1.0, 41)
 
@@ -54,7 +52,8 @@ class TnrSettings:
     stain: str = "hematoxylin"
     downsample: int = 1
     match: MatchSettings = field(default_factory=MatchSettings)
-    max_angle_deg: float = 10.0
+    max_angle_deg: float = 180.0
+    mirror: bool = True
     tps_smoothing: float = 0.1
     min_accepted_fraction: float = 0.2
     interpolation: str = "bicubic"
@@ -120,65 +119,59 @@ class HostKernels:
 
 def section_statistics(section: WorkingSection) -> dict:
     return {"tissue_fraction": section.tissue_fraction, "texture": section.texture,
-            "mean_colour": list(section.mean_colour)}
+            "mean_colour": list(section.mean_colour),
+            "od_direction": list(section.od_direction),
+            "quantiles": [list(row) for row in section.quantiles]}
 
 
-def flag_sections(count: int, statistics: dict, pairs: dict, min_accepted: float) -> dict:
-    """``{section: [reasons]}`` for blank, off-stain and unmatched sections."""
-    flags = {i: [] for i in range(count)}
-    tissue = np.array([statistics[i]["tissue_fraction"] for i in range(count)])
-    texture = np.array([statistics[i]["texture"] for i in range(count)])
-    colour = np.array([statistics[i]["mean_colour"] for i in range(count)])
-    median_colour = np.median(colour, axis=0)
-    for i in range(count):
-        if (tissue[i] < BLANK_TISSUE_RATIO * np.median(tissue)
-                or texture[i] < BLANK_TEXTURE_RATIO * np.median(texture)):
-            flags[i].append("blank or damaged: little tissue or texture")
-        distance = float(np.sqrt(np.mean((colour[i] - median_colour) ** 2)))
-        if distance > STAIN_DISTANCE:
-            flags[i].append(f"stain differs from the stack (colour distance {distance:.2f})")
-        sides = [pairs[key].accepted_fraction for key in ((i - 1, i), (i, i + 1)) if key in pairs]
-        if sides and max(sides) < min_accepted:
-            flags[i].append(f"unmatched: at most {100 * max(sides):.0f}% of patches matched its "
-                            "neighbours; bridged")
-    return {i: reasons for i, reasons in flags.items() if reasons}
+def build_warps(settings: TnrSettings, count: int, shape, pairs: dict, matched: list[int],
+                flags: SectionFlags | None = None):
+    """Per-section warps (output -> input, working pixels) and the trajectory record.
 
-
-def excluded_from_matching(flags: dict) -> set:
-    return {i for i, reasons in flags.items()
-            if any(r.startswith(("blank", "unmatched")) for r in reasons)}
-
-
-def build_warps(settings: TnrSettings, count: int, shape, pairs: dict, matched: list[int]):
-    """Per-section warps (output -> input, working pixels) and the trajectory record."""
+    ``matched`` is the chain; ``flags`` gives the leaves (warped from a neighbour)
+    and the weights of doubtful sections in the placement estimate and the smoothing.
+    """
+    flags = flags or SectionFlags()
     reference = min(matched, key=lambda i: (abs(i - (count - 1) / 2), i))
     chained = rigid.chain_from_centre({(a, b): pairs[(a, b)].transform
                                        for a, b in zip(matched, matched[1:])}, matched, reference)
+    for leaf in sorted(flags.leaves, key=lambda s: (abs(s - reference), s)):
+        if leaf > reference and leaf - 1 in chained and (leaf - 1, leaf) in pairs:
+            chained[leaf] = pairs[(leaf - 1, leaf)].transform @ chained[leaf - 1]
+        elif leaf < reference and leaf + 1 in chained and (leaf, leaf + 1) in pairs:
+            chained[leaf] = np.linalg.inv(pairs[(leaf, leaf + 1)].transform) @ chained[leaf + 1]
     for i in range(count):
         if i not in chained:
             nearest = min(matched, key=lambda m: (abs(m - i), m))
             chained[i] = chained[nearest]
     transforms = np.stack([chained[i] for i in range(count)])
+    weights = flags.weights(count)
+    leaves = sorted(flags.leaves)
     grid = settings.match.grid
     step = max(2, grid // 4)
     record = {"reference": reference, "rigid": transforms}
     if settings.mode == "none":
         return [rigid_warp(transforms[i], shape, step) for i in range(count)], record
+    keys = set(zip(matched, matched[1:]))
+    keys |= {key for leaf in leaves for key in ((leaf - 1, leaf), (leaf, leaf + 1))
+             if key in pairs}
     fields = {(a, b): trajectories.pair_field(a, b, shape, grid, pairs[(a, b)].matches,
-                                              pairs[(a, b)].transform)
-              for a, b in zip(matched, matched[1:])}
+                                              pairs[(a, b)].transform) for a, b in sorted(keys)}
     seeds = trajectories.seed_points(shape, grid, pairs_tissue(pairs, reference))
     observed, valid = trajectories.chain_trajectories(fields, matched, count, reference, seeds,
-                                                      shape)
-    centre = 0.5 * (np.asarray(shape, float) - 1)
-    angles = np.array([rigid.rotation_angle(t) for t in transforms])
-    frame = trajectories.derotate(observed, angles, centre)
+                                                      shape, leaves)
+    fallback = transforms
     if settings.mode == "tnr":
-        target = trajectories.smooth_along_z(frame, valid, settings.sigma)
+        placed = trajectories.placement_free_frame(observed, valid, transforms, weights, shape)
+        target = trajectories.smooth_along_z(placed["frame"], valid, settings.sigma, weights)
+        fallback = np.stack([p @ np.linalg.inv(d)
+                             for p, d in zip(placed["placement"], placed["drift"])])
+        record.update(placement=placed["placement"], drift=placed["drift"],
+                      drift_ratio=placed["drift_ratio"])
     else:
-        target = trajectories.straight(frame, valid, reference)
+        target = trajectories.straight(observed, valid, reference)
     warps = [fitted_warp(target[:, i], observed[:, i], shape, step, settings.tps_smoothing,
-                         transforms[i]) for i in range(count)]
+                         fallback[i]) for i in range(count)]
     record.update(observed=observed, target=target, valid=valid)
     return warps, record
 
@@ -254,7 +247,7 @@ class Reconstruction:
         with self.run.stage("trajectories", "other"):
             if self.world.is_root:
                 warps, record = build_warps(self.settings, stack.count, self.work_shape, pairs,
-                                            matched)
+                                            matched, flags)
             else:
                 warps, record = None, None
         with self.run.stage("broadcast warps", "comm"):
@@ -308,7 +301,7 @@ class Reconstruction:
         nodes = np.ix_(np.round(ys).astype(int), np.round(xs).astype(int))
         with self.run.stage("rigid pre-alignment", "kernel"):
             transform = rigid.estimate_rigid(fixed.image, moving.image,
-                                             self.settings.max_angle_deg)
+                                             self.settings.max_angle_deg, self.settings.mirror)
             aligned = rigid.resample(moving.image, transform)
         with self.run.stage("match patches", "kernel"):
             matches = match_sections(fixed.image, fixed.mask, aligned, self.settings.match,
@@ -360,17 +353,17 @@ class Reconstruction:
         for result in pairs.values():
             statistics.update(result.sections)
         flags = flag_sections(n, statistics, pairs, self.settings.min_accepted_fraction)
-        excluded = excluded_from_matching(flags)
-        matched = [i for i in range(n) if i not in excluded]
+        matched = flags.chain(n)
         if len(matched) < 2:
             raise InputError(f"{self.stack.source}: fewer than 2 sections could be matched "
-                             f"(flags: {flags}); expected sections with tissue and texture")
+                             f"(flags: {flags.reasons}); expected sections with tissue and "
+                             "texture")
         bridges = [(a, b) for a, b in zip(matched, matched[1:]) if (a, b) not in pairs]
         if bridges:
-            self.run.log.info(f"bridging {len(bridges)} pair(s) over unmatched sections: "
+            self.run.log.info(f"bridging {len(bridges)} pair(s) over doubtful sections: "
                               f"{bridges}")
             pairs.update(self._match(bridges))
-        for index, reasons in sorted(flags.items()):
+        for index, reasons in sorted(flags.reasons.items()):
             self.run.log.notice(f"section {index} ({self.stack.names[index]}): "
                                 f"{'; '.join(reasons)}")
         return pairs, flags, matched
@@ -478,6 +471,7 @@ class Reconstruction:
             pair_rows.append({"pair": [a, b], "patches": len(result.matches.status), **row,
                               "accepted_fraction": result.accepted_fraction,
                               "rotation_deg": float(np.rad2deg(rigid.rotation_angle(result.transform))),
+                              "mirrored": rigid.is_mirrored(result.transform),
                               "translation_px": result.transform[:2, 2].tolist(),
                               "bridge": b - a > 1})
         total = max(1, sum(counts.values()))
@@ -489,8 +483,11 @@ class Reconstruction:
             "sections": self.stack.count, "section_shape": list(self.stack.shape),
             "working_shape": list(self.work_shape), "output_shape": list(self.output_shape()),
             "padded_sections": [self.stack.names[i] for i in self.stack.padded],
-            "flagged_sections": {str(i): {"name": self.stack.names[i], "reasons": r}
-                                 for i, r in sorted(flags.items())},
+            "flagged_sections": {str(i): {"name": self.stack.names[i], "reasons": r,
+                                          "role": ("excluded" if i in flags.excluded else
+                                                   "leaf" if i in flags.leaves else
+                                                   "down-weighted")}
+                                 for i, r in sorted(flags.reasons.items())},
             "matched_sections": matched, "reference_section": record["reference"],
             "pairs": pair_rows,
             "rejection_rates": {name: value / total for name, value in counts.items()},

@@ -2,10 +2,18 @@
 
 Transforms are 3 x 3 matrices acting on homogeneous pixel coordinates
 ``(y, x, 1)``. ``estimate_rigid(fixed, moving)`` returns ``T`` with
-``fixed(p) ~ moving(T p)``: it tries rotations about the image centre on a
-coarse copy of both images and takes the translation of each from the peak of
-the phase correlation; the angle with the sharpest peak wins, refined by a finer
-angle search around it.
+``fixed(p) ~ moving(T p)``, for any rotation and for sections laid on the slide
+face down (mirrored):
+
+1. coarse search on copies at most :data:`COARSE_SIDE` px wide: rotations about
+   the image centre every :data:`COARSE_STEP_DEG` degrees over the whole circle
+   (or within ``max_angle_deg``), both faces; the translation of each from the
+   peak of the phase correlation, scored by the peak's height;
+2. the best few candidates refined on copies at most :data:`REFINE_SIDE` px wide
+   (rotations every degree around them, then Gauss-Newton on the sum of squared
+   differences of the two normalised images over angle and translation, coarse
+   to fine);
+3. the candidate with the highest normalised cross-correlation of the overlap wins.
 """
 
 from __future__ import annotations
@@ -16,7 +24,13 @@ from scipy import ndimage
 
 from medhpc.tnr.preprocess import downsample
 
-COARSE_SIDE = 128
+COARSE_SIDE = 64
+REFINE_SIDE = 256
+COARSE_STEP_DEG = 6.0
+CANDIDATES = 3
+MIRROR_MARGIN = 0.05  # a mirrored fit must beat the best unmirrored one by this much NCC
+GAUSS_NEWTON_ITERATIONS = 12
+FLIP = np.array([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 1.0]])  # x -> -x
 
 
 def rotation_about(angle_rad: float, centre, translation=(0.0, 0.0)) -> np.ndarray:
@@ -26,6 +40,13 @@ def rotation_about(angle_rad: float, centre, translation=(0.0, 0.0)) -> np.ndarr
     matrix = np.eye(3)
     matrix[:2, :2] = rotation
     matrix[:2, 2] = np.asarray(centre) - rotation @ np.asarray(centre) + np.asarray(translation)
+    return matrix
+
+
+def mirror_about(centre) -> np.ndarray:
+    """The mirror image ``x -> 2 c_x - x`` (a section laid face down) as a 3 x 3 matrix."""
+    matrix = FLIP.copy()
+    matrix[1, 2] = 2.0 * float(np.asarray(centre)[1])
     return matrix
 
 
@@ -41,6 +62,17 @@ def resample(image: np.ndarray, matrix: np.ndarray, order: int = 1) -> np.ndarra
                                     cval=0.0).astype(np.float32)
 
 
+def is_mirrored(matrix: np.ndarray) -> bool:
+    """True if the transform turns the section over (negative determinant)."""
+    return bool(np.linalg.det(matrix[:2, :2]) < 0)
+
+
+def rotation_angle(matrix: np.ndarray) -> float:
+    """The rotation angle (radians) of a rigid 3 x 3 matrix (after undoing a mirror)."""
+    linear = matrix[:2, :2] @ FLIP[:2, :2] if is_mirrored(matrix) else matrix[:2, :2]
+    return float(np.arctan2(linear[1, 0], linear[0, 0]))
+
+
 def _phase_correlation(fixed_spectrum: np.ndarray, moving: np.ndarray, shape):
     """(peak height, (dy, dx)) with ``fixed(p) ~ moving(p + d)``."""
     spectrum = scipy.fft.rfft2(moving, s=shape, workers=1)
@@ -51,8 +83,10 @@ def _phase_correlation(fixed_spectrum: np.ndarray, moving: np.ndarray, shape):
     iy, ix = np.unravel_index(int(np.argmax(correlation)), correlation.shape)
     shift = []
     for index, axis_size, axis in ((iy, shape[0], 0), (ix, shape[1], 1)):
-        before = correlation[(index - 1) % shape[0], ix] if axis == 0 else correlation[iy, (index - 1) % shape[1]]
-        after = correlation[(index + 1) % shape[0], ix] if axis == 0 else correlation[iy, (index + 1) % shape[1]]
+        if axis == 0:
+            before, after = correlation[(index - 1) % shape[0], ix], correlation[(index + 1) % shape[0], ix]
+        else:
+            before, after = correlation[iy, (index - 1) % shape[1]], correlation[iy, (index + 1) % shape[1]]
         centre = correlation[iy, ix]
         curvature = before - 2 * centre + after
         fraction = 0.5 * (before - after) / curvature if curvature < 0 else 0.0
@@ -61,36 +95,157 @@ def _phase_correlation(fixed_spectrum: np.ndarray, moving: np.ndarray, shape):
     return float(correlation[iy, ix]), np.array(shift)
 
 
-def estimate_rigid(fixed: np.ndarray, moving: np.ndarray, max_angle_deg: float = 10.0,
-                   step_deg: float = 2.0) -> np.ndarray:
-    """Rigid transform ``T`` (3 x 3, on (y, x, 1)) with ``fixed(p) ~ moving(T p)``."""
-    factor = max(1, int(np.ceil(max(fixed.shape) / COARSE_SIDE)))
-    coarse_fixed = downsample(fixed, factor)
-    coarse_moving = downsample(moving, factor)
-    shape = tuple(2 * n for n in coarse_fixed.shape)
-    fixed_spectrum = scipy.fft.rfft2(coarse_fixed, s=shape, workers=1)
-    centre = 0.5 * (np.array(coarse_fixed.shape) - 1)
+class _Level:
+    """Both images at one coarse level and the change of pixel units to the working level."""
 
-    def score(angle_deg):
-        rotated = resample(coarse_moving, rotation_about(np.deg2rad(angle_deg), centre))
-        height, shift = _phase_correlation(fixed_spectrum, rotated, shape)
-        return height, shift
+    def __init__(self, fixed: np.ndarray, moving: np.ndarray, side: int):
+        self.factor = max(1, int(np.ceil(max(fixed.shape) / side)))
+        self.fixed = downsample(fixed, self.factor)
+        self.moving = downsample(moving, self.factor)
+        self.centre = 0.5 * (np.array(self.fixed.shape) - 1)
+        half = (self.factor - 1) / 2.0
+        scale = np.diag([self.factor, self.factor, 1.0])
+        self.to_working = _translation([half, half]) @ scale
+        self.from_working = np.linalg.inv(self.to_working)
 
-    angles = np.arange(-max_angle_deg, max_angle_deg + 0.5 * step_deg, step_deg)
-    results = [score(a) for a in angles]
-    best = int(np.argmax([height for height, _ in results]))
-    fine = angles[best] + np.arange(-0.75, 0.76, 0.25) * step_deg  # 0.5 deg steps
-    fine_results = [score(a) for a in fine]
-    best_fine = int(np.argmax([height for height, _ in fine_results]))
-    angle = np.deg2rad(fine[best_fine])
-    shift = fine_results[best_fine][1]
-    # In coarse pixels: moving_coarse(R (p + shift - c) + c); back to full pixels.
-    coarse = rotation_about(angle, centre) @ _translation(shift)
-    scale = np.diag([factor, factor, 1.0])
-    half = (factor - 1) / 2.0
-    to_coarse = np.linalg.inv(scale) @ _translation(-np.array([half, half]))
-    from_coarse = _translation(np.array([half, half])) @ scale
-    return from_coarse @ coarse @ to_coarse
+    def matrix(self, angle_deg: float, mirrored: bool, shift) -> np.ndarray:
+        """Coarse-pixel transform: shift, mirror (optional), rotate about the centre."""
+        turn = rotation_about(np.deg2rad(angle_deg), self.centre)
+        if mirrored:
+            turn = turn @ mirror_about(self.centre)
+        return turn @ _translation(shift)
+
+    def working(self, coarse_matrix: np.ndarray) -> np.ndarray:
+        return self.to_working @ coarse_matrix @ self.from_working
+
+    def coarse(self, working_matrix: np.ndarray) -> np.ndarray:
+        return self.from_working @ working_matrix @ self.to_working
+
+
+def _search(level: _Level, angles, mirrored: bool):
+    """(height, angle, matrix) of the phase-correlation peak at each angle."""
+    shape = tuple(2 * n for n in level.fixed.shape)
+    fixed_spectrum = scipy.fft.rfft2(level.fixed, s=shape, workers=1)
+    results = []
+    for angle in angles:
+        turned = resample(level.moving, level.matrix(angle, mirrored, (0.0, 0.0)))
+        height, shift = _phase_correlation(fixed_spectrum, turned, shape)
+        results.append((height, float(angle), level.matrix(angle, mirrored, shift)))
+    return results
+
+
+def overlap_ncc(fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray) -> float:
+    """Pearson correlation of ``fixed`` and ``moving(matrix p)`` where either has tissue."""
+    warped = resample(moving, matrix)
+    where = (fixed != 0) | (warped != 0)
+    if np.count_nonzero(where) < 16:
+        return -1.0
+    a, b = fixed[where] - fixed[where].mean(), warped[where] - warped[where].mean()
+    norm = np.sqrt(np.sum(a * a) * np.sum(b * b))
+    return float(np.sum(a * b) / norm) if norm > 0 else -1.0
+
+
+def refine_rigid(fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray,
+                 iterations: int = GAUSS_NEWTON_ITERATIONS) -> np.ndarray:
+    """Gauss-Newton on ``sum (moving(T p) - fixed(p))^2`` over T's angle and translation.
+
+    ``matrix`` is the starting transform (a mirror in it is kept). Points where
+    either image has tissue take part; a step that does not lower the cost is halved.
+    """
+    ny, nx = fixed.shape
+    centre = 0.5 * (np.array(fixed.shape, float) - 1)
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    points = np.stack([yy.ravel(), xx.ravel()], axis=1).astype(np.float64)
+    target = fixed.ravel().astype(np.float64)
+    grad_y, grad_x = np.gradient(moving.astype(np.float64))
+    base = matrix.copy()
+
+    def evaluate(parameters):
+        current = _increment(parameters, centre) @ base
+        where = apply(current, points)
+        inside = ((where[:, 0] >= 0) & (where[:, 0] <= ny - 1)
+                  & (where[:, 1] >= 0) & (where[:, 1] <= nx - 1))
+        values = ndimage.map_coordinates(moving, where.T, order=1, mode="constant", cval=0.0)
+        use = inside & ((values != 0) | (target != 0))
+        residual = (values - target)[use]
+        return current, where, use, residual, float(np.mean(residual ** 2)) if residual.size else np.inf
+
+    parameters = np.zeros(3)
+    current, where, use, residual, cost = evaluate(parameters)
+    for _ in range(iterations):
+        if residual.size < 16:
+            break
+        at = where[use].T
+        gy = ndimage.map_coordinates(grad_y, at, order=1, mode="constant")
+        gx = ndimage.map_coordinates(grad_x, at, order=1, mode="constant")
+        # d(where)/d(angle) of the rotation about the centre: a quarter turn of the arm
+        arm = where[use] - centre - parameters[1:]
+        jacobian = np.stack([gx * arm[:, 0] - gy * arm[:, 1], gy, gx], axis=1)
+        normal = jacobian.T @ jacobian
+        normal += 1e-6 * np.trace(normal) * np.eye(3)
+        step = -np.linalg.solve(normal, jacobian.T @ residual)
+        accepted = False
+        for _ in range(5):
+            trial = parameters + step
+            t_current, t_where, t_use, t_residual, t_cost = evaluate(trial)
+            if t_cost < cost:
+                parameters, current, where, use, residual = trial, t_current, t_where, t_use, t_residual
+                improvement = cost - t_cost
+                cost = t_cost
+                accepted = True
+                break
+            step *= 0.5
+        if not accepted or improvement < 1e-6 * cost:
+            break
+    return current
+
+
+def _increment(parameters, centre) -> np.ndarray:
+    """Rotation by ``parameters[0]`` rad about ``centre`` and a shift, applied after a map."""
+    return rotation_about(parameters[0], centre, parameters[1:])
+
+
+def estimate_rigid(fixed: np.ndarray, moving: np.ndarray, max_angle_deg: float = 180.0,
+                   mirror: bool = True) -> np.ndarray:
+    """Rigid transform ``T`` (3 x 3, on (y, x, 1)) with ``fixed(p) ~ moving(T p)``.
+
+    Parameters
+    ----------
+    fixed, moving : (y, x) float arrays
+        Normalised working images (tissue non-zero, glass zero).
+    max_angle_deg : float
+        Largest rotation searched (180 covers the whole circle).
+    mirror : bool
+        Also search the mirrored moving section (laid face down).
+    """
+    coarse = _Level(fixed, moving, COARSE_SIDE)
+    limit = min(float(max_angle_deg), 180.0)
+    if limit >= 180.0:
+        angles = np.arange(-180.0, 180.0, COARSE_STEP_DEG)
+    else:
+        angles = np.arange(-limit, limit + 0.5 * COARSE_STEP_DEG, min(COARSE_STEP_DEG, 2.0))
+    results = _search(coarse, angles, False)
+    if mirror:
+        results += [(h, a, m) for h, a, m in _search(coarse, angles, True)]
+    results.sort(key=lambda r: -r[0])
+    fine = _Level(fixed, moving, REFINE_SIDE)
+    best, best_score = None, -np.inf
+    chosen = []
+    for height, angle, matrix in results:
+        if any(abs(((angle - a) + 180) % 360 - 180) < 2 * COARSE_STEP_DEG and is_mirrored(matrix) == m
+               for a, m in chosen):
+            continue
+        chosen.append((angle, is_mirrored(matrix)))
+        start = fine.coarse(coarse.working(matrix))
+        refined = refine_rigid(fine.fixed, fine.moving, start)
+        score = overlap_ncc(fine.fixed, fine.moving, refined)
+        if is_mirrored(refined):
+            score -= MIRROR_MARGIN
+        if score > best_score:
+            best, best_score = refined, score
+        if len(chosen) == CANDIDATES:
+            break
+    return fine.working(best)
 
 
 def _translation(shift) -> np.ndarray:
@@ -113,8 +268,3 @@ def chain_from_centre(pair_transforms: dict, sections: list[int], centre: int) -
     for a, b in zip(reversed(sections[:position]), reversed(sections[1:position + 1])):
         chained[a] = np.linalg.inv(pair_transforms[(a, b)]) @ chained[b]
     return chained
-
-
-def rotation_angle(matrix: np.ndarray) -> float:
-    """The rotation angle (radians) of a rigid 3 x 3 matrix."""
-    return float(np.arctan2(matrix[1, 0], matrix[0, 0]))

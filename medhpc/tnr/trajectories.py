@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.fft
 from scipy import ndimage
 
 from medhpc.tnr import rigid
@@ -21,6 +22,8 @@ from medhpc.tnr.matching import Matches, grid_axes
 
 INVERSE_ITERATIONS = 20
 FILL_SIGMA_NODES = 1.5
+PLACEMENT_ITERATIONS = 15
+DRIFT_RATIOS = np.concatenate([[0.0], np.logspace(-5, 5, 101)])
 
 
 @dataclass
@@ -101,19 +104,24 @@ def seed_points(shape, grid: int, tissue_nodes: np.ndarray | None = None) -> np.
 
 
 def chain_trajectories(fields: dict, matched: list[int], count: int, reference: int,
-                       seeds: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+                       seeds: np.ndarray, shape, leaves=()) -> tuple[np.ndarray, np.ndarray]:
     """Follow the seeds through every section.
 
     Parameters
     ----------
     fields : dict
-        ``{(a, b): PairField}`` for consecutive entries of ``matched``.
+        ``{(a, b): PairField}`` for consecutive entries of ``matched`` and, for every
+        leaf, the pair with its neighbour towards the reference.
     matched : list of int
-        Sections that take part in matching, ascending; the others are bridged.
+        Sections of the chain, ascending; the others are leaves or bridged.
     count : int
         Number of sections.
     reference : int
         Section holding the seeds (an entry of ``matched``).
+    leaves : iterable of int
+        Sections outside the chain that still get positions, from their neighbour
+        towards the reference (so that their own errors are not passed on).
+        Other sections outside the chain get positions interpolated along z.
 
     Returns
     -------
@@ -129,8 +137,19 @@ def chain_trajectories(fields: dict, matched: list[int], count: int, reference: 
         positions[:, b] = fields[(a, b)].forward(positions[:, a])
     for a, b in zip(reversed(matched[:where]), reversed(matched[1:where + 1])):
         positions[:, a] = fields[(a, b)].backward(positions[:, b])
+    leaves = set(leaves)
+    placed = set(matched)
+    for section in sorted(leaves, key=lambda s: (abs(s - reference), s)):
+        towards = section - 1 if section > reference else section + 1
+        key = (towards, section) if section > reference else (section, towards)
+        if towards not in placed or key not in fields:
+            continue
+        field = fields[key]
+        positions[:, section] = (field.forward(positions[:, towards]) if section > reference
+                                 else field.backward(positions[:, towards]))
+        placed.add(section)
     for section in range(count):
-        if section in matched:
+        if section in placed:
             continue
         below = max((m for m in matched if m < section), default=None)
         above = min((m for m in matched if m > section), default=None)
@@ -141,12 +160,22 @@ def chain_trajectories(fields: dict, matched: list[int], count: int, reference: 
             positions[:, section] = (1 - t) * positions[:, below] + t * positions[:, above]
     inside = ((positions[..., 0] >= 0) & (positions[..., 0] <= shape[0] - 1)
               & (positions[..., 1] >= 0) & (positions[..., 1] <= shape[1] - 1))
-    valid = np.logical_and.accumulate(inside[:, reference:], axis=1)
-    valid_before = np.logical_and.accumulate(inside[:, :reference + 1][:, ::-1], axis=1)[:, ::-1]
-    return positions, np.concatenate([valid_before[:, :-1], valid], axis=1)
+    # A trajectory ends where it leaves the image along the chain; a leaf only ends itself.
+    along = inside.copy()
+    leaf_sections = sorted(placed & leaves)
+    along[:, leaf_sections] = True
+    valid = np.empty_like(inside)
+    valid[:, reference:] = np.logical_and.accumulate(along[:, reference:], axis=1)
+    valid[:, :reference + 1] = np.logical_and.accumulate(
+        along[:, :reference + 1][:, ::-1], axis=1)[:, ::-1]
+    for section in leaf_sections:
+        towards = section - 1 if section > reference else section + 1
+        valid[:, section] = valid[:, towards] & inside[:, section]
+    return positions, valid
 
 
-def smooth_along_z(positions: np.ndarray, valid: np.ndarray, sigma: float) -> np.ndarray:
+def smooth_along_z(positions: np.ndarray, valid: np.ndarray, sigma: float,
+                   weights: np.ndarray | None = None) -> np.ndarray:
     """Gaussian smoothing of every trajectory along z (sigma in sections).
 
     Each trajectory is smoothed over the sections where it is valid (a contiguous
@@ -155,9 +184,10 @@ def smooth_along_z(positions: np.ndarray, valid: np.ndarray, sigma: float) -> np
     ends the fitted line keeps a steadily drifting (oblique) trajectory straight
     instead of bending it towards the middle, while still averaging out each
     section's own distortion (mirroring the run would leave the end point
-    unsmoothed, or bend it).
+    unsmoothed, or bend it). ``weights`` (count,) lowers the say of doubtful sections.
     """
     n, count, _ = positions.shape
+    weights = np.ones(count) if weights is None else np.asarray(weights, np.float64)
     smoothed = np.full(positions.shape, np.nan)
     if sigma <= 0:
         return np.where(valid[..., None], positions, np.nan)
@@ -166,12 +196,14 @@ def smooth_along_z(positions: np.ndarray, valid: np.ndarray, sigma: float) -> np
         if index.size == 0:
             continue
         first, last = index[0], index[-1]
-        smoothed[k, first:last + 1] = local_linear(positions[k, first:last + 1], sigma)
+        smoothed[k, first:last + 1] = local_linear(positions[k, first:last + 1], sigma,
+                                                   weights[first:last + 1])
     return smoothed
 
 
-def local_linear(run: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian-weighted local linear regression of ``run`` (L, 2) at each of its samples."""
+def local_linear(run: np.ndarray, sigma: float, weights: np.ndarray | None = None) -> np.ndarray:
+    """Gaussian-weighted local linear regression of ``run`` (L, 2) at each of its samples
+    (``weights`` (L,) multiply the Gaussian of each sample)."""
     length = len(run)
     if length < 3:
         return run.astype(np.float64)
@@ -179,6 +211,8 @@ def local_linear(run: np.ndarray, sigma: float) -> np.ndarray:
     offset = z[None, :] - z[:, None]                     # (at, from)
     weight = np.exp(-0.5 * (offset / sigma) ** 2)
     weight[np.abs(offset) > 4 * sigma] = 0.0
+    if weights is not None:
+        weight = weight * np.asarray(weights, np.float64)[None, :]
     s0, s1, s2 = (np.sum(weight * offset ** p, axis=1) for p in (0, 1, 2))
     t0 = weight @ run
     t1 = (weight * offset) @ run
@@ -195,21 +229,139 @@ def straight(positions: np.ndarray, valid: np.ndarray, reference: int) -> np.nda
     return np.where(valid[..., None], target, np.nan)
 
 
-def derotate(positions: np.ndarray, angles: np.ndarray, centre) -> np.ndarray:
-    """Rotate each section's positions by minus its chained rotation about ``centre``.
+def procrustes(source: np.ndarray, target: np.ndarray, mirrored: bool, centre) -> np.ndarray:
+    """Rigid ``A`` (3 x 3) minimising ``sum |A source - target|^2``; ``A`` turns the plane over
+    (a mirror about ``centre``'s column) if and only if ``mirrored``."""
+    mirror = rigid.mirror_about(centre) if mirrored else np.eye(3)
+    turned = rigid.apply(mirror, source)
+    mean_source, mean_target = turned.mean(axis=0), target.mean(axis=0)
+    u, _, vt = np.linalg.svd((turned - mean_source).T @ (target - mean_target))
+    rotation = vt.T @ u.T
+    if np.linalg.det(rotation) < 0:
+        vt[-1] *= -1
+        rotation = vt.T @ u.T
+    matrix = np.eye(3)
+    matrix[:2, :2] = rotation
+    matrix[:2, 2] = mean_target - rotation @ mean_source
+    return matrix @ mirror
 
-    Sections may lie rotated on the slide at any angle; averaging positions of
-    differently rotated sections would shrink trajectories, so smoothing works in a
-    frame where each section's rotation is undone (translations stay, curvature of
-    the anatomy along z included).
+
+def remove_placement(observed: np.ndarray, valid: np.ndarray, initial: np.ndarray,
+                     weights: np.ndarray, centre,
+                     iterations: int = PLACEMENT_ITERATIONS) -> np.ndarray:
+    """Each section's rigid placement, estimated jointly over the stack.
+
+    Generalised Procrustes analysis of the trajectories: the placement ``A_i``
+    (common frame -> section pixels) of every section and the mean position
+    ``m_k`` of every trajectory in the common frame minimise
+    ``sum_i w_i sum_k |A_i m_k - x_k(i)|^2`` over the valid points, starting from
+    ``initial`` (the rigid chain). Unlike the chain, no section's placement error is
+    passed on to the next. Sections with fewer than 3 valid points keep ``initial``.
+
+    Returns
+    -------
+    (count, 3, 3) placements, mirrored exactly where ``initial`` is.
     """
-    out = np.empty_like(positions)
-    for section, angle in enumerate(angles):
-        undo = rigid.rotation_about(-angle, centre)
-        out[:, section] = rigid.apply(undo, positions[:, section])
-    return out
+    n, count, _ = observed.shape
+    placement = np.array(initial, np.float64)
+    mirrored = [rigid.is_mirrored(m) for m in placement]
+    usable = [np.count_nonzero(valid[:, i]) >= 3 for i in range(count)]
+    weights = np.asarray(weights, np.float64)
+    for _ in range(iterations):
+        frame = np.zeros((n, 2))
+        total = np.zeros(n)
+        for i in range(count):
+            if not usable[i]:
+                continue
+            rows = valid[:, i]
+            frame[rows] += weights[i] * rigid.apply(np.linalg.inv(placement[i]), observed[rows, i])
+            total[rows] += weights[i]
+        known = total > 0
+        mean = frame[known] / total[known, None]
+        change = 0.0
+        for i in range(count):
+            rows = valid[known, i]
+            if not usable[i] or np.count_nonzero(rows) < 3:
+                continue
+            fitted = procrustes(mean[rows], observed[known][rows, i], mirrored[i], centre)
+            change = max(change, float(np.abs(fitted - placement[i])[:2].max()))
+            placement[i] = fitted
+        if change < 1e-4:
+            break
+    return placement
 
 
-def rerotate(positions: np.ndarray, angles: np.ndarray, centre) -> np.ndarray:
-    """Inverse of :func:`derotate`."""
-    return derotate(positions, -np.asarray(angles), centre)
+def placement_parameters(placement: np.ndarray, centre) -> np.ndarray:
+    """(count, 3): rotation (rad) and the translation (y, x) of ``centre`` of each placement."""
+    centre = np.asarray(centre, np.float64)
+    rows = []
+    for matrix in placement:
+        moved = rigid.apply(matrix, centre[None])[0] - centre
+        rows.append([rigid.rotation_angle(matrix), moved[0], moved[1]])
+    return np.array(rows)
+
+
+def smooth_drift(series: np.ndarray) -> tuple[np.ndarray, float]:
+    """The smooth part of per-section series (count, m): empirical-Bayes random-walk smoothing.
+
+    Each column is modelled as a random walk along z (the anatomy's slow drift,
+    variance ``r s^2`` per section) plus independent per-section noise (the random
+    placement, variance ``s^2``). In the cosine basis the walk has variance
+    ``r s^2 / lambda_j`` (``lambda_j = 4 sin^2(pi j / 2n)``); the ratio ``r`` is the
+    one that maximises the marginal likelihood of all columns together, and the
+    posterior mean of the walk is returned. Pure placement noise gives ``r = 0``:
+    the series' mean alone; a slow drift much larger than the noise is kept.
+
+    Returns
+    -------
+    drift : (count, m)
+    ratio : float
+        The chosen ``r``.
+    """
+    count = series.shape[0]
+    if count < 4:
+        return np.repeat(series.mean(axis=0, keepdims=True), count, axis=0), 0.0
+    coefficients = scipy.fft.dct(series, type=2, norm="ortho", axis=0)
+    eigen = 4.0 * np.sin(np.pi * np.arange(count) / (2.0 * count)) ** 2
+    data = coefficients[1:] ** 2
+    best, best_ratio = -np.inf, 0.0
+    for ratio in DRIFT_RATIOS:
+        variance = 1.0 + ratio / eigen[1:]
+        scale = float(np.mean(data / variance[:, None]))
+        if scale <= 0:
+            break
+        likelihood = -0.5 * series.shape[1] * float(np.sum(np.log(scale * variance)))
+        if likelihood > best:
+            best, best_ratio = likelihood, float(ratio)
+    shrink = np.zeros(count)
+    shrink[0] = 1.0
+    prior = best_ratio / eigen[1:]
+    shrink[1:] = prior / (1.0 + prior)
+    return scipy.fft.idct(coefficients * shrink[:, None], type=2, norm="ortho", axis=0), best_ratio
+
+
+def placement_free_frame(observed: np.ndarray, valid: np.ndarray, initial: np.ndarray,
+                         weights: np.ndarray, shape) -> dict:
+    """Trajectories in a frame where each section's random rigid placement is undone.
+
+    The placements come from :func:`remove_placement`; their angle and translation
+    series along z are split by :func:`smooth_drift` into a slow drift (kept: the
+    anatomy may turn or move steadily through the stack) and the rest (removed).
+    Returns the frame positions (N, count, 2), the placements, the drift
+    transforms and the chosen drift ratio.
+    """
+    centre = 0.5 * (np.asarray(shape, np.float64) - 1)
+    placement = remove_placement(observed, valid, initial, weights, centre)
+    parameters = placement_parameters(placement, centre)
+    radius = 0.25 * float(np.mean(shape))
+    angles = np.unwrap(parameters[:, 0])
+    drift, ratio = smooth_drift(np.column_stack([angles * radius, parameters[:, 1:]]))
+    frame = np.full(observed.shape, np.nan)
+    drift_matrices = np.empty_like(placement)
+    for i in range(observed.shape[1]):
+        drift_matrices[i] = rigid.rotation_about(drift[i, 0] / radius, centre, drift[i, 1:])
+        to_frame = drift_matrices[i] @ np.linalg.inv(placement[i])
+        rows = valid[:, i]
+        frame[rows, i] = rigid.apply(to_frame, observed[rows, i])
+    return {"frame": frame, "placement": placement, "drift": drift_matrices,
+            "drift_ratio": ratio}

@@ -25,9 +25,13 @@ def test_blank_and_restained_sections_complete_and_are_flagged(damaged_folder, t
     assert any(r.startswith("stain differs") for r in flagged["7"]["reasons"])
     assert 4 not in log["matched_sections"] and 7 in log["matched_sections"]
     assert any(row["pair"] == [3, 5] and row["bridge"] for row in log["pairs"])
-    # the restained section still matches its neighbours
+    # the restained section still matches its neighbours about as well as other pairs do
     rows = {tuple(row["pair"]): row for row in log["pairs"]}
-    assert rows[(6, 7)]["accepted_fraction"] > 0.5 and rows[(7, 8)]["accepted_fraction"] > 0.5
+    typical = np.median([row["accepted_fraction"] for row in log["pairs"]
+                         if 4 not in row["pair"]])
+    assert min(rows[(6, 7)]["accepted_fraction"], rows[(7, 8)]["accepted_fraction"]) \
+        >= 0.75 * typical, rows
+    assert flagged["7"]["role"] == "down-weighted" and flagged["4"]["role"] == "excluded"
 
 
 def _write_sections(folder, sizes, colour=True):

@@ -1,0 +1,162 @@
+"""Doubtful sections, found from measured evidence, and what the reconstruction does with them.
+
+Evidence per section (all measured at the working level while matching):
+
+- tissue area and texture against the stack's median: *blank or damaged*
+  (almost no tissue) sections leave the chain and get no warp of their own;
+- tissue area against the median of its neighbours (``NEIGHBOURS`` on each
+  side): *missing tissue*;
+- the accepted fraction and median peak NCC of both of its pairs against the
+  neighbouring pairs: *damaged* (tears, folds, bubbles make both pairs of one
+  section worse than the pairs around them);
+- the mean colour and the direction of the mean optical-density vector (the
+  mix of stains) against the stack's robust spread: *stain differs*;
+- at most ``min_accepted`` of the patches of both pairs accepted: *unmatched*.
+
+Missing-tissue and damaged sections become *leaves*: they leave the chain (their
+neighbours are matched directly, so an error in them is not passed on along the
+trajectories) but are still warped, from the field of the neighbour towards the
+reference section. Every doubtful section counts with :data:`DOUBTFUL_WEIGHT` in the
+placement estimate and the smoothing; excluded sections count with 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BLANK_TISSUE_RATIO = 0.25
+BLANK_TEXTURE_RATIO = 0.2
+MISSING_TISSUE_RATIO = 0.8
+NEIGHBOURS = 3
+MATCH_RATIO = 0.75
+NCC_DROP = 0.08
+STAIN_DISTANCE = 0.12
+STAIN_ANGLE_DEG = 2.0
+ROBUST_Z = 5.0
+DOUBTFUL_WEIGHT = 0.2
+
+
+@dataclass
+class SectionFlags:
+    """Reasons per flagged section and the roles that follow from them."""
+
+    reasons: dict = field(default_factory=dict)   # {section: [reason, ...]}
+    excluded: set = field(default_factory=set)    # out of the chain, no warp of their own
+    leaves: set = field(default_factory=set)      # out of the chain, warped from a neighbour
+
+    def weights(self, count: int) -> np.ndarray:
+        """Weight of every section in the placement estimate and the smoothing."""
+        weights = np.ones(count)
+        for index in self.reasons:
+            weights[index] = DOUBTFUL_WEIGHT
+        for index in self.excluded:
+            weights[index] = 0.0
+        return weights
+
+    def chain(self, count: int) -> list[int]:
+        return [i for i in range(count) if i not in self.excluded and i not in self.leaves]
+
+
+def _robust_outliers(values: np.ndarray, floor: float) -> np.ndarray:
+    median = np.median(values)
+    spread = 1.4826 * np.median(np.abs(values - median))
+    return values - median > max(floor, ROBUST_Z * spread)
+
+
+def _neighbour_median(values: np.ndarray, index: int, exclude=()) -> float:
+    around = [values[j] for j in range(index - NEIGHBOURS, index + NEIGHBOURS + 1)
+              if 0 <= j < len(values) and j != index and j not in exclude]
+    return float(np.median(around)) if around else float(values[index])
+
+
+def pair_quality(pairs: dict) -> dict:
+    """``{(a, b): (accepted fraction, median NCC of the accepted matches)}``."""
+    quality = {}
+    for key, result in pairs.items():
+        accepted = result.matches.accepted
+        ncc = float(np.median(result.matches.ncc[accepted])) if np.any(accepted) else 0.0
+        quality[key] = (result.accepted_fraction, ncc)
+    return quality
+
+
+def flag_sections(count: int, statistics: dict, pairs: dict, min_accepted: float) -> SectionFlags:
+    """Flag sections from the statistics of every section and the consecutive pairs' matches."""
+    flags = SectionFlags(reasons={i: [] for i in range(count)})
+    tissue = np.array([statistics[i]["tissue_fraction"] for i in range(count)])
+    texture = np.array([statistics[i]["texture"] for i in range(count)])
+    colour = np.array([statistics[i]["mean_colour"] for i in range(count)])
+    blank = ((tissue < BLANK_TISSUE_RATIO * np.median(tissue))
+             | (texture < BLANK_TEXTURE_RATIO * np.median(texture)))
+    for i in np.flatnonzero(blank):
+        flags.reasons[i].append("blank or damaged: little tissue or texture")
+        flags.excluded.add(int(i))
+    for i in range(count):
+        if blank[i]:
+            continue
+        around = _neighbour_median(tissue, i, exclude=set(np.flatnonzero(blank)))
+        if tissue[i] < MISSING_TISSUE_RATIO * around:
+            flags.reasons[i].append(f"missing tissue: area {100 * tissue[i] / around:.0f}% of "
+                                    "its neighbours'")
+            flags.leaves.add(i)
+    _flag_stain(flags, statistics, colour, blank)
+    _flag_matches(flags, count, pairs, min_accepted)
+    flags.reasons = {i: r for i, r in flags.reasons.items() if r}
+    return flags
+
+
+def _flag_stain(flags: SectionFlags, statistics: dict, colour: np.ndarray, blank) -> None:
+    count = len(colour)
+    keep = ~np.asarray(blank)
+    if np.count_nonzero(keep) < 3:
+        return
+    median_colour = np.median(colour[keep], axis=0)
+    distance = np.sqrt(np.mean((colour - median_colour) ** 2, axis=1))
+    directions = [statistics[i].get("od_direction") for i in range(count)]
+    angle = np.zeros(count)
+    if all(d is not None and len(d) == len(directions[0]) and len(d) > 1 for d in directions):
+        vectors = np.array(directions, np.float64)
+        median = np.median(vectors[keep], axis=0)
+        median /= max(np.linalg.norm(median), 1e-12)
+        angle = np.rad2deg(np.arccos(np.clip(vectors @ median, -1.0, 1.0)))
+    odd_angle = np.zeros(count, bool)
+    odd_angle[keep] = _robust_outliers(angle[keep], STAIN_ANGLE_DEG)
+    for i in range(count):
+        if not keep[i]:
+            continue
+        if distance[i] > STAIN_DISTANCE or odd_angle[i]:
+            flags.reasons[i].append(f"stain differs from the stack (colour distance "
+                                    f"{distance[i]:.2f}, stain direction {angle[i]:.1f} deg off)")
+
+
+def _flag_matches(flags: SectionFlags, count: int, pairs: dict, min_accepted: float) -> None:
+    quality = pair_quality(pairs)
+    consecutive = [quality.get((i, i + 1)) for i in range(count - 1)]
+    for i in range(count):
+        if i in flags.excluded:
+            continue
+        sides = [consecutive[p] for p in (i - 1, i) if 0 <= p < count - 1 and consecutive[p]]
+        if not sides:
+            continue
+        if max(s[0] for s in sides) < min_accepted:
+            flags.reasons[i].append(f"unmatched: at most {100 * max(s[0] for s in sides):.0f}% "
+                                    "of patches matched its neighbours; bridged")
+            flags.excluded.add(i)
+            flags.leaves.discard(i)
+            continue
+        others = [consecutive[p] for p in range(i - 1 - NEIGHBOURS, i + NEIGHBOURS + 1)
+                  if 0 <= p < count - 1 and p not in (i - 1, i) and consecutive[p]]
+        if len(sides) < 2 or len(others) < 2:
+            continue
+        fraction = float(np.median([o[0] for o in others]))
+        ncc = float(np.median([o[1] for o in others]))
+        few = all(s[0] < MATCH_RATIO * fraction for s in sides)
+        weak = all(s[1] < ncc - NCC_DROP for s in sides)
+        if few or weak:
+            flags.reasons[i].append(
+                f"damaged: its pairs matched {100 * min(s[0] for s in sides):.0f}-"
+                f"{100 * max(s[0] for s in sides):.0f}% of patches (median NCC "
+                f"{min(s[1] for s in sides):.2f}) where the pairs around it matched "
+                f"{100 * fraction:.0f}% ({ncc:.2f})")
+            flags.leaves.add(i)
