@@ -32,8 +32,15 @@ from medhpc.cli.options import pass_run
               show_default=True, help="Channel that sections of any stain share.")
 @click.option("--min-ncc", type=float, default=0.6, show_default=True,
               help="Matches with a lower NCC peak are rejected.")
-@click.option("--max-angle", type=float, default=10.0, show_default=True,
-              help="Largest rotation between neighbours searched by the rigid pre-alignment (deg).")
+@click.option("--max-angle", type=float, default=180.0, show_default=True,
+              help="Largest rotation between neighbours searched by the rigid pre-alignment "
+                   "(deg; 180 searches the whole circle).")
+@click.option("--mirror/--no-mirror", default=True, show_default=True,
+              help="Also detect sections laid face down (mirrored) in the rigid pre-alignment.")
+@click.option("--normalise", type=click.Choice(["histogram", "none"]), default="histogram",
+              show_default=True,
+              help="Output intensities: map each section's tissue quantiles onto the stack's "
+                   "(histogram) or keep them (none).")
 @click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), default="bicubic",
               show_default=True)
 @click.option("--full-res", is_flag=True,
@@ -51,7 +58,8 @@ from medhpc.cli.options import pass_run
               help="JSON log [default: beside --out, .json].")
 @pass_run("tnr-register")
 def tnr_register(run, source, out, mode, sigma, patch, search, grid, downsample, level, stain,
-                 min_ncc, max_angle, interpolation, full_res, fields, resume, png, log_path):
+                 min_ncc, max_angle, mirror, normalise, interpolation, full_res, fields, resume,
+                 png, log_path):
     """Rebuild a volume from serial sections by trajectory-based non-linear registration:
     matches between neighbours are chained into trajectories through the stack, smoothed
     along z, and each section is warped onto its smoothed trajectories."""
@@ -65,8 +73,8 @@ def tnr_register(run, source, out, mode, sigma, patch, search, grid, downsample,
     settings = TnrSettings(mode=mode, sigma=sigma, stain=stain, downsample=factor,
                            match=MatchSettings(patch=patch, search=search, grid=grid,
                                                min_ncc=min_ncc),
-                           max_angle_deg=max_angle, interpolation=interpolation,
-                           full_res=full_res)
+                           max_angle_deg=max_angle, mirror=mirror, normalise=normalise,
+                           interpolation=interpolation, full_res=full_res)
     Reconstruction(run, source, out, settings, fields=fields, log_path=log_path, png=png,
                    resume=resume).execute()
 

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -32,6 +31,8 @@ from medhpc.parallel.geometry import block_range, slab
 from medhpc.parallel.work import map_items
 from medhpc.tnr import rigid, trajectories
 from medhpc.tnr.flags import SectionFlags, flag_sections
+from medhpc.tnr.intensity import METHODS as NORMALISATIONS
+from medhpc.tnr.intensity import IntensityMaps
 from medhpc.tnr.matching import STATUS_NAMES, Matches, MatchSettings, grid_axes, match_sections
 from medhpc.tnr.preprocess import STAINS, WorkingSection, downsample, prepare_section
 from medhpc.tnr.sources import SectionStack, open_stack
@@ -58,6 +59,7 @@ class TnrSettings:
     min_accepted_fraction: float = 0.2
     interpolation: str = "bicubic"
     full_res: bool = False
+    normalise: str = "histogram"
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -72,6 +74,9 @@ class TnrSettings:
                              "patch >= 8, search >= 1, grid >= 4 pixels")
         if self.downsample < 1:
             raise InputError(f"--downsample {self.downsample}: expected an integer >= 1")
+        if self.normalise not in NORMALISATIONS:
+            raise InputError(f"--normalise {self.normalise}: expected one of "
+                             f"{', '.join(NORMALISATIONS)}")
 
 
 @dataclass
@@ -89,6 +94,38 @@ class PairResult:
     def accepted_fraction(self) -> float:
         total = len(self.matches.status)
         return float(np.count_nonzero(self.matches.accepted)) / total if total else 0.0
+
+
+def write_pair(path, result: PairResult, fingerprint: str) -> None:
+    """One matched pair as HDF5 arrays and JSON text (the ``--resume`` store)."""
+    import h5py
+
+    with h5py.File(path, "w") as h5:
+        h5.attrs["fingerprint"] = fingerprint
+        h5.attrs["pair"] = [result.a, result.b]
+        h5.attrs["sections"] = json.dumps({str(k): v for k, v in result.sections.items()})
+        h5["transform"] = result.transform
+        for name in ("points", "offsets", "ncc", "status"):
+            h5[f"matches/{name}"] = getattr(result.matches, name)
+        for index, nodes in result.tissue_nodes.items():
+            h5[f"tissue_nodes/{index}"] = np.asarray(nodes, bool)
+
+
+def read_pair(path, a: int, b: int, fingerprint: str) -> PairResult | None:
+    """The pair saved by :func:`write_pair` if it is pair (a, b) of the same fingerprint."""
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        if h5.attrs["fingerprint"] != fingerprint or list(h5.attrs["pair"]) != [a, b]:
+            return None
+        matches = Matches(*(np.asarray(h5[f"matches/{name}"][()])
+                            for name in ("points", "offsets", "ncc", "status")))
+        transform = np.asarray(h5["transform"][()], np.float64)
+        if transform.shape != (3, 3) or len({len(matches.points), len(matches.status)}) != 1:
+            return None
+        sections = {int(k): v for k, v in json.loads(h5.attrs["sections"]).items()}
+        nodes = {int(k): np.asarray(v[()], bool) for k, v in h5["tissue_nodes"].items()}
+    return PairResult(a, b, transform, matches, sections, nodes)
 
 
 class HostKernels:
@@ -202,6 +239,7 @@ class Reconstruction:
         self.stack: SectionStack = self.world.agree(lambda: self._validated(source))
         self.work_shape = tuple(n // settings.downsample for n in self.stack.shape)
         self._cache: dict[int, WorkingSection] = {}
+        self.intensity = IntensityMaps.identity()
 
     def _validated(self, source) -> SectionStack:
         self.settings.check()
@@ -252,6 +290,7 @@ class Reconstruction:
                 warps, record = None, None
         with self.run.stage("broadcast warps", "comm"):
             warps = self.world.bcast(warps)
+        self.intensity = self.intensity_maps(pairs, flags)
         local, views, displacement = self.warp_sections(warps)
         self.write_outputs(local, displacement)
         views = self.world.gather(views)
@@ -318,21 +357,26 @@ class Reconstruction:
                                                                 sigma=1.0)))}, sort_keys=True)
 
     def _pair_path(self, a: int, b: int) -> Path:
-        return self.pairs_dir / f"pair-{a:05d}-{b:05d}.pkl"
+        return self.pairs_dir / f"pair-{a:05d}-{b:05d}.h5"
 
     def _load_pair(self, a, b):
+        """A saved pair of an interrupted run with the same input and settings, or None.
+
+        Only arrays and JSON text are read (nothing is unpickled); a file that does not
+        hold a complete pair is ignored and the pair matched again.
+        """
         path = self._pair_path(a, b)
         if not (self.resume and path.exists()):
             return None
-        with open(path, "rb") as stream:
-            fingerprint, result = pickle.load(stream)
-        return result if fingerprint == self._fingerprint() else None
+        try:
+            return read_pair(path, a, b, self._fingerprint())
+        except (OSError, KeyError, ValueError, TypeError):
+            return None
 
     def _save_pair(self, result: PairResult) -> None:
         self.pairs_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self._pair_path(result.a, result.b), overwrite=True) as tmp:
-            with open(tmp, "wb") as stream:
-                pickle.dump((self._fingerprint(), result), stream)
+            write_pair(tmp, result, self._fingerprint())
 
     def _match(self, pair_list) -> dict:
         """Match pairs through the dynamic queue, in runs of consecutive pairs so that a
@@ -369,6 +413,19 @@ class Reconstruction:
         return pairs, flags, matched
 
     # -- warping and writing ---------------------------------------------------------------
+    def intensity_maps(self, pairs: dict, flags: SectionFlags) -> IntensityMaps:
+        """The output's per-section intensity maps (the same on every rank)."""
+        if self.settings.normalise == "none":
+            return IntensityMaps.identity()
+        from medhpc.tnr.preprocess import intensity_scale
+
+        statistics = {}
+        for result in pairs.values():
+            statistics.update(result.sections)
+        return IntensityMaps.from_statistics(statistics, self.stack.count,
+                                             flags.weights(self.stack.count),
+                                             intensity_scale(self.stack.dtype))
+
     def output_shape(self) -> tuple:
         return tuple(self.stack.shape) if self.settings.full_res else self.work_shape
 
@@ -401,7 +458,7 @@ class Reconstruction:
                     tile = np.empty(coord_y.shape, np.float32)
                     for c, plane in enumerate(planes):
                         self.kernels.remap(plane, coord_y, coord_x, order, fill, tile)
-                        local[c, row, rows] = _cast(tile, dtype)
+                        local[c, row, rows] = _cast(self.intensity(index, c, tile), dtype)
             if displacement is not None:
                 displacement[:, row] = warps[index].dense()
             views[index] = _qc_views(image.mean(axis=2), local[:, row].astype(np.float32).mean(0))

@@ -19,7 +19,7 @@ def test_resume_skips_matched_pairs_and_gives_the_same_result(phantom_folder, tm
         patch.setattr(register_module.Reconstruction, "warp_sections", interrupted)
         with pytest.raises(KeyboardInterrupt):
             register(source, out, resume=True)
-    saved = sorted((tmp_path / "v.tnr-pairs").glob("pair-*.pkl"))
+    saved = sorted((tmp_path / "v.tnr-pairs").glob("pair-*.h5"))
     assert len(saved) == 11
 
     calls = []
@@ -31,4 +31,30 @@ def test_resume_skips_matched_pairs_and_gives_the_same_result(phantom_folder, tm
     assert not (tmp_path / "v.tnr-pairs").exists()
     fresh, _ = register(source, tmp_path / "w.h5", SETTINGS)
     assert len(calls) == 11
+    np.testing.assert_allclose(resumed, fresh, atol=1e-5)
+
+
+class _Planted:
+    """An object whose unpickling would create a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_planted_pickle_in_the_resume_store_is_never_run(phantom_folder, tmp_path):
+    import pickle
+
+    out = tmp_path / "v.h5"
+    store = tmp_path / "v.tnr-pairs"
+    store.mkdir()
+    marker = tmp_path / "code-ran"
+    payload = pickle.dumps(_Planted(marker))
+    for name in ("pair-00000-00001.h5", "pair-00000-00001.pkl"):
+        (store / name).write_bytes(payload)
+    resumed, _ = register(phantom_folder / "sections", out, resume=True)
+    assert not marker.exists()
+    fresh, _ = register(phantom_folder / "sections", tmp_path / "w.h5", SETTINGS)
     np.testing.assert_allclose(resumed, fresh, atol=1e-5)
