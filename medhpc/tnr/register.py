@@ -161,12 +161,15 @@ def section_statistics(section: WorkingSection) -> dict:
             "quantiles": [list(row) for row in section.quantiles]}
 
 
-def build_warps(settings: TnrSettings, count: int, shape, pairs: dict, matched: list[int],
-                flags: SectionFlags | None = None):
-    """Per-section warps (output -> input, working pixels) and the trajectory record.
+def solve_trajectories(settings: TnrSettings, count: int, shape, pairs: dict,
+                       matched: list[int], flags: SectionFlags | None = None) -> dict:
+    """The rigid chain, the trajectories and their targets (cheap; the same on every rank).
 
     ``matched`` is the chain; ``flags`` gives the leaves (warped from a neighbour)
     and the weights of doubtful sections in the placement estimate and the smoothing.
+    Returns the record: ``reference``, ``rigid`` (the chain), ``fallback`` (each
+    section's output -> input rigid map where too few trajectories reach it) and,
+    unless the mode is ``none``, ``observed``, ``target`` and ``valid``.
     """
     flags = flags or SectionFlags()
     reference = min(matched, key=lambda i: (abs(i - (count - 1) / 2), i))
@@ -182,13 +185,12 @@ def build_warps(settings: TnrSettings, count: int, shape, pairs: dict, matched: 
             nearest = min(matched, key=lambda m: (abs(m - i), m))
             chained[i] = chained[nearest]
     transforms = np.stack([chained[i] for i in range(count)])
+    record = {"reference": reference, "rigid": transforms, "fallback": transforms}
+    if settings.mode == "none":
+        return record
     weights = flags.weights(count)
     leaves = sorted(flags.leaves)
     grid = settings.match.grid
-    step = max(2, grid // 4)
-    record = {"reference": reference, "rigid": transforms}
-    if settings.mode == "none":
-        return [rigid_warp(transforms[i], shape, step) for i in range(count)], record
     keys = set(zip(matched, matched[1:]))
     keys |= {key for leaf in leaves for key in ((leaf - 1, leaf), (leaf, leaf + 1))
              if key in pairs}
@@ -197,20 +199,53 @@ def build_warps(settings: TnrSettings, count: int, shape, pairs: dict, matched: 
     seeds = trajectories.seed_points(shape, grid, pairs_tissue(pairs, reference))
     observed, valid = trajectories.chain_trajectories(fields, matched, count, reference, seeds,
                                                       shape, leaves)
-    fallback = transforms
     if settings.mode == "tnr":
         placed = trajectories.placement_free_frame(observed, valid, transforms, weights, shape)
         target = trajectories.smooth_along_z(placed["frame"], valid, settings.sigma, weights)
-        fallback = np.stack([p @ np.linalg.inv(d)
-                             for p, d in zip(placed["placement"], placed["drift"])])
+        record["fallback"] = np.stack([p @ np.linalg.inv(d)
+                                       for p, d in zip(placed["placement"], placed["drift"])])
         record.update(placement=placed["placement"], drift=placed["drift"],
                       drift_ratio=placed["drift_ratio"])
     else:
         target = trajectories.straight(observed, valid, reference)
-    warps = [fitted_warp(target[:, i], observed[:, i], shape, step, settings.tps_smoothing,
-                         fallback[i]) for i in range(count)]
     record.update(observed=observed, target=target, valid=valid)
-    return warps, record
+    return record
+
+
+def fit_warps(settings: TnrSettings, shape, record: dict, sections) -> dict:
+    """``{section: SectionWarp}`` (output -> input, working pixels) for ``sections``."""
+    step = max(2, settings.match.grid // 4)
+    if settings.mode == "none":
+        return {i: rigid_warp(record["rigid"][i], shape, step) for i in sections}
+    return {i: fitted_warp(record["target"][:, i], record["observed"][:, i], shape, step,
+                           settings.tps_smoothing, record["fallback"][i]) for i in sections}
+
+
+def section_work(stack: SectionStack, index: int) -> float:
+    """Estimated matching work of one section: its size on disk (compressed pixels grow
+    with tissue area and texture), or 1 where sections are not files of their own."""
+    if stack.kind == "folder":
+        try:
+            return float(max(1, (Path(stack.source) / stack.names[index]).stat().st_size))
+        except OSError:
+            return 1.0
+    return 1.0
+
+
+def work_runs(items: list, work: list, count: int, longest: int = 8) -> list[list[int]]:
+    """Indices of ``items`` cut into runs of consecutive items of about ``sum(work) / count``
+    each (at most ``longest`` items per run)."""
+    target = sum(work) / max(1, count)
+    runs, current, load = [], [], 0.0
+    for index, cost in enumerate(work):
+        if current and (load + 0.5 * cost > target or len(current) == longest):
+            runs.append(current)
+            current, load = [], 0.0
+        current.append(index)
+        load += cost
+    if current:
+        runs.append(current)
+    return runs
 
 
 def pairs_tissue(pairs: dict, section: int):
@@ -283,13 +318,12 @@ class Reconstruction:
                           f"{self.world.size} rank(s), device {self.run.device}")
         pairs, flags, matched = self.match_stack()
         with self.run.stage("trajectories", "other"):
-            if self.world.is_root:
-                warps, record = build_warps(self.settings, stack.count, self.work_shape, pairs,
-                                            matched, flags)
-            else:
-                warps, record = None, None
-        with self.run.stage("broadcast warps", "comm"):
-            warps = self.world.bcast(warps)
+            # every rank solves the (small) trajectory problem itself: nobody waits
+            record = solve_trajectories(self.settings, stack.count, self.work_shape, pairs,
+                                        matched, flags)
+        with self.run.stage("fit warps", "kernel"):
+            start, stop = block_range(stack.count, self.world.size, self.world.rank)
+            warps = fit_warps(self.settings, self.work_shape, record, range(start, stop))
         self.intensity = self.intensity_maps(pairs, flags)
         local, views, displacement = self.warp_sections(warps)
         self.write_outputs(local, displacement)
@@ -379,11 +413,13 @@ class Reconstruction:
             write_pair(tmp, result, self._fingerprint())
 
     def _match(self, pair_list) -> dict:
-        """Match pairs through the dynamic queue, in runs of consecutive pairs so that a
-        rank prepares the section they share once (about four runs per rank)."""
-        run = max(1, min(8, len(pair_list) // (4 * self.world.size)))
-        runs = [pair_list[i:i + run] for i in range(0, len(pair_list), run)]
-        results = map_items(self.world, runs, lambda pairs: [self.match_pair(p) for p in pairs],
+        """Match pairs through the dynamic queue, in runs of consecutive pairs (a rank prepares
+        the section they share once) of about equal estimated work, largest runs first."""
+        work = [section_work(self.stack, a) + section_work(self.stack, b) for a, b in pair_list]
+        runs = work_runs(pair_list, work, 4 * self.world.size)
+        order = sorted(range(len(runs)), key=lambda r: -sum(work[i] for i in runs[r]))
+        results = map_items(self.world, [runs[r] for r in order],
+                            lambda run: [self.match_pair(pair_list[i]) for i in run],
                             schedule="dynamic")
         return {(r.a, r.b): r for chunk in results for r in chunk}
 
