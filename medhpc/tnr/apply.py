@@ -65,13 +65,13 @@ class StainPlacement:
 def detect_scale(other_shapes, registered_shapes, where: str) -> float:
     """One scale (other / registered size) for every section and both axes.
 
-    Scales within half a pixel of an integer or of its reciprocal are snapped to it;
+    The scale is the median of the sections' ratios; scales within half a pixel of an integer or of its reciprocal are snapped to it;
     a section more than ``max(1, scale)`` px away from ``scale`` times its registered
     size raises InputError.
     """
     other = np.asarray(other_shapes, np.float64).reshape(-1, 2)
     registered = np.asarray(registered_shapes, np.float64).reshape(-1, 2)
-    scale = float(other.sum() / registered.sum())
+    scale = float(np.median(other / registered))
     largest = float(registered.max())
     for candidate in (round(scale), 1.0 / max(1, round(1.0 / scale))):
         if candidate > 0 and abs(candidate - scale) * largest < 0.5:
@@ -187,11 +187,11 @@ def invert_warp(displacement: np.ndarray, step: int, targets: np.ndarray):
     value, _ = _bilinear(displacement, step, targets)
     positions = targets - value
 
-    def residual_of(q):
+    def residual_of(q, wanted):
         d, jac = _bilinear(displacement, step, q)
-        return q + d - targets, jac
+        return q + d - wanted, jac
 
-    residual, jacobian = residual_of(positions)
+    residual, jacobian = residual_of(positions, targets)
     norm = np.linalg.norm(residual, axis=1)
     for _ in range(NEWTON_ITERATIONS):
         active = np.flatnonzero(norm > NEWTON_TOLERANCE_PX)
@@ -210,7 +210,7 @@ def invert_warp(displacement: np.ndarray, step: int, targets: np.ndarray):
         pending = np.ones(len(active), bool)
         for _halving in range(8):
             candidate = positions[active] + alpha[:, None] * newton
-            new_residual, new_jacobian = residual_of(candidate)
+            new_residual, new_jacobian = residual_of(candidate, targets[active])
             new_norm = np.linalg.norm(new_residual, axis=1)
             better = pending & (new_norm < norm[active])
             chosen = active[better]
