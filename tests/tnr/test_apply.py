@@ -220,6 +220,14 @@ def test_geojson_round_trip(registered, tmp_path):
                                [[float(r["x"]), float(r["y"])] for r in points], atol=1e-3)
     moved = np.abs(np.array([p[:2] for p in flat]) - np.array([r[1:3] for r in reference])).max()
     assert moved > 0.5         # the warp moved them
+    write_points(tmp_path / "corner.csv", [(r[0], r[1] + 0.5, r[2] + 0.5) for r in reference],
+                 ("section", "x", "y"))
+    apply(registered.fields, None, None, ApplySettings(origin="pixel-corner"),
+          points=tmp_path / "corner.csv", points_out=tmp_path / "corner-out.csv")
+    np.testing.assert_allclose([[float(r["x"]), float(r["y"])] for r in
+                                read_points(tmp_path / "corner-out.csv")],
+                               [[float(r["x"]) + 0.5, float(r["y"]) + 0.5] for r in points],
+                               atol=1e-3)
     folder_copy = json.loads((tmp_path / "out-dir" / "section_003.geojson").read_text())
     assert folder_copy["geometry"] == mapped["features"][0]["geometry"]
 
