@@ -55,7 +55,7 @@ class SectionLookup:
         self.names = {}
         ambiguous = set()
         for name, index in names.items():
-            for key in {str(name), _stem(str(name))}:
+            for key in {str(name), section_stem(str(name))}:
                 if self.names.get(key, index) != index:
                     ambiguous.add(key)
                 self.names[key] = index
@@ -80,7 +80,8 @@ class SectionLookup:
         return int(value)
 
 
-def _stem(name: str) -> str:
+def section_stem(name: str) -> str:
+    """A section name without its extension (``section_003.png`` -> ``section_003``)."""
     lower = name.lower()
     for suffix in (".ome.tiff", ".ome.tif"):
         if lower.endswith(suffix):
@@ -174,7 +175,7 @@ def read_geojson(path, lookup: SectionLookup) -> list[GeoJsonDocument]:
         if not files:
             raise InputError(f"{path}: no .geojson files; expected one GeoJSON file per "
                              "section, named after the section")
-        return [_read_document(file, lookup, lookup.index(_stem(file.name),
+        return [_read_document(file, lookup, lookup.index(section_stem(file.name),
                                                           f"{file} (file name)"))
                 for file in files]
     if not path.is_file():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +30,8 @@ from medhpc.errors import InputError
 from medhpc.io.atomic import check_output_free
 from medhpc.io.geometry import ImageGeometry
 from medhpc.parallel.geometry import block_range, slab
+from medhpc.tnr.annotations import (SectionLookup, map_geojson, read_geojson, read_points_csv,
+                                    section_stem, write_geojson, write_points_csv)
 from medhpc.tnr.preprocess import downsample
 from medhpc.tnr.register import INTERPOLATION_ORDER, TILE_ROWS, HostKernels, _cast
 from medhpc.tnr.registration_file import SavedRegistration, centred_offsets, load_registration
@@ -65,9 +68,9 @@ class StainPlacement:
 def detect_scale(other_shapes, registered_shapes, where: str) -> float:
     """One scale (other / registered size) for every section and both axes.
 
-    The scale is the median of the sections' ratios; scales within half a pixel of an integer or of its reciprocal are snapped to it;
-    a section more than ``max(1, scale)`` px away from ``scale`` times its registered
-    size raises InputError.
+    The scale is the median of the sections' ratios, snapped to an integer or its
+    reciprocal when within half a pixel of it; a section more than ``max(1, scale)`` px
+    away from ``scale`` times its registered size raises InputError.
     """
     other = np.asarray(other_shapes, np.float64).reshape(-1, 2)
     registered = np.asarray(registered_shapes, np.float64).reshape(-1, 2)
@@ -102,11 +105,11 @@ def match_sections(registration: SavedRegistration, stack: SectionStack) -> tupl
     if registration.input_kind == "folder" and stack.kind == "folder":
         by_name = {}
         for index, name in enumerate(stack.names):
-            for key in {name, _stem(name)}:
+            for key in {name, section_stem(name)}:
                 by_name.setdefault(key, []).append(index)
         order, missing = [], []
         for name in registration.names:
-            found = by_name.get(name) or by_name.get(_stem(name)) or []
+            found = by_name.get(name) or by_name.get(section_stem(name)) or []
             if len(found) != 1:
                 missing.append(name)
             else:
@@ -118,21 +121,15 @@ def match_sections(registration: SavedRegistration, stack: SectionStack) -> tupl
                              "the registered sections' names (any extension)")
         extra = sorted(set(range(stack.count)) - set(order))
         if extra:
-            raise InputError(f"{stack.source}: section(s) {', '.join(stack.names[i] for i in extra[:3])}"
-                             f" are not in the registration {registration.path}; expected "
-                             "only the registered sections")
+            listed = ", ".join(stack.names[i] for i in extra[:3])
+            raise InputError(f"{stack.source}: section(s) {listed} are not in the registration "
+                             f"{registration.path}; expected only the registered sections")
         return tuple(order)
     if stack.count != registration.count:
         raise InputError(f"{stack.source}: {stack.count} sections; the registration "
                          f"{registration.path} has {registration.count}; expected the same "
                          "sections in the same order")
     return tuple(range(stack.count))
-
-
-def _stem(name: str) -> str:
-    from medhpc.tnr.annotations import _stem as stem
-
-    return stem(name)
 
 
 def output_grid(registration: SavedRegistration, scale: float, full_res: bool,
@@ -279,8 +276,6 @@ class Application:
 
     def __init__(self, run, registration_path, source, out, settings: ApplySettings,
                  annotations: Annotations | None = None):
-        from pathlib import Path
-
         self.run = run
         self.world = run.world
         self.settings = settings
@@ -296,10 +291,6 @@ class Application:
     # -- checking ------------------------------------------------------------------------
     def _validated(self, registration_path):
         """Check every input and output once (on rank 0); read the annotations there."""
-        from pathlib import Path
-
-        from medhpc.tnr.annotations import SectionLookup, read_geojson, read_points_csv
-
         self.settings.check()
         notes = self.annotations
         for given, wanted, name in ((notes.points, notes.points_out, "--points"),
@@ -504,10 +495,6 @@ class Application:
 
     def _write_annotations(self) -> None:
         """Map and write the points CSV and GeoJSON (rank 0; inside ``world.agree``)."""
-        from pathlib import Path
-
-        from medhpc.tnr.annotations import map_geojson, write_geojson, write_points_csv
-
         notes, log = self.annotations, self.run.log
         if self._points is not None:
             table = self._points
