@@ -1,4 +1,4 @@
-"""TNR subcommands: tnr-register and its phantom. Parse, validate, call."""
+"""TNR subcommands: tnr-register, tnr-apply and the phantom. Parse, validate, call."""
 
 from __future__ import annotations
 
@@ -79,6 +79,50 @@ def tnr_register(run, source, out, mode, sigma, patch, search, grid, downsample,
                    resume=resume).execute()
 
 
+@click.command("tnr-apply")
+@click.option("--registration", required=True, type=click.Path(dir_okay=False),
+              help="The --fields file of a tnr-register run (HDF5 with warps/ and sections/).")
+@click.option("--input", "source", default=None,
+              help="The other stain's sections, as tnr-register's --input; matched to the "
+                   "registered sections by name (stacks: same count and order), at any one "
+                   "scale of the registered size.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Warped stack of --input: .h5 (parts written by every rank), .ome.tif/.tif "
+                   "or .nii/.nii.gz (gathered on rank 0).")
+@click.option("--full-res", is_flag=True,
+              help="Output at the resolution of --input [default: the grid of tnr-register's "
+                   "volume].")
+@click.option("--downsample", type=float, default=None,
+              help="Output at the resolution of --input divided by this factor.")
+@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), default=None,
+              help="Resampling of the sections [default: the registration's].")
+@click.option("--points", type=click.Path(dir_okay=False), default=None,
+              help="CSV of points with columns section (name or index), x, y in input-section "
+                   "pixels (of --input, else of the registered sections).")
+@click.option("--points-out", type=click.Path(dir_okay=False), default=None,
+              help="CSV of the mapped points: section, x, y, z (output-volume pixels), inside.")
+@click.option("--geojson", type=click.Path(), default=None,
+              help="GeoJSON features with properties.section, or a folder of one GeoJSON file "
+                   "per section (named after it).")
+@click.option("--geojson-out", type=click.Path(), default=None,
+              help="Mapped GeoJSON (a folder when --geojson is one).")
+@click.option("--origin", type=click.Choice(["pixel-centre", "pixel-corner"]),
+              default="pixel-centre", show_default=True,
+              help="Annotation coordinates put pixel (0, 0)'s centre at (0, 0) (pixel-centre) "
+                   "or at (0.5, 0.5) (pixel-corner, as QuPath).")
+@pass_run("tnr-apply")
+def tnr_apply(run, registration, source, out, full_res, downsample, interpolation, points,
+              points_out, geojson, geojson_out, origin):
+    """Apply a saved tnr-register registration to another stain of the same sections and to
+    point or GeoJSON annotations (mapped input -> output)."""
+    from medhpc.tnr.apply import Annotations, ApplySettings, Application
+
+    settings = ApplySettings(full_res=full_res, downsample=downsample,
+                             interpolation=interpolation, origin=origin)
+    Application(run, registration, source, out, settings,
+                Annotations(points, points_out, geojson, geojson_out)).execute()
+
+
 @click.command("tnr")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for sections/section_NNN.png, truth.h5 and phantom.json.")
@@ -121,5 +165,5 @@ def phantom_tnr(out, sections, size, rotation_deg, shift_px, warp_px, curvature_
                    f"{summary['size']} px (sections/), ground truth truth.h5", err=True)
 
 
-COMMANDS = [tnr_register]
+COMMANDS = [tnr_register, tnr_apply]
 PHANTOM_COMMANDS = [phantom_tnr]

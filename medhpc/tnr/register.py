@@ -333,7 +333,7 @@ class Reconstruction:
             self._document = self._log_document(pairs, flags, matched, record)
         if self.fields is not None:
             with self.run.stage("write fields", "io"):
-                self.world.agree(lambda: self._append_trajectories(record))
+                self.world.agree(lambda: self._append_trajectories(record, warps))
         if self.png is not None:
             with self.run.stage("picture", "io"):
                 self.world.agree(lambda: self._picture(views, record))
@@ -541,10 +541,13 @@ class Reconstruction:
         qc_figure(self.png, views, record, self.settings, self.run.overwrite)
         self.run.log.info(f"picture written to {self.png}")
 
-    def _append_trajectories(self, record: dict) -> None:
+    def _append_trajectories(self, record: dict, warps: list[SectionWarp]) -> None:
         import h5py
 
+        from medhpc.tnr.registration_file import append_registration
+
         with h5py.File(self.fields, "a") as h5:
+            append_registration(h5, warps, self.stack, self.settings, self.output_shape())
             h5.create_dataset("rigid", data=record["rigid"])
             h5.attrs["reference_section"] = record["reference"]
             for name in ("observed", "target", "valid"):
