@@ -110,15 +110,19 @@ def tnr_register(run, source, out, mode, sigma, patch, search, grid, downsample,
               default="pixel-centre", show_default=True,
               help="Annotation coordinates put pixel (0, 0)'s centre at (0, 0) (pixel-centre) "
                    "or at (0.5, 0.5) (pixel-corner, as QuPath).")
+@click.option("--normalise", type=click.Choice(["histogram", "none"]), default=None,
+              help="Output intensities: each section's tissue quantiles onto the stack's "
+                   "(histogram) or kept (none) [default: as the registration].")
 @pass_run("tnr-apply")
 def tnr_apply(run, registration, source, out, full_res, downsample, interpolation, points,
-              points_out, geojson, geojson_out, origin):
+              points_out, geojson, geojson_out, origin, normalise):
     """Apply a saved tnr-register registration to another stain of the same sections and to
     point or GeoJSON annotations (mapped input -> output)."""
     from medhpc.tnr.apply import Annotations, ApplySettings, Application
 
     settings = ApplySettings(full_res=full_res, downsample=downsample,
-                             interpolation=interpolation, origin=origin)
+                             interpolation=interpolation, origin=origin,
+                             normalise=normalise)
     Application(run, registration, source, out, settings,
                 Annotations(points, points_out, geojson, geojson_out)).execute()
 

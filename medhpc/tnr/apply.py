@@ -33,6 +33,8 @@ from medhpc.parallel.geometry import block_range, slab
 from medhpc.tnr.annotations import (SectionLookup, map_geojson, read_geojson, read_points_csv,
                                     section_stem, write_geojson, write_points_csv)
 from medhpc.tnr.preprocess import downsample
+from medhpc.tnr.intensity import METHODS as NORMALISATIONS
+from medhpc.tnr.intensity import IntensityMaps
 from medhpc.tnr.register import INTERPOLATION_ORDER, TILE_ROWS, HostKernels, _cast
 from medhpc.tnr.registration_file import SavedRegistration, centred_offsets, load_registration
 from medhpc.tnr.sources import SectionStack, open_stack
@@ -233,6 +235,7 @@ class ApplySettings:
     downsample: float | None = None      # other-stain px per output px
     interpolation: str | None = None     # None: the registration's
     origin: str = "pixel-centre"         # where annotation coordinates put a pixel's centre
+    normalise: str | None = None         # None: the registration's
 
     def check(self) -> None:
         if self.full_res and self.downsample is not None:
@@ -243,6 +246,9 @@ class ApplySettings:
         if self.interpolation is not None and self.interpolation not in INTERPOLATION_ORDER:
             raise InputError(f"--interpolation {self.interpolation}: expected one of "
                              f"{', '.join(INTERPOLATION_ORDER)}")
+        if self.normalise is not None and self.normalise not in NORMALISATIONS:
+            raise InputError(f"--normalise {self.normalise}: expected one of "
+                             f"{', '.join(NORMALISATIONS)}")
         if self.origin not in ORIGINS:
             raise InputError(f"--origin {self.origin}: expected one of {', '.join(ORIGINS)}")
 
@@ -381,19 +387,9 @@ class Application:
         ratio = registration.downsample * scale / grid.factor
         block = max(1, int(math.floor(ratio + 1e-6)))
         gain = ratio / block
-        own_offsets = centred_offsets(stack.shapes, stack.shape)
-        canvas_shape = self._canvas_shape()
+        intensity = self.intensity_maps(start, stop)
         for row, index in enumerate(range(start, stop)):
-            other = self.placement.order[index]
-            with self.run.stage("read sections", "io"):
-                padded = stack.read(other)
-            (top, left), (height, width) = own_offsets[other], stack.shapes[other]
-            exact = scale * registration.section_offsets[index]
-            placed = np.round(exact).astype(np.int64)
-            residual = exact - placed
-            canvas = np.full(canvas_shape + padded.shape[2:], stack.background, np.float32)
-            canvas[placed[0]:placed[0] + height, placed[1]:placed[1] + width] = \
-                padded[top:top + height, left:left + width]
+            canvas, residual = self.placed_section(index)
             image = downsample(canvas, block)
             if image.ndim == 2:
                 image = image[..., None]
@@ -413,8 +409,50 @@ class Application:
                     for c, plane in enumerate(planes):
                         self.kernels.remap(plane, coord_y, coord_x, order, stack.background,
                                            tile)
-                        local[c, row, rows] = _cast(tile, dtype)
+                        local[c, row, rows] = _cast(intensity(index, c, tile), dtype)
         return local
+
+    def placed_section(self, index: int):
+        """Registered section ``index`` of the other stain on its padded canvas, placed where
+        the registered section lay in its padded input (float32), and the sub-pixel rest of
+        that placement."""
+        registration, stack = self.registration, self.stack
+        other = self.placement.order[index]
+        with self.run.stage("read sections", "io"):
+            padded = stack.read(other)
+        own_offsets = centred_offsets(stack.shapes, stack.shape)
+        (top, left), (height, width) = own_offsets[other], stack.shapes[other]
+        exact = self.placement.scale * registration.section_offsets[index]
+        placed = np.round(exact).astype(np.int64)
+        canvas = np.full(self._canvas_shape() + padded.shape[2:], stack.background, np.float32)
+        canvas[placed[0]:placed[0] + height, placed[1]:placed[1] + width] = \
+            padded[top:top + height, left:left + width]
+        return canvas, exact - placed
+
+    def intensity_maps(self, start: int, stop: int) -> IntensityMaps:
+        """The other stain's intensity maps onto its own stack median, as tnr-register makes
+        them (tissue quantiles of every section at the registration's working level)."""
+        from medhpc.tnr.preprocess import intensity_scale, prepare_section
+
+        registration, stack = self.registration, self.stack
+        if (self.settings.normalise or registration.normalise) == "none":
+            return IntensityMaps.identity()
+        factor = max(1, int(round(registration.downsample * self.placement.scale)))
+        statistics = {}
+        with self.run.stage("intensity statistics", "kernel"):
+            for index in range(start, stop):
+                canvas, _ = self.placed_section(index)
+                scale = intensity_scale(stack.dtype)
+                prepared = prepare_section(canvas / np.float32(scale), registration.stain, factor)
+                statistics[index] = {"quantiles": [list(row) for row in prepared.quantiles]}
+        with self.run.stage("gather statistics", "comm"):
+            merged = {}
+            for part in self.world.allgather(statistics):
+                merged.update(part)
+        weights = (registration.weights if registration.weights is not None
+                   else np.ones(registration.count))
+        return IntensityMaps.from_statistics(merged, registration.count, weights,
+                                             intensity_scale(stack.dtype))
 
     def _canvas_shape(self) -> tuple:
         """The other stain's padded section: the registered padded section at its scale,

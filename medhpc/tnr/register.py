@@ -185,10 +185,11 @@ def solve_trajectories(settings: TnrSettings, count: int, shape, pairs: dict,
             nearest = min(matched, key=lambda m: (abs(m - i), m))
             chained[i] = chained[nearest]
     transforms = np.stack([chained[i] for i in range(count)])
-    record = {"reference": reference, "rigid": transforms, "fallback": transforms}
+    weights = flags.weights(count)
+    record = {"reference": reference, "rigid": transforms, "fallback": transforms,
+              "weights": weights}
     if settings.mode == "none":
         return record
-    weights = flags.weights(count)
     leaves = sorted(flags.leaves)
     grid = settings.match.grid
     keys = set(zip(matched, matched[1:]))
@@ -333,7 +334,11 @@ class Reconstruction:
             self._document = self._log_document(pairs, flags, matched, record)
         if self.fields is not None:
             with self.run.stage("write fields", "io"):
-                self.world.agree(lambda: self._append_trajectories(record, warps))
+                gathered = self.world.gather(warps)
+                every = ({i: w for part in gathered for i, w in part.items()}
+                         if self.world.is_root else {})
+                self.world.agree(lambda: self._append_trajectories(
+                    record, [every[i] for i in range(stack.count)]))
         if self.png is not None:
             with self.run.stage("picture", "io"):
                 self.world.agree(lambda: self._picture(views, record))
@@ -547,7 +552,8 @@ class Reconstruction:
         from medhpc.tnr.registration_file import append_registration
 
         with h5py.File(self.fields, "a") as h5:
-            append_registration(h5, warps, self.stack, self.settings, self.output_shape())
+            append_registration(h5, warps, self.stack, self.settings, self.output_shape(),
+                                record.get("weights"))
             h5.create_dataset("rigid", data=record["rigid"])
             h5.attrs["reference_section"] = record["reference"]
             for name in ("observed", "target", "valid"):

@@ -69,6 +69,9 @@ class SavedRegistration:
     full_res: bool                   # tnr-register's volume was at the input resolution
     interpolation: str               # bicubic or bilinear
     input_kind: str                  # folder, tiff or hdf5
+    weights: np.ndarray | None = None  # (z,) say of each section in the solve (flags)
+    stain: str = "hematoxylin"       # tnr-register's stain channel
+    normalise: str = "none"          # tnr-register's output intensity normalisation
 
     @property
     def count(self) -> int:
@@ -85,7 +88,8 @@ class SavedRegistration:
         return SectionWarp(tuple(self.working_shape), self.step, self.displacement[index])
 
 
-def append_registration(h5, warps: list[SectionWarp], stack, settings, output_shape) -> None:
+def append_registration(h5, warps: list[SectionWarp], stack, settings, output_shape,
+                        weights=None) -> None:
     """Write the warp grids and geometry of a tnr-register run into an open ``--fields`` file.
 
     Parameters
@@ -100,6 +104,8 @@ def append_registration(h5, warps: list[SectionWarp], stack, settings, output_sh
         The run's settings (downsample, full_res, interpolation).
     output_shape : tuple of int
         (y, x) of the registered volume.
+    weights : (z,) array, optional
+        Each section's weight in the solve (0 excluded, below 1 flagged).
     """
     steps = {warp.step for warp in warps}
     grids = {warp.displacement.shape for warp in warps}
@@ -117,13 +123,16 @@ def append_registration(h5, warps: list[SectionWarp], stack, settings, output_sh
                             dtype=_string_type())
     sections.create_dataset("shape", data=np.asarray(stack.shapes, np.int64).reshape(-1, 2))
     sections.create_dataset("offset", data=centred_offsets(stack.shapes, stack.shape))
+    if weights is not None:
+        sections.create_dataset("weight", data=np.asarray(weights, np.float64))
     h5.attrs.update({
         "format": FORMAT, "version": VERSION, "downsample": int(settings.downsample),
         "input_shape": np.asarray(stack.shape, np.int64),
         "output_shape": np.asarray(output_shape, np.int64),
         "full_res": bool(settings.full_res), "interpolation": settings.interpolation,
         "input_kind": stack.kind, "input_source": str(stack.source),
-        "channels": int(stack.channels),
+        "channels": int(stack.channels), "stain": settings.stain,
+        "normalise": settings.normalise,
     })
 
 
@@ -173,7 +182,11 @@ def load_registration(path) -> SavedRegistration:
             displacement=displacement,
             output_shape=tuple(int(n) for n in attrs["output_shape"]),
             full_res=bool(attrs["full_res"]), interpolation=_text(attrs["interpolation"]),
-            input_kind=_text(attrs["input_kind"]))
+            input_kind=_text(attrs["input_kind"]),
+            weights=(np.asarray(h5["sections/weight"][()], np.float64)
+                     if "sections/weight" in h5 else None),
+            stain=_text(attrs.get("stain", "hematoxylin")),
+            normalise=_text(attrs.get("normalise", "none")))
     _check(registration, expected)
     return registration
 
