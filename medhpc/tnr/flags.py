@@ -28,7 +28,8 @@ import numpy as np
 
 BLANK_TISSUE_RATIO = 0.25
 BLANK_TEXTURE_RATIO = 0.2
-MISSING_TISSUE_RATIO = 0.8
+MISSING_TISSUE_DROP = 0.06   # log-ratio below the neighbours' trend (about 6% less area)
+MISSING_Z = 4.0
 NEIGHBOURS = 3
 MATCH_RATIO = 0.75
 NCC_DROP = 0.08
@@ -36,6 +37,8 @@ STAIN_DISTANCE = 0.12
 STAIN_ANGLE_DEG = 2.0
 ROBUST_Z = 5.0
 DOUBTFUL_WEIGHT = 0.2
+STRAIN_MIN_PX = 1.0          # local distortion jump that is never a flag by itself (working px)
+STRAIN_QUANTILE = 90.0
 
 
 @dataclass
@@ -65,10 +68,24 @@ def _robust_outliers(values: np.ndarray, floor: float) -> np.ndarray:
     return values - median > max(floor, ROBUST_Z * spread)
 
 
-def _neighbour_median(values: np.ndarray, index: int, exclude=()) -> float:
-    around = [values[j] for j in range(index - NEIGHBOURS, index + NEIGHBOURS + 1)
-              if 0 <= j < len(values) and j != index and j not in exclude]
-    return float(np.median(around)) if around else float(values[index])
+def _expected_area(tissue: np.ndarray, blank: np.ndarray) -> np.ndarray:
+    """Each section's tissue area as its neighbours predict it (a straight line through the
+    :data:`NEIGHBOURS` non-blank sections on each side, the section itself left out); 0 where
+    fewer than two neighbours are there."""
+    count = len(tissue)
+    expected = np.zeros(count)
+    for i in range(count):
+        around = [j for j in range(i - NEIGHBOURS, i + NEIGHBOURS + 1)
+                  if 0 <= j < count and j != i and not blank[j]]
+        if len(around) < 2:
+            continue
+        z = np.asarray(around, np.float64)
+        if np.ptp(z) == 0:
+            expected[i] = float(np.mean(tissue[around]))
+            continue
+        slope, intercept = np.polyfit(z, tissue[around], 1)
+        expected[i] = float(slope * i + intercept)
+    return expected
 
 
 def pair_quality(pairs: dict) -> dict:
@@ -92,14 +109,17 @@ def flag_sections(count: int, statistics: dict, pairs: dict, min_accepted: float
     for i in np.flatnonzero(blank):
         flags.reasons[i].append("blank or damaged: little tissue or texture")
         flags.excluded.add(int(i))
-    for i in range(count):
-        if blank[i]:
-            continue
-        around = _neighbour_median(tissue, i, exclude=set(np.flatnonzero(blank)))
-        if tissue[i] < MISSING_TISSUE_RATIO * around:
-            flags.reasons[i].append(f"missing tissue: area {100 * tissue[i] / around:.0f}% of "
-                                    "its neighbours'")
-            flags.leaves.add(i)
+    expected = _expected_area(tissue, blank)
+    ratio = np.where(expected > 0, tissue / np.maximum(expected, 1e-12), 1.0)
+    usable = ~blank & (expected > 0)
+    if np.count_nonzero(usable) >= 5:
+        deviation = np.log(np.maximum(ratio[usable], 1e-6))
+        spread = 1.4826 * float(np.median(np.abs(deviation - np.median(deviation))))
+        limit = np.exp(-max(MISSING_TISSUE_DROP, MISSING_Z * spread))
+        for i in np.flatnonzero(usable & (ratio < limit)):
+            flags.reasons[i].append(f"missing tissue: area {100 * ratio[i]:.0f}% of what its "
+                                    "neighbours predict")
+            flags.leaves.add(int(i))
     _flag_stain(flags, statistics, colour, blank)
     _flag_matches(flags, count, pairs, min_accepted)
     flags.reasons = {i: r for i, r in flags.reasons.items() if r}
@@ -160,3 +180,49 @@ def _flag_matches(flags: SectionFlags, count: int, pairs: dict, min_accepted: fl
                 f"{min(s[1] for s in sides):.2f}) where the pairs around it matched "
                 f"{100 * fraction:.0f}% ({ncc:.2f})")
             flags.leaves.add(i)
+
+
+def local_strain(frame: np.ndarray, target: np.ndarray, valid: np.ndarray, seeds: np.ndarray,
+                 grid: float) -> np.ndarray:
+    """Per section, how abruptly its own distortion changes across the tissue (working px).
+
+    The distortion of section i at trajectory k is ``frame - target`` (what the
+    smoothing removes). For every trajectory it is compared with the median of
+    its neighbours' (seeds within 1.5 grid steps); a section's strain is the
+    :data:`STRAIN_QUANTILE` percentile of that difference. Smooth warps, however
+    large, give little strain; tears and folds give much.
+    """
+    n, count, _ = frame.shape
+    distance = np.sqrt(((seeds[:, None, :] - seeds[None, :, :]) ** 2).sum(axis=2))
+    neighbours = (distance <= 1.5 * grid + 0.5) & (distance > 0)
+    strain = np.zeros(count)
+    for i in range(count):
+        residual = frame[:, i] - target[:, i]
+        ok = valid[:, i] & np.all(np.isfinite(residual), axis=1)
+        jumps = []
+        for k in np.flatnonzero(ok):
+            around = np.flatnonzero(neighbours[k] & ok)
+            if around.size >= 2:
+                jumps.append(np.hypot(*(residual[k] - np.median(residual[around], axis=0))))
+        strain[i] = float(np.percentile(jumps, STRAIN_QUANTILE)) if jumps else 0.0
+    return strain
+
+
+def flag_strain(flags: SectionFlags, strain: np.ndarray) -> list[int]:
+    """Flag sections whose strain stands out of the stack's ("damaged: tear or fold");
+    returns the newly flagged sections."""
+    candidates = [i for i in range(len(strain)) if i not in flags.excluded]
+    if len(candidates) < 5:
+        return []
+    values = strain[candidates]
+    median = float(np.median(values))
+    spread = 1.4826 * float(np.median(np.abs(values - median)))
+    limit = median + max(STRAIN_MIN_PX, ROBUST_Z * spread)
+    new = []
+    for i in candidates:
+        if strain[i] > limit:
+            flags.reasons.setdefault(i, []).append(
+                f"damaged: tear or fold (local distortion jumps of {strain[i]:.1f} px where "
+                f"the stack's median is {median:.1f} px)")
+            new.append(i)
+    return new

@@ -110,7 +110,9 @@ def prepare_section(section: np.ndarray, stain: str, factor: int) -> WorkingSect
     scale = intensity_scale(section.dtype)
     colour = downsample(np.asarray(section, np.float32) / np.float32(scale), factor)
     channel = stain_channel(colour, stain)  # at the working level: block means of intensity
-    mask = tissue_mask(channel)
+    # tissue against glass by its total optical density (every stain absorbs; a stain
+    # channel alone would leave out tissue that takes up little of that stain)
+    mask = tissue_mask(channel if stain == "gray" else stain_channel(colour, "od"))
     if colour.ndim == 2:
         colour = colour[..., np.newaxis]
     if mask.sum() < 16:

@@ -30,7 +30,7 @@ from medhpc.io.geometry import ImageGeometry
 from medhpc.parallel.geometry import block_range, slab
 from medhpc.parallel.work import map_items
 from medhpc.tnr import rigid, trajectories
-from medhpc.tnr.flags import SectionFlags, flag_sections
+from medhpc.tnr.flags import SectionFlags, flag_sections, flag_strain, local_strain
 from medhpc.tnr.intensity import METHODS as NORMALISATIONS
 from medhpc.tnr.intensity import IntensityMaps
 from medhpc.tnr.matching import STATUS_NAMES, Matches, MatchSettings, grid_axes, match_sections
@@ -60,6 +60,7 @@ class TnrSettings:
     interpolation: str = "bicubic"
     full_res: bool = False
     normalise: str = "histogram"
+    placement: str = "affine"
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -201,8 +202,19 @@ def solve_trajectories(settings: TnrSettings, count: int, shape, pairs: dict,
     observed, valid = trajectories.chain_trajectories(fields, matched, count, reference, seeds,
                                                       shape, leaves)
     if settings.mode == "tnr":
-        placed = trajectories.placement_free_frame(observed, valid, transforms, weights, shape)
+        placed = trajectories.placement_free_frame(observed, valid, transforms, weights, shape,
+                                                   settings.placement)
         target = trajectories.smooth_along_z(placed["frame"], valid, settings.sigma, weights)
+        strain = local_strain(placed["frame"], target, valid, seeds, grid)
+        record["strain"] = strain
+        if flag_strain(flags, strain):
+            # the torn or folded sections count less; solve again
+            weights = flags.weights(count)
+            record["weights"] = weights
+            placed = trajectories.placement_free_frame(observed, valid, transforms, weights,
+                                                       shape, settings.placement)
+            target = trajectories.smooth_along_z(placed["frame"], valid, settings.sigma,
+                                                 weights)
         record["fallback"] = np.stack([p @ np.linalg.inv(d)
                                        for p, d in zip(placed["placement"], placed["drift"])])
         record.update(placement=placed["placement"], drift=placed["drift"],
@@ -220,6 +232,23 @@ def fit_warps(settings: TnrSettings, shape, record: dict, sections) -> dict:
         return {i: rigid_warp(record["rigid"][i], shape, step) for i in sections}
     return {i: fitted_warp(record["target"][:, i], record["observed"][:, i], shape, step,
                            settings.tps_smoothing, record["fallback"][i]) for i in sections}
+
+
+def section_rows(pairs: dict, count: int, record: dict) -> list:
+    """The measured evidence per section for the log (tissue fraction, texture, colour,
+    local strain) and its weight in the solve."""
+    statistics = {}
+    for result in pairs.values():
+        statistics.update(result.sections)
+    rows = []
+    for i in range(count):
+        row = {"section": i, **{key: value for key, value in statistics.get(i, {}).items()
+                                if key != "quantiles"}}
+        if "strain" in record:
+            row["strain_px"] = float(record["strain"][i])
+        row["weight"] = float(record["weights"][i])
+        rows.append(row)
+    return rows
 
 
 def section_work(stack: SectionStack, index: int) -> float:
@@ -322,6 +351,9 @@ class Reconstruction:
             # every rank solves the (small) trajectory problem itself: nobody waits
             record = solve_trajectories(self.settings, stack.count, self.work_shape, pairs,
                                         matched, flags)
+        for index, reasons in sorted(flags.reasons.items()):
+            self.run.log.notice(f"section {index} ({self.stack.names[index]}): "
+                                f"{'; '.join(reasons)}")
         with self.run.stage("fit warps", "kernel"):
             start, stop = block_range(stack.count, self.world.size, self.world.rank)
             warps = fit_warps(self.settings, self.work_shape, record, range(start, stop))
@@ -448,9 +480,6 @@ class Reconstruction:
             self.run.log.info(f"bridging {len(bridges)} pair(s) over doubtful sections: "
                               f"{bridges}")
             pairs.update(self._match(bridges))
-        for index, reasons in sorted(flags.reasons.items()):
-            self.run.log.notice(f"section {index} ({self.stack.names[index]}): "
-                                f"{'; '.join(reasons)}")
         return pairs, flags, matched
 
     # -- warping and writing ---------------------------------------------------------------
@@ -570,7 +599,11 @@ class Reconstruction:
             row = result.matches.counts()
             for name, value in row.items():
                 counts[name] += value
+            accepted = result.matches.accepted
+            median_ncc = float(np.median(result.matches.ncc[accepted])) if np.any(accepted) \
+                else None
             pair_rows.append({"pair": [a, b], "patches": len(result.matches.status), **row,
+                              "median_ncc": median_ncc,
                               "accepted_fraction": result.accepted_fraction,
                               "rotation_deg": float(np.rad2deg(rigid.rotation_angle(result.transform))),
                               "mirrored": rigid.is_mirrored(result.transform),
@@ -592,6 +625,8 @@ class Reconstruction:
                                  for i, r in sorted(flags.reasons.items())},
             "matched_sections": matched, "reference_section": record["reference"],
             "pairs": pair_rows,
+            "section_statistics": section_rows(pairs, self.stack.count, record),
+            "placement_drift_ratio": record.get("drift_ratio"),
             "rejection_rates": {name: value / total for name, value in counts.items()},
             "ncc_histogram": {"edges": NCC_BINS.tolist(), "counts": histogram.tolist()},
         }

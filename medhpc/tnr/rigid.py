@@ -154,9 +154,11 @@ def refine_rigid(fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray,
     """
     ny, nx = fixed.shape
     centre = 0.5 * (np.array(fixed.shape, float) - 1)
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    points = np.stack([yy.ravel(), xx.ravel()], axis=1).astype(np.float64)
-    target = fixed.ravel().astype(np.float64)
+    near_tissue = ndimage.binary_dilation(fixed != 0, iterations=2)
+    if np.count_nonzero(near_tissue) < 16:
+        near_tissue = np.ones(fixed.shape, bool)
+    points = np.argwhere(near_tissue).astype(np.float64)
+    target = fixed[near_tissue].astype(np.float64)
     grad_y, grad_x = np.gradient(moving.astype(np.float64))
     base = matrix.copy()
 
@@ -228,24 +230,26 @@ def estimate_rigid(fixed: np.ndarray, moving: np.ndarray, max_angle_deg: float =
     if mirror:
         results += [(h, a, m) for h, a, m in _search(coarse, angles, True)]
     results.sort(key=lambda r: -r[0])
-    fine = _Level(fixed, moving, REFINE_SIDE)
+    middle = _Level(fixed, moving, 2 * COARSE_SIDE)
     best, best_score = None, -np.inf
     chosen = []
     for height, angle, matrix in results:
-        if any(abs(((angle - a) + 180) % 360 - 180) < 2 * COARSE_STEP_DEG and is_mirrored(matrix) == m
-               for a, m in chosen):
+        if any(abs(((angle - a) + 180) % 360 - 180) < 2 * COARSE_STEP_DEG
+               and is_mirrored(matrix) == m for a, m in chosen):
             continue
         chosen.append((angle, is_mirrored(matrix)))
-        start = fine.coarse(coarse.working(matrix))
-        refined = refine_rigid(fine.fixed, fine.moving, start)
-        score = overlap_ncc(fine.fixed, fine.moving, refined)
+        refined = refine_rigid(middle.fixed, middle.moving, middle.coarse(coarse.working(matrix)))
+        score = overlap_ncc(middle.fixed, middle.moving, refined)
         if is_mirrored(refined):
             score -= MIRROR_MARGIN
         if score > best_score:
             best, best_score = refined, score
         if len(chosen) == CANDIDATES:
             break
-    return fine.working(best)
+    fine = _Level(fixed, moving, REFINE_SIDE)
+    if fine.factor == middle.factor:
+        return middle.working(best)
+    return fine.working(refine_rigid(fine.fixed, fine.moving, fine.coarse(middle.working(best))))
 
 
 def _translation(shift) -> np.ndarray:

@@ -246,13 +246,25 @@ def procrustes(source: np.ndarray, target: np.ndarray, mirrored: bool, centre) -
     return matrix @ mirror
 
 
+def fit_affine(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Affine ``A`` (3 x 3) minimising ``sum |A source - target|^2`` (least squares)."""
+    design = np.column_stack([source, np.ones(len(source))])
+    solution, *_ = np.linalg.lstsq(design, target, rcond=None)
+    matrix = np.eye(3)
+    matrix[:2, :2] = solution[:2].T
+    matrix[:2, 2] = solution[2]
+    return matrix
+
+
 def remove_placement(observed: np.ndarray, valid: np.ndarray, initial: np.ndarray,
-                     weights: np.ndarray, centre,
+                     weights: np.ndarray, centre, model: str = "rigid",
                      iterations: int = PLACEMENT_ITERATIONS) -> np.ndarray:
     """Each section's rigid placement, estimated jointly over the stack.
 
     Generalised Procrustes analysis of the trajectories: the placement ``A_i``
-    (common frame -> section pixels) of every section and the mean position
+    (common frame -> section pixels; rigid, or affine with ``model="affine"``, which
+    also takes each section's cutting compression and stretch) of every section and
+    the mean position
     ``m_k`` of every trajectory in the common frame minimise
     ``sum_i w_i sum_k |A_i m_k - x_k(i)|^2`` over the valid points, starting from
     ``initial`` (the rigid chain). Unlike the chain, no section's placement error is
@@ -283,7 +295,10 @@ def remove_placement(observed: np.ndarray, valid: np.ndarray, initial: np.ndarra
             rows = valid[known, i]
             if not usable[i] or np.count_nonzero(rows) < 3:
                 continue
-            fitted = procrustes(mean[rows], observed[known][rows, i], mirrored[i], centre)
+            if model == "affine" and np.count_nonzero(rows) >= 6:
+                fitted = fit_affine(mean[rows], observed[known][rows, i])
+            else:
+                fitted = procrustes(mean[rows], observed[known][rows, i], mirrored[i], centre)
             change = max(change, float(np.abs(fitted - placement[i])[:2].max()))
             placement[i] = fitted
         if change < 1e-4:
@@ -341,25 +356,42 @@ def smooth_drift(series: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def placement_free_frame(observed: np.ndarray, valid: np.ndarray, initial: np.ndarray,
-                         weights: np.ndarray, shape) -> dict:
-    """Trajectories in a frame where each section's random rigid placement is undone.
+                         weights: np.ndarray, shape, model: str = "affine") -> dict:
+    """Trajectories in a frame where each section's random placement is undone.
 
-    The placements come from :func:`remove_placement`; their angle and translation
-    series along z are split by :func:`smooth_drift` into a slow drift (kept: the
-    anatomy may turn or move steadily through the stack) and the rest (removed).
-    Returns the frame positions (N, count, 2), the placements, the drift
+    The placements (rigid or affine) come from :func:`remove_placement`; their
+    parameter series along z (rotation or linear part, and the translation of the
+    image centre) are split by :func:`smooth_drift` into a slow drift (kept: the
+    anatomy may turn, move or grow steadily through the stack) and the rest
+    (removed). Returns the frame positions (N, count, 2), the placements, the drift
     transforms and the chosen drift ratio.
     """
     centre = 0.5 * (np.asarray(shape, np.float64) - 1)
-    placement = remove_placement(observed, valid, initial, weights, centre)
-    parameters = placement_parameters(placement, centre)
+    placement = remove_placement(observed, valid, initial, weights, centre, model)
     radius = 0.25 * float(np.mean(shape))
-    angles = np.unwrap(parameters[:, 0])
-    drift, ratio = smooth_drift(np.column_stack([angles * radius, parameters[:, 1:]]))
-    frame = np.full(observed.shape, np.nan)
+    count = observed.shape[1]
     drift_matrices = np.empty_like(placement)
-    for i in range(observed.shape[1]):
-        drift_matrices[i] = rigid.rotation_about(drift[i, 0] / radius, centre, drift[i, 1:])
+    if model == "affine":
+        series = []
+        for matrix in placement:
+            linear = matrix[:2, :2] @ rigid.FLIP[:2, :2] if rigid.is_mirrored(matrix) \
+                else matrix[:2, :2]
+            moved = rigid.apply(matrix, centre[None])[0] - centre
+            series.append(np.concatenate([(linear - np.eye(2)).ravel() * radius, moved]))
+        drift, ratio = smooth_drift(np.array(series))
+        for i in range(count):
+            linear = np.eye(2) + drift[i, :4].reshape(2, 2) / radius
+            drift_matrices[i] = np.eye(3)
+            drift_matrices[i][:2, :2] = linear
+            drift_matrices[i][:2, 2] = centre - linear @ centre + drift[i, 4:]
+    else:
+        parameters = placement_parameters(placement, centre)
+        angles = np.unwrap(parameters[:, 0])
+        drift, ratio = smooth_drift(np.column_stack([angles * radius, parameters[:, 1:]]))
+        for i in range(count):
+            drift_matrices[i] = rigid.rotation_about(drift[i, 0] / radius, centre, drift[i, 1:])
+    frame = np.full(observed.shape, np.nan)
+    for i in range(count):
         to_frame = drift_matrices[i] @ np.linalg.inv(placement[i])
         rows = valid[:, i]
         frame[rows, i] = rigid.apply(to_frame, observed[rows, i])
