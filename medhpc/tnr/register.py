@@ -35,8 +35,9 @@ from medhpc.tnr.matching import STATUS_NAMES, Matches, MatchSettings, grid_axes,
 from medhpc.tnr.preprocess import STAINS, WorkingSection, downsample, prepare_section
 from medhpc.tnr.sources import SectionStack, open_stack
 from medhpc.tnr.warpfield import SectionWarp, fitted_warp, rigid_warp
-from medhpc.tnr.wholeslide import (OutputSettings, memory_plan, output_tiles, peak_rss_bytes,
-                                   region_cap_pixels, source_boxes, warp_tile_channels)
+from medhpc.runtime.timing import peak_memory_mb
+from medhpc.tnr.wholeslide import (OutputSettings, memory_plan, output_tiles, region_cap_pixels,
+                                   source_boxes, warp_tile_channels)
 
 MODES = ("tnr", "pairwise", "none")
 INTERPOLATION_ORDER = {"bilinear": 1, "bicubic": 3}
@@ -320,7 +321,7 @@ class Reconstruction:
                 self.world.agree(lambda: self._picture(views, record))
         timings = self.run.finish({"mode": self.settings.mode})
         levels_read = self.world.gather(self._levels_read)
-        peaks = self.world.gather(peak_rss_bytes())
+        peaks = self.world.gather(peak_memory_mb())
         if self.world.is_root:
             read = {}
             for part in levels_read:
@@ -330,10 +331,9 @@ class Reconstruction:
                             pixel_size_um=self.stack.pixel_size_um,
                             output_pixel_size_um=self.output_pixel_size_um(),
                             levels_read={self.stack.names[i]: read[i] for i in sorted(read)},
-                            memory={"peak_rss_bytes_per_rank": peaks,
-                                    "peak_rss_mb_per_rank": [round(p / 2**20, 1) for p in peaks],
-                                    "plan_bytes_per_rank": [r["memory"]["total_bytes"]
-                                                            for r in plan["ranks_detail"]],
+                            memory={"peak_rss_mb_per_rank": [round(p, 1) for p in peaks],
+                                    "plan_mb_per_rank": [round(r["memory"]["total_bytes"] / 2**20, 1)
+                                                         for r in plan["ranks_detail"]],
                                     "tile": self.output_settings.tile})
             with atomic_path(self.log_path, overwrite=self.run.overwrite) as tmp:
                 tmp.write_text(json.dumps(document, indent=2, default=_json_default))
@@ -654,7 +654,8 @@ def _fit(image: np.ndarray, shape) -> np.ndarray:
 
 def _stem(path: Path) -> str:
     name = path.name
-    for suffix in (".ome.tiff", ".ome.tif", ".nii.gz", ".nii", ".h5", ".hdf5", ".tiff", ".tif"):
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", ".zarr", ".nii.gz", ".nii", ".h5", ".hdf5",
+                   ".tiff", ".tif"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem

@@ -13,14 +13,13 @@ boxes are clipped to the image, so the kernels' edge handling sees the same
 image edges.
 
 :func:`memory_plan` is the per-rank memory estimate printed by ``--dry-run``
-and written to the JSON log beside the measured peak (:func:`peak_rss_bytes`).
+and written to the JSON log beside the measured peak resident memory of every rank
+(:func:`medhpc.runtime.timing.peak_memory_mb`).
 """
 
 from __future__ import annotations
 
 import math
-import resource
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,12 +129,6 @@ def warp_tile_channels(region: np.ndarray, coord_y: np.ndarray, coord_x: np.ndar
         plane = np.ascontiguousarray(values, np.float32)
         remap(plane, local_y, local_x, order, fill, part)
         out[channel] = part
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (``getrusage``)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 def memory_plan(working_shape, output_shape, channels: int, dtype, tile: int,
