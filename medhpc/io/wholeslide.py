@@ -18,6 +18,7 @@ scanners), or the scale of an OME-Zarr's first dataset.
 
 from __future__ import annotations
 
+import logging
 import re
 import xml.etree.ElementTree as ElementTree
 from contextlib import contextmanager
@@ -40,6 +41,18 @@ BAND_BYTES = 64 << 20          # rows of a level read at a time by read_downsamp
 LEVEL_RATIO_TOLERANCE = 0.02   # a level is "2x" when level-0 size / its size is within 2 %
 _MAGIC = {"JPEG": (b"\xff\xd8",), "ADOBE_DEFLATE": (b"\x78",), "DEFLATE": (b"\x78",),
           "JPEG2000": (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0c")}
+
+
+@contextmanager
+def _quiet_tifffile():
+    """Silence tifffile's own warnings about damaged files: the InputError says it once."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def is_slide_path(path) -> bool:
@@ -115,7 +128,8 @@ def describe_slide(path) -> Slide:
         raise InputError(f"{path}: not found; {_EXPECTED}")
     if path.is_dir():
         return _describe_zarr(path)
-    return _describe_tiff(path)
+    with _quiet_tifffile():
+        return _describe_tiff(path)
 
 
 def _one_line(error) -> str:
@@ -406,8 +420,13 @@ def preflight_slide(slide: Slide) -> None:
     level and the central level-0 tile are decoded. OME-Zarr: the smallest level
     and one level-0 chunk are decoded.
     """
-    if slide.format == "tiff":
-        _preflight_tiff(slide)
+    with _quiet_tifffile():
+        if slide.format == "tiff":
+            _preflight_tiff(slide)
+        _preflight_decode(slide)
+
+
+def _preflight_decode(slide: Slide) -> None:
     with open_slide(slide) as reader:
         last = len(slide.level_shapes) - 1
         ny, nx = slide.level_shapes[last]
