@@ -36,7 +36,7 @@ def test_ome_tiff_run_reads_the_working_level_and_writes_an_ome_zarr_pyramid(ome
                                                                              tmp_path):
     out = tmp_path / "v.ome.zarr"
     result = run_medhpc("tnr-register", "--input", ome_stack, "--out", out, "--downsample",
-                        str(FACTOR), "--full-res", "--tile", "256", *FAST, timeout=300)
+                        str(FACTOR), "--full-res", "--tile", "256", *FAST, timeout=600)
     assert result.returncode == 0, result.stderr
     log = json.loads((tmp_path / "v.json").read_text())
     # 1024 px level 0 at 0.5 um with levels 512 and 256: working level 256 px is level 2
@@ -58,7 +58,7 @@ def test_ome_tiff_run_reads_the_working_level_and_writes_an_ome_zarr_pyramid(ome
 def test_svs_run_writes_a_multifile_pyramidal_ome_tiff(svs_stack, tmp_path):
     out = tmp_path / "w.ome.tif"
     result = run_medhpc("tnr-register", "--input", svs_stack, "--out", out, "--downsample",
-                        "8", "--full-res", "--tile", "256", *FAST, ranks=2, timeout=300)
+                        "8", "--full-res", "--tile", "256", *FAST, ranks=2, timeout=600)
     assert result.returncode == 0, result.stderr
     log = json.loads((tmp_path / "w.json").read_text())
     # SVS levels 1024 and 256 px: working level 128 px is level 1 averaged 2 x 2
