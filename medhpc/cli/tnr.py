@@ -8,12 +8,15 @@ from medhpc.cli.options import pass_run
 
 
 @click.command("tnr-register")
-@click.option("--input", "source", required=True,
-              help="Folder of section images (PNG/TIFF/JPEG, natural order), a multi-page or "
-                   "OME-TIFF, or an HDF5 stack (file.h5[:dataset]).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="Registered stack: .h5 (parts written by every rank), .ome.tif/.tif or "
-                   ".nii/.nii.gz (gathered on rank 0).")
+@click.option("--input", "source", required=True, multiple=True,
+              help="Folder of section images (PNG/TIFF/JPEG) or whole slides (pyramidal "
+                   "TIFF/OME-TIFF/SVS/NDPI, OME-Zarr), natural order; a .txt list of slides "
+                   "(one path per line) or --input given once per slide; a multi-page or "
+                   "OME-TIFF; or an HDF5 stack (file.h5[:dataset]).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Registered stack: .ome.zarr or .ome.tif (pyramidal, written tile by tile "
+                   "by every rank), .h5 (parts written by every rank), .tif or .nii/.nii.gz "
+                   "(gathered on rank 0).")
 @click.option("--mode", type=click.Choice(["tnr", "pairwise", "none"]), default="tnr",
               show_default=True, help="tnr: smooth trajectories along z; pairwise: straight "
                                       "trajectories; none: rigid pre-alignment only.")
@@ -46,6 +49,12 @@ from medhpc.cli.options import pass_run
 @click.option("--full-res", is_flag=True,
               help="Apply the warp to the input resolution, tile by tile (default: output at "
                    "the working level).")
+@click.option("--tile", type=int, default=1024, show_default=True,
+              help="Output tile side (px): the warp step, the zarr chunks and TIFF tiles; "
+                   "bounds the memory per rank (see --dry-run).")
+@click.option("--compression", type=click.Choice(["auto", "jpeg", "zlib", "none"]),
+              default="auto", show_default=True,
+              help="Pyramidal outputs: auto is JPEG for 8-bit RGB JPEG slides, else zlib.")
 @click.option("--fields", type=click.Path(dir_okay=False), default=None,
               help="Also write the per-section displacement fields (output -> input, working "
                    "px), the rigid transforms and the trajectories (HDF5).")
@@ -58,7 +67,8 @@ from medhpc.cli.options import pass_run
               help="JSON log [default: beside --out, .json].")
 @pass_run("tnr-register")
 def tnr_register(run, source, out, mode, sigma, patch, search, grid, downsample, level, stain,
-                 min_ncc, max_angle, mirror, normalise, interpolation, full_res, fields, resume,
+                 min_ncc, max_angle, mirror, normalise, interpolation, full_res, tile,
+                 compression, fields, resume,
                  png, log_path):
     """Rebuild a volume from serial sections by trajectory-based non-linear registration:
     matches between neighbours are chained into trajectories through the stack, smoothed
@@ -66,6 +76,7 @@ def tnr_register(run, source, out, mode, sigma, patch, search, grid, downsample,
     from medhpc.errors import InputError
     from medhpc.tnr.matching import MatchSettings
     from medhpc.tnr.register import Reconstruction, TnrSettings
+    from medhpc.tnr.wholeslide import OutputSettings
 
     if downsample is not None and level is not None:
         raise InputError("--downsample and --level both given; expected one of them")
@@ -75,8 +86,9 @@ def tnr_register(run, source, out, mode, sigma, patch, search, grid, downsample,
                                                min_ncc=min_ncc),
                            max_angle_deg=max_angle, mirror=mirror, normalise=normalise,
                            interpolation=interpolation, full_res=full_res)
-    Reconstruction(run, source, out, settings, fields=fields, log_path=log_path, png=png,
-                   resume=resume).execute()
+    Reconstruction(run, source[0] if len(source) == 1 else list(source), out, settings,
+                   fields=fields, log_path=log_path, png=png, resume=resume,
+                   output=OutputSettings(tile=tile, compression=compression)).execute()
 
 
 @click.command("tnr-apply")

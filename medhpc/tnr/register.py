@@ -37,6 +37,9 @@ from medhpc.tnr.matching import STATUS_NAMES, Matches, MatchSettings, grid_axes,
 from medhpc.tnr.preprocess import STAINS, WorkingSection, downsample, prepare_section
 from medhpc.tnr.sources import SectionStack, open_stack
 from medhpc.tnr.warpfield import SectionWarp, fitted_warp, rigid_warp
+from medhpc.runtime.timing import peak_memory_mb
+from medhpc.tnr.wholeslide import (OutputSettings, memory_plan, output_tiles, region_cap_pixels,
+                                   source_boxes, warp_tile_channels)
 
 MODES = ("tnr", "pairwise", "none")
 INTERPOLATION_ORDER = {"bilinear": 1, "bicubic": 3}
@@ -289,8 +292,9 @@ class Reconstruction:
     """One tnr-register run on every rank (see the module notes for the steps)."""
 
     def __init__(self, run, source, out, settings: TnrSettings, fields=None, log_path=None,
-                 png=False, resume=False):
+                 png=False, resume=False, output: OutputSettings | None = None):
         self.run = run
+        self.output_settings = output or OutputSettings()
         self.world = run.world
         self.settings = settings
         self.out = Path(out)
@@ -305,9 +309,11 @@ class Reconstruction:
         self.work_shape = tuple(n // settings.downsample for n in self.stack.shape)
         self._cache: dict[int, WorkingSection] = {}
         self.intensity = IntensityMaps.identity()
+        self._levels_read: dict[int, dict] = {}
 
     def _validated(self, source) -> SectionStack:
         self.settings.check()
+        self.output_settings.check()
         stack = open_stack(source)
         if min(stack.shape) // self.settings.downsample < self.settings.match.patch + 2:
             raise InputError(f"{source}: sections of {stack.shape[1]}x{stack.shape[0]} px at "
@@ -315,9 +321,13 @@ class Reconstruction:
                              f"({self.settings.match.patch} px); expected larger sections or "
                              "a smaller --patch")
         suffix = "".join(self.out.suffixes).lower()
-        if not suffix.endswith((".h5", ".hdf5", ".tif", ".tiff", ".nii", ".nii.gz")):
-            raise InputError(f"{self.out}: unknown output format; expected .h5, .ome.tif/.tif "
-                             "or .nii/.nii.gz")
+        if not suffix.endswith((".h5", ".hdf5", ".tif", ".tiff", ".nii", ".nii.gz", ".zarr")):
+            raise InputError(f"{self.out}: unknown output format; expected .ome.zarr, "
+                             ".ome.tif (pyramidal), .h5, .tif or .nii/.nii.gz")
+        if (self.output_settings.compression == "jpeg"
+                and np.dtype(stack.dtype) != np.uint8):
+            raise InputError(f"{self.out}: --compression jpeg needs 8-bit input, got "
+                             f"{stack.dtype}; expected zlib or none")
         if self.fields is not None and self.fields.suffix.lower() not in (".h5", ".hdf5"):
             raise InputError(f"{self.fields}: --fields is written as HDF5; expected .h5")
         return stack
@@ -325,11 +335,49 @@ class Reconstruction:
     # -- plan ----------------------------------------------------------------------------
     def plan(self) -> dict:
         n = self.stack.count
-        return {"sections": n, "section_shape": list(self.stack.shape),
-                "working_shape": list(self.work_shape), "pairs": n - 1,
-                "settings": _jsonable(asdict(self.settings)),
-                "ranks_detail": [{"rank": r, "sections_warped": list(block_range(n, self.world.size, r))}
-                                 for r in range(self.world.size)]}
+        stack = self.stack
+        tile = self.output_settings.tile
+        input_tile_bytes = 0
+        if stack.slides:
+            from medhpc.io.wholeslide import choose_level
+
+            ty, tx = stack.slides[0].tile_shape
+            input_tile_bytes = ty * tx * stack.channels * np.dtype(stack.dtype).itemsize
+            levels = [dict(zip(("level", "block"), choose_level(s, self.settings.downsample)))
+                      for s in stack.slides]
+        else:
+            levels = [{"level": 0, "block": self.settings.downsample}] * n
+        ranks = []
+        for r in range(self.world.size):
+            first, last = block_range(n, self.world.size, r)
+            memory = memory_plan(self.work_shape, self.output_shape(), stack.channels,
+                                 stack.dtype, tile, last - first, self.settings.full_res,
+                                 self._pyramid(), self.fields is not None, input_tile_bytes)
+            ranks.append({"rank": r, "sections_warped": [first, last],
+                          "memory": memory, "memory_mb": round(memory["total_bytes"] / 2**20)})
+        return {"sections": n, "section_shape": list(stack.shape),
+                "working_shape": list(self.work_shape), "output_shape": list(self.output_shape()),
+                "pixel_size_um": stack.pixel_size_um, "pairs": n - 1,
+                "levels_read": {stack.names[i]: levels[i] for i in range(n)},
+                "output": {"path": str(self.out), "pyramid": self._pyramid(), "tile": tile,
+                           "tiles_per_section": len(list(output_tiles(self.output_shape(), tile))),
+                           "region_cap_pixels": region_cap_pixels(tile),
+                           "compression": self.output_settings.resolved_compression(stack)},
+                "settings": _jsonable(asdict(self.settings)), "ranks_detail": ranks}
+
+    def _pyramid(self) -> bool:
+        """Pyramidal OME-Zarr or OME-TIFF output, written tile by tile."""
+        from medhpc.io.pyramid import is_zarr_path
+        from medhpc.io.tiff import is_ome_path
+
+        return is_zarr_path(self.out) or is_ome_path(self.out)
+
+    def output_pixel_size_um(self):
+        size = self.stack.pixel_size_um
+        if size is None:
+            return None
+        scale = 1 if self.settings.full_res else self.settings.downsample
+        return (size[0] * scale, size[1] * scale)
 
     # -- running ---------------------------------------------------------------------------
     def execute(self) -> None:
@@ -375,8 +423,21 @@ class Reconstruction:
             with self.run.stage("picture", "io"):
                 self.world.agree(lambda: self._picture(views, record))
         timings = self.run.finish({"mode": self.settings.mode})
+        levels_read = self.world.gather(self._levels_read)
+        peaks = self.world.gather(peak_memory_mb())
         if self.world.is_root:
-            document = dict(self._document, timings=timings)
+            read = {}
+            for part in levels_read:
+                read.update(part)
+            plan = self.plan()
+            document = dict(self._document, timings=timings,
+                            pixel_size_um=self.stack.pixel_size_um,
+                            output_pixel_size_um=self.output_pixel_size_um(),
+                            levels_read={self.stack.names[i]: read[i] for i in sorted(read)},
+                            memory={"peak_rss_mb_per_rank": [round(p, 1) for p in peaks],
+                                    "plan_mb_per_rank": [round(r["memory"]["total_bytes"] / 2**20, 1)
+                                                         for r in plan["ranks_detail"]],
+                                    "tile": self.output_settings.tile})
             with atomic_path(self.log_path, overwrite=self.run.overwrite) as tmp:
                 tmp.write_text(json.dumps(document, indent=2, default=_json_default))
             self.run.log.info(f"log written to {self.log_path}")
@@ -391,11 +452,14 @@ class Reconstruction:
     # -- matching --------------------------------------------------------------------------
     def working_section(self, index: int) -> WorkingSection:
         if index not in self._cache:
+            from medhpc.tnr.preprocess import intensity_scale
+
             with self.run.stage("read sections", "io"):
-                section = self.stack.read(index)
+                working, self._levels_read[index] = self.stack.read_working(
+                    index, self.settings.downsample)
+                working /= np.float32(intensity_scale(self.stack.dtype))
             with self.run.stage("preprocess", "kernel"):
-                self._cache[index] = prepare_section(section, self.settings.stain,
-                                                     self.settings.downsample)
+                self._cache[index] = prepare_section(working, self.settings.stain, 1)
             while len(self._cache) > 3:
                 self._cache.pop(next(iter(self._cache)))
         return self._cache[index]
@@ -500,50 +564,117 @@ class Reconstruction:
         return tuple(self.stack.shape) if self.settings.full_res else self.work_shape
 
     def warp_sections(self, warps: list[SectionWarp]):
-        """Warp this rank's block of sections; also the QC rows/columns and displacements."""
+        """Warp this rank's block of sections tile by tile; also the QC views and displacements.
+
+        Each output tile (``--tile`` square) is warped channel by channel from only the
+        input region its coordinates need (level 0 of a slide read by region with
+        ``--full-res``, else the working-level image). Pyramidal outputs receive the
+        tiles as they are made; other outputs are held for this rank's sections.
+        """
         start, stop = block_range(self.stack.count, self.world.size, self.world.rank)
         ny, nx = self.output_shape()
         channels = self.stack.channels
         dtype = np.dtype(self.stack.dtype)
-        local = np.zeros((channels, stop - start, ny, nx), dtype)
+        pyramid = self._open_pyramid() if self._pyramid() else None
+        local = None if pyramid else np.zeros((channels, stop - start, ny, nx), dtype)
         factor = self.settings.downsample if self.settings.full_res else 1
         order = INTERPOLATION_ORDER[self.settings.interpolation]
         fill = self.stack.background
+        cap = region_cap_pixels(self.output_settings.tile)
         views = {}
         displacement = (np.zeros((2, stop - start) + self.work_shape, np.float32)
                         if self.fields is not None else None)
-        for row, index in enumerate(range(start, stop)):
-            with self.run.stage("read sections", "io"):
-                section = self.stack.read(index)
-            image = section.astype(np.float32)
-            if not self.settings.full_res:
-                image = downsample(image, self.settings.downsample)
-            if image.ndim == 2:
-                image = image[..., None]
-            planes = [np.ascontiguousarray(image[..., c]) for c in range(channels)]
-            with self.run.stage("warp", "kernel"):
-                for top in range(0, ny, TILE_ROWS):
-                    rows = slice(top, min(ny, top + TILE_ROWS))
-                    coord_y, coord_x = warps[index].coordinates(rows, nx, factor)
-                    tile = np.empty(coord_y.shape, np.float32)
-                    for c, plane in enumerate(planes):
-                        self.kernels.remap(plane, coord_y, coord_x, order, fill, tile)
-                        local[c, row, rows] = _cast(self.intensity(index, c, tile), dtype)
-            if displacement is not None:
-                displacement[:, row] = warps[index].dense()
-            views[index] = _qc_views(image.mean(axis=2), local[:, row].astype(np.float32).mean(0))
+
+        def warp_tiles(index, regions, source_shape, tile_factor, shape, deliver):
+            for rows, columns in output_tiles(shape, self.output_settings.tile):
+                with self.run.stage("warp", "kernel"):
+                    coord_y, coord_x = warps[index].coordinates(rows, shape[1], tile_factor,
+                                                                columns)
+                    tile = np.full((channels,) + coord_y.shape, fill, np.float32)
+                for part, box in source_boxes(coord_y, coord_x, source_shape, cap):
+                    if box is None:
+                        continue
+                    with self.run.stage("read sections", "io"):
+                        region = regions(*box)
+                    with self.run.stage("warp", "kernel"):
+                        warp_tile_channels(region, coord_y[part], coord_x[part],
+                                           (box[0].start, box[1].start), self.kernels.remap,
+                                           order, fill, tile[(slice(None),) + part])
+                for c in range(channels):
+                    tile[c] = self.intensity(index, c, tile[c])
+                deliver(rows, columns, tile)
+
+        def warp_block():
+            for row, index in enumerate(range(start, stop)):
+                with self.run.stage("read sections", "io"):
+                    working, self._levels_read[index] = self.stack.read_working(
+                        index, self.settings.downsample)
+                after = np.zeros(self.work_shape, np.float32)
+
+                def keep_view(rows, columns, tile):
+                    after[rows, columns] = tile.mean(axis=0)
+
+                def deliver(rows, columns, tile):
+                    values = _cast(tile, dtype)
+                    with self.run.stage("write volume", "io"):
+                        if pyramid is not None:
+                            pyramid.write_tile(index, rows, columns, values)
+                        else:
+                            local[:, row, rows, columns] = values
+                    if not self.settings.full_res:
+                        keep_view(rows, columns, tile)
+
+                working_regions = lambda rows, columns: working[rows, columns]  # noqa: E731
+                if self.settings.full_res:
+                    with self.stack.regions(index) as regions:
+                        warp_tiles(index, regions, self.stack.shape, factor, (ny, nx), deliver)
+                    with self.run.stage("QC views", "kernel"):
+                        warp_tiles(index, working_regions, self.work_shape, 1,
+                                   self.work_shape, keep_view)
+                else:
+                    warp_tiles(index, working_regions, self.work_shape, 1, (ny, nx), deliver)
+                if displacement is not None:
+                    displacement[:, row] = warps[index].dense()
+                before = working.mean(axis=2) if working.ndim == 3 else working
+                views[index] = _qc_views(before, after)
+
+        try:
+            self.world.agree_all(warp_block)
+        except BaseException:
+            if pyramid is not None:
+                pyramid.abort()
+            raise
+        self._pyramid_output = pyramid
         return local, views, displacement
+
+    def _open_pyramid(self):
+        from medhpc.io.pyramid import PyramidOutput, pyramid_layout
+
+        layout = pyramid_layout((self.stack.count,) + tuple(self.output_shape()),
+                                self.stack.channels, self.stack.dtype,
+                                self.output_settings.tile, self.output_pixel_size_um(),
+                                self.stack.background)
+        return PyramidOutput(self.world, self.out, layout,
+                             self.output_settings.resolved_compression(self.stack),
+                             overwrite=self.run.overwrite)
 
     def write_outputs(self, local: np.ndarray, displacement) -> None:
         ny, nx = self.output_shape()
         n = self.stack.count
         scale = self.settings.downsample if not self.settings.full_res else 1
         geometry = ImageGeometry.from_spacing((n, ny, nx), (float(scale), float(scale), 1.0))
-        volume = local if self.stack.channels == 3 else local[0]
+        size_um = self.output_pixel_size_um()
+        if size_um is not None:  # the input's physical pixel size (mm in the geometry)
+            geometry = ImageGeometry.from_spacing((n, ny, nx), (size_um[1] * 1e-3,
+                                                                size_um[0] * 1e-3, 1.0))
+        volume = (local if self.stack.channels == 3 else local[0]) if local is not None else None
         own = slab(n, self.world.size, self.world.rank)
         suffix = "".join(self.out.suffixes).lower()
         with self.run.stage("write volume", "io"):
-            if suffix.endswith((".h5", ".hdf5")):
+            if local is None:
+                start, stop = block_range(n, self.world.size, self.world.rank)
+                self._pyramid_output.finish(range(start, stop))
+            elif suffix.endswith((".h5", ".hdf5")):
                 from medhpc.parallel.slabs import write_slabs_hdf5
 
                 write_slabs_hdf5(self.world, self.out, "volume", volume, own,
@@ -658,7 +789,8 @@ def _fit(image: np.ndarray, shape) -> np.ndarray:
 
 def _stem(path: Path) -> str:
     name = path.name
-    for suffix in (".ome.tiff", ".ome.tif", ".nii.gz", ".nii", ".h5", ".hdf5", ".tiff", ".tif"):
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", ".zarr", ".nii.gz", ".nii", ".h5", ".hdf5",
+                   ".tiff", ".tif"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem

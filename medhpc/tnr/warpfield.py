@@ -30,11 +30,14 @@ class SectionWarp:
     step: int                 # grid step in working pixels
     displacement: np.ndarray  # (gy, gx, 2) input - output, working pixels
 
-    def coordinates(self, rows: slice, width: int, factor: float = 1.0):
+    def coordinates(self, rows: slice, width: int, factor: float = 1.0,
+                    columns: slice | None = None):
         """Input coordinates (y, x) of output rows ``rows`` of an image ``factor`` times finer
-        than the working level, ``width`` pixels wide; float32 arrays (rows, width)."""
+        than the working level, ``width`` pixels wide; float32 arrays (rows, width).
+        ``columns`` (within ``width``) restricts them to one tile: (rows, columns)."""
         out_y = np.arange(rows.start, rows.stop, dtype=np.float64)
-        out_x = np.arange(width, dtype=np.float64)
+        columns = columns or slice(0, width)
+        out_x = np.arange(columns.start, columns.stop, dtype=np.float64)
         weights_y = _linear_weights(((out_y + 0.5) / factor - 0.5) / self.step,
                                     self.displacement.shape[0])
         weights_x = _linear_weights(((out_x + 0.5) / factor - 0.5) / self.step,
