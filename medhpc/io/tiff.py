@@ -197,7 +197,10 @@ def _to_zyxc(array, axes: str, path) -> np.ndarray:
     return array if stack else array[np.newaxis]
 
 
-def _ome_spacing_mm(xml_text) -> tuple | None:
+def ome_physical_sizes(xml_text, axes: str, per_unit: dict) -> tuple | None:
+    """OME ``PhysicalSize<axis>`` of the first ``Pixels`` element for every axis in ``axes``,
+    converted by ``per_unit`` (unit name -> wanted unit); None if any is missing or of an
+    unknown unit, or the XML does not parse."""
     try:
         root = ElementTree.fromstring(xml_text)
     except ElementTree.ParseError:
@@ -205,14 +208,18 @@ def _ome_spacing_mm(xml_text) -> tuple | None:
     pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
     if pixels is None:
         return None
-    spacing = []
-    for name in "XYZ":
+    sizes = []
+    for name in axes:
         size = pixels.get(f"PhysicalSize{name}")
-        unit = pixels.get(f"PhysicalSize{name}Unit", "µm")
-        if size is None or unit not in _MM_PER_UNIT:
+        unit = pixels.get(f"PhysicalSize{name}Unit", "\u00b5m")
+        if size is None or unit not in per_unit:
             return None
-        spacing.append(float(size) * _MM_PER_UNIT[unit])
-    return tuple(spacing)
+        sizes.append(float(size) * per_unit[unit])
+    return tuple(sizes)
+
+
+def _ome_spacing_mm(xml_text) -> tuple | None:
+    return ome_physical_sizes(xml_text, "XYZ", _MM_PER_UNIT)
 
 
 def _imagej_spacing_mm(tif) -> tuple | None:

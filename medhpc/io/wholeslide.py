@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import re
-import xml.etree.ElementTree as ElementTree
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from medhpc.errors import InputError
+from medhpc.io.tiff import ome_physical_sizes
 
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".zarr",
                   ".ome.zarr")
@@ -206,21 +206,7 @@ def _tiff_pixel_size_um(tif, page) -> tuple | None:
 
 
 def _ome_pixel_size_um(xml_text) -> tuple | None:
-    try:
-        root = ElementTree.fromstring(xml_text)
-    except ElementTree.ParseError:
-        return None
-    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
-    if pixels is None:
-        return None
-    sizes = []
-    for name in "YX":
-        value = pixels.get(f"PhysicalSize{name}")
-        unit = pixels.get(f"PhysicalSize{name}Unit", "\u00b5m")
-        if value is None or unit not in _UM_PER_UNIT:
-            return None
-        sizes.append(float(value) * _UM_PER_UNIT[unit])
-    return tuple(sizes)
+    return ome_physical_sizes(xml_text, "YX", _UM_PER_UNIT)
 
 
 def ngff_multiscales(attrs) -> dict | None:
