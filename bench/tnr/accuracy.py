@@ -43,7 +43,8 @@ STACKS = (
     {"seed": 2, "axis": 0, "flipped": 1},
 )
 QUICK = ({"seed": 0, "axis": 2, "sections": 12, "size": 256},)
-MODES = (("none", None), ("pairwise", None), ("tnr", 2.0), ("tnr", 3.0), ("tnr", 5.0))
+MODES = (("none", None), ("pairwise", None), ("tnr", 2.0), ("tnr", 3.0), ("tnr", 5.0),
+         ("tnr", 8.0))
 
 
 def medhpc_command() -> list[str]:

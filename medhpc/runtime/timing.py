@@ -13,6 +13,7 @@ import json
 import platform
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 KINDS = ("io", "transfer", "kernel", "comm", "other")
 
@@ -77,7 +78,19 @@ class StageTimer:
 
 
 def peak_memory_mb() -> float:
-    """This process's peak resident memory in MiB (0 where the platform does not say)."""
+    """This process's peak resident memory in MiB (0 where the platform does not say).
+
+    On Linux the high-water mark of this program's own address space (``VmHWM``):
+    ``ru_maxrss`` keeps, across ``exec``, the resident size of the process that
+    forked it, so a small command started from a large one would report the
+    parent's memory.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:

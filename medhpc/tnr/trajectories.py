@@ -372,22 +372,35 @@ def placement_free_frame(observed: np.ndarray, valid: np.ndarray, initial: np.nd
     count = observed.shape[1]
     drift_matrices = np.empty_like(placement)
     if model == "affine":
-        series = []
+        # polar decomposition L = R(angle) S: rotation, stretch (S, symmetric) and the
+        # translation have drifts and noise of their own sizes, so each is split apart
+        angles, stretches, moves = [], [], []
         for matrix in placement:
             linear = matrix[:2, :2] @ rigid.FLIP[:2, :2] if rigid.is_mirrored(matrix) \
                 else matrix[:2, :2]
-            moved = rigid.apply(matrix, centre[None])[0] - centre
-            series.append(np.concatenate([(linear - np.eye(2)).ravel() * radius, moved]))
-        drift, ratio = smooth_drift(np.array(series))
+            u, singular, vt = np.linalg.svd(linear)
+            rotation = u @ vt
+            stretch = vt.T @ np.diag(singular) @ vt
+            angles.append(np.arctan2(rotation[1, 0], rotation[0, 0]))
+            stretches.append([stretch[0, 0] - 1, stretch[1, 1] - 1, stretch[0, 1]])
+            moves.append(rigid.apply(matrix, centre[None])[0] - centre)
+        angle_drift, angle_ratio = smooth_drift(np.unwrap(np.array(angles))[:, None] * radius)
+        stretch_drift, stretch_ratio = smooth_drift(np.array(stretches) * radius)
+        move_drift, move_ratio = smooth_drift(np.array(moves))
+        ratio = {"rotation": angle_ratio, "stretch": stretch_ratio, "translation": move_ratio}
         for i in range(count):
-            linear = np.eye(2) + drift[i, :4].reshape(2, 2) / radius
+            cos, sin = np.cos(angle_drift[i, 0] / radius), np.sin(angle_drift[i, 0] / radius)
+            sxx, syy, sxy = stretch_drift[i] / radius
+            linear = np.array([[cos, -sin], [sin, cos]]) @ np.array([[1 + sxx, sxy],
+                                                                     [sxy, 1 + syy]])
             drift_matrices[i] = np.eye(3)
             drift_matrices[i][:2, :2] = linear
-            drift_matrices[i][:2, 2] = centre - linear @ centre + drift[i, 4:]
+            drift_matrices[i][:2, 2] = centre - linear @ centre + move_drift[i]
     else:
         parameters = placement_parameters(placement, centre)
         angles = np.unwrap(parameters[:, 0])
-        drift, ratio = smooth_drift(np.column_stack([angles * radius, parameters[:, 1:]]))
+        drift, pooled = smooth_drift(np.column_stack([angles * radius, parameters[:, 1:]]))
+        ratio = {"rotation and translation": pooled}
         for i in range(count):
             drift_matrices[i] = rigid.rotation_about(drift[i, 0] / radius, centre, drift[i, 1:])
     frame = np.full(observed.shape, np.nan)
