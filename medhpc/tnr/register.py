@@ -281,6 +281,19 @@ def work_runs(items: list, work: list, count: int, longest: int = 8) -> list[lis
     return runs
 
 
+def snake_order(count: int, ranks: int) -> list[int]:
+    """Positions of ``count`` items sorted largest first such that a cyclic split over
+    ``ranks`` deals them in turns 0..r-1, r-1..0, 0..r-1, ... (greedy balance)."""
+    dealt = [[] for _ in range(ranks)]
+    for k in range(count):
+        lap, place = divmod(k, ranks)
+        dealt[place if lap % 2 == 0 else ranks - 1 - place].append(k)
+    order = []
+    for turn in range(max(len(d) for d in dealt)):
+        order += [d[turn] for d in dealt if turn < len(d)]
+    return order
+
+
 def pairs_tissue(pairs: dict, section: int):
     for result in pairs.values():
         if section in result.tissue_nodes:
@@ -519,9 +532,16 @@ class Reconstruction:
         work = [section_work(self.stack, a) + section_work(self.stack, b) for a, b in pair_list]
         runs = work_runs(pair_list, work, 4 * self.world.size)
         order = sorted(range(len(runs)), key=lambda r: -sum(work[i] for i in runs[r]))
+        schedule = "dynamic"
+        if self.world.size == 2:
+            # the dynamic queue's root also works and answers only between its own runs, so
+            # the other rank waits; two ranks take the runs largest first, in turns
+            # (0, 1, 1, 0, 0, 1, ...), without a queue
+            order = [order[k] for k in snake_order(len(order), 2)]
+            schedule = "cyclic"
         results = map_items(self.world, [runs[r] for r in order],
                             lambda run: [self.match_pair(pair_list[i]) for i in run],
-                            schedule="dynamic")
+                            schedule=schedule)
         return {(r.a, r.b): r for chunk in results for r in chunk}
 
     def match_stack(self):
