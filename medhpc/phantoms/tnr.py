@@ -272,6 +272,34 @@ def read_truth(path) -> dict:
     return truth
 
 
+def _output_position(displacement: np.ndarray, start: np.ndarray, observed: np.ndarray,
+                     factor: float, iterations: int = 8) -> np.ndarray:
+    """Output positions ``o`` (phantom px) with ``F(o) = observed``, from ``start``.
+
+    ``F(o) = o + factor * d(o / factor)`` with ``d`` the (2, y, x) output -> input
+    displacement in output pixels (bilinear); its Jacobian by central differences.
+    """
+    def shown(points):
+        at = points / factor
+        return np.stack([ndimage.map_coordinates(displacement[c], [at[:, 0], at[:, 1]],
+                                                 order=1, mode="nearest") for c in range(2)],
+                        axis=1) * factor + points
+
+    position = start.copy()
+    step = 0.5 * factor
+    for _ in range(iterations):
+        residual = shown(position) - observed
+        jacobian = np.empty((len(position), 2, 2))
+        for axis in range(2):
+            offset = np.zeros(2)
+            offset[axis] = step
+            jacobian[:, :, axis] = (shown(position + offset) - shown(position - offset)) / (2 * step)
+        singular = np.abs(np.linalg.det(jacobian)) < 1e-6
+        jacobian[singular] = np.eye(2)
+        position = position - np.linalg.solve(jacobian, residual[..., None])[..., 0]
+    return position
+
+
 def heldout_error(displacement: np.ndarray, truth: dict, factor: float = 1.0) -> dict:
     """Registration error at the held-out points, in phantom pixels.
 
@@ -283,9 +311,10 @@ def heldout_error(displacement: np.ndarray, truth: dict, factor: float = 1.0) ->
     truth : dict
         From :func:`read_truth`.
 
-    The reconstructed position of a true point ``q`` of section ``i`` is
-    ``q - (F_i(q) - p)`` with ``F_i(q)`` the input pixel shown at output ``q`` and
-    ``p`` the point's observed position. The output's frame is arbitrary, so one
+    The reconstructed position of a true point of section ``i`` seen at ``p`` is the
+    output pixel ``o`` that shows it, ``F_i(o) = p`` with ``F_i(o)`` the input pixel
+    shown at output ``o`` (Newton's method from the true position; exact also for
+    sections turned over, where ``F`` is far from a shift). The output's frame is arbitrary, so one
     rigid transform common to the whole stack (least squares) is removed first.
     Returns mean and per-section mean errors.
     """
@@ -294,11 +323,7 @@ def heldout_error(displacement: np.ndarray, truth: dict, factor: float = 1.0) ->
     n, count, _ = true.shape
     reconstructed = np.empty_like(true)
     for i in range(n):
-        at = true[i] / factor
-        shown = np.stack([ndimage.map_coordinates(displacement[c, i], [at[:, 0], at[:, 1]],
-                                                  order=1, mode="nearest") for c in range(2)],
-                         axis=1) * factor + true[i]
-        reconstructed[i] = true[i] - (shown - observed[i])
+        reconstructed[i] = _output_position(displacement[:, i], true[i], observed[i], factor)
     a = true.reshape(-1, 2)
     b = reconstructed.reshape(-1, 2)
     mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)

@@ -24,6 +24,7 @@ INVERSE_ITERATIONS = 20
 FILL_SIGMA_NODES = 1.5
 PLACEMENT_ITERATIONS = 15
 DRIFT_RATIOS = np.concatenate([[0.0], np.logspace(-5, 5, 101)])
+DRIFT_EVIDENCE = 6.63   # chi-square, 1 degree of freedom, 1 % level
 
 
 @dataclass
@@ -339,15 +340,21 @@ def smooth_drift(series: np.ndarray) -> tuple[np.ndarray, float]:
     coefficients = scipy.fft.dct(series, type=2, norm="ortho", axis=0)
     eigen = 4.0 * np.sin(np.pi * np.arange(count) / (2.0 * count)) ** 2
     data = coefficients[1:] ** 2
-    best, best_ratio = -np.inf, 0.0
+    best, best_ratio, no_drift = -np.inf, 0.0, None
     for ratio in DRIFT_RATIOS:
         variance = 1.0 + ratio / eigen[1:]
         scale = float(np.mean(data / variance[:, None]))
         if scale <= 0:
             break
         likelihood = -0.5 * series.shape[1] * float(np.sum(np.log(scale * variance)))
+        if ratio == 0.0:
+            no_drift = likelihood
         if likelihood > best:
             best, best_ratio = likelihood, float(ratio)
+    # keep a drift only where the data demand it (likelihood-ratio test, 1 % level): with
+    # few sections the maximum alone often mistakes placement noise for drift
+    if no_drift is not None and 2.0 * (best - no_drift) < DRIFT_EVIDENCE:
+        best_ratio = 0.0
     shrink = np.zeros(count)
     shrink[0] = 1.0
     prior = best_ratio / eigen[1:]
