@@ -78,6 +78,8 @@ class TnrSettings:
                              "patch >= 8, search >= 1, grid >= 4 pixels")
         if self.downsample < 1:
             raise InputError(f"--downsample {self.downsample}: expected an integer >= 1")
+        if self.placement not in ("affine", "rigid"):
+            raise InputError(f"placement {self.placement}: expected affine or rigid")
         if self.normalise not in NORMALISATIONS:
             raise InputError(f"--normalise {self.normalise}: expected one of "
                              f"{', '.join(NORMALISATIONS)}")
