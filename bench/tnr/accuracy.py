@@ -43,8 +43,9 @@ STACKS = (
     {"seed": 2, "axis": 0, "flipped": 1},
 )
 QUICK = ({"seed": 0, "axis": 2, "sections": 12, "size": 256},)
-MODES = (("none", None), ("pairwise", None), ("tnr", 2.0), ("tnr", 3.0), ("tnr", 5.0),
-         ("tnr", 8.0))
+MODES = (("none", None, "affine"), ("pairwise", None, "affine"), ("tnr", 2.0, "affine"),
+         ("tnr", 3.0, "affine"), ("tnr", 5.0, "affine"), ("tnr", 8.0, "affine"),
+         ("tnr", 3.0, "rigid"))
 
 
 def medhpc_command() -> list[str]:
@@ -53,14 +54,15 @@ def medhpc_command() -> list[str]:
 
 
 def run_medhpc(folder: Path, out: Path, mode: str, sigma, downsample: int, patch: int,
-               search: int, grid: int) -> dict:
+               search: int, grid: int, placement: str = "affine") -> dict:
     """One tnr-register process; its CPU-seconds, wall time, error and flags."""
     fields = out.with_name(out.stem + "-fields.h5")
     command = medhpc_command() + [
         "tnr-register", "--input", str(folder / "sections"), "--out", str(out),
         "--fields", str(fields), "--mode", mode, "--downsample", str(downsample),
         "--patch", str(patch), "--search", str(search), "--grid", str(grid),
-        "--threads", "1", "--device", "cpu", "--overwrite", "--quiet"]
+        "--placement", placement, "--threads", "1", "--device", "cpu", "--overwrite",
+        "--quiet"]
     if sigma is not None:
         command += ["--sigma", str(sigma)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -74,7 +76,8 @@ def run_medhpc(folder: Path, out: Path, mode: str, sigma, downsample: int, patch
     with h5py.File(fields, "r") as h5:
         displacement = h5["displacement"][()]
     truth = realistic_truth(folder)
-    row = {"method": f"medhpc {mode}" + (f" (sigma {sigma:g})" if sigma is not None else ""),
+    row = {"method": f"medhpc {mode}" + (f" (sigma {sigma:g})" if sigma is not None else "")
+           + (f" {placement} placement" if placement != "affine" else ""),
            "cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
            "wall_s": wall}
     row.update(realistic.score(displacement, truth, downsample))
@@ -104,7 +107,7 @@ def bench_stack(spec: dict, args, scratch: Path) -> dict:
           f"mirrored {stack['flipped']}", file=sys.stderr, flush=True)
     truth = realistic_truth(folder)
     rows = []
-    for factor in args.peer_downsample:
+    for factor in ([] if args.no_peers else args.peer_downsample):
         for row in realistic.run_peers(folder / "sections", truth, factor):
             if row["method"].startswith("(shared)"):
                 continue
@@ -113,9 +116,10 @@ def bench_stack(spec: dict, args, scratch: Path) -> dict:
     scale = settings["size"] / 1024
     patch, search, grid = (max(16, int(round(v * scale * 2 / args.downsample)))
                            for v in (64, 32, 32))
-    for mode, sigma in MODES:
-        rows.append(run_medhpc(folder, scratch / f"{name}-{mode}-{sigma}.h5", mode, sigma,
-                               args.downsample, patch, search, grid))
+    modes = [m for m in MODES if not args.modes or f"{m[0]}:{m[1]}:{m[2]}" in args.modes]
+    for mode, sigma, placement in modes:
+        rows.append(run_medhpc(folder, scratch / f"{name}-{mode}-{sigma}-{placement}.h5",
+                               mode, sigma, args.downsample, patch, search, grid, placement))
         print(f"  {rows[-1]['method']}: {rows[-1]['mean_px']:.2f} px, "
               f"{rows[-1]['cpu_s']:.1f} CPU-s", file=sys.stderr, flush=True)
     return {"name": name, "settings": settings, "slices": stack["settings"]["slices"],
@@ -156,6 +160,9 @@ def main(argv=None) -> None:
     parser.add_argument("--downsample", type=int, default=2, help="medhpc's working level")
     parser.add_argument("--peer-downsample", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--modes", nargs="*", default=None,
+                        help="only these medhpc runs, as mode:sigma:placement (tnr:3.0:rigid)")
+    parser.add_argument("--no-peers", action="store_true", help="skip the peers")
     args = parser.parse_args(argv)
     stacks = QUICK if args.quick else STACKS
     if args.quick:

@@ -44,6 +44,10 @@ from medhpc.cli.options import pass_run
               show_default=True,
               help="Output intensities: map each section's tissue quantiles onto the stack's "
                    "(histogram) or keep them (none).")
+@click.option("--placement", type=click.Choice(["affine", "rigid"]), default="affine",
+              show_default=True,
+              help="Model of each section's random placement removed before smoothing: affine "
+                   "(also the cutting compression) or rigid (rotation and shift only).")
 @click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), default="bicubic",
               show_default=True)
 @click.option("--full-res", is_flag=True,
@@ -67,7 +71,7 @@ from medhpc.cli.options import pass_run
               help="JSON log [default: beside --out, .json].")
 @pass_run("tnr-register")
 def tnr_register(run, source, out, mode, sigma, patch, search, grid, downsample, level, stain,
-                 min_ncc, max_angle, mirror, normalise, interpolation, full_res, tile,
+                 min_ncc, max_angle, mirror, normalise, placement, interpolation, full_res, tile,
                  compression, fields, resume,
                  png, log_path):
     """Rebuild a volume from serial sections by trajectory-based non-linear registration:
@@ -85,7 +89,8 @@ def tnr_register(run, source, out, mode, sigma, patch, search, grid, downsample,
                            match=MatchSettings(patch=patch, search=search, grid=grid,
                                                min_ncc=min_ncc),
                            max_angle_deg=max_angle, mirror=mirror, normalise=normalise,
-                           interpolation=interpolation, full_res=full_res)
+                           placement=placement, interpolation=interpolation,
+                           full_res=full_res)
     Reconstruction(run, source[0] if len(source) == 1 else list(source), out, settings,
                    fields=fields, log_path=log_path, png=png, resume=resume,
                    output=OutputSettings(tile=tile, compression=compression)).execute()
