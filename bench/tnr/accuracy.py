@@ -43,9 +43,9 @@ STACKS = (
     {"seed": 2, "axis": 0, "flipped": 1},
 )
 QUICK = ({"seed": 0, "axis": 2, "sections": 12, "size": 256},)
-MODES = (("none", None, "affine"), ("pairwise", None, "affine"), ("tnr", 2.0, "affine"),
-         ("tnr", 3.0, "affine"), ("tnr", 5.0, "affine"), ("tnr", 8.0, "affine"),
-         ("tnr", 3.0, "rigid"))
+MODES = (("none", None, "rigid"), ("pairwise", None, "rigid"), ("tnr", 2.0, "rigid"),
+         ("tnr", 3.0, "rigid"), ("tnr", 5.0, "rigid"), ("tnr", 8.0, "rigid"),
+         ("tnr", 3.0, "affine"))
 
 
 def medhpc_command() -> list[str]:
@@ -54,7 +54,7 @@ def medhpc_command() -> list[str]:
 
 
 def run_medhpc(folder: Path, out: Path, mode: str, sigma, downsample: int, patch: int,
-               search: int, grid: int, placement: str = "affine") -> dict:
+               search: int, grid: int, placement: str = "rigid") -> dict:
     """One tnr-register process; its CPU-seconds, wall time, error and flags."""
     fields = out.with_name(out.stem + "-fields.h5")
     command = medhpc_command() + [
@@ -77,7 +77,7 @@ def run_medhpc(folder: Path, out: Path, mode: str, sigma, downsample: int, patch
         displacement = h5["displacement"][()]
     truth = realistic_truth(folder)
     row = {"method": f"medhpc {mode}" + (f" (sigma {sigma:g})" if sigma is not None else "")
-           + (f" {placement} placement" if placement != "affine" else ""),
+           + (f" {placement} placement" if placement != "rigid" else ""),
            "cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
            "wall_s": wall}
     row.update(realistic.score(displacement, truth, downsample))

@@ -44,10 +44,11 @@ from medhpc.cli.options import pass_run
               show_default=True,
               help="Output intensities: map each section's tissue quantiles onto the stack's "
                    "(histogram) or keep them (none).")
-@click.option("--placement", type=click.Choice(["affine", "rigid"]), default="affine",
+@click.option("--placement", type=click.Choice(["rigid", "affine"]), default="rigid",
               show_default=True,
-              help="Model of each section's random placement removed before smoothing: affine "
-                   "(also the cutting compression) or rigid (rotation and shift only).")
+              help="Model of each section's random placement removed before smoothing: rigid "
+                   "(rotation and shift on the slide) or affine (also the cutting compression; "
+                   "removes a real growth of the anatomy along z with it).")
 @click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), default="bicubic",
               show_default=True)
 @click.option("--full-res", is_flag=True,

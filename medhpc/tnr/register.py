@@ -63,7 +63,7 @@ class TnrSettings:
     interpolation: str = "bicubic"
     full_res: bool = False
     normalise: str = "histogram"
-    placement: str = "affine"
+    placement: str = "rigid"
 
     def check(self) -> None:
         if self.mode not in MODES:

@@ -37,11 +37,11 @@ def anatomy(tmp_path_factory):
 def test_tnr_beats_the_rigid_chain_on_real_anatomy(anatomy):
     _, results = anatomy
     tnr, none = results["tnr"][0], results["none"][0]
-    # measured: tnr 0.60 px, rigid chain 0.97, pystackreg 0.95, OpenCV ECC 0.97 (benchmark)
+    # measured: tnr 0.63 px (ends 0.84), rigid chain 0.97 (1.07), pystackreg 0.95, OpenCV
+    # ECC 0.97 (benchmark --quick); the stack-end bar is measured on 36 sections in the
+    # benchmark: here the first/last three are half of the stack
     assert tnr["mean_px"] <= 0.7 * none["mean_px"], (tnr, none)
-    assert tnr["ends_px"] <= none["ends_px"], (tnr, none)
-    # the first/last three are half of this short stack (a sixth of the benchmark's 36)
-    assert tnr["ends_px"] <= 2.0 * tnr["middle_px"], tnr
+    assert tnr["ends_px"] <= 0.9 * none["ends_px"], (tnr, none)
 
 
 def test_restained_section_is_flagged_and_down_weighted(anatomy):
