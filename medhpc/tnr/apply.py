@@ -35,7 +35,8 @@ from medhpc.tnr.annotations import (SectionLookup, map_geojson, read_geojson, re
 from medhpc.tnr.preprocess import downsample
 from medhpc.tnr.intensity import METHODS as NORMALISATIONS
 from medhpc.tnr.intensity import IntensityMaps
-from medhpc.tnr.register import INTERPOLATION_ORDER, TILE_ROWS, HostKernels, _cast
+from medhpc.tnr.register import (INTERPOLATION_ORDER, TILE_ROWS, HostKernels, _cast,
+                                 write_section_volume)
 from medhpc.tnr.registration_file import SavedRegistration, centred_offsets, load_registration
 from medhpc.tnr.sources import SectionStack, open_stack
 
@@ -472,26 +473,9 @@ class Application:
         geometry = ImageGeometry.from_spacing((count, ny, nx), (spacing, spacing, 1.0))
         volume = local if self.stack.channels == 3 else local[0]
         own = slab(count, self.world.size, self.world.rank)
-        suffix = "".join(self.out.suffixes).lower()
         with self.run.stage("write volume", "io"):
-            if suffix.endswith((".h5", ".hdf5")):
-                from medhpc.parallel.slabs import write_slabs_hdf5
-
-                write_slabs_hdf5(self.world, self.out, "volume", volume, own,
-                                 attrs={**geometry.to_attrs(), "units": "input intensity"},
-                                 overwrite=self.run.overwrite)
-            else:
-                from medhpc.io.images import write_image
-
-                parts = self.world.gather(volume)
-
-                def write_whole():
-                    whole = np.concatenate(parts, axis=volume.ndim - 3)
-                    if self.stack.channels == 3 and suffix.endswith((".nii", ".nii.gz")):
-                        whole = whole.mean(axis=0).astype(whole.dtype)
-                    write_image(self.out, whole, geometry, overwrite=self.run.overwrite)
-
-                self.world.agree(write_whole)
+            write_section_volume(self.world, self.out, volume, own, geometry,
+                                 self.run.overwrite)
         self.run.log.info(f"volume written to {self.out}")
 
     # -- annotations ---------------------------------------------------------------------

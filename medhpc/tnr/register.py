@@ -239,6 +239,32 @@ def fit_warps(settings: TnrSettings, shape, record: dict, sections) -> dict:
                            settings.tps_smoothing, record["fallback"][i]) for i in sections}
 
 
+def write_section_volume(world, out: Path, volume: np.ndarray, own, geometry,
+                         overwrite: bool) -> None:
+    """Write a stack whose sections are split over the ranks, ``(z, y, x)`` or ``(c, z, y, x)``
+    with this rank's block ``own``: HDF5 in parts behind one virtual dataset, other formats
+    (TIFF, NIfTI: the channel mean) gathered and written on rank 0."""
+    suffix = "".join(out.suffixes).lower()
+    if suffix.endswith((".h5", ".hdf5")):
+        from medhpc.parallel.slabs import write_slabs_hdf5
+
+        write_slabs_hdf5(world, out, "volume", volume, own,
+                         attrs={**geometry.to_attrs(), "units": "input intensity"},
+                         overwrite=overwrite)
+        return
+    from medhpc.io.images import write_image
+
+    parts = world.gather(volume)
+
+    def write_whole():
+        whole = np.concatenate(parts, axis=volume.ndim - 3)
+        if volume.ndim == 4 and suffix.endswith((".nii", ".nii.gz")):
+            whole = whole.mean(axis=0).astype(whole.dtype)
+        write_image(out, whole, geometry, overwrite=overwrite)
+
+    world.agree(write_whole)
+
+
 def section_rows(pairs: dict, count: int, record: dict) -> list:
     """The measured evidence per section for the log (tissue fraction, texture, colour,
     local strain) and its weight in the solve."""
@@ -691,26 +717,13 @@ class Reconstruction:
                                                                 size_um[0] * 1e-3, 1.0))
         volume = (local if self.stack.channels == 3 else local[0]) if local is not None else None
         own = slab(n, self.world.size, self.world.rank)
-        suffix = "".join(self.out.suffixes).lower()
         with self.run.stage("write volume", "io"):
             if local is None:
                 start, stop = block_range(n, self.world.size, self.world.rank)
                 self._pyramid_output.finish(range(start, stop))
-            elif suffix.endswith((".h5", ".hdf5")):
-                from medhpc.parallel.slabs import write_slabs_hdf5
-
-                write_slabs_hdf5(self.world, self.out, "volume", volume, own,
-                                 attrs={**geometry.to_attrs(), "units": "input intensity"},
-                                 overwrite=self.run.overwrite)
             else:
-                from medhpc.io.images import write_image
-
-                parts = self.world.gather(volume)
-                if self.world.is_root:
-                    whole = np.concatenate(parts, axis=volume.ndim - 3)
-                    if self.stack.channels == 3 and suffix.endswith((".nii", ".nii.gz")):
-                        whole = whole.mean(axis=0).astype(whole.dtype)
-                    write_image(self.out, whole, geometry, overwrite=self.run.overwrite)
+                write_section_volume(self.world, self.out, volume, own, geometry,
+                                     self.run.overwrite)
         if self.world.is_root:
             self.run.log.info(f"volume written to {self.out}")
         if displacement is not None:
