@@ -134,6 +134,19 @@ class Flows:
             forces[i] = force
         return forces, displacement
 
+    def exponential(self, velocity: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """Displacement of ``exp(scale v)`` for a stationary velocity (halos filled).
+
+        The flow of ``scale v`` over unit time as ``n`` compositions of ``id + scale v / n``,
+        with ``n`` chosen so that one step moves at most ``max_step_voxels``.
+        """
+        local = float(np.max(np.abs(velocity))) if velocity.size else 0.0
+        with self.stage("max velocity", "comm"):
+            speed = self.world.max(local) * abs(scale)
+        steps = substeps(speed, 1, self.max_step_voxels)
+        displacement, scratch = self.zero_map(), self.zero_map()
+        return self._step(displacement, scratch, velocity, scale, steps)[0]
+
     def inverse_map(self, velocity: list) -> np.ndarray:
         """Displacement of ``phi_{0,1}`` (the flow to time 1 from time 0), halos filled."""
         steps = self.substeps_for(velocity)

@@ -72,9 +72,11 @@ class LevelGrid:
         return base if channels is None else (channels,) + base
 
 
-def check_split(shapes, size: int, halo: int) -> None:
-    """Raise :class:`InputError` unless every level gives each rank at least ``halo`` planes."""
-    for level, shape in enumerate(shapes):
+def check_split(shapes, size: int, halo) -> None:
+    """Raise :class:`InputError` unless every level gives each rank at least ``halo`` planes
+    (one halo for all levels, or one per level)."""
+    halos = list(halo) if isinstance(halo, (list, tuple)) else [halo] * len(shapes)
+    for level, (shape, halo) in enumerate(zip(shapes, halos)):
         if shape[0] < size * max(1, halo):
             raise InputError(
                 f"pyramid level {level} has {shape[0]} z planes: {size} ranks need at least "

@@ -16,6 +16,7 @@ volume are clamped to it (replicated edges). Kernels never communicate.
 import math
 
 import numba
+import numpy as np
 
 
 @numba.njit(inline="always")
@@ -244,3 +245,198 @@ def sample_points(image, points, nearest, fill, out):
             y0, y1, wy = _corner(py, ny)
             x0, x1, wx = _corner(px, nx)
             out[i] = _blend(image, z0, z1, wz, y0, y1, wy, x0, x1, wx)
+
+
+# -- symmetric (stationary velocity) registration ------------------------------------------
+@numba.njit(parallel=True, cache=True)
+def filter_axis(field, axis, weights, out):
+    """Convolve every plane of ``field`` along y (``axis`` 2) or x (``axis`` 3).
+
+    Parameters
+    ----------
+    field : (c, nz_local, ny, nx)
+        Any float dtype; values beyond the volume's y/x ends count as zero.
+    axis : int
+        2 (y) or 3 (x).
+    weights : float64 (2 r + 1,)
+        Filter taps, centre at index ``r``.
+    out : like ``field`` (its own float dtype)
+    """
+    channels, planes, ny, nx = field.shape
+    radius = (weights.size - 1) // 2
+    for item in numba.prange(channels * planes):
+        c = item // planes
+        z = item % planes
+        plane = np.zeros((ny, nx), np.float64)
+        for k in range(-radius, radius + 1):
+            w = weights[k + radius]
+            if axis == 2:
+                for y in range(max(0, -k), min(ny, ny - k)):
+                    for x in range(nx):
+                        plane[y, x] += w * field[c, z, y + k, x]
+        if axis == 3:
+            padded = np.zeros(nx + 2 * radius, np.float64)
+            for y in range(ny):
+                for x in range(nx):
+                    padded[x + radius] = field[c, z, y, x]
+                for k in range(2 * radius + 1):
+                    w = weights[k]
+                    for x in range(nx):
+                        plane[y, x] += w * padded[x + k]
+        for y in range(ny):
+            for x in range(nx):
+                out[c, z, y, x] = plane[y, x]
+
+
+@numba.njit(parallel=True, cache=True)
+def filter_z(field, halo, z_first, nz_global, weights, out):
+    """Convolve along z onto the owned planes; planes beyond the volume count as zero.
+
+    Parameters
+    ----------
+    field : (c, owned + 2 halo, ny, nx)
+        Halos filled; ``halo`` is at least the filter radius.
+    halo, z_first, nz_global : int
+    weights : float64 (2 r + 1,)
+    out : (c, owned, ny, nx)
+    """
+    channels, owned, ny, nx = out.shape
+    radius = (weights.size - 1) // 2
+    for item in numba.prange(channels * owned):
+        c = item // owned
+        zo = item % owned
+        low = max(-radius, -(z_first + zo))
+        high = min(radius, nz_global - 1 - (z_first + zo))
+        plane = np.zeros((ny, nx), np.float64)
+        for k in range(low, high + 1):
+            w = weights[k + radius]
+            for y in range(ny):
+                for x in range(nx):
+                    plane[y, x] += w * field[c, zo + halo + k, y, x]
+        for y in range(ny):
+            for x in range(nx):
+                out[c, zo, y, x] = plane[y, x]
+
+
+@numba.njit(parallel=True, cache=True)
+def window_sums(moving, fixed, image_halo, z_first, nz_global, radius, scratch, out):
+    """Sums of ``m``, ``f``, ``m^2``, ``f^2``, ``m f`` over cubes of ``2 radius + 1`` voxels.
+
+    Voxels beyond the volume count as zero (the cube keeps its size).
+
+    Parameters
+    ----------
+    moving, fixed : float32 (owned + 2 image_halo, ny, nx)
+        Ghost planes filled (zero beyond the volume); ``image_halo >= radius``.
+    image_halo, z_first, nz_global, radius : int
+    scratch : float64 (5, owned + 2 image_halo, ny, nx)
+    out : float64 (5, owned, ny, nx)
+    """
+    planes, ny, nx = moving.shape
+    owned = out.shape[1]
+    for z in numba.prange(planes):
+        row = np.empty((5, nx + 1), np.float64)
+        column = np.empty((5, ny, nx), np.float64)
+        for y in range(ny):
+            for q in range(5):
+                row[q, 0] = 0.0
+            for x in range(nx):
+                m = np.float64(moving[z, y, x])
+                f = np.float64(fixed[z, y, x])
+                row[0, x + 1] = row[0, x] + m
+                row[1, x + 1] = row[1, x] + f
+                row[2, x + 1] = row[2, x] + m * m
+                row[3, x + 1] = row[3, x] + f * f
+                row[4, x + 1] = row[4, x] + m * f
+            for x in range(nx):
+                high = min(nx, x + radius + 1)
+                low = max(0, x - radius)
+                for q in range(5):
+                    scratch[q, z, y, x] = row[q, high] - row[q, low]
+        window = np.zeros((5, nx), np.float64)
+        for y in range(min(radius, ny - 1) + 1):
+            for q in range(5):
+                for x in range(nx):
+                    window[q, x] += scratch[q, z, y, x]
+        for y in range(ny):
+            for q in range(5):
+                for x in range(nx):
+                    column[q, y, x] = window[q, x]
+            entering, leaving = y + radius + 1, y - radius
+            if entering < ny:
+                for q in range(5):
+                    for x in range(nx):
+                        window[q, x] += scratch[q, z, entering, x]
+            if leaving >= 0:
+                for q in range(5):
+                    for x in range(nx):
+                        window[q, x] -= scratch[q, z, leaving, x]
+        for q in range(5):
+            for y in range(ny):
+                for x in range(nx):
+                    scratch[q, z, y, x] = column[q, y, x]
+    for zo in numba.prange(owned):
+        low = max(-radius, -(z_first + zo))
+        high = min(radius, nz_global - 1 - (z_first + zo))
+        for q in range(5):
+            for y in range(ny):
+                for x in range(nx):
+                    out[q, zo, y, x] = 0.0
+        for k in range(low, high + 1):
+            for q in range(5):
+                for y in range(ny):
+                    for x in range(nx):
+                        out[q, zo, y, x] += scratch[q, zo + image_halo + k, y, x]
+
+
+@numba.njit(parallel=True, cache=True)
+def correlation_force(sums, moving, fixed, image_halo, z_first, nz_global, count, epsilon,
+                      out, correlation):
+    """Local correlation of two images and the symmetric force that raises it.
+
+    With window sums ``S`` over ``count`` voxels, ``cc = cross^2 / (var_m var_f)``;
+    the derivatives at the window centre are ``dm = 2 cross / (var_m var_f)
+    (f - mean_f - cross / var_m (m - mean_m))`` and ``df`` likewise, and the force on a
+    displacement ``w`` of the middle space (moving side ``+w``, fixed side ``-w``) is
+    ``dm grad m - df grad f``.
+
+    Parameters
+    ----------
+    sums : float64 (5, owned, ny, nx)
+        Window sums of ``m``, ``f``, ``m^2``, ``f^2`` and ``m f``.
+    moving, fixed : float32 (owned + 2 image_halo, ny, nx)
+        Both images in the middle space with at least one valid ghost plane.
+    image_halo, z_first, nz_global : int
+    count : float
+        Voxels per window.
+    epsilon : float
+        Added to both variances.
+    out : float32 (3, owned, ny, nx)
+    correlation : float32 (owned, ny, nx)
+    """
+    owned, ny, nx = correlation.shape
+    m4 = moving.reshape((1,) + moving.shape)
+    f4 = fixed.reshape((1,) + fixed.shape)
+    for zo in numba.prange(owned):
+        k = zo + image_halo
+        zg = z_first + zo
+        for y in range(ny):
+            for x in range(nx):
+                mean_m = sums[0, zo, y, x] / count
+                mean_f = sums[1, zo, y, x] / count
+                var_m = sums[2, zo, y, x] - mean_m * sums[0, zo, y, x] + epsilon
+                var_f = sums[3, zo, y, x] - mean_f * sums[1, zo, y, x] + epsilon
+                cross = sums[4, zo, y, x] - mean_m * sums[1, zo, y, x]
+                product = var_m * var_f
+                correlation[zo, y, x] = cross * cross / product
+                centred_m = moving[k, y, x] - mean_m
+                centred_f = fixed[k, y, x] - mean_f
+                scale = 2.0 * cross / product
+                d_moving = scale * (centred_f - cross / var_m * centred_m)
+                d_fixed = scale * (centred_m - cross / var_f * centred_f)
+                out[0, zo, y, x] = (d_moving * _difference(m4, 0, zg, nz_global, 1, 0, 0, k, y, x)
+                                    - d_fixed * _difference(f4, 0, zg, nz_global, 1, 0, 0, k, y, x))
+                out[1, zo, y, x] = (d_moving * _difference(m4, 0, y, ny, 0, 1, 0, k, y, x)
+                                    - d_fixed * _difference(f4, 0, y, ny, 0, 1, 0, k, y, x))
+                out[2, zo, y, x] = (d_moving * _difference(m4, 0, x, nx, 0, 0, 1, k, y, x)
+                                    - d_fixed * _difference(f4, 0, x, nx, 0, 0, 1, k, y, x))

@@ -40,26 +40,71 @@ MAX_STEP = 1.0
 PATIENCE = 3
 
 
+METHODS = ("symmetric", "beg")
+
+
 @dataclass(frozen=True)
 class Settings:
-    """What a registration needs to know (the command-line options)."""
+    """What a registration needs to know; the command line's defaults live here.
 
-    metric: str = "ssd"
-    sigma: float = 0.02
+    ``method`` ``symmetric`` (stationary velocity, both images pulled half-way, local
+    correlation; :mod:`medhpc.lddmm.symmetric`) uses ``radius``, ``fluid_sigma_mm``,
+    ``diffusion_sigma_mm``, ``sigma_floor_voxels``, ``update_voxels``; ``beg``
+    (time-varying velocity, gradient descent in V, this module) uses ``metric``,
+    ``sigma``, ``timesteps``, ``alpha``, ``gamma``, ``power`` and ``step``. ``levels``
+    0 chooses the pyramid from the voxel size (:func:`auto_levels`).
+    """
+
+    method: str = "symmetric"
+    metric: str = "lncc"
+    sigma: float | None = None
     timesteps: int = 5
     alpha: float = 0.5
     gamma: float = 1.0
     power: int = 2
-    levels: int = 3
-    iterations: tuple = (40, 20, 10)
+    levels: int = 0
+    iterations: tuple = (30,)
     step: float = 0.2
-    tolerance: float = 1e-4
-    max_step_voxels: float = 2.0
-    radius: int = 2
+    tolerance: float = 1e-3
+    max_step_voxels: float = 1.0
+    radius: int = 4
+    fluid_sigma_mm: float = 3.0
+    diffusion_sigma_mm: float = 1.5
+    sigma_floor_voxels: float = 1.5
+    update_voxels: float = 0.5
 
     @property
     def metric_v(self) -> Metric:
         return Metric(self.alpha, self.gamma, self.power)
+
+    @property
+    def similarity_sigma(self) -> float:
+        """The Beg similarity weight ``1/sigma^2`` (per-metric default when unset)."""
+        from medhpc.lddmm.similarity import DEFAULT_SIGMA
+
+        return DEFAULT_SIGMA[self.metric] if self.sigma is None else float(self.sigma)
+
+
+COARSEST_SPACING_MM = 8.0
+COARSEST_VOXELS = 16
+
+
+def auto_levels(shape, spacing_zyx_mm) -> int:
+    """Pyramid levels whose coarsest voxel is about ``COARSEST_SPACING_MM`` (at least
+    ``COARSEST_VOXELS`` voxels along every axis)."""
+    levels, spacing, size = 1, min(spacing_zyx_mm), min(shape)
+    while spacing * 2 <= COARSEST_SPACING_MM and (size + 1) // 2 >= COARSEST_VOXELS:
+        levels, spacing, size = levels + 1, spacing * 2, (size + 1) // 2
+    return levels
+
+
+def resolved(settings: Settings, shape, spacing_zyx_mm) -> Settings:
+    """``settings`` with ``levels`` 0 replaced by :func:`auto_levels` for this grid."""
+    from dataclasses import replace
+
+    if settings.levels:
+        return settings
+    return replace(settings, levels=auto_levels(shape, spacing_zyx_mm))
 
 
 @dataclass
@@ -142,7 +187,7 @@ class LevelOptimiser:
             return self._local_correlation(forward)
         warped = _owned(forward.template[-1], J0_HALO)
         return similarity.evaluate(self.world, warped, self.target_owned, self.settings.metric,
-                                   self.settings.sigma)
+                                   self.settings.similarity_sigma)
 
     def _local_correlation(self, forward: ForwardFlow) -> similarity.SimilarityValue:
         radius, grid = self.settings.radius, self.grid
@@ -156,7 +201,7 @@ class LevelOptimiser:
             return similarity.local_correlation(self.world, warped, target,
                                                 slab(grid.shape[0], self.world.size,
                                                      self.world.rank, radius),
-                                                radius, self.settings.sigma)
+                                                radius, self.settings.similarity_sigma)
 
     def pulled_back_image(self, term: similarity.SimilarityValue) -> np.ndarray:
         """The whole image the backward flow pulls back: the target, or dD/dJ for lncc."""

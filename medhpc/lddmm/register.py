@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from medhpc.lddmm.grid import LevelGrid, check_split, halo_for
-from medhpc.lddmm.optimise import LevelOptimiser, LevelState, Settings
+from medhpc.lddmm.optimise import LevelOptimiser, LevelState, Settings, resolved
+from medhpc.lddmm.symmetric import SymmetricOptimiser, level_halo
 from medhpc.lddmm.transform import sample
 from medhpc.parallel.comm import World
 from medhpc.parallel.geometry import slab
@@ -69,6 +70,28 @@ def upsample_velocity(world: World, velocity: list, coarse: LevelGrid,
     return result
 
 
+def level_spacings(shape, spacing_zyx_mm, levels: int) -> list[tuple]:
+    """Voxel size of every level, coarsest first."""
+    shapes = pyramid_shapes(shape, levels)
+    finest = np.asarray(shapes[-1], np.float64)
+    return [tuple(h * f for h, f in zip(spacing_zyx_mm, finest / np.asarray(level_shape)))
+            for level_shape in shapes]
+
+
+def level_halos(settings: Settings, shape, spacing_zyx_mm) -> list[int]:
+    """Ghost planes of every level, coarsest first."""
+    if settings.method == "beg":
+        return [halo_for(settings.max_step_voxels, settings)] * settings.levels
+    return [level_halo(settings, min(spacing))
+            for spacing in level_spacings(shape, spacing_zyx_mm, settings.levels)]
+
+
+def check_level_split(settings: Settings, shape, spacing_zyx_mm, size: int) -> None:
+    """Raise :class:`InputError` unless every level splits over ``size`` ranks."""
+    check_split(pyramid_shapes(shape, settings.levels), size,
+                level_halos(settings, shape, spacing_zyx_mm))
+
+
 @dataclass
 class RegistrationResult:
     """This rank's share of the outcome at the finest level."""
@@ -102,13 +125,14 @@ class Registration:
                  spacing_zyx_mm, stage, log=None):
         self.world = world
         self.kernels = kernels
+        self.spacing = tuple(float(h) for h in spacing_zyx_mm)
+        settings = resolved(settings, fixed.shape, self.spacing)
         self.settings = settings
         self.stage = stage
         self.log = log
-        self.spacing = tuple(float(h) for h in spacing_zyx_mm)
         self.shapes = pyramid_shapes(fixed.shape, settings.levels)
-        self.halo = halo_for(settings.max_step_voxels, settings)
-        check_split(self.shapes, world.size, self.halo)
+        self.halos = level_halos(settings, fixed.shape, self.spacing)
+        check_level_split(settings, fixed.shape, self.spacing, world.size)
         with stage("pyramid", "other"):
             self.fixed = image_pyramid(fixed, settings.levels)
             self.moving = image_pyramid(moving, settings.levels)
@@ -117,7 +141,7 @@ class Registration:
         factor = np.asarray(self.shapes[-1], np.float64) / np.asarray(self.shapes[level])
         spacing = tuple(h * f for h, f in zip(self.spacing, factor))
         return LevelGrid.build(self.shapes[level], spacing, self.world.size, self.world.rank,
-                               self.halo)
+                               self.halos[level])
 
     def iterations(self, level: int) -> int:
         budget = self.settings.iterations
@@ -137,8 +161,10 @@ class Registration:
         velocity, previous_grid = None, None
         for level in range(start_level, self.settings.levels):
             grid = self.grid(level)
-            optimiser = LevelOptimiser(self.world, grid, self.kernels, self.settings,
-                                       self.moving[level], self.fixed[level], self.stage, level)
+            optimiser_class = (LevelOptimiser if self.settings.method == "beg"
+                               else SymmetricOptimiser)
+            optimiser = optimiser_class(self.world, grid, self.kernels, self.settings,
+                                        self.moving[level], self.fixed[level], self.stage, level)
             if loaded and level == start_level:
                 state = self._restored_state(loaded[1], grid)
                 state.history = [entry for entry in history if entry["level"] == level]
@@ -162,10 +188,15 @@ class Registration:
             done_before += state.iteration
             velocity, previous_grid = state.velocity, grid
         flows = optimiser.flows
-        with self.stage("inverse map", "other"):
-            inverse = flows.inverse_map(velocity)
-        return RegistrationResult(grid=grid, velocity=velocity, forward=forward.displacement,
-                                  inverse=inverse, warped=forward.template[-1][1:-1],
+        if self.settings.method == "beg":
+            with self.stage("inverse map", "other"):
+                inverse = flows.inverse_map(velocity)
+            forward, warped = forward.displacement, forward.template[-1][1:-1]
+        else:
+            forward, inverse = optimiser.final_maps(velocity)
+            warped = flows.warp(self.moving[-1], forward, 0)
+        return RegistrationResult(grid=grid, velocity=velocity, forward=forward,
+                                  inverse=inverse, warped=warped,
                                   history=history, stopped=stopped)
 
     # -- checkpoints ----------------------------------------------------------------------

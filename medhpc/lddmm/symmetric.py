@@ -1,0 +1,202 @@
+"""Symmetric registration with a stationary velocity: one pyramid level on z-slabs.
+
+The map from the fixed grid to the moving image is ``phi = exp(v)`` with a stationary
+velocity ``v`` (voxels of the level). Both images are pulled half-way, the moving one
+by ``exp(v / 2)`` and the fixed one by ``exp(-v / 2)``, and compared in that middle
+space by local correlation (window of ``2 radius + 1`` voxels). An update ``w`` of the
+middle space moves the moving side by ``+w`` and the fixed side by ``-w``; to first order
+``exp(v / 2) o exp(w) = exp(v / 2 + w)``, so ``v`` takes ``2 w``. Each iteration:
+
+1. ``exp(+v / 2)``, ``exp(-v / 2)`` by semi-Lagrangian steps; both images warped;
+2. window sums, local correlation and the force ``dm grad m - df grad f``;
+3. the force smoothed by a Gaussian (``fluid`` sigma) and scaled so that its longest
+   vector is ``update_voxels``;
+4. ``v <- G_diffusion * (v + 2 w)``.
+
+A level ends after its iterations, or when the mean correlation rose by less than
+``tolerance`` (relative to ``1 - cc``) over the last ``PATIENCE`` iterations. Every
+operation is a kernel on owned planes after a halo exchange, so slabs give the one-rank
+result; the maps ``exp(v)`` and ``exp(-v)`` are the forward and inverse outputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from medhpc.lddmm.flows import Flows
+from medhpc.lddmm.grid import LevelGrid
+from medhpc.parallel.comm import World
+from medhpc.parallel.slabs import exchange_halos
+
+PATIENCE = 5
+CORRELATION_EPSILON = 1e-5
+GAUSSIAN_TRUNCATE = 3.0
+
+
+def gaussian_taps(sigma_voxels: float) -> np.ndarray:
+    """Normalised Gaussian taps out to ``GAUSSIAN_TRUNCATE`` sigma (one tap when sigma is 0)."""
+    if sigma_voxels <= 0:
+        return np.ones(1)
+    radius = int(math.ceil(GAUSSIAN_TRUNCATE * sigma_voxels))
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (offsets / sigma_voxels) ** 2)
+    return taps / taps.sum()
+
+
+def level_sigmas_voxels(settings, spacing_mm: float) -> tuple[float, float]:
+    """Fluid and diffusion sigmas in voxels of a level of ``spacing_mm``.
+
+    The sigmas are physical (mm) where the grid resolves them; on coarse levels they
+    never fall below ``sigma_floor_voxels`` times ``(1, 1/2)`` (fluid, diffusion).
+    """
+    floor = settings.sigma_floor_voxels
+    return (max(settings.fluid_sigma_mm / spacing_mm, floor),
+            max(settings.diffusion_sigma_mm / spacing_mm, 0.5 * floor))
+
+
+def level_halo(settings, spacing_mm: float) -> int:
+    """Ghost planes one level needs: the map step, the window and both Gaussians."""
+    fluid, diffusion = level_sigmas_voxels(settings, spacing_mm)
+    widest = max(len(gaussian_taps(fluid)), len(gaussian_taps(diffusion))) // 2
+    return max(int(math.ceil(settings.max_step_voxels)) + 1, settings.radius, widest)
+
+
+class SymmetricOptimiser:
+    """Registers ``moving`` to ``fixed`` on one level's grid (see the module notes).
+
+    Parameters
+    ----------
+    world : World
+    grid : LevelGrid
+    kernels : module
+    settings : Settings
+    moving, fixed : numpy.ndarray
+        Whole images on this level's grid.
+    stage : callable
+    level : int
+    """
+
+    def __init__(self, world: World, grid: LevelGrid, kernels, settings, moving, fixed, stage,
+                 level: int = 0):
+        self.world = world
+        self.grid = grid
+        self.kernels = kernels
+        self.settings = settings
+        self.moving = np.ascontiguousarray(moving, np.float32)
+        self.fixed = np.ascontiguousarray(fixed, np.float32)
+        self.stage = stage
+        self.level = level
+        self.flows = Flows(world, grid, kernels, 1, settings.max_step_voxels, stage)
+        fluid, diffusion = level_sigmas_voxels(settings, min(grid.spacing_zyx_mm))
+        self.fluid_taps = gaussian_taps(fluid)
+        self.diffusion_taps = gaussian_taps(diffusion)
+        self.voxels = float(np.prod(grid.shape))
+
+    # -- pieces ---------------------------------------------------------------------------
+    def zero_velocity(self) -> list:
+        return [np.zeros(self.grid.owned_shape(3), np.float32)]
+
+    def regularity(self, velocity: list) -> float:
+        return 0.0
+
+    def smooth(self, field: np.ndarray, taps: np.ndarray) -> np.ndarray:
+        """Gaussian of an owned ``(c, owned, ny, nx)`` field, zero beyond the volume."""
+        if len(taps) == 1:
+            return field
+        grid, kernels = self.grid, self.kernels
+        halo = grid.halo
+        haloed = np.zeros((field.shape[0], grid.owned + 2 * halo) + grid.plane, np.float32)
+        with self.stage("smoothing", "kernel"):
+            along_y = np.empty(field.shape, np.float32)
+            kernels.filter_axis(field, 2, taps, along_y)
+            kernels.filter_axis(along_y, 3, taps, haloed[:, halo:halo + grid.owned])
+        with self.stage("halo exchange", "comm"):
+            exchange_halos(self.world, haloed, grid.slab, "zero")
+        out = np.empty(field.shape, np.float32)
+        with self.stage("smoothing", "kernel"):
+            kernels.filter_z(haloed, halo, grid.z_first, grid.shape[0], taps, out)
+        return out
+
+    def middle_images(self, velocity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Both images in the middle space, with ``radius`` ghost planes each."""
+        radius = self.settings.radius
+        towards_moving = self.flows.exponential(velocity, 0.5)
+        towards_fixed = self.flows.exponential(velocity, -0.5)
+        return (self.flows.warp(self.moving, towards_moving, radius),
+                self.flows.warp(self.fixed, towards_fixed, radius))
+
+    def force(self, velocity: np.ndarray) -> tuple[np.ndarray, float]:
+        """The local-correlation force on the owned planes and the mean correlation."""
+        grid, kernels, radius = self.grid, self.kernels, self.settings.radius
+        moving, fixed = self.middle_images(velocity)
+        with self.stage("local correlation", "kernel"):
+            scratch = np.empty((5,) + moving.shape, np.float64)
+            sums = np.empty((5,) + grid.owned_shape(), np.float64)
+            kernels.window_sums(moving, fixed, radius, grid.z_first, grid.shape[0], radius,
+                                scratch, sums)
+            force = np.empty(grid.owned_shape(3), np.float32)
+            correlation = np.empty(grid.owned_shape(), np.float32)
+            kernels.correlation_force(sums, moving, fixed, radius, grid.z_first, grid.shape[0],
+                                      float((2 * radius + 1) ** 3), CORRELATION_EPSILON,
+                                      force, correlation)
+        with self.stage("reductions", "comm"):
+            mean = self.world.sum(float(np.sum(correlation, dtype=np.float64))) / self.voxels
+        return force, mean
+
+    def update(self, velocity: np.ndarray, force: np.ndarray) -> np.ndarray:
+        """``G_diffusion * (v + 2 w)`` with ``w`` the smoothed, scaled force."""
+        smoothed = self.smooth(force, self.fluid_taps)
+        local = float(np.sqrt(np.max(np.sum(smoothed * smoothed, axis=0)))) if smoothed.size \
+            else 0.0
+        with self.stage("reductions", "comm"):
+            longest = self.world.max(local)
+        if longest <= 0:
+            return velocity
+        scale = 2.0 * self.settings.update_voxels / longest
+        return self.smooth(velocity + np.float32(scale) * smoothed, self.diffusion_taps)
+
+    # -- iteration ------------------------------------------------------------------------
+    def run(self, state, iterations: int, after_iteration=None, progress=None):
+        """Iterate from ``state`` (velocity ``[v]``) up to ``iterations``; return the state."""
+        velocity = state.velocity[0]
+        while state.iteration < iterations and not state.stopped:
+            if converged(state.history, self.settings.tolerance):
+                state.stopped = "converged"
+                break
+            force, correlation = self.force(velocity)
+            if not state.history:
+                state.history.append(self._entry(0, correlation))
+            velocity = self.update(velocity, force)
+            state.velocity = [velocity]
+            state.iteration += 1
+            state.history.append(self._entry(state.iteration, correlation))
+            if progress is not None:
+                progress(f"level {self.level} iteration {state.iteration}/{iterations}: "
+                         f"local correlation {correlation:.5f}")
+            if after_iteration is not None:
+                after_iteration(state)
+        return state, None
+
+    def final_maps(self, velocity: list) -> tuple[np.ndarray, np.ndarray]:
+        """Displacements of ``exp(v)`` (forward) and ``exp(-v)`` (inverse), halos filled."""
+        with self.stage("maps", "kernel"):
+            return (self.flows.exponential(velocity[0], 1.0),
+                    self.flows.exponential(velocity[0], -1.0))
+
+    def _entry(self, iteration: int, correlation: float) -> dict:
+        energy = 1.0 - correlation
+        return {"level": self.level, "iteration": iteration, "energy": float(energy),
+                "similarity": float(energy), "regularity": 0.0,
+                "step": float(self.settings.update_voxels), "substeps": 0,
+                "gradient_norm": float("nan")}
+
+
+def converged(history: list, tolerance: float) -> bool:
+    """True when ``1 - cc`` fell by less than ``tolerance`` of itself over ``PATIENCE``
+    iterations (the correlation of an iteration is measured before its update)."""
+    if len(history) <= PATIENCE or tolerance <= 0:
+        return False
+    before, after = history[-PATIENCE - 1]["energy"], history[-1]["energy"]
+    return (before - after) <= tolerance * abs(before)
