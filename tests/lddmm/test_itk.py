@@ -442,3 +442,11 @@ def test_ants_applies_forward_warp_then_affine_like_simpleitk(written, tmp_path)
     keep = interior(map_points(np.indices(MOVING.shape, dtype=np.float32), MOVING, FIXED,
                                np.linalg.inv(AFFINE)), FIXED.shape, 2.5)
     assert np.max(np.abs(back.numpy().transpose(2, 1, 0) - by_medhpc)[keep]) < 1e-3 * scale
+    # antsApplyTransformsToPoints (LPS) takes the same lists: fixed -> moving points
+    pandas = pytest.importorskip("pandas")
+    points = fixed_points(10, 6)
+    table = pandas.DataFrame(points @ LPS, columns=["x", "y", "z"])
+    mapped = ants.apply_transforms_to_points(3, table, [str(folder / "forward_warp.nii.gz"),
+                                                        str(folder / "affine.txt")])
+    moved = map_world_points(transform, points)[0]
+    np.testing.assert_allclose(mapped[["x", "y", "z"]].to_numpy() @ LPS, moved, atol=0.05)
