@@ -116,7 +116,7 @@ def itk_parameters(affine_world_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray
     """ITK ``Parameters`` (12: row-major 3x3 matrix, then translation) and
     ``FixedParameters`` (the centre, here 0) of a world RAS affine (fixed -> moving)."""
     lps = ras_to_lps(affine_world_ras)
-    return np.concatenate([lps[:3, :3].ravel(), lps[:3, 3]]), np.zeros(3)
+    return np.concatenate([lps[:3, :3].ravel(), lps[:3, 3]]) + 0.0, np.zeros(3)  # no -0.0
 
 
 def affine_from_itk(parameters, fixed_parameters) -> np.ndarray:

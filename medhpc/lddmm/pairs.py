@@ -121,8 +121,11 @@ def apply_outputs(images, outs, points, points_outs, out_dir=None,
     """
     from medhpc.io.images import split_dataset
 
-    images, outs, points, points_outs = map(list, (images, outs, points, points_outs))
-    interpolations = list(interpolations) or ["linear"]
+    images, outs, points, points_outs = ([value] if isinstance(value, (str, Path)) else
+                                         list(value or ())
+                                         for value in (images, outs, points, points_outs))
+    interpolations = ([interpolations] if isinstance(interpolations, str) else
+                      list(interpolations or ())) or ["linear"]
     if not images and not points:
         raise InputError("nothing to map; expected at least one --image or --points")
     if out_dir is not None:

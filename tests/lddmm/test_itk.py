@@ -18,11 +18,9 @@ from medhpc.io.geometry import ImageGeometry
 from medhpc.io.images import write_image
 from medhpc.lddmm import itk
 from medhpc.lddmm.transform import (apply_transform, map_points, map_world_points,
-                                    read_transform, write_transform)
+                                    read_transform, resample, write_transform)
 from medhpc.phantoms.lddmm import invert_displacement
 from tests.helpers import run_medhpc
-
-sitk = pytest.importorskip("SimpleITK")
 
 ONE_THREAD = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 LPS = np.diag([-1.0, -1.0, 1.0])
@@ -72,6 +70,12 @@ def smooth_image(geometry):
 
 
 @pytest.fixture(scope="module")
+def sitk():
+    """SimpleITK, a peer that is not a dependency (the test extra installs it)."""
+    return pytest.importorskip("SimpleITK")
+
+
+@pytest.fixture(scope="module")
 def written(tmp_path_factory):
     folder = tmp_path_factory.mktemp("itk")
     forward = smooth_displacement(FIXED.shape)
@@ -92,16 +96,16 @@ def interior(points_zyx, shape, margin):
     return inside
 
 
-def itk_affine(folder):
+def itk_affine(sitk, folder):
     return sitk.ReadTransform(str(folder / "affine.txt"))
 
 
-def itk_field(path):
+def itk_field(sitk, path):
     field = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkVectorFloat64)
     return sitk.DisplacementFieldTransform(field)
 
 
-def test_composite_transform_applies_the_last_added_transform_first():
+def test_composite_transform_applies_the_last_added_transform_first(sitk):
     shift = sitk.TranslationTransform(3, (10.0, 0.0, 0.0))
     scale = sitk.ScaleTransform(3, (2.0, 2.0, 2.0))
     composite = sitk.CompositeTransform([scale, shift])  # shift added last
@@ -122,6 +126,20 @@ def test_transform_h5_keeps_the_affine_and_old_files_read_as_identity(written, t
     np.testing.assert_array_equal(read_transform(old)["affine_world"], np.eye(4))
 
 
+def test_identity_affine_takes_the_old_arithmetic_and_resample_composes_the_affine(written):
+    _, transform = written
+    image = smooth_image(MOVING)
+    old = {key: transform[key] for key in ("forward", "inverse", "fixed", "moving")}
+    for inverse in (False, True):
+        without, _ = apply_transform(old, image, MOVING, inverse=inverse)
+        identity, _ = apply_transform(dict(old, affine_world=np.eye(4)), image, MOVING,
+                                      inverse=inverse)
+        np.testing.assert_array_equal(identity, without)
+    still = dict(transform, forward=np.zeros_like(transform["forward"]))
+    np.testing.assert_array_equal(apply_transform(still, image, MOVING)[0],
+                                  resample(image, MOVING, FIXED, world=AFFINE))
+
+
 def test_displacement_field_file_is_an_itk_vector_image_on_the_fixed_grid(written):
     folder, transform = written
     image = nib.load(str(folder / "forward_warp.nii.gz"))
@@ -136,13 +154,13 @@ def test_displacement_field_file_is_an_itk_vector_image_on_the_fixed_grid(writte
                                atol=1e-6)
 
 
-def test_simpleitk_resample_matches_apply_transform_forward(written):
+def test_simpleitk_resample_matches_apply_transform_forward(sitk, written):
     folder, transform = written
     moving = sitk.ReadImage(str(folder / "moving.nii.gz"), sitk.sitkFloat32)
     reference = sitk.ReadImage(str(folder / "fixed.nii.gz"), sitk.sitkFloat32)
     # p -> Affine(p + d(p)): the displacement first, so it is added last
-    composite = sitk.CompositeTransform([itk_affine(folder),
-                                         itk_field(folder / "forward_warp.nii.gz")])
+    composite = sitk.CompositeTransform([itk_affine(sitk, folder),
+                                         itk_field(sitk, folder / "forward_warp.nii.gz")])
     by_itk = sitk.GetArrayFromImage(sitk.Resample(moving, reference, composite,
                                                   sitk.sitkLinear, 0.0, sitk.sitkFloat32))
     image = smooth_image(MOVING)
@@ -160,13 +178,13 @@ def test_simpleitk_resample_matches_apply_transform_forward(written):
     assert np.max(np.abs(plain - by_medhpc)[keep]) > 0.1 * scale
 
 
-def test_simpleitk_resample_matches_apply_transform_inverse(written):
+def test_simpleitk_resample_matches_apply_transform_inverse(sitk, written):
     folder, transform = written
     fixed_space = sitk.ReadImage(str(folder / "fixed.nii.gz"), sitk.sitkFloat32)
     reference = sitk.ReadImage(str(folder / "moving.nii.gz"), sitk.sitkFloat32)
     # m -> q + e(q), q = Affine^-1(m): the inverse affine first, so it is added last
-    composite = sitk.CompositeTransform([itk_field(folder / "inverse_warp.nii.gz"),
-                                         itk_affine(folder).GetInverse()])
+    composite = sitk.CompositeTransform([itk_field(sitk, folder / "inverse_warp.nii.gz"),
+                                         itk_affine(sitk, folder).GetInverse()])
     by_itk = sitk.GetArrayFromImage(sitk.Resample(fixed_space, reference, composite,
                                                   sitk.sitkLinear, 0.0, sitk.sitkFloat32))
     image = smooth_image(FIXED)
@@ -203,16 +221,17 @@ def read_points(path):
 
 
 @pytest.mark.parametrize("inverse", [False, True])
-def test_lddmm_apply_points_match_simpleitk_transform_point(written, tmp_path, inverse):
+def test_lddmm_apply_points_match_simpleitk_transform_point(sitk, written, tmp_path, inverse):
     folder, transform = written
-    affine = itk_affine(folder)
+    affine = itk_affine(sitk, folder)
     if inverse:  # moving-space points: the images of fixed points
         points = map_world_points(transform, fixed_points(25, 1))[0]
-        composite = sitk.CompositeTransform([itk_field(folder / "inverse_warp.nii.gz"),
+        composite = sitk.CompositeTransform([itk_field(sitk, folder / "inverse_warp.nii.gz"),
                                              affine.GetInverse()])
     else:
         points = fixed_points(25, 2)
-        composite = sitk.CompositeTransform([affine, itk_field(folder / "forward_warp.nii.gz")])
+        composite = sitk.CompositeTransform([affine,
+                                             itk_field(sitk, folder / "forward_warp.nii.gz")])
     write_points(tmp_path / "in.csv", points)
     args = ["lddmm-apply", "--transform", folder / "transform.h5", "--points",
             tmp_path / "in.csv", "--points-out", tmp_path / "out.csv"]
@@ -237,12 +256,17 @@ def test_points_forward_then_inverse_come_back(written):
 
 
 # -- affine files ---------------------------------------------------------------------------
-def test_affine_text_round_trip_is_exact_and_matches_itk(tmp_path):
+def test_affine_text_round_trip_is_exact(tmp_path):
     path = itk.write_affine_text(tmp_path / "affine.txt", AFFINE)
     text = path.read_text().splitlines()
     assert text[0] == "#Insight Transform File V1.0"
     assert "Transform: AffineTransform_double_3_3" in text
+    assert text[-1].startswith("FixedParameters:")
     np.testing.assert_allclose(itk.read_affine(path), AFFINE, rtol=0, atol=1e-9)
+
+
+def test_affine_text_maps_points_as_itk_does(sitk, tmp_path):
+    path = itk.write_affine_text(tmp_path / "affine.txt", AFFINE)
     transform = sitk.ReadTransform(str(path))
     point_ras = np.array([10.0, -20.0, 30.0])
     expected = AFFINE[:3, :3] @ point_ras + AFFINE[:3, 3]
@@ -250,7 +274,7 @@ def test_affine_text_round_trip_is_exact_and_matches_itk(tmp_path):
                                expected, atol=1e-9)
 
 
-def test_affine_written_by_simpleitk_with_a_centre_reads_back(tmp_path):
+def test_affine_written_by_simpleitk_with_a_centre_reads_back(sitk, tmp_path):
     transform = sitk.AffineTransform(3)
     lps = itk.ras_to_lps(AFFINE)
     transform.SetMatrix(tuple(lps[:3, :3].ravel()))
@@ -416,7 +440,7 @@ def test_lddmm_apply_bad_options_exit_2_and_write_nothing(written, tmp_path, arg
     assert not (tmp_path / "x.nii.gz").exists() and not (tmp_path / "out.csv").exists()
 
 
-def test_ants_applies_forward_warp_then_affine_like_simpleitk(written, tmp_path):
+def test_ants_applies_forward_warp_then_affine_like_simpleitk(sitk, written, tmp_path):
     """Only where ANTsPy is installed: antsApplyTransforms -t forward_warp -t affine."""
     ants = pytest.importorskip("ants")
     folder, transform = written
