@@ -83,22 +83,53 @@ def lddmm(run, fixed, moving, pairs, out, metric, radius, timesteps, alpha, gamm
 
 
 @click.command("lddmm-apply")
-@click.option("--transform", required=True, type=click.Path(), help="lddmm's transform.h5.")
-@click.option("--image", required=True, type=click.Path(), help="Image or label map to warp.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Warped image.")
-@click.option("--interp", type=click.Choice(["linear", "nearest", "label"]), default="linear",
-              show_default=True, help="label: per-label linear weights, most likely label kept.")
+@click.option("--transform", required=True, type=click.Path(),
+              help="lddmm's transform.h5 (displacements in fixed-grid voxels, world affine).")
+@click.option("--image", "images", multiple=True, type=click.Path(),
+              help="Image or label map to warp (NIfTI, HDF5, TIFF; repeatable). Default: an "
+                   "image of the moving space, written on the fixed grid.")
+@click.option("--out", "outs", multiple=True, type=click.Path(dir_okay=False),
+              help="Warped image, one per --image in the same order (repeatable).")
+@click.option("--points", multiple=True, type=click.Path(dir_okay=False),
+              help="CSV of points x,y,z in world mm, RAS as in NIfTI (extra columns kept, "
+                   "header row optional; repeatable; ITK/ANTs point CSVs are LPS: negate x "
+                   "and y). Default: points of the fixed space mapped to the moving space.")
+@click.option("--points-out", "points_outs", multiple=True, type=click.Path(dir_okay=False),
+              help="Mapped points CSV (x,y,z world RAS mm, the other columns and header "
+                   "kept), one per --points in the same order (repeatable).")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Instead of --out and --points-out: write every output into this folder "
+                   "under its input's file name.")
+@click.option("--interp", multiple=True, type=click.Choice(["linear", "nearest", "label"]),
+              help="Image interpolation: once for every image, or once per --image in the "
+                   "same order [default: linear]. label: per-label linear weights, most "
+                   "likely label kept.")
 @click.option("--inverse", is_flag=True,
-              help="Warp an image of the fixed space into the moving space (moving grid).")
-@click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
-def lddmm_apply(transform, image, out, interp, inverse, overwrite):
-    """Warp an image or a label map with a transform written by lddmm."""
+              help="The other way: images of the fixed space onto the moving grid, points of "
+                   "the moving space to the fixed space.")
+@click.option("--overwrite", is_flag=True, help="Replace outputs that exist.")
+def lddmm_apply(transform, images, outs, points, points_outs, out_dir, interp, inverse,
+                overwrite):
+    """Warp images or label maps and map point lists with a transform written by lddmm
+    (the world affine and the LDDMM displacement, composed).
+
+    Forward, a fixed-space point p maps to the moving-space point T A_F (y + u(y)) with
+    y = A_F^-1 p (u interpolated trilinearly, T the world affine); --inverse maps a
+    moving-space point m to A_F (y + w(y)) with y = A_F^-1 T^-1 m.
+
+    \b
+    Example:
+      medhpc lddmm-apply --transform reg/transform.h5 \\
+        --image moving_labels.nii.gz --interp label --out labels_on_fixed.nii.gz \\
+        --image moving_t2.nii.gz --interp linear --out t2_on_fixed.nii.gz \\
+        --points fixed_landmarks.csv --points-out landmarks_on_moving.csv
+    """
     from medhpc.lddmm.pairs import apply_command
     from medhpc.parallel.comm import get_world
 
     world = get_world()
-    message = world.agree(lambda: apply_command(transform, image, out, interp, inverse,
-                                                overwrite))
+    message = world.agree(lambda: apply_command(transform, images, outs, interp, inverse,
+                                                overwrite, points, points_outs, out_dir))
     if world.is_root:
         click.echo(message, err=True)
 

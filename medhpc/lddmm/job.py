@@ -4,7 +4,8 @@
    fixed grid through world space; scale both to [0, 1].
 2. Register on the ranks of the decomposition (``slabs``: all ranks share one
    registration; ``none``: one rank does it), checkpointing when due.
-3. Gather the maps on rank 0 and write the warped image, ``transform.h5``, the
+3. Gather the maps on rank 0 and write the warped image, ``transform.h5``, its ITK
+   twins (``forward_warp.nii.gz``, ``inverse_warp.nii.gz``, ``affine.txt``), the
    Jacobian determinant and ``log.json`` into the output folder.
 """
 
@@ -24,6 +25,7 @@ from medhpc.io.geometry import ImageGeometry
 from medhpc.io.images import read_image, write_image
 from medhpc.lddmm import transform as transforms
 from medhpc.lddmm.grid import check_split, halo_for, memory_per_rank
+from medhpc.lddmm.itk import ITK_OUTPUT_NAMES, write_itk_outputs
 from medhpc.lddmm.optimise import Settings
 from medhpc.lddmm.register import Registration, pyramid_shapes, settings_record
 from medhpc.parallel.comm import World
@@ -31,7 +33,8 @@ from medhpc.parallel.geometry import slab
 from medhpc.parallel.slabs import gather_volume
 from medhpc.runtime.checkpoint import Checkpointer
 
-OUTPUT_NAMES = ("warped.nii.gz", "transform.h5", "jacobian.nii.gz", "log.json")
+OUTPUT_NAMES = ("warped.nii.gz", "transform.h5", *ITK_OUTPUT_NAMES, "jacobian.nii.gz",
+                "log.json")
 DECOMPOSITIONS = ("slabs", "none", "auto")
 
 
@@ -216,8 +219,9 @@ class PairRegistration:
     def _write(self, inputs: Inputs, forward, inverse, determinant, velocity, result, mode,
                ranks) -> dict:
         fixed_geometry = inputs.fixed_geometry
+        # affine_world: world RAS fixed -> moving (None: identity), used by every output below
         transform = {"forward": forward, "inverse": inverse, "fixed": fixed_geometry,
-                     "moving": inputs.moving_geometry}
+                     "moving": inputs.moving_geometry, "affine_world": None}
         warped, _ = transforms.apply_transform(transform, inputs.moving_original,
                                                inputs.moving_geometry)
         write_image(self.out / "warped.nii.gz", warped, fixed_geometry, overwrite=self.overwrite)
@@ -227,7 +231,9 @@ class PairRegistration:
             velocity = velocity.reshape((self.settings.timesteps, 3) + forward.shape[1:])
         transforms.write_transform(self.out / "transform.h5", forward, inverse, fixed_geometry,
                                    inputs.moving_geometry, settings_record(self.settings),
-                                   velocity, overwrite=self.overwrite)
+                                   velocity, overwrite=self.overwrite,
+                                   affine_world=transform["affine_world"])
+        write_itk_outputs(self.out, transform, overwrite=self.overwrite)
         folded = float(np.mean(determinant <= 0))
         consistency = transforms.compose_error_voxels(forward, inverse)
         final = result.history[-1]

@@ -109,24 +109,108 @@ def _attempt(register, index):
         return None, str(exc)
 
 
-def apply_command(transform_path, image_path, out, interpolation, inverse, overwrite) -> str:
-    """``medhpc lddmm-apply``: warp one image; return the line to print."""
+def apply_outputs(images, outs, points, points_outs, out_dir=None,
+                  interpolations=()) -> list[dict]:
+    """What ``lddmm-apply`` reads and writes: one ``{kind, input, out, interpolation}`` per
+    ``--image`` (kind ``image``) and per ``--points`` (kind ``points``), in that order.
+
+    Each ``--image`` pairs with the ``--out`` at its place and each ``--points`` with the
+    ``--points-out`` at its place; ``out_dir`` instead writes every output in that folder
+    under its input's file name. ``interpolations``: none (linear), one for every image or
+    one per image.
+    """
+    from medhpc.io.images import split_dataset
+
+    images, outs, points, points_outs = ([value] if isinstance(value, (str, Path)) else
+                                         list(value or ())
+                                         for value in (images, outs, points, points_outs))
+    interpolations = ([interpolations] if isinstance(interpolations, str) else
+                      list(interpolations or ())) or ["linear"]
+    if not images and not points:
+        raise InputError("nothing to map; expected at least one --image or --points")
+    if out_dir is not None:
+        if outs or points_outs:
+            raise InputError("--out-dir with --out or --points-out; expected either --out-dir "
+                             "or one --out per --image and one --points-out per --points")
+        outs = [Path(out_dir) / split_dataset(path)[0].name for path in images]
+        points_outs = [Path(out_dir) / Path(path).name for path in points]
+    for inputs, outputs, option, out_option in ((images, outs, "--image", "--out"),
+                                                (points, points_outs, "--points",
+                                                 "--points-out")):
+        if len(inputs) != len(outputs):
+            raise InputError(f"{len(inputs)} {option} and {len(outputs)} {out_option}; "
+                             f"expected one {out_option} per {option}, in the same order")
+    if len(interpolations) not in (1, len(images)):
+        raise InputError(f"{len(interpolations)} --interp for {len(images)} --image; expected "
+                         f"one for every image or one per --image, in the same order")
+    if len(interpolations) == 1:
+        interpolations = interpolations * len(images)
+    jobs = [{"kind": "image", "input": Path(i), "out": Path(o), "interpolation": interp}
+            for i, o, interp in zip(images, outs, interpolations)]
+    jobs += [{"kind": "points", "input": Path(i), "out": Path(o), "interpolation": None}
+             for i, o in zip(points, points_outs)]
+    seen = {}
+    for job in jobs:
+        key = job["out"].resolve()
+        if key in seen:
+            raise InputError(f"{job['out']}: the output of both {seen[key]} and {job['input']}"
+                             f"; expected one output file per input")
+        if key == job["input"].resolve():
+            raise InputError(f"{job['out']}: the output is its own input; expected another "
+                             f"file or folder")
+        seen[key] = job["input"]
+    return jobs
+
+
+def apply_command(transform_path, images, outs, interpolations, inverse, overwrite,
+                  points=(), points_outs=(), out_dir=None) -> str:
+    """``medhpc lddmm-apply``: warp images and map point lists; return the lines to print.
+
+    Every output is checked free and every point list read before anything is written;
+    the images are then read, warped and written one at a time.
+    """
     import numpy as np
 
     from medhpc.io.atomic import check_output_free
-    from medhpc.io.images import read_image, write_image
-    from medhpc.lddmm.transform import apply_transform, read_transform
+    from medhpc.io.images import image_format, read_image, split_dataset, write_image
+    from medhpc.io.points import read_world_points, write_world_points
+    from medhpc.lddmm.transform import apply_transform, map_world_points, read_transform
 
-    check_output_free(out, overwrite)
+    jobs = apply_outputs(images, outs, points, points_outs, out_dir, interpolations)
+    for job in jobs:
+        check_output_free(job["out"], overwrite)
+        if job["kind"] == "image":
+            source = split_dataset(job["input"])[0]
+            image_format(source)
+            image_format(split_dataset(job["out"])[0])
+            if not source.is_file():
+                raise InputError(f"{source}: image not found; expected an existing image "
+                                 f"to warp")
+        else:
+            job["table"] = read_world_points(job["input"])
     transform = read_transform(transform_path)
-    image, geometry = read_image(image_path, ndim=3)
-    if interpolation == "label" and not np.all(np.equal(np.mod(image, 1), 0)):
-        raise InputError(f"{image_path}: --interp label needs integer labels; the image has "
-                         f"fractional values (use linear)")
-    warped, grid = apply_transform(transform, image, geometry, interpolation, inverse)
-    write_image(out, warped, grid, overwrite=overwrite)
-    return f"wrote {out}: {grid.describe()}, {interpolation} interpolation" + (
-        " (inverse)" if inverse else "")
+    direction = " (inverse)" if inverse else ""
+    lines = []
+    for job in jobs:
+        if job["kind"] == "points":
+            moved, inside = map_world_points(transform, job["table"].xyz, inverse)
+            write_world_points(job["out"], job["table"], moved, overwrite=overwrite)
+            outside = int(np.count_nonzero(~inside))
+            lines.append(f"wrote {job['out']}: {len(moved)} points "
+                         f"{'moving -> fixed' if inverse else 'fixed -> moving'} space"
+                         + (f", {outside} outside the fixed grid (nearest border displacement)"
+                            if outside else ""))
+            continue
+        image, geometry = read_image(job["input"], ndim=3)
+        interpolation = job["interpolation"]
+        if interpolation == "label" and not np.all(np.equal(np.mod(image, 1), 0)):
+            raise InputError(f"{job['input']}: --interp label needs integer labels; the image "
+                             f"has fractional values (use linear)")
+        warped, grid = apply_transform(transform, image, geometry, interpolation, inverse)
+        write_image(job["out"], warped, grid, overwrite=overwrite)
+        lines.append(f"wrote {job['out']}: {grid.describe()}, {interpolation} "
+                     f"interpolation{direction}")
+    return "\n".join(lines)
 
 
-__all__ = ["register_one", "register_pairs", "apply_command", "read_inputs"]
+__all__ = ["register_one", "register_pairs", "apply_command", "apply_outputs", "read_inputs"]

@@ -1,14 +1,18 @@
 """Transforms between the fixed and moving spaces: resampling, ``transform.h5``, lddmm-apply.
 
 Registration runs on the fixed grid (voxel index ``y``, affine ``A_F``) with the moving
-image resampled there: ``M_F(y) = M(A_M^-1 A_F y)``. The result is two displacements on
-the fixed grid, in voxels, components ``(z, y, x)``:
+image resampled there through an affine ``T`` of world space (RAS mm, fixed -> moving;
+the identity when there is no affine stage): ``M_F(y) = M(A_M^-1 T A_F y)``. The result is
+two displacements on the fixed grid, in voxels, components ``(z, y, x)``:
 
-- ``forward``: ``phi_{1,0}(y) = y + u(y)``; the warped moving image is
-  ``M(A_M^-1 A_F phi_{1,0}(y))``, on the fixed grid;
+- ``forward``: ``phi_{1,0}(y) = y + u(y)``; the fixed voxel ``y`` corresponds to the moving
+  world point ``P(y) = T A_F phi_{1,0}(y)`` and the warped moving image is
+  ``M(A_M^-1 P(y))``, on the fixed grid;
 - ``inverse``: ``phi_{0,1}(y) = y + w(y)``; an image ``X`` in fixed space warped to the
-  moving space is, at moving voxel ``q`` with ``y = A_F^-1 A_M q``,
+  moving space is, at moving voxel ``q`` with ``y = A_F^-1 T^-1 A_M q``,
   ``X(A_X^-1 A_F phi_{0,1}(y))``, on the moving grid.
+
+``T`` is stored in ``transform.h5`` as ``affine_world_ras`` (absent: identity).
 """
 
 from __future__ import annotations
@@ -25,14 +29,22 @@ INTERPOLATIONS = ("linear", "nearest", "label")
 FORMAT = "medhpc-lddmm-transform"
 
 
-def _voxel_to_voxel(source: ImageGeometry, target: ImageGeometry) -> np.ndarray:
-    """4x4 matrix taking ``source`` voxel ``(x, y, z, 1)`` to ``target`` voxel coordinates."""
-    return np.linalg.inv(target.affine) @ source.affine
+def _voxel_to_voxel(source: ImageGeometry, target: ImageGeometry,
+                    world: np.ndarray | None = None) -> np.ndarray:
+    """4x4 matrix taking ``source`` voxel ``(x, y, z, 1)`` to ``target`` voxel coordinates,
+    through ``world`` (4x4, source world mm -> target world mm; None: the same world)."""
+    placed = source.affine if world is None else np.asarray(world, np.float64) @ source.affine
+    return np.linalg.inv(target.affine) @ placed
 
 
-def map_points(points_zyx: np.ndarray, source: ImageGeometry, target: ImageGeometry) -> np.ndarray:
-    """Voxel positions ``(3, ...)`` (z, y, x) of ``source`` as positions in ``target``'s grid."""
-    matrix = _voxel_to_voxel(source, target)
+def map_points(points_zyx: np.ndarray, source: ImageGeometry, target: ImageGeometry,
+               world: np.ndarray | None = None) -> np.ndarray:
+    """Voxel positions ``(3, ...)`` (z, y, x) of ``source`` as positions in ``target``'s grid.
+
+    ``world`` (4x4, RAS mm) maps ``source``'s world points to ``target``'s world points
+    (for instance the affine ``T`` from fixed to moving); None means they share one world.
+    """
+    matrix = _voxel_to_voxel(source, target, world)
     xyz = points_zyx[::-1].reshape(3, -1).astype(np.float64)
     moved = matrix[:3, :3] @ xyz + matrix[:3, 3:4]
     return moved[::-1].reshape(points_zyx.shape).astype(np.float32)
@@ -77,9 +89,15 @@ def sample_field(field: np.ndarray, points_zyx: np.ndarray) -> np.ndarray:
 
 
 def resample(image: np.ndarray, image_geometry: ImageGeometry, grid: ImageGeometry,
-             interpolation: str = "linear") -> np.ndarray:
-    """``image`` on another grid, through world space (zero outside the image)."""
-    points = map_points(np.indices(grid.shape, dtype=np.float32), grid, image_geometry)
+             interpolation: str = "linear", world: np.ndarray | None = None) -> np.ndarray:
+    """``image`` on another grid, through world space (zero outside the image).
+
+    ``world`` (4x4, RAS mm) maps a world point of ``grid`` to the image's world point; the
+    moving image on the fixed grid is ``resample(M, A_M, fixed, world=T)``,
+    ``M(A_M^-1 T A_F y)``. None (or the identity) means one shared world.
+    """
+    points = map_points(np.indices(grid.shape, dtype=np.float32), grid, image_geometry,
+                        _unless_identity(world))
     return sample(image, points, interpolation)
 
 
@@ -91,17 +109,65 @@ def compose_error_voxels(forward: np.ndarray, inverse: np.ndarray) -> np.ndarray
     return np.sqrt(np.sum(residual * residual, axis=0))
 
 
+# -- the affine of world space ------------------------------------------------------------
+IDENTITY = np.eye(4)
+IDENTITY.setflags(write=False)
+
+
+def _unless_identity(world) -> np.ndarray | None:
+    """``world`` as a 4x4 float64 matrix, or None when it is absent or exactly the identity
+    (so that the identity takes the very same arithmetic as no affine at all)."""
+    if world is None:
+        return None
+    world = np.asarray(world, np.float64)
+    return None if np.array_equal(world, IDENTITY) else world
+
+
+def check_affine_world(matrix, source="affine_world_ras") -> np.ndarray:
+    """``matrix`` as a 4x4 float64 world affine (RAS mm); :class:`InputError` naming
+    ``source`` when it is not finite, not ``[.., .., .., ..; 0 0 0 1]`` or not invertible."""
+    try:
+        matrix = np.array(matrix, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{source}: not a numeric matrix; expected a 4x4 world affine "
+                         f"(RAS mm, fixed -> moving)") from None
+    if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+        raise InputError(f"{source}: a {'x'.join(map(str, matrix.shape))} matrix"
+                         f"{'' if np.all(np.isfinite(matrix)) else ' with non-finite values'};"
+                         f" expected a finite 4x4 world affine (RAS mm, fixed -> moving)")
+    if not np.allclose(matrix[3], [0.0, 0.0, 0.0, 1.0], rtol=0.0, atol=1e-9):
+        raise InputError(f"{source}: last row {matrix[3].tolist()}; expected 0 0 0 1 "
+                         f"(an affine, not a projective matrix)")
+    if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
+        raise InputError(f"{source}: the matrix is singular; expected an invertible affine")
+    matrix[3] = (0.0, 0.0, 0.0, 1.0)
+    return matrix
+
+
+def affine_world(transform: dict) -> np.ndarray:
+    """The world affine ``T`` (4x4, RAS mm, fixed -> moving) of a transform (identity when
+    the transform has none)."""
+    world = transform.get("affine_world")
+    return IDENTITY.copy() if world is None else np.array(world, np.float64)
+
+
 # -- transform.h5 ---------------------------------------------------------------------------
 def write_transform(path, forward: np.ndarray, inverse: np.ndarray, fixed: ImageGeometry,
                     moving: ImageGeometry, settings: dict, velocity: np.ndarray | None = None,
-                    overwrite: bool = False) -> None:
-    """Write both displacements (and optionally the velocity fields) with both geometries."""
+                    overwrite: bool = False, affine_world: np.ndarray | None = None) -> None:
+    """Write both displacements (and optionally the velocity fields) with both geometries.
+
+    ``affine_world`` (4x4, world RAS mm, fixed -> moving; None: identity) is stored as
+    ``affine_world_ras``: the fixed voxel ``y`` maps to the moving world point
+    ``affine_world @ A_F @ (y + u(y))``.
+    """
     import json
 
     import h5py
 
     from medhpc.io.atomic import atomic_path
 
+    world = IDENTITY if affine_world is None else check_affine_world(affine_world)
     with atomic_path(path, overwrite=overwrite) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT
@@ -111,6 +177,10 @@ def write_transform(path, forward: np.ndarray, inverse: np.ndarray, fixed: Image
                              compression_opts=1)
             f.create_dataset("inverse_displacement_vox", data=inverse, compression="gzip",
                              compression_opts=1)
+            f.create_dataset("affine_world_ras", data=np.array(world, np.float64))
+            f["affine_world_ras"].attrs["description"] = (
+                "4x4, world RAS mm of the fixed image -> world RAS mm of the moving image, "
+                "applied after the displacement: P(y) = affine_world_ras A_F (y + u(y))")
             if velocity is not None:
                 f.create_dataset("velocity_vox", data=velocity, compression="gzip",
                                  compression_opts=1)
@@ -121,7 +191,8 @@ def write_transform(path, forward: np.ndarray, inverse: np.ndarray, fixed: Image
 
 
 def read_transform(path) -> dict:
-    """The displacements and geometries of a ``transform.h5`` (one-line error when unusable)."""
+    """The displacements, geometries and world affine (``affine_world``, identity in files
+    written before there was one) of a ``transform.h5`` (one-line error when unusable)."""
     import h5py
 
     path = Path(path)
@@ -132,10 +203,13 @@ def read_transform(path) -> dict:
             if f.attrs.get("format") != FORMAT:
                 raise InputError(f"{path}: not an lddmm transform (format attribute "
                                  f"{f.attrs.get('format')!r}); expected {FORMAT}")
+            world = (check_affine_world(f["affine_world_ras"][()], f"{path}:affine_world_ras")
+                     if "affine_world_ras" in f else IDENTITY.copy())
             return {"forward": f["forward_displacement_vox"][()],
                     "inverse": f["inverse_displacement_vox"][()],
                     "fixed": ImageGeometry.from_attrs(f["fixed"].attrs),
-                    "moving": ImageGeometry.from_attrs(f["moving"].attrs)}
+                    "moving": ImageGeometry.from_attrs(f["moving"].attrs),
+                    "affine_world": world}
     except OSError as exc:
         raise InputError(f"{path}: unreadable HDF5 ({exc}); expected lddmm's "
                          f"transform.h5") from None
@@ -145,12 +219,46 @@ def apply_transform(transform: dict, image: np.ndarray, image_geometry: ImageGeo
                     interpolation: str = "linear", inverse: bool = False):
     """Warp ``image``: moving space to fixed (default) or fixed to moving (``inverse``).
 
-    Returns the warped image and its geometry (the fixed grid, or the moving grid).
+    Returns the warped image and its geometry (the fixed grid, or the moving grid). The
+    world affine ``T`` of the transform (``affine_world``) is applied after the forward
+    displacement and, inverted, before the inverse one.
     """
     fixed, moving = transform["fixed"], transform["moving"]
+    world = _unless_identity(transform.get("affine_world"))
     if not inverse:
         points = np.indices(fixed.shape, dtype=np.float32) + transform["forward"]
-        return sample(image, map_points(points, fixed, image_geometry), interpolation), fixed
-    on_fixed = map_points(np.indices(moving.shape, dtype=np.float32), moving, fixed)
+        return sample(image, map_points(points, fixed, image_geometry, world),
+                      interpolation), fixed
+    on_fixed = map_points(np.indices(moving.shape, dtype=np.float32), moving, fixed,
+                          None if world is None else np.linalg.inv(world))
     points = on_fixed + sample_field(transform["inverse"], on_fixed)
     return sample(image, map_points(points, fixed, image_geometry), interpolation), moving
+
+
+def map_world_points(transform: dict, points_ras: np.ndarray, inverse: bool = False):
+    """Map world points ``(n, 3)`` (x, y, z RAS mm) through the transform.
+
+    Forward: points of the fixed space to the moving space, ``T A_F (y + u(y))`` with
+    ``y = A_F^-1 p`` and ``u`` interpolated trilinearly. ``inverse``: points of the moving
+    space to the fixed space, ``A_F (y + w(y))`` with ``y = A_F^-1 T^-1 p``. Beyond the
+    fixed grid the displacement of the nearest border voxel is used.
+
+    Returns the mapped points ``(n, 3)`` and a mask of the points whose ``y`` lies inside
+    the fixed grid (within half a voxel).
+    """
+    fixed = transform["fixed"]
+    points = np.asarray(points_ras, np.float64).reshape(-1, 3)
+    world = affine_world(transform)
+    if inverse:
+        inverted = np.linalg.inv(world)
+        points = points @ inverted[:3, :3].T + inverted[:3, 3]
+    voxels_xyz = fixed.world_to_voxel(points)
+    voxels_zyx = np.ascontiguousarray(voxels_xyz[:, ::-1].T)
+    extent = np.array(fixed.shape, np.float64)[:, None]
+    inside = np.all((voxels_zyx >= -0.5) & (voxels_zyx <= extent - 0.5), axis=0)
+    field = transform["inverse"] if inverse else transform["forward"]
+    displacement = sample_field(field, voxels_zyx.astype(np.float32)).astype(np.float64)
+    moved = fixed.voxel_to_world((voxels_zyx + displacement)[::-1].T)
+    if not inverse:
+        moved = moved @ world[:3, :3].T + world[:3, 3]
+    return moved, inside

@@ -60,6 +60,13 @@ def test_registration_writes_every_output_on_the_fixed_grid(registered, phantom_
     for name in ("warped.nii.gz", "jacobian.nii.gz"):
         _, affine = load(registered / name)
         np.testing.assert_allclose(affine, fixed_affine, atol=1e-5)
+    for name in ("forward_warp.nii.gz", "inverse_warp.nii.gz"):  # ITK displacement fields
+        warp = nib.load(str(registered / name))
+        assert warp.shape == load(phantom_files / "fixed.nii.gz")[0].shape + (1, 3)
+        np.testing.assert_allclose(warp.affine, fixed_affine, atol=1e-5)
+    from medhpc.lddmm.itk import read_affine
+
+    np.testing.assert_array_equal(read_affine(registered / "affine.txt"), np.eye(4))
     jacobian, _ = load(registered / "jacobian.nii.gz")
     log = json.loads((registered / "log.json").read_text())
     assert log["folded_share"] == 0.0 and jacobian.min() > 0
