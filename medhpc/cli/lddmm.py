@@ -8,39 +8,87 @@ from medhpc.cli.options import pass_run
 from medhpc.cli.parsing import NumberList
 
 
-@click.command("lddmm")
+_DEFAULTS = None
+
+
+def _default(name):
+    """The registration default of ``name`` (one place: :class:`Settings`)."""
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        from medhpc.lddmm.optimise import Settings
+
+        _DEFAULTS = Settings()
+    return getattr(_DEFAULTS, name)
+
+
+@click.command("lddmm", epilog="""\b
+Example:
+  mpiexec -n 4 medhpc lddmm --fixed t1_atlas.nii.gz --moving t1_subject.nii.gz \\
+      --out reg/ --timings reg/timings.json
+  medhpc lddmm-apply --transform reg/transform.h5 --image labels.nii.gz \\
+      --interp label --out labels_on_atlas.nii.gz""")
 @click.option("--fixed", type=click.Path(), default=None, help="Fixed (target) image.")
 @click.option("--moving", type=click.Path(), default=None,
               help="Moving (template) image, registered to the fixed one.")
 @click.option("--pairs", type=click.Path(dir_okay=False), default=None,
               help="CSV of fixed,moving[,name] lines: many registrations over the ranks.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--metric", type=click.Choice(["ssd", "ncc", "lncc"]), default="ssd",
-              show_default=True, help="Sum of squared differences, global or local NCC.")
-@click.option("--radius", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Window radius of the local NCC (voxels).")
-@click.option("--timesteps", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Time points of the velocity.")
-@click.option("--alpha", type=click.FloatRange(min=0), default=0.5, show_default=True,
-              help="Weight of the Laplacian in L = (-alpha Lap + gamma)^power (mm^2).")
-@click.option("--gamma", type=click.FloatRange(min=0, min_open=True), default=1.0,
-              show_default=True)
-@click.option("--power", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--initial-transform", default="affine", show_default=True,
+              help="Start: affine or rigid (registered first by global correlation), none, "
+                   "or a file: ITK .txt/.tfm/.mat affine or a 4x4 text matrix (world RAS mm, "
+                   "fixed to moving).")
+@click.option("--fixed-mask", type=click.Path(), default=None,
+              help="Mask on the fixed grid: only voxels inside it drive the registration.")
+@click.option("--moving-mask", type=click.Path(), default=None,
+              help="Mask on the moving image: its outside is left out of the similarity.")
+@click.option("--normalise", type=click.Choice(["percentile", "histogram", "minmax"]),
+              default="percentile", show_default=True,
+              help="Intensities: 0.5-99.5 percentiles of the foreground to [0, 1]; histogram "
+                   "also matches the moving histogram to the fixed one; minmax scales min-max.")
+@click.option("--method", type=click.Choice(["symmetric", "beg"]), default=_default("method"),
+              show_default=True,
+              help="symmetric: stationary velocity, both images pulled half-way, local "
+                   "correlation; beg: time-varying velocity by gradient descent (Beg et al.).")
+@click.option("--metric", type=click.Choice(["ssd", "ncc", "lncc"]), default=_default("metric"),
+              show_default=True, help="Similarity: local NCC, global NCC or squared differences "
+                                      "(symmetric takes lncc).")
+@click.option("--radius", type=click.IntRange(min=1), default=_default("radius"),
+              show_default=True, help="Window radius of the local NCC (voxels of each level).")
+@click.option("--fluid-sigma", type=click.FloatRange(min=0), default=_default("fluid_sigma_mm"),
+              show_default=True, help="Gaussian sigma of each update (mm; symmetric).")
+@click.option("--diffusion-sigma", type=click.FloatRange(min=0),
+              default=_default("diffusion_sigma_mm"), show_default=True,
+              help="Gaussian sigma applied to the velocity after each update (mm; symmetric).")
+@click.option("--update-voxels", type=click.FloatRange(min=0, min_open=True),
+              default=_default("update_voxels"), show_default=True,
+              help="Longest update of one iteration (voxels of the level; symmetric).")
+@click.option("--timesteps", type=click.IntRange(min=1), default=_default("timesteps"),
+              show_default=True, help="Time points of the velocity (beg).")
+@click.option("--alpha", type=click.FloatRange(min=0), default=_default("alpha"),
+              show_default=True,
+              help="Weight of the Laplacian in L = (-alpha Lap + gamma)^power (mm^2; beg).")
+@click.option("--gamma", type=click.FloatRange(min=0, min_open=True), default=_default("gamma"),
+              show_default=True, help="Identity weight in L (beg).")
+@click.option("--power", type=click.IntRange(min=1), default=_default("power"),
+              show_default=True, help="Power of L (beg).")
 @click.option("--sigma", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Weight of the similarity: 1/sigma^2 (intensities are scaled to [0, 1]) "
-                   "[default: 0.02 for ssd and ncc, 0.1 for lncc].")
-@click.option("--levels", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Pyramid levels (each halves the grid).")
+              help="Weight of the similarity: 1/sigma^2 (beg) [default: 0.02 for ssd and ncc, "
+                   "0.1 for lncc].")
+@click.option("--step", type=click.FloatRange(min=0, min_open=True), default=_default("step"),
+              show_default=True, help="First step length of the gradient descent (beg).")
+@click.option("--levels", type=click.IntRange(min=0), default=_default("levels"),
+              show_default=True,
+              help="Pyramid levels (each halves the grid); 0: coarsest voxel about 8 mm.")
 @click.option("--iterations", type=NumberList(None, int, values="non-negative"),
-              default=None,
-              help="Iterations per level, coarsest first (the last repeats) [default: 40 at "
-                   "the coarsest level, 10 at the finest, 20 between].")
-@click.option("--step", type=click.FloatRange(min=0, min_open=True), default=0.2,
-              show_default=True, help="First step length of the gradient descent.")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
-              help="Stop a level when the energy falls by less than this share 3 times running.")
-@click.option("--max-step-voxels", type=click.FloatRange(min=0.5), default=2.0, show_default=True,
-              help="Longest semi-Lagrangian substep; sets the halo and the substeps.")
+              default=None, help="Iterations per level, coarsest first (the last repeats) "
+                                 "[default: 30 per level].")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=_default("tolerance"),
+              show_default=True,
+              help="Stop a level when the energy falls by less than this share (over 5 "
+                   "iterations for symmetric, 3 in a row for beg); 0: never.")
+@click.option("--max-step-voxels", type=click.FloatRange(min=0.5),
+              default=_default("max_step_voxels"), show_default=True,
+              help="Longest semi-Lagrangian substep (voxels); sets the halo and the substeps.")
 @click.option("--decomp", type=click.Choice(["slabs", "none", "auto"]), default="auto",
               show_default=True, help="slabs: all ranks share one registration along z.")
 @click.option("--ranks-per-pair", type=click.IntRange(min=1), default=1, show_default=True,
@@ -50,11 +98,12 @@ from medhpc.cli.parsing import NumberList
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
 @click.option("--save-velocity", is_flag=True, help="Also store the velocity fields.")
 @pass_run("lddmm")
-def lddmm(run, fixed, moving, pairs, out, metric, radius, timesteps, alpha, gamma, power, sigma,
-          levels,
-          iterations, step, tolerance, max_step_voxels, decomp, ranks_per_pair, checkpoint_every,
-          resume, save_velocity):
-    """Register a moving image to a fixed one with LDDMM (time-varying velocity, Beg et al.),
+def lddmm(run, fixed, moving, pairs, out, initial_transform, fixed_mask, moving_mask, normalise,
+          method, metric, radius, fluid_sigma, diffusion_sigma, update_voxels, timesteps, alpha,
+          gamma, power, sigma, step, levels, iterations, tolerance, max_step_voxels, decomp,
+          ranks_per_pair, checkpoint_every, resume, save_velocity):
+    """Register a moving image to a fixed one: an affine start, then a diffeomorphism
+    (symmetric stationary velocity with local correlation, or Beg's time-varying LDDMM),
     spreading the fields over the ranks in z-slabs, or register many pairs."""
     from medhpc.errors import InputError
     from medhpc.lddmm.optimise import Settings
@@ -64,20 +113,23 @@ def lddmm(run, fixed, moving, pairs, out, metric, radius, timesteps, alpha, gamm
         if (pairs is None) == (fixed is None or moving is None) or (
                 pairs is not None and (fixed or moving)):
             raise InputError("give --fixed and --moving, or --pairs (not both)")
+        if pairs is not None and (fixed_mask or moving_mask):
+            raise InputError("--fixed-mask/--moving-mask go with --fixed and --moving, not "
+                             "--pairs")
 
     run.world.agree(check_inputs)
-    from medhpc.lddmm.similarity import DEFAULT_SIGMA
-
-    sigma = DEFAULT_SIGMA[metric] if sigma is None else sigma
-    if iterations is None:
-        iterations = (40,) + (20,) * (levels - 2) + ((10,) if levels > 1 else ())
-    settings = Settings(metric=metric, sigma=sigma, timesteps=timesteps, alpha=alpha, gamma=gamma,
-                        power=power, levels=levels, iterations=tuple(iterations), step=step,
-                        tolerance=tolerance, max_step_voxels=max_step_voxels, radius=radius)
+    settings = Settings(method=method, metric=metric, sigma=sigma, timesteps=timesteps,
+                        alpha=alpha, gamma=gamma, power=power, levels=levels,
+                        iterations=tuple(iterations) if iterations else _default("iterations"),
+                        step=step, tolerance=tolerance, max_step_voxels=max_step_voxels,
+                        radius=radius, fluid_sigma_mm=fluid_sigma,
+                        diffusion_sigma_mm=diffusion_sigma, update_voxels=update_voxels)
     options = dict(decomp=decomp, resume=resume, checkpoint_every=checkpoint_every,
-                   save_velocity=save_velocity)
+                   save_velocity=save_velocity, initial_transform=initial_transform,
+                   normalise=normalise)
     if pairs is None:
-        register_one(run, settings, fixed, moving, out, **options)
+        register_one(run, settings, fixed, moving, out, fixed_mask=fixed_mask,
+                     moving_mask=moving_mask, **options)
     else:
         register_pairs(run, settings, pairs, out, ranks_per_pair=ranks_per_pair, **options)
 

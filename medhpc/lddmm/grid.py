@@ -84,24 +84,42 @@ def check_split(shapes, size: int, halo) -> None:
                 f"--decomp none")
 
 
-def memory_per_rank(shape, timesteps: int, size: int, rank: int, halo: int) -> dict:
+def memory_per_rank(shape, settings, size: int, rank: int, halo: int) -> dict:
     """Bytes this rank holds at the finest level, by kind of array.
 
-    Velocities, trial velocities and smoothed forces (3 x 3T owned fields), the
-    warped template at every time point (T + 1 scalars with one ghost plane),
-    two maps with halos and their scratch copy (3 x 3 fields), gradient, force,
-    determinant and pulled-back target (8 owned scalars), both whole images.
+    ``beg``: velocities, trial velocities and smoothed forces (3 x 3T owned fields),
+    the warped template at every time point (T + 1 scalars with one ghost plane), two
+    maps with halos and their scratch copy (3 x 3 fields), gradient, force, determinant
+    and pulled-back target (8 owned scalars), both whole images.
+
+    ``symmetric``: velocity, its update and the smoothed force (3 x 3 owned), the two
+    half-way maps and a scratch map (3 x 3 haloed), the smoothing buffer (3 haloed),
+    both warped images with ``radius`` ghosts, the window sums and their scratch (5 + 5
+    float64 fields), force and correlation (4 owned), both whole images (and masks).
     """
     nz, ny, nx = shape
     start, stop = block_range(nz, size, rank)
     plane = ny * nx * FLOAT_BYTES
     owned = (stop - start) * plane
-    fields = {
-        "velocity_and_updates": 9 * timesteps * owned,
-        "warped_template": (timesteps + 1) * (owned + 2 * plane),
-        "maps_with_halos": 9 * ((stop - start) + 2 * halo) * plane,
-        "scratch": 8 * owned,
-        "images_whole": 2 * nz * plane,
-    }
+    haloed = ((stop - start) + 2 * halo) * plane
+    if getattr(settings, "method", "beg") == "beg":
+        timesteps = settings.timesteps
+        fields = {
+            "velocity_and_updates": 9 * timesteps * owned,
+            "warped_template": (timesteps + 1) * (owned + 2 * plane),
+            "maps_with_halos": 9 * haloed,
+            "scratch": 8 * owned,
+            "images_whole": 2 * nz * plane,
+        }
+    else:
+        windowed = ((stop - start) + 2 * settings.radius) * plane
+        fields = {
+            "velocity_and_updates": 9 * owned,
+            "maps_with_halos": 12 * haloed,
+            "warped_images": 2 * windowed,
+            "window_sums": 2 * 5 * owned + 2 * 5 * windowed,
+            "scratch": 4 * owned,
+            "images_whole": 2 * nz * plane,
+        }
     fields["total"] = sum(fields.values())
     return fields

@@ -24,10 +24,11 @@ from medhpc.io.atomic import atomic_path, check_output_free
 from medhpc.io.geometry import ImageGeometry
 from medhpc.io.images import read_image, write_image
 from medhpc.lddmm import transform as transforms
-from medhpc.lddmm.grid import check_split, halo_for, memory_per_rank
+from medhpc.lddmm.grid import memory_per_rank
 from medhpc.lddmm.itk import ITK_OUTPUT_NAMES, write_itk_outputs
-from medhpc.lddmm.optimise import Settings
-from medhpc.lddmm.register import Registration, pyramid_shapes, settings_record
+from medhpc.lddmm.optimise import Settings, resolved
+from medhpc.lddmm.register import (Registration, check_level_split, level_halos, pyramid_shapes,
+                                   settings_record)
 from medhpc.parallel.comm import World
 from medhpc.parallel.geometry import slab
 from medhpc.parallel.slabs import gather_volume
@@ -40,45 +41,106 @@ DECOMPOSITIONS = ("slabs", "none", "auto")
 
 @dataclass
 class Inputs:
-    """Both images on the fixed grid, scaled to [0, 1], with their geometries."""
+    """Both images on the fixed grid, scaled to about [0, 1], with their geometries.
+
+    ``affine_world`` (4x4, world RAS mm, fixed to moving) is the initial transform the
+    moving image was resampled through; the masks are on the fixed grid (or None).
+    """
 
     fixed: np.ndarray
     moving: np.ndarray
     fixed_geometry: ImageGeometry
     moving_geometry: ImageGeometry
     moving_original: np.ndarray
+    affine_world: np.ndarray
+    initial: dict
+    fixed_mask: np.ndarray | None = None
+    moving_mask: np.ndarray | None = None
 
 
-def _scaled(path, image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image, np.float32)
-    low, high = float(np.min(image)), float(np.max(image))
-    if not high > low:
-        raise InputError(f"{path}: the image is constant ({low:g} everywhere), nothing to "
-                         f"register; expected an image with structure")
-    return ((image - low) / (high - low)).astype(np.float32)
+INITIAL_TRANSFORMS = ("affine", "rigid", "none")
 
 
-def read_inputs(fixed_path, moving_path) -> Inputs:
-    """Read, check and prepare both images (rank 0; raises :class:`InputError`)."""
+def _read_mask(path, grid: ImageGeometry, world=None) -> np.ndarray:
+    """A mask resampled (nearest) onto ``grid`` as float32 0/1."""
+    mask, geometry = read_image(path, ndim=3)
+    if not np.any(mask):
+        raise InputError(f"{path}: the mask is empty; expected a mask with voxels inside")
+    inside = (np.asarray(mask) > 0).astype(np.float32)
+    if geometry.same_grid(grid) and world is None:
+        return inside
+    return transforms.resample(inside, geometry, grid, "nearest", world=world)
+
+
+def initial_affine(initial: str, fixed, fixed_geometry, moving, moving_geometry,
+                   fixed_mask=None, moving_mask=None) -> tuple[np.ndarray, dict]:
+    """The start transform (4x4 world RAS, fixed to moving) and a record of how it came."""
+    from medhpc.lddmm import itk
+
+    if initial == "none":
+        return np.eye(4), {"initial_transform": "none"}
+    if initial not in INITIAL_TRANSFORMS:
+        matrix = itk.read_affine(initial)
+        return matrix, {"initial_transform": str(initial)}
+    from medhpc.lddmm.affine import register_affine
+
+    result = register_affine(fixed, fixed_geometry, moving, moving_geometry, mode=initial,
+                             metric="ncc", fixed_mask=fixed_mask, moving_mask=moving_mask)
+    record = {"initial_transform": initial}
+    for key in ("metric_before", "metric_after", "iterations", "stages"):
+        if hasattr(result, key):
+            record[key] = getattr(result, key)
+    return np.asarray(result.matrix, np.float64), record
+
+
+def read_inputs(fixed_path, moving_path, initial="none", normalise="minmax", fixed_mask=None,
+                moving_mask=None) -> Inputs:
+    """Read, check and prepare both images (rank 0; raises :class:`InputError`).
+
+    Scales intensities (``normalise``), finds the initial transform, resamples the
+    moving image (and its mask) onto the fixed grid through it.
+    """
+    from medhpc.lddmm.intensity import normalised_pair
+
     fixed, fixed_geometry = read_image(fixed_path, ndim=3)
     moving, moving_geometry = read_image(moving_path, ndim=3)
-    fixed = _scaled(fixed_path, fixed)
-    moving_scaled = _scaled(moving_path, moving)
-    if fixed_geometry.same_grid(moving_geometry):
+    for path, image in ((fixed_path, fixed), (moving_path, moving)):
+        if np.iscomplexobj(image) or image.dtype == bool:
+            raise InputError(f"{path}: {image.dtype} voxels; expected a real-valued image")
+    fixed, moving_scaled = normalised_pair(fixed, moving, normalise, fixed_path, moving_path)
+    fixed_weights = _read_mask(fixed_mask, fixed_geometry) if fixed_mask else None
+    moving_own_mask = _read_mask(moving_mask, moving_geometry) if moving_mask else None
+    affine, record = initial_affine(initial, fixed, fixed_geometry, moving_scaled,
+                                    moving_geometry, fixed_weights, moving_own_mask)
+    identity = np.allclose(affine, np.eye(4), atol=0, rtol=0)
+    if fixed_geometry.same_grid(moving_geometry) and identity:
         on_fixed = moving_scaled
     else:
-        on_fixed = transforms.resample(moving_scaled, moving_geometry, fixed_geometry)
+        on_fixed = transforms.resample(moving_scaled, moving_geometry, fixed_geometry,
+                                       world=None if identity else affine)
         if not np.any(on_fixed > 0):
             raise InputError(f"{moving_path}: does not overlap the fixed image "
                              f"{fixed_path} in world space; expected images of the same anatomy")
+    moving_weights = None
+    if moving_own_mask is not None:
+        moving_weights = transforms.resample(moving_own_mask, moving_geometry, fixed_geometry,
+                                             "nearest", world=None if identity else affine)
     return Inputs(fixed, np.ascontiguousarray(on_fixed, np.float32), fixed_geometry,
-                  moving_geometry, np.asarray(moving, np.float32))
+                  moving_geometry, np.asarray(moving, np.float32), affine, record,
+                  fixed_weights, moving_weights)
 
 
 def check_settings(settings: Settings, shape) -> None:
     """Reject settings that cannot work, naming the option."""
+    from medhpc.lddmm.optimise import METHODS
+
+    if settings.method not in METHODS:
+        raise InputError(f"--method {settings.method}: expected one of {', '.join(METHODS)}")
     if settings.metric not in ("ssd", "ncc", "lncc"):
         raise InputError(f"--metric {settings.metric}: expected ssd, ncc or lncc")
+    if settings.method == "symmetric" and settings.metric != "lncc":
+        raise InputError(f"--metric {settings.metric} with --method symmetric: expected lncc "
+                         f"(ssd and ncc go with --method beg)")
     if len(settings.iterations) > settings.levels:
         raise InputError(f"--iterations has {len(settings.iterations)} entries for "
                          f"{settings.levels} level(s); expected at most one per level")
@@ -89,34 +151,33 @@ def check_settings(settings: Settings, shape) -> None:
                          f"per axis (use fewer levels)")
 
 
-def choose_decomposition(decomp: str, settings: Settings, shape, size: int) -> str:
+def choose_decomposition(decomp: str, settings: Settings, shape, size: int,
+                         spacing_zyx_mm=(1.0, 1.0, 1.0)) -> str:
     """``slabs`` or ``none`` for ``size`` ranks (``auto``: slabs when every level splits)."""
     if decomp not in DECOMPOSITIONS:
         raise InputError(f"--decomp {decomp}: expected one of {', '.join(DECOMPOSITIONS)}")
     if size == 1:
         return "slabs"
-    shapes = pyramid_shapes(shape, settings.levels)
     if decomp == "auto":
         try:
-            check_split(shapes, size, halo_for(settings.max_step_voxels, settings))
+            check_level_split(settings, shape, spacing_zyx_mm, size)
         except InputError:
             return "none"
         return "slabs"
     if decomp == "slabs":
-        check_split(shapes, size, halo_for(settings.max_step_voxels, settings))
+        check_level_split(settings, shape, spacing_zyx_mm, size)
     return decomp
 
 
-def plan(settings: Settings, shape, size: int, mode: str) -> dict:
+def plan(settings: Settings, shape, size: int, mode: str, spacing_zyx_mm=(1.0, 1.0, 1.0)) -> dict:
     """The decomposition and every rank's memory at the finest level."""
     ranks = size if mode == "slabs" else 1
-    halo = halo_for(settings.max_step_voxels, settings)
+    halo = level_halos(settings, shape, spacing_zyx_mm)[-1]
     shares = []
     for rank in range(ranks):
         share = slab(shape[0], ranks, rank, halo)
         shares.append({"rank": rank, "planes": [share.start, share.stop], "halo": halo,
-                       "memory_bytes": memory_per_rank(shape, settings.timesteps, ranks, rank,
-                                                       halo)})
+                       "memory_bytes": memory_per_rank(shape, settings, ranks, rank, halo)})
     return {"decomposition": mode, "registration_ranks": ranks,
             "levels": [list(s) for s in pyramid_shapes(shape, settings.levels)],
             "settings": settings_record(settings), "ranks_detail": shares}
@@ -127,8 +188,12 @@ class PairRegistration:
 
     def __init__(self, run, world: World, settings: Settings, fixed, moving, out,
                  decomp="auto", resume=False, checkpoint_every=0, save_velocity=False,
-                 overwrite=False):
+                 overwrite=False, initial_transform="affine", normalise="percentile",
+                 fixed_mask=None, moving_mask=None):
         self.run = run
+        self.initial_transform = initial_transform
+        self.normalise = normalise
+        self.fixed_mask, self.moving_mask = fixed_mask, moving_mask
         self.world = world
         self.settings = settings
         self.fixed_path, self.moving_path = Path(fixed), Path(moving)
@@ -148,14 +213,25 @@ class PairRegistration:
         def validated():
             for name in OUTPUT_NAMES:
                 check_output_free(self.out / name, self.overwrite)
-            inputs = read_inputs(self.fixed_path, self.moving_path)
-            check_settings(self.settings, inputs.fixed.shape)
-            mode = choose_decomposition(self.decomp, self.settings, inputs.fixed.shape,
-                                        self.world.size)
-            return inputs, mode
+            if self.settings.method == "beg" and (self.fixed_mask or self.moving_mask):
+                raise InputError("--fixed-mask/--moving-mask: expected --method symmetric "
+                                 "(beg takes no masks)")
+            if self.initial_transform not in INITIAL_TRANSFORMS and not Path(
+                    self.initial_transform).is_file():
+                raise InputError(f"--initial-transform {self.initial_transform}: neither "
+                                 f"affine, rigid, none nor an existing transform file")
+            inputs = read_inputs(self.fixed_path, self.moving_path, self.initial_transform,
+                                 self.normalise, self.fixed_mask, self.moving_mask)
+            spacing = tuple(inputs.fixed_geometry.spacing_mm[::-1])
+            settings = resolved(self.settings, inputs.fixed.shape, spacing)
+            check_settings(settings, inputs.fixed.shape)
+            mode = choose_decomposition(self.decomp, settings, inputs.fixed.shape,
+                                        self.world.size, spacing)
+            return inputs, mode, settings
 
         with self.run.stage("read inputs", "io"):
-            return self.world.agree(validated)
+            inputs, mode, self.settings = self.world.agree(validated)
+        return inputs, mode
 
     def execute(self) -> dict | None:
         """Register and write every output; return the summary (rank 0) or None."""
@@ -190,7 +266,8 @@ class PairRegistration:
             kernels = HostStaged(kernels)
         spacing_zyx = tuple(inputs.fixed_geometry.spacing_mm[::-1])
         registration = Registration(world, kernels, self.settings, inputs.fixed, inputs.moving,
-                                    spacing_zyx, self.run.stage, self.run.log)
+                                    spacing_zyx, self.run.stage, self.run.log,
+                                    fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask)
         with self._checkpointer(world) as checkpointer:
             result = registration.run(checkpointer)
         from medhpc.lddmm.flows import Flows
@@ -219,16 +296,15 @@ class PairRegistration:
     def _write(self, inputs: Inputs, forward, inverse, determinant, velocity, result, mode,
                ranks) -> dict:
         fixed_geometry = inputs.fixed_geometry
-        # affine_world: world RAS fixed -> moving (None: identity), used by every output below
         transform = {"forward": forward, "inverse": inverse, "fixed": fixed_geometry,
-                     "moving": inputs.moving_geometry, "affine_world": None}
+                     "moving": inputs.moving_geometry, "affine_world": inputs.affine_world}
         warped, _ = transforms.apply_transform(transform, inputs.moving_original,
                                                inputs.moving_geometry)
         write_image(self.out / "warped.nii.gz", warped, fixed_geometry, overwrite=self.overwrite)
         write_image(self.out / "jacobian.nii.gz", determinant, fixed_geometry,
                     overwrite=self.overwrite)
         if velocity is not None:
-            velocity = velocity.reshape((self.settings.timesteps, 3) + forward.shape[1:])
+            velocity = velocity.reshape((-1, 3) + forward.shape[1:])
         transforms.write_transform(self.out / "transform.h5", forward, inverse, fixed_geometry,
                                    inputs.moving_geometry, settings_record(self.settings),
                                    velocity, overwrite=self.overwrite,
@@ -248,6 +324,7 @@ class PairRegistration:
         }
         self._log = {"command": "lddmm", **summary, "settings": settings_record(self.settings),
                      "decomposition": mode, "ranks": ranks, "device": self.run.device,
+                     "initial": inputs.initial,
                      "levels_stopped": result.stopped, "history": result.history}
         return summary
 

@@ -11,14 +11,18 @@ from medhpc.parallel.work import map_items
 
 
 def register_one(run, settings: Settings, fixed, moving, out, decomp="auto", resume=False,
-                 checkpoint_every=0, save_velocity=False) -> None:
+                 checkpoint_every=0, save_velocity=False, initial_transform="affine",
+                 normalise="percentile", fixed_mask=None, moving_mask=None) -> None:
     """``medhpc lddmm --fixed --moving --out``: one registration over all ranks."""
     job = PairRegistration(run, run.world, settings, fixed, moving, out, decomp=decomp,
                            resume=resume, checkpoint_every=checkpoint_every,
-                           save_velocity=save_velocity, overwrite=run.overwrite)
+                           save_velocity=save_velocity, overwrite=run.overwrite,
+                           initial_transform=initial_transform, normalise=normalise,
+                           fixed_mask=fixed_mask, moving_mask=moving_mask)
     if run.dry_run:
         inputs, mode = job.prepare()
-        run.print_plan(plan(settings, inputs.fixed.shape, run.world.size, mode))
+        spacing = tuple(inputs.fixed_geometry.spacing_mm[::-1])
+        run.print_plan(plan(job.settings, inputs.fixed.shape, run.world.size, mode, spacing))
         return
     summary = job.execute()
     document = run.finish({"decomposition": job.decomp})
@@ -31,7 +35,8 @@ def register_one(run, settings: Settings, fixed, moving, out, decomp="auto", res
 
 
 def register_pairs(run, settings: Settings, pairs_path, out, ranks_per_pair=1, decomp="auto",
-                   resume=False, checkpoint_every=0, save_velocity=False) -> None:
+                   resume=False, checkpoint_every=0, save_velocity=False,
+                   initial_transform="affine", normalise="percentile") -> None:
     """``medhpc lddmm --pairs``: groups of ``ranks_per_pair`` ranks take pairs from a queue.
 
     Rank 0 of each group takes part in the queue; the others of its group follow
@@ -62,7 +67,8 @@ def register_pairs(run, settings: Settings, pairs_path, out, ranks_per_pair=1, d
         job = PairRegistration(run, group, settings, pair["fixed"], pair["moving"],
                                out / pair["name"], decomp="slabs" if ranks_per_pair > 1 else decomp,
                                resume=resume, checkpoint_every=checkpoint_every,
-                               save_velocity=save_velocity, overwrite=run.overwrite)
+                               save_velocity=save_velocity, overwrite=run.overwrite,
+                               initial_transform=initial_transform, normalise=normalise)
         summary = job.execute()
         job.write_log(None)
         return summary

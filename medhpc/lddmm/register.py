@@ -116,13 +116,16 @@ class Registration:
     fixed, moving : numpy.ndarray
     spacing_zyx_mm : tuple of float
         Voxel size of the fixed grid.
+    fixed_mask, moving_mask : numpy.ndarray or None
+        Weights in [0, 1] on the fixed grid (``symmetric`` only): only voxels inside
+        both, followed to the middle space, drive the registration.
     stage : callable
         The run's ``stage(name, kind)``.
     log : medhpc.runtime.log.Log or None
     """
 
     def __init__(self, world: World, kernels, settings: Settings, fixed, moving,
-                 spacing_zyx_mm, stage, log=None):
+                 spacing_zyx_mm, stage, log=None, fixed_mask=None, moving_mask=None):
         self.world = world
         self.kernels = kernels
         self.spacing = tuple(float(h) for h in spacing_zyx_mm)
@@ -136,6 +139,13 @@ class Registration:
         with stage("pyramid", "other"):
             self.fixed = image_pyramid(fixed, settings.levels)
             self.moving = image_pyramid(moving, settings.levels)
+            self.masks = None
+            if fixed_mask is not None or moving_mask is not None:
+                ones = np.ones(fixed.shape, np.float32)
+                self.masks = (image_pyramid(ones if fixed_mask is None else fixed_mask,
+                                            settings.levels),
+                              image_pyramid(ones if moving_mask is None else moving_mask,
+                                            settings.levels))
 
     def grid(self, level: int) -> LevelGrid:
         factor = np.asarray(self.shapes[-1], np.float64) / np.asarray(self.shapes[level])
@@ -165,6 +175,8 @@ class Registration:
                                else SymmetricOptimiser)
             optimiser = optimiser_class(self.world, grid, self.kernels, self.settings,
                                         self.moving[level], self.fixed[level], self.stage, level)
+            if self.masks is not None:
+                optimiser.set_masks(self.masks[0][level], self.masks[1][level])
             if loaded and level == start_level:
                 state = self._restored_state(loaded[1], grid)
                 state.history = [entry for entry in history if entry["level"] == level]

@@ -93,6 +93,12 @@ class SymmetricOptimiser:
         self.fluid_taps = gaussian_taps(fluid)
         self.diffusion_taps = gaussian_taps(diffusion)
         self.voxels = float(np.prod(grid.shape))
+        self.masks = None
+
+    def set_masks(self, fixed_mask: np.ndarray, moving_mask: np.ndarray) -> None:
+        """Weights on this level's grid; the force is kept only where both are set."""
+        self.masks = (np.ascontiguousarray(fixed_mask, np.float32),
+                      np.ascontiguousarray(moving_mask, np.float32))
 
     # -- pieces ---------------------------------------------------------------------------
     def zero_velocity(self) -> list:
@@ -119,18 +125,24 @@ class SymmetricOptimiser:
             kernels.filter_z(haloed, halo, grid.z_first, grid.shape[0], taps, out)
         return out
 
-    def middle_images(self, velocity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Both images in the middle space, with ``radius`` ghost planes each."""
+    def middle_images(self, velocity: np.ndarray):
+        """Both images in the middle space, with ``radius`` ghost planes each, and the
+        product of both masks there (owned planes; None without masks)."""
         radius = self.settings.radius
         towards_moving = self.flows.exponential(velocity, 0.5)
         towards_fixed = self.flows.exponential(velocity, -0.5)
+        weight = None
+        if self.masks is not None:
+            fixed_mask, moving_mask = self.masks
+            weight = (self.flows.warp(fixed_mask, towards_fixed, 0)
+                      * self.flows.warp(moving_mask, towards_moving, 0))
         return (self.flows.warp(self.moving, towards_moving, radius),
-                self.flows.warp(self.fixed, towards_fixed, radius))
+                self.flows.warp(self.fixed, towards_fixed, radius), weight)
 
     def force(self, velocity: np.ndarray) -> tuple[np.ndarray, float]:
         """The local-correlation force on the owned planes and the mean correlation."""
         grid, kernels, radius = self.grid, self.kernels, self.settings.radius
-        moving, fixed = self.middle_images(velocity)
+        moving, fixed, weight = self.middle_images(velocity)
         with self.stage("local correlation", "kernel"):
             scratch = np.empty((5,) + moving.shape, np.float64)
             sums = np.empty((5,) + grid.owned_shape(), np.float64)
@@ -141,8 +153,14 @@ class SymmetricOptimiser:
             kernels.correlation_force(sums, moving, fixed, radius, grid.z_first, grid.shape[0],
                                       float((2 * radius + 1) ** 3), CORRELATION_EPSILON,
                                       force, correlation)
+        voxels = self.voxels
+        if weight is not None:
+            force *= weight
+            correlation *= weight
+            with self.stage("reductions", "comm"):
+                voxels = max(self.world.sum(float(np.sum(weight, dtype=np.float64))), 1.0)
         with self.stage("reductions", "comm"):
-            mean = self.world.sum(float(np.sum(correlation, dtype=np.float64))) / self.voxels
+            mean = self.world.sum(float(np.sum(correlation, dtype=np.float64))) / voxels
         return force, mean
 
     def update(self, velocity: np.ndarray, force: np.ndarray) -> np.ndarray:

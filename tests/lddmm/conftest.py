@@ -10,7 +10,7 @@ from medhpc.lddmm.register import Registration
 from medhpc.parallel.comm import World, _SerialComm
 from medhpc.phantoms.lddmm import make_phantom, write_lddmm_phantom
 
-QUICK = Settings(levels=2, iterations=(12, 6), timesteps=4)
+QUICK = Settings(method="beg", metric="ssd", levels=2, iterations=(12, 6), timesteps=4)
 
 
 def serial_world() -> World:

@@ -168,7 +168,7 @@ def test_dry_run_plan_memory_falls_with_ranks(phantom_files):
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["decomposition"] == "slabs" and len(document["ranks_detail"]) == 1
-    settings = Settings(timesteps=10, levels=1, iterations=(1,))
+    settings = Settings(method="beg", timesteps=10, levels=1, iterations=(1,))
     peaks = [max(share["memory_bytes"]["total"] for share in
                  plan(settings, (256, 256, 256), ranks, "slabs")["ranks_detail"])
              for ranks in (1, 2, 4)]

@@ -11,9 +11,13 @@ from medhpc.parallel.comm import get_world
 from tests.lddmm.conftest import no_stage, register, serial_world
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
-CASES = [Settings(levels=2, iterations=(6, 3), timesteps=3),
-         Settings(metric="ncc", levels=2, iterations=(5, 3), timesteps=3, max_step_voxels=1.0),
-         Settings(metric="lncc", sigma=0.1, levels=1, iterations=(4,), timesteps=3, radius=3)]
+CASES = [Settings(method="beg", metric="ssd", levels=2, iterations=(6, 3), timesteps=3,
+                  max_step_voxels=2.0),
+         Settings(method="beg", metric="ncc", levels=2, iterations=(5, 3), timesteps=3),
+         Settings(method="beg", metric="lncc", sigma=0.1, levels=1, iterations=(4,), timesteps=3,
+                  radius=3),
+         Settings(levels=2, iterations=(6, 4), radius=2, fluid_sigma_mm=1.0,
+                  diffusion_sigma_mm=0.5, sigma_floor_voxels=1.0, tolerance=0.0)]
 
 
 def owned(grid, field):
@@ -26,7 +30,7 @@ def whole_on_root(world, compute):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("settings", CASES, ids=["ssd", "ncc", "lncc"])
+@pytest.mark.parametrize("settings", CASES, ids=["beg-ssd", "beg-ncc", "beg-lncc", "symmetric"])
 def test_slabs_equal_one_rank(small_phantom, settings):
     world = get_world()
     fixed, moving = small_phantom["fixed"], small_phantom["moving"]

@@ -13,7 +13,8 @@ from medhpc.lddmm.transform import compose_error_voxels, sample
 from medhpc.runtime.checkpoint import Checkpointer, CheckpointStop
 from tests.lddmm.conftest import QUICK, register, serial_world
 
-RECOVERY = Settings()  # the command line defaults: 3 levels, 40/20/10 iterations
+RECOVERY = Settings(method="beg", metric="ssd", levels=3, iterations=(40, 20, 10),
+                    max_step_voxels=2.0, tolerance=1e-4)
 
 
 def owned_map(result, field):
@@ -75,7 +76,7 @@ def test_self_registration_is_the_identity(small_phantom):
 
 
 def test_ncc_registration_also_recovers_and_ignores_intensity_scale(small_phantom):
-    settings = Settings(metric="ncc", levels=2, iterations=(20, 10), timesteps=4)
+    settings = Settings(method="beg", metric="ncc", levels=2, iterations=(20, 10), timesteps=4)
     moving = 3.0 * small_phantom["moving"] + 0.5
     result = register(small_phantom["fixed"], moving, settings)
     forward = owned_map(result, result.forward)
@@ -107,7 +108,8 @@ def test_gradient_step_lowers_the_energy_as_predicted(small_phantom):
     from medhpc.lddmm import kernels_cpu
     from medhpc.lddmm.grid import LevelGrid
 
-    settings = Settings(timesteps=3, levels=1, iterations=(1,), step=1e-3)
+    settings = Settings(method="beg", metric="ssd", timesteps=3, levels=1, iterations=(1,),
+                        step=1e-3)
     grid = LevelGrid.build((24, 24, 24), (1.0, 1.0, 1.0), 1, 0, 3)
     level = LevelOptimiser(serial_world(), grid, kernels_cpu, settings, small_phantom["moving"],
                            small_phantom["fixed"], no_stage)
@@ -188,7 +190,8 @@ def test_box_sum_counts_clipped_windows():
 
 
 def test_lncc_registration_recovers(small_phantom):
-    settings = Settings(metric="lncc", sigma=0.2, levels=2, iterations=(15, 8), timesteps=4)
+    settings = Settings(method="beg", metric="lncc", sigma=0.2, levels=2, iterations=(15, 8),
+                        timesteps=4)
     result = register(small_phantom["fixed"], small_phantom["moving"], settings)
     forward = owned_map(result, result.forward)
     warped = sample(small_phantom["moving_labels"],
