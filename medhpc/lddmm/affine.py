@@ -14,7 +14,9 @@ on one rank and broadcasts the matrix.
    4`` along each axis. The moving level keeps its value and world gradient per voxel.
 3. Samples: the fixed level's voxel centres inside ``fixed_mask``, at most ``samples`` of
    them (a random subset drawn with a fixed seed beyond that). A sample counts while it
-   maps inside the moving grid and not onto ``moving_mask == 0``.
+   maps inside the moving grid and its interpolation (value and gradient) reads no voxel
+   where ``moving_mask == 0``. Levels of a masked image average and smooth inside the
+   mask only.
 4. Transform: ``q = A (p - c) + c + t`` with ``c`` the centre of the fixed image (the
    centroid of ``fixed_mask`` with a mask). Rigid: ``A = exp([w]x) A0``, a rotation vector
    composed on the left at every step (about ``c + t``, where the fixed centre lands), and
@@ -219,29 +221,54 @@ def _smoothed(values: np.ndarray) -> np.ndarray:
     return first
 
 
-def _downsampled(image: _Image, factors_xyz: tuple, smooth: bool) -> _Image:
-    """Block means by ``factors_xyz`` (the trailing partial blocks dropped), smoothed if asked."""
+def _block_means(values: np.ndarray, factors_xyz: tuple) -> np.ndarray:
     fx, fy, fz = factors_xyz
-    geometry = image.geometry
     if factors_xyz == (1, 1, 1):
-        values, mask = image.values, image.mask
-    else:
-        nz, ny, nx = geometry.shape
-        shape = (nz // fz, ny // fy, nx // fx)
-        values = np.empty(shape, np.float32)
-        kernels.block_mean(image.values, fz, fy, fx, values)
-        mask = None
-        if image.mask is not None:
-            share = np.empty(shape, np.float32)
-            kernels.block_mean(image.mask.astype(np.float32), fz, fy, fx, share)
-            mask = share >= 0.5
+        return values
+    nz, ny, nx = values.shape
+    out = np.empty((nz // fz, ny // fy, nx // fx), np.float32)
+    kernels.block_mean(values, fz, fy, fx, out)
+    return out
+
+
+def _downsampled(image: _Image, factors_xyz: tuple, smooth: bool) -> _Image:
+    """Block means by ``factors_xyz`` (the trailing partial blocks dropped), smoothed if asked.
+
+    With a mask, the means and the smoothing are normalised by the mask's own (values
+    outside it never leak in), and a level voxel is in the mask when half its block is.
+    """
+    geometry = image.geometry
+    if factors_xyz != (1, 1, 1):
+        fx, fy, fz = factors_xyz
         blocks = np.eye(4)
         blocks[:3, :3] = np.diag([fx, fy, fz])
         blocks[:3, 3] = [(fx - 1) / 2, (fy - 1) / 2, (fz - 1) / 2]
-        geometry = ImageGeometry(shape, geometry.affine @ blocks)
+        nz, ny, nx = geometry.shape
+        geometry = ImageGeometry((nz // fz, ny // fy, nx // fx), geometry.affine @ blocks)
+    if image.mask is None:
+        values = _block_means(image.values, factors_xyz)
+        return _Image(_smoothed(values) if smooth else values, None, geometry)
+    weights = image.mask.astype(np.float32)
+    share = _block_means(weights, factors_xyz)
+    weighted = _block_means(np.where(image.mask, image.values, 0).astype(np.float32),
+                            factors_xyz)
+    spread = share
     if smooth:
-        values = _smoothed(values)
-    return _Image(values, mask, geometry)
+        weighted, spread = _smoothed(weighted), _smoothed(share)
+    values = np.divide(weighted, spread, out=np.zeros_like(weighted), where=spread > 0)
+    return _Image(values, share >= 0.5, geometry)
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    """``mask`` less its voxels with a face neighbour outside it (the grid's edge is inside)."""
+    out = mask.copy()
+    for axis in range(3):
+        low = [slice(None)] * 3
+        high = [slice(None)] * 3
+        low[axis], high[axis] = slice(1, None), slice(None, -1)
+        out[tuple(low)] &= mask[tuple(high)]
+        out[tuple(high)] &= mask[tuple(low)]
+    return out
 
 
 @dataclass
@@ -284,7 +311,8 @@ class _Level:
         kernels.value_gradient(moving.values, np.ascontiguousarray(self.to_voxel[:3, :3].T),
                                self.volume)
         self.use_mask = moving.mask is not None
-        self.mask = (moving.mask.astype(np.uint8) if self.use_mask
+        # a sample counts when its 8 neighbours and theirs (the gradient's) are in the mask
+        self.mask = (_eroded(moving.mask).astype(np.uint8) if self.use_mask
                      else np.zeros((1, 1, 1), np.uint8))
         n = len(candidates)
         self.values = np.empty(n)
@@ -304,7 +332,8 @@ class _Level:
             self.joint = np.empty((bins, bins))
             self.first, self.second = np.empty(12), np.empty((12, 12))
         else:
-            self.scalars, self.first, self.second = np.empty(6), np.empty((3, 12)), np.empty((12, 12))
+            self.scalars = np.empty(6)
+            self.first, self.second = np.empty((3, 12)), np.empty((12, 12))
 
     @property
     def size(self) -> int:
@@ -343,7 +372,8 @@ class _Level:
         centred_m = (sum_mj - mean_m * sum_j) / sd_m          # Jc^T m~
         centred_f = (sum_fj - mean_f * sum_j) / sd_f          # Jc^T f~
         gradient = (ncc * centred_m - centred_f) / sd_m
-        hessian = (self.second - np.outer(sum_j, sum_j) / n - np.outer(centred_m, centred_m)) / var_m
+        hessian = (self.second - np.outer(sum_j, sum_j) / n
+                   - np.outer(centred_m, centred_m)) / var_m
         return _Evaluation(1.0 - ncc, float(ncc), gradient, hessian, count)
 
     def _mutual_information(self) -> _Evaluation:
@@ -569,8 +599,8 @@ def register_affine(fixed, fixed_geometry: ImageGeometry, moving, moving_geometr
                                                            iterations, tolerance)
             counts[stage].append(used)
             if progress is not None:
-                progress(f"affine {stage} at {_mm(level.spacing_mm)} ({level.size} samples): "
-                         f"{used} evaluations, {metric} {before:.5g} -> {reached.similarity:.5g}")
+                progress(f"affine start, {stage} stage at {_mm(level.spacing_mm)} "
+                         f"({level.size} samples): {used} evaluations, {metric} {before:.5g} -> {reached.similarity:.5g}")
     finest = built[-1]
     result = _world_matrix(matrix, translation, centre)
     return AffineResult(

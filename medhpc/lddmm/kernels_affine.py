@@ -90,8 +90,9 @@ def sample_moving(volume, mask, use_mask, point_map, offsets, values, gradients,
     voxel ``point_map @ (offset, 1)`` of every sample.
 
     A sample is valid (``valid[i] = 1``) when its point lies inside the grid (``0 <= x <=
-    nx - 1`` on every axis) and, with ``use_mask``, the nearest voxel of ``mask`` (uint8,
-    the grid's shape) is not zero; ``values`` and ``gradients (n, 3)`` are zero elsewhere.
+    nx - 1`` on every axis) and, with ``use_mask``, none of its 8 neighbours is zero in
+    ``mask`` (uint8, the grid's shape); ``values`` and ``gradients (n, 3)`` are zero
+    elsewhere.
     """
     nz, ny, nx = volume.shape[0], volume.shape[1], volume.shape[2]
     for i in range(offsets.shape[0]):
@@ -106,12 +107,15 @@ def sample_moving(volume, mask, use_mask, point_map, offsets, values, gradients,
         valid[i] = 0
         if not (0.0 <= px <= nx - 1 and 0.0 <= py <= ny - 1 and 0.0 <= pz <= nz - 1):
             continue
-        if use_mask and mask[int(pz + 0.5), int(py + 0.5), int(px + 0.5)] == 0:
-            continue
         x0 = min(int(px), max(nx - 2, 0))
         y0 = min(int(py), max(ny - 2, 0))
         z0 = min(int(pz), max(nz - 2, 0))
         x1, y1, z1 = min(x0 + 1, nx - 1), min(y0 + 1, ny - 1), min(z0 + 1, nz - 1)
+        if use_mask and (mask[z0, y0, x0] == 0 or mask[z0, y0, x1] == 0
+                         or mask[z0, y1, x0] == 0 or mask[z0, y1, x1] == 0
+                         or mask[z1, y0, x0] == 0 or mask[z1, y0, x1] == 0
+                         or mask[z1, y1, x0] == 0 or mask[z1, y1, x1] == 0):
+            continue
         wx, wy, wz = px - x0, py - y0, pz - z0
         for c in range(4):
             c00 = volume[z0, y0, x0, c] * (1.0 - wx) + volume[z0, y0, x1, c] * wx
