@@ -6,7 +6,7 @@ arrays (scalars as Python numbers); layouts and conventions are those of the CPU
 
 import math
 
-from numba import cuda, float32
+from numba import cuda, float32, float64
 
 from medhpc.backend import launch_config_1d
 
@@ -192,15 +192,125 @@ def _sample_points(image, points, nearest, fill, out):
         out[i] = _blend(image, z0, z1, wz, y0, y1, wy, x0, x1, wx)
 
 
+def _filter_axis(field, axis, weights, out):
+    index = cuda.grid(1)
+    channels, planes, ny, nx = field.shape
+    if index >= channels * planes * ny * nx:
+        return
+    c = index // (planes * ny * nx)
+    z = (index // (ny * nx)) % planes
+    y = (index // nx) % ny
+    x = index % nx
+    radius = (weights.shape[0] - 1) // 2
+    total = 0.0
+    for k in range(-radius, radius + 1):
+        if axis == 2:
+            yy = y + k
+            if 0 <= yy < ny:
+                total += weights[k + radius] * field[c, z, yy, x]
+        else:
+            xx = x + k
+            if 0 <= xx < nx:
+                total += weights[k + radius] * field[c, z, y, xx]
+    out[c, z, y, x] = total
+
+
+def _filter_z(field, halo, z_first, nz_global, weights, out):
+    index = cuda.grid(1)
+    channels, owned, ny, nx = out.shape
+    if index >= channels * owned * ny * nx:
+        return
+    c = index // (owned * ny * nx)
+    zo = (index // (ny * nx)) % owned
+    y = (index // nx) % ny
+    x = index % nx
+    radius = (weights.shape[0] - 1) // 2
+    low = max(-radius, -(z_first + zo))
+    high = min(radius, nz_global - 1 - (z_first + zo))
+    total = 0.0
+    for k in range(low, high + 1):
+        total += weights[k + radius] * field[c, zo + halo + k, y, x]
+    out[c, zo, y, x] = total
+
+
+def _window_sums(moving, fixed, image_halo, z_first, nz_global, radius, scratch, out):
+    index = cuda.grid(1)
+    owned, ny, nx = out.shape[1], out.shape[2], out.shape[3]
+    if index >= owned * ny * nx:
+        return
+    zo = index // (ny * nx)
+    y = (index // nx) % ny
+    x = index % nx
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    s4 = 0.0
+    low = max(-radius, -(z_first + zo))
+    high = min(radius, nz_global - 1 - (z_first + zo))
+    for k in range(low, high + 1):
+        z = zo + image_halo + k
+        for yy in range(max(0, y - radius), min(ny, y + radius + 1)):
+            for xx in range(max(0, x - radius), min(nx, x + radius + 1)):
+                m = float64(moving[z, yy, xx])
+                f = float64(fixed[z, yy, xx])
+                s0 += m
+                s1 += f
+                s2 += m * m
+                s3 += f * f
+                s4 += m * f
+    out[0, zo, y, x] = s0
+    out[1, zo, y, x] = s1
+    out[2, zo, y, x] = s2
+    out[3, zo, y, x] = s3
+    out[4, zo, y, x] = s4
+
+
+def _correlation_force(sums, moving, fixed, image_halo, z_first, nz_global, count, epsilon,
+                       out, correlation):
+    index = cuda.grid(1)
+    owned, ny, nx = correlation.shape
+    if index >= owned * ny * nx:
+        return
+    zo = index // (ny * nx)
+    y = (index // nx) % ny
+    x = index % nx
+    k = zo + image_halo
+    zg = z_first + zo
+    mean_m = sums[0, zo, y, x] / count
+    mean_f = sums[1, zo, y, x] / count
+    var_m = sums[2, zo, y, x] - mean_m * sums[0, zo, y, x] + epsilon
+    var_f = sums[3, zo, y, x] - mean_f * sums[1, zo, y, x] + epsilon
+    cross = sums[4, zo, y, x] - mean_m * sums[1, zo, y, x]
+    product = var_m * var_f
+    correlation[zo, y, x] = cross * cross / product
+    centred_m = moving[k, y, x] - mean_m
+    centred_f = fixed[k, y, x] - mean_f
+    scale = 2.0 * cross / product
+    d_moving = scale * (centred_f - cross / var_m * centred_m)
+    d_fixed = scale * (centred_m - cross / var_f * centred_f)
+    out[0, zo, y, x] = (d_moving * _difference_3d(moving, zg, nz_global, 1, 0, 0, k, y, x)
+                        - d_fixed * _difference_3d(fixed, zg, nz_global, 1, 0, 0, k, y, x))
+    out[1, zo, y, x] = (d_moving * _difference_3d(moving, y, ny, 0, 1, 0, k, y, x)
+                        - d_fixed * _difference_3d(fixed, y, ny, 0, 1, 0, k, y, x))
+    out[2, zo, y, x] = (d_moving * _difference_3d(moving, x, nx, 0, 0, 1, k, y, x)
+                        - d_fixed * _difference_3d(fixed, x, nx, 0, 0, 1, k, y, x))
+
+
 compose_displacement_kernel = cuda.jit(_compose_displacement)
 warp_image_kernel = cuda.jit(_warp_image)
 image_gradient_kernel = cuda.jit(_image_gradient)
 jacobian_determinant_kernel = cuda.jit(_jacobian_determinant)
 similarity_force_kernel = cuda.jit(_similarity_force)
 sample_points_kernel = cuda.jit(_sample_points)
+filter_axis_kernel = cuda.jit(_filter_axis)
+filter_z_kernel = cuda.jit(_filter_z)
+window_sums_kernel = cuda.jit(_window_sums)
+correlation_force_kernel = cuda.jit(_correlation_force)
 
 _F3 = "float32[:, :, ::1]"
 _F4 = "float32[:, :, :, ::1]"
+_D4 = "float64[:, :, :, ::1]"
 PTX_SIGNATURES = {
     "compose_displacement": (_compose_displacement,
                              f"({_F4}, {_F4}, float32, int64, int64, int64, {_F4})"),
@@ -211,6 +321,12 @@ PTX_SIGNATURES = {
                          f"({_F4}, {_F3}, int64, {_F3}, {_F3}, float32, float32, float32, {_F4})"),
     "sample_points": (_sample_points,
                       "(float32[:, :, ::1], float32[:, ::1], int64, float32, float32[::1])"),
+    "filter_axis": (_filter_axis, f"({_F4}, int64, float64[::1], {_F4})"),
+    "filter_z": (_filter_z, f"({_F4}, int64, int64, int64, float64[::1], {_F4})"),
+    "window_sums": (_window_sums, f"({_F3}, {_F3}, int64, int64, int64, int64, {_D4}, {_D4})"),
+    "correlation_force": (_correlation_force,
+                          f"({_D4}, {_F3}, {_F3}, int64, int64, int64, float64, float64, "
+                          f"{_F4}, {_F3})"),
 }
 
 
@@ -249,3 +365,26 @@ def similarity_force(gradient, j0, j0_halo, j1, determinant, weight_j0, weight_j
 def sample_points(image, points, nearest, fill, out):
     """Trilinear or nearest samples at voxel positions (see the CPU twin)."""
     _launch(sample_points_kernel, points.shape[1], image, points, nearest, float32(fill), out)
+
+
+def filter_axis(field, axis, weights, out):
+    """Convolve every plane along y or x (see the CPU twin)."""
+    _launch(filter_axis_kernel, out.size, field, axis, weights, out)
+
+
+def filter_z(field, halo, z_first, nz_global, weights, out):
+    """Convolve along z onto the owned planes (see the CPU twin)."""
+    _launch(filter_z_kernel, out.size, field, halo, z_first, nz_global, weights, out)
+
+
+def window_sums(moving, fixed, image_halo, z_first, nz_global, radius, scratch, out):
+    """Window sums of m, f, m^2, f^2, m f (see the CPU twin; ``scratch`` is unused here)."""
+    _launch(window_sums_kernel, out.size // 5, moving, fixed, image_halo, z_first, nz_global,
+            radius, scratch, out)
+
+
+def correlation_force(sums, moving, fixed, image_halo, z_first, nz_global, count, epsilon,
+                      out, correlation):
+    """Local correlation and the symmetric force (see the CPU twin)."""
+    _launch(correlation_force_kernel, correlation.size, sums, moving, fixed, image_halo,
+            z_first, nz_global, float64(count), float64(epsilon), out, correlation)

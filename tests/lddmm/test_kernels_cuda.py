@@ -33,6 +33,7 @@ def case(rng):
         "det": (rng.random((OWNED,) + plane) + 0.5).astype(np.float32),
         "gradient": rng.standard_normal((3, OWNED) + plane).astype(np.float32),
         "points": (rng.random((3, 40)) * np.array(SHAPE)[:, None] * 1.2 - 0.6).astype(np.float32),
+        "sums": rng.random((5, OWNED) + plane) * 10.0,
     }
 
 
@@ -51,6 +52,19 @@ CALLS = {
                                  np.zeros(40, np.float32)], 4),
     "sample_points_nearest": (lambda c: [c["image"], c["points"], 1, -1.0,
                                          np.zeros(40, np.float32)], 4),
+    "filter_axis": (lambda c: [c["u"], 2, np.array([0.25, 0.5, 0.25]),
+                               np.zeros_like(c["u"])], 3),
+    "filter_axis_x": (lambda c: [c["u"], 3, np.array([0.1, 0.2, 0.4, 0.2, 0.1]),
+                                 np.zeros_like(c["u"])], 3),
+    "filter_z": (lambda c: [c["u"], HALO, Z_FIRST, NZ, np.array([0.1, 0.2, 0.4, 0.2, 0.1]),
+                            np.zeros((3, OWNED) + SHAPE[1:], np.float32)], 5),
+    "window_sums": (lambda c: [c["u"][0], c["u"][1], HALO, Z_FIRST, NZ, 1,
+                               np.zeros((5,) + c["u"].shape[1:]),
+                               np.zeros((5, OWNED) + SHAPE[1:])], 7),
+    "correlation_force": (lambda c: [np.abs(c["sums"]), c["j0"], c["j0"][::-1].copy(), 1,
+                                     Z_FIRST, NZ, 27.0, 1e-3,
+                                     np.zeros((3, OWNED) + SHAPE[1:], np.float32),
+                                     np.zeros((OWNED,) + SHAPE[1:], np.float32)], 8),
 }
 
 
@@ -61,7 +75,7 @@ def test_cuda_kernel_matches_cpu_twin(name):
     from numba import cuda
 
     make, out_index = CALLS[name]
-    function = name.replace("_nearest", "")
+    function = name.replace("_nearest", "").replace("filter_axis_x", "filter_axis")
     args = make(case(np.random.default_rng(7)))
     cpu_args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
     getattr(kernels_cpu, function)(*cpu_args)
