@@ -1,0 +1,160 @@
+"""The symmetric stationary-velocity method: kernels against plain references, maps,
+recovery on the phantom, masks."""
+
+import numpy as np
+import pytest
+
+from medhpc.lddmm import kernels_cpu
+from medhpc.lddmm.flows import Flows
+from medhpc.lddmm.grid import LevelGrid
+from medhpc.lddmm.optimise import Settings, auto_levels
+from medhpc.lddmm.symmetric import gaussian_taps, level_halo, level_sigmas_voxels
+from medhpc.lddmm.transform import compose_error_voxels, sample
+from tests.lddmm.conftest import no_stage, register, serial_world
+
+SYMMETRIC = Settings(levels=2, iterations=(20, 15), radius=2, tolerance=0.0)
+
+
+def convolve(volume, taps, axis):
+    """Zero-padded convolution along ``axis`` (the reference of the filters)."""
+    radius = len(taps) // 2
+    padded = np.pad(volume.astype(np.float64), [(radius, radius) if a == axis else (0, 0)
+                                                for a in range(volume.ndim)])
+    out = np.zeros(volume.shape)
+    for k, tap in enumerate(taps):
+        out += tap * np.take(padded, np.arange(k, k + volume.shape[axis]), axis=axis)
+    return out
+
+
+def test_filters_equal_zero_padded_convolution():
+    rng = np.random.default_rng(0)
+    field = rng.standard_normal((2, 9, 7, 8)).astype(np.float32)
+    taps = gaussian_taps(1.2)
+    for axis in (2, 3):
+        out = np.empty_like(field)
+        kernels_cpu.filter_axis(field, axis, taps, out)
+        np.testing.assert_allclose(out, convolve(field, taps, axis), atol=1e-5)
+    halo, z_first, nz = len(taps) // 2, 0, 9
+    haloed = np.zeros((2, nz + 2 * halo, 7, 8), np.float32)
+    haloed[:, halo:halo + nz] = field
+    out = np.empty_like(field)
+    kernels_cpu.filter_z(haloed, halo, z_first, nz, taps, out)
+    np.testing.assert_allclose(out, convolve(field, taps, 1), atol=1e-5)
+
+
+def test_window_sums_equal_brute_force_cubes():
+    rng = np.random.default_rng(1)
+    moving, fixed = rng.random((2, 6, 7, 5)).astype(np.float32)
+    radius = 2
+    padded = [np.pad(image, radius) for image in (moving, fixed)]
+    sums = np.empty((5, 6, 7, 5))
+    kernels_cpu.window_sums(padded[0][:, radius:-radius, radius:-radius].copy(),
+                            padded[1][:, radius:-radius, radius:-radius].copy(), radius, 0, 6,
+                            radius, np.empty((5, 10, 7, 5)), sums)
+    m, f = padded
+    for z, y, x in [(0, 0, 0), (2, 3, 1), (5, 6, 4), (3, 0, 4)]:
+        cube = np.s_[z:z + 5, y:y + 5, x:x + 5]
+        expected = [m[cube].sum(), f[cube].sum(), (m[cube] ** 2).sum(), (f[cube] ** 2).sum(),
+                    (m[cube] * f[cube]).sum()]
+        np.testing.assert_allclose(sums[:, z, y, x], expected, rtol=1e-6)
+
+
+def test_correlation_force_is_the_window_centre_derivative():
+    """Along the force, the correlation of the centre window rises at first order."""
+    rng = np.random.default_rng(2)
+    moving, fixed = rng.random((2, 5, 5, 5)).astype(np.float32)
+    ghosts = lambda image: np.pad(image, ((1, 1), (0, 0), (0, 0)))  # noqa: E731
+    sums = np.empty((5, 5, 5, 5))
+    kernels_cpu.window_sums(ghosts(moving), ghosts(fixed), 1, 0, 5, 2,
+                            np.empty((5, 7, 5, 5)), sums)
+    force = np.empty((3, 5, 5, 5), np.float32)
+    correlation = np.empty((5, 5, 5), np.float32)
+    kernels_cpu.correlation_force(sums, ghosts(moving), ghosts(fixed), 1, 0, 5, 125.0, 1e-5,
+                                  force, correlation)
+    m, f = moving.astype(np.float64), fixed.astype(np.float64)
+    cc = np.corrcoef(m.ravel(), f.ravel())[0, 1] ** 2
+    assert correlation[2, 2, 2] == pytest.approx(cc, rel=1e-4)
+    # d cc / d m at the centre voxel, by finite differences of the whole-window correlation
+    step = 1e-4
+    bumped = m.copy()
+    bumped[2, 2, 2] += step
+    numeric = (np.corrcoef(bumped.ravel(), f.ravel())[0, 1] ** 2 - cc) / step
+    gradient = np.array(np.gradient(m))[:, 2, 2, 2]
+    bumped_f = f.copy()
+    bumped_f[2, 2, 2] += step
+    numeric_f = (np.corrcoef(m.ravel(), bumped_f.ravel())[0, 1] ** 2 - cc) / step
+    expected = numeric * gradient - numeric_f * np.array(np.gradient(f))[:, 2, 2, 2]
+    np.testing.assert_allclose(force[:, 2, 2, 2], expected, rtol=2e-2, atol=1e-6)
+
+
+def test_exponentials_of_v_and_minus_v_are_inverse():
+    """Composing exp(v) with exp(-v) gives the identity up to the steps' first-order error,
+    which falls with the step."""
+    from medhpc.phantoms.lddmm import random_displacement
+
+    shape = (20, 20, 20)
+    velocity = random_displacement(shape, amplitude_voxels=2.5, seed=4).astype(np.float32)
+    grid = LevelGrid.build(shape, (1.0, 1.0, 1.0), 1, 0, 3)
+    errors = []
+    for max_step in (1.0, 0.5):
+        flows = Flows(serial_world(), grid, kernels_cpu, 1, max_step, no_stage)
+        forward, inverse = flows.exponential(velocity, 1.0), flows.exponential(velocity, -1.0)
+        owned = np.s_[:, 3:-3]
+        error = compose_error_voxels(forward[owned], inverse[owned])
+        errors.append(float(np.mean(error[3:-3, 3:-3, 3:-3])))
+    assert errors[0] < 0.1
+    assert errors[1] < 0.8 * errors[0]
+
+
+def test_sigmas_are_millimetres_where_the_grid_resolves_them():
+    settings = Settings()
+    assert level_sigmas_voxels(settings, 1.0) == (3.0, 1.5)
+    assert level_sigmas_voxels(settings, 2.0) == (1.5, 0.75)
+    assert level_sigmas_voxels(settings, 8.0) == (1.5, 0.75)  # the floor
+    assert level_halo(settings, 2.0) == 5
+    assert auto_levels((91, 109, 91), (2.0, 2.0, 2.0)) == 3
+    assert auto_levels((182, 218, 182), (1.0, 1.0, 1.0)) == 4
+    assert auto_levels((24, 24, 24), (1.0, 1.0, 1.0)) == 1
+
+
+@pytest.fixture(scope="module")
+def symmetric_result(phantom32):
+    return register(phantom32["fixed"], phantom32["moving"], SYMMETRIC)
+
+
+def test_phantom_tissues_are_recovered_without_folding(phantom32, symmetric_result):
+    result = symmetric_result
+    halo = result.grid.halo
+    forward = result.forward[:, halo:-halo]
+    points = np.indices(forward.shape[1:], dtype=np.float32) + forward
+    warped = sample(phantom32["moving_labels"], points, "label")
+    for tissue in (2, 3):
+        a, b = phantom32["moving_labels"] == tissue, phantom32["fixed_labels"] == tissue
+        before = 2 * np.sum(a & b) / (a.sum() + b.sum())
+        c = warped == tissue
+        after = 2 * np.sum(c & b) / (c.sum() + b.sum())
+        assert after >= 0.93 and after > before + 0.03, (tissue, before, after)
+    flows = Flows(serial_world(), result.grid, kernels_cpu, 1, 1.0, no_stage)
+    assert np.min(flows.determinant(result.forward)) > 0
+    correlations = [entry["energy"] for entry in result.history if entry["level"] == 1]
+    assert correlations[-1] < correlations[0]
+
+
+def test_masks_keep_what_lies_outside_their_reach_out(phantom32):
+    """Noise beyond the fixed mask's reach (window + displacement) leaves the result alone."""
+    fixed, moving = phantom32["fixed"], phantom32["moving"]
+    mask = np.zeros(fixed.shape, np.float32)
+    mask[:, :, :14] = 1.0
+    noisy = moving.copy()
+    noisy[:, :, 24:] += np.random.default_rng(5).random(noisy[:, :, 24:].shape).astype(
+        np.float32)
+    settings = Settings(levels=1, iterations=(10,), radius=2, tolerance=0.0,
+                        fluid_sigma_mm=1.0, diffusion_sigma_mm=0.5, sigma_floor_voxels=1.0)
+    from medhpc.lddmm.register import Registration
+
+    results = [Registration(serial_world(), kernels_cpu, settings, fixed, image, (1, 1, 1),
+                            no_stage, fixed_mask=mask).run() for image in (moving, noisy)]
+    np.testing.assert_array_equal(results[0].velocity[0], results[1].velocity[0])
+    unmasked = Registration(serial_world(), kernels_cpu, settings, fixed, noisy, (1, 1, 1),
+                            no_stage).run()
+    assert not np.array_equal(unmasked.velocity[0], results[1].velocity[0])
