@@ -125,14 +125,19 @@ def _lps_parts(geometry: ImageGeometry):
     return affine[:3, 3].tolist(), spacing.tolist(), (affine[:3, :3] / spacing).ravel().tolist()
 
 
-def _matrix_from_points(transform_point) -> np.ndarray:
-    """The 4x4 RAS matrix of an ITK-style point map (LPS fixed to LPS moving), probed."""
+def _lps_matrix(transform_point) -> np.ndarray:
+    """The 4x4 LPS matrix of an ITK-style point map (fixed to moving), probed at 4 points."""
     probes = np.array([[0, 0, 0], [100, 0, 0], [0, 100, 0], [0, 0, 100]], np.float64)
     moved = np.array([transform_point(tuple(map(float, p))) for p in probes])
     lps = np.eye(4)
     lps[:3, :3] = ((moved[1:] - moved[0]) / 100.0).T
     lps[:3, 3] = moved[0]
-    return LPS @ lps @ LPS
+    return lps
+
+
+def _matrix_from_points(transform_point) -> np.ndarray:
+    """The 4x4 RAS matrix (fixed world to moving world) of an ITK-style point map."""
+    return LPS @ _lps_matrix(transform_point) @ LPS
 
 
 def run_simpleitk(data) -> dict:
@@ -174,12 +179,13 @@ def run_simpleitk(data) -> dict:
     rigid = method()
     rigid.SetInitialTransform(initial, inPlace=False)
     euler = rigid.Execute(fixed, moving)
-    euler = sitk.Euler3DTransform(euler) if euler.GetName() == "Euler3DTransform" else \
-        euler.Downcast()
+    lps = _lps_matrix(euler.TransformPoint)
+    centre = np.array(fixed.TransformContinuousIndexToPhysicalPoint(
+        [(n - 1) / 2 for n in fixed.GetSize()]))
     affine = sitk.AffineTransform(3)
-    affine.SetCenter(euler.GetCenter())
-    affine.SetMatrix(euler.GetMatrix())
-    affine.SetTranslation(euler.GetTranslation())
+    affine.SetCenter(centre.tolist())
+    affine.SetMatrix(lps[:3, :3].ravel().tolist())
+    affine.SetTranslation((lps[:3, :3] @ centre + lps[:3, 3] - centre).tolist())
     stage = method()
     stage.SetInitialTransform(affine, inPlace=False)
     result = stage.Execute(fixed, moving)

@@ -441,7 +441,8 @@ def _levels(fixed: _Image, moving: _Image, levels_mm) -> list[tuple]:
 
 def _centre_of_mass(image: _Image) -> np.ndarray:
     """Intensity-weighted centre (world mm) of ``image - its minimum`` inside its mask."""
-    weights = image.values.astype(np.float64) - float(image.values.min())
+    inside = image.values[image.mask] if image.mask is not None else image.values
+    weights = image.values.astype(np.float64) - float(inside.min())
     if image.mask is not None:
         weights = weights * image.mask
     total = weights.sum()
@@ -600,7 +601,8 @@ def register_affine(fixed, fixed_geometry: ImageGeometry, moving, moving_geometr
             counts[stage].append(used)
             if progress is not None:
                 progress(f"affine start, {stage} stage at {_mm(level.spacing_mm)} "
-                         f"({level.size} samples): {used} evaluations, {metric} {before:.5g} -> {reached.similarity:.5g}")
+                         f"({level.size} samples): {used} evaluations, {metric} {before:.5g} "
+                         f"-> {reached.similarity:.5g}")
     finest = built[-1]
     result = _world_matrix(matrix, translation, centre)
     return AffineResult(

@@ -2,6 +2,8 @@
 synthetic volume and on real anatomy; MI across an intensity remapping; identity kept;
 bad inputs stopped with one line."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -90,6 +92,7 @@ def test_affine_motion_is_recovered_at_the_corners(scene):
     assert set(result.iterations) == {"rigid", "affine"}
     assert all(len(v) == len(result.levels_mm) for v in result.iterations.values())
     assert result.metric_after > 0.999 > result.metric_before
+    assert json.loads(json.dumps(result.record()))["stages"] == ["rigid", "affine"]
     # the convention: M_F(y) = M(A_M^-1 T A_F y) lands on the fixed image
     on_fixed = resample_to_fixed(moving, moving_geometry, fixed_geometry, result.matrix)
     assert np.corrcoef(on_fixed.ravel(), fixed.ravel())[0, 1] > 0.999
@@ -224,3 +227,4 @@ def test_mni152_with_a_rotated_header_and_a_bias_field():
         result = register_affine(coarse, geometry, moving, moving_geometry, mode=mode)
         # measured: 0.52 mm affine, 0.35 mm rigid (start: 30.5 mm)
         assert corner_error_mm(result.matrix, truth, geometry) < 0.5 * spacing, mode
+        assert result.levels_mm == ((8.0,) * 3, (4.0,) * 3)  # none finer than the image
