@@ -86,10 +86,11 @@ def initial_affine(initial: str, fixed, fixed_geometry, moving, moving_geometry,
 
     result = register_affine(fixed, fixed_geometry, moving, moving_geometry, mode=initial,
                              metric="ncc", fixed_mask=fixed_mask, moving_mask=moving_mask)
-    record = {"initial_transform": initial}
-    for key in ("metric_before", "metric_after", "iterations", "stages"):
-        if hasattr(result, key):
-            record[key] = getattr(result, key)
+    record = {"initial_transform": initial, "ncc_before": float(result.metric_before),
+              "ncc_after": float(result.metric_after), "stages": list(result.stages)}
+    if not result.metric_after > result.metric_before:
+        record["kept"] = "identity (the headers align the images best)"
+        return np.eye(4), record
     return np.asarray(result.matrix, np.float64), record
 
 

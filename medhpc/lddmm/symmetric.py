@@ -10,7 +10,9 @@ middle space moves the moving side by ``+w`` and the fixed side by ``-w``; to fi
 1. ``exp(+v / 2)``, ``exp(-v / 2)`` by semi-Lagrangian steps; both images warped;
 2. window sums, local correlation and the force ``dm grad m - df grad f``;
 3. the force smoothed by a Gaussian (``fluid`` sigma) and scaled so that its longest
-   vector is ``update_voxels``;
+   vector is ``update_voxels`` (proportionally less when the longest is below
+   ``FORCE_FLOOR``, a correlation gain per voxel moved that only noise gives: images that
+   already agree stay put);
 4. ``v <- G_diffusion * (v + 2 w)``.
 
 A level ends after its iterations, or when the mean correlation rose by less than
@@ -31,6 +33,7 @@ from medhpc.parallel.comm import World
 from medhpc.parallel.slabs import exchange_halos
 
 PATIENCE = 5
+FORCE_FLOOR = 1e-3
 CORRELATION_EPSILON = 1e-5
 GAUSSIAN_TRUNCATE = 3.0
 
@@ -172,7 +175,7 @@ class SymmetricOptimiser:
             longest = self.world.max(local)
         if longest <= 0:
             return velocity
-        scale = 2.0 * self.settings.update_voxels / longest
+        scale = 2.0 * self.settings.update_voxels / max(longest, FORCE_FLOOR)
         return self.smooth(velocity + np.float32(scale) * smoothed, self.diffusion_taps)
 
     # -- iteration ------------------------------------------------------------------------

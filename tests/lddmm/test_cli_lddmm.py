@@ -66,14 +66,15 @@ def test_registration_writes_every_output_on_the_fixed_grid(registered, phantom_
         np.testing.assert_allclose(warp.affine, fixed_affine, atol=1e-5)
     from medhpc.lddmm.itk import read_affine
 
-    np.testing.assert_array_equal(read_affine(registered / "affine.txt"), np.eye(4))
+    affine = read_affine(registered / "affine.txt")  # the affine start: small for this pair
+    np.testing.assert_allclose(affine[:3, :3], np.eye(3), atol=0.2)
     jacobian, _ = load(registered / "jacobian.nii.gz")
     log = json.loads((registered / "log.json").read_text())
     assert log["folded_share"] == 0.0 and jacobian.min() > 0
     assert log["inverse_consistency_mean_voxels"] < 0.05
     assert {"energy", "similarity", "regularity", "level"} <= set(log["history"][1])
     stages = {stage["name"] for stage in log["timings"]["stages"]}
-    assert {"read inputs", "compose maps", "fft smoothing", "write outputs"} <= stages
+    assert {"read inputs", "compose maps", "smoothing", "write outputs"} <= stages
 
 
 def test_apply_warps_labels_to_the_fixed_labels(registered, phantom_files, tmp_path):
