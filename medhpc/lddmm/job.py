@@ -117,8 +117,9 @@ def read_inputs(fixed_path, moving_path, initial="none", normalise="minmax", fix
     if fixed_geometry.same_grid(moving_geometry) and identity:
         on_fixed = moving_scaled
     else:
-        on_fixed = transforms.resample(moving_scaled, moving_geometry, fixed_geometry,
+        on_fixed = transforms.resample(moving_scaled, moving_geometry, fixed_geometry, "cubic",
                                        world=None if identity else affine)
+        on_fixed = np.clip(on_fixed, 0.0, None)
         if not np.any(on_fixed > 0):
             raise InputError(f"{moving_path}: does not overlap the fixed image "
                              f"{fixed_path} in world space; expected images of the same anatomy")

@@ -318,11 +318,25 @@ def filter_z(field, halo, z_first, nz_global, weights, out):
                 out[c, zo, y, x] = plane[y, x]
 
 
+@numba.njit(inline="always")
+def _window_product(m, f, q):
+    if q == 0:
+        return m
+    if q == 1:
+        return f
+    if q == 2:
+        return m * m
+    if q == 3:
+        return f * f
+    return m * f
+
+
 @numba.njit(parallel=True, cache=True)
 def window_sums(moving, fixed, image_halo, z_first, nz_global, radius, scratch, out):
     """Sums of ``m``, ``f``, ``m^2``, ``f^2``, ``m f`` over cubes of ``2 radius + 1`` voxels.
 
-    Voxels beyond the volume count as zero (the cube keeps its size).
+    Voxels beyond the volume count as zero (the cube keeps its size). Running sums along
+    x, then sliding windows along y and z: a few additions per voxel whatever the radius.
 
     Parameters
     ----------
@@ -334,59 +348,56 @@ def window_sums(moving, fixed, image_halo, z_first, nz_global, radius, scratch, 
     """
     planes, ny, nx = moving.shape
     owned = out.shape[1]
-    for z in numba.prange(planes):
-        row = np.empty((5, nx + 1), np.float64)
-        column = np.empty((5, ny, nx), np.float64)
+    for item in numba.prange(planes * 5):
+        z = item // 5
+        q = item % 5
+        prefix = np.empty(nx + 1, np.float64)
+        along_x = np.empty((ny, nx), np.float64)
         for y in range(ny):
-            for q in range(5):
-                row[q, 0] = 0.0
+            prefix[0] = 0.0
             for x in range(nx):
-                m = np.float64(moving[z, y, x])
-                f = np.float64(fixed[z, y, x])
-                row[0, x + 1] = row[0, x] + m
-                row[1, x + 1] = row[1, x] + f
-                row[2, x + 1] = row[2, x] + m * m
-                row[3, x + 1] = row[3, x] + f * f
-                row[4, x + 1] = row[4, x] + m * f
+                prefix[x + 1] = prefix[x] + _window_product(np.float64(moving[z, y, x]),
+                                                            np.float64(fixed[z, y, x]), q)
             for x in range(nx):
-                high = min(nx, x + radius + 1)
-                low = max(0, x - radius)
-                for q in range(5):
-                    scratch[q, z, y, x] = row[q, high] - row[q, low]
-        window = np.zeros((5, nx), np.float64)
+                along_x[y, x] = prefix[min(nx, x + radius + 1)] - prefix[max(0, x - radius)]
+        window = np.zeros(nx, np.float64)
         for y in range(min(radius, ny - 1) + 1):
-            for q in range(5):
-                for x in range(nx):
-                    window[q, x] += scratch[q, z, y, x]
+            for x in range(nx):
+                window[x] += along_x[y, x]
         for y in range(ny):
-            for q in range(5):
-                for x in range(nx):
-                    column[q, y, x] = window[q, x]
+            for x in range(nx):
+                scratch[q, z, y, x] = window[x]
             entering, leaving = y + radius + 1, y - radius
             if entering < ny:
-                for q in range(5):
-                    for x in range(nx):
-                        window[q, x] += scratch[q, z, entering, x]
+                for x in range(nx):
+                    window[x] += along_x[entering, x]
             if leaving >= 0:
-                for q in range(5):
-                    for x in range(nx):
-                        window[q, x] -= scratch[q, z, leaving, x]
-        for q in range(5):
+                for x in range(nx):
+                    window[x] -= along_x[leaving, x]
+    for q in numba.prange(5):
+        window = np.zeros((ny, nx), np.float64)
+        for zo in range(owned):
+            low = max(-radius, -(z_first + zo))
+            high = min(radius, nz_global - 1 - (z_first + zo))
+            if zo == 0:
+                for k in range(low, high + 1):
+                    for y in range(ny):
+                        for x in range(nx):
+                            window[y, x] += scratch[q, image_halo + k, y, x]
+            else:
+                previous_low = max(-radius, -(z_first + zo - 1)) + zo - 1
+                previous_high = min(radius, nz_global - 1 - (z_first + zo - 1)) + zo - 1
+                if high + zo > previous_high:
+                    for y in range(ny):
+                        for x in range(nx):
+                            window[y, x] += scratch[q, image_halo + zo + high, y, x]
+                if low + zo > previous_low:
+                    for y in range(ny):
+                        for x in range(nx):
+                            window[y, x] -= scratch[q, image_halo + previous_low, y, x]
             for y in range(ny):
                 for x in range(nx):
-                    scratch[q, z, y, x] = column[q, y, x]
-    for zo in numba.prange(owned):
-        low = max(-radius, -(z_first + zo))
-        high = min(radius, nz_global - 1 - (z_first + zo))
-        for q in range(5):
-            for y in range(ny):
-                for x in range(nx):
-                    out[q, zo, y, x] = 0.0
-        for k in range(low, high + 1):
-            for q in range(5):
-                for y in range(ny):
-                    for x in range(nx):
-                        out[q, zo, y, x] += scratch[q, zo + image_halo + k, y, x]
+                    out[q, zo, y, x] = window[y, x]
 
 
 @numba.njit(parallel=True, cache=True)
@@ -417,26 +428,43 @@ def correlation_force(sums, moving, fixed, image_halo, z_first, nz_global, count
     owned, ny, nx = correlation.shape
     m4 = moving.reshape((1,) + moving.shape)
     f4 = fixed.reshape((1,) + fixed.shape)
+    inverse_count = 1.0 / count
     for zo in numba.prange(owned):
         k = zo + image_halo
         zg = z_first + zo
+        inside_z = 0 < zg < nz_global - 1
         for y in range(ny):
+            inside_y = inside_z and 0 < y < ny - 1
             for x in range(nx):
-                mean_m = sums[0, zo, y, x] / count
-                mean_f = sums[1, zo, y, x] / count
-                var_m = sums[2, zo, y, x] - mean_m * sums[0, zo, y, x] + epsilon
-                var_f = sums[3, zo, y, x] - mean_f * sums[1, zo, y, x] + epsilon
-                cross = sums[4, zo, y, x] - mean_m * sums[1, zo, y, x]
-                product = var_m * var_f
-                correlation[zo, y, x] = cross * cross / product
+                s_m = sums[0, zo, y, x]
+                s_f = sums[1, zo, y, x]
+                mean_m = s_m * inverse_count
+                mean_f = s_f * inverse_count
+                var_m = sums[2, zo, y, x] - mean_m * s_m + epsilon
+                var_f = sums[3, zo, y, x] - mean_f * s_f + epsilon
+                cross = sums[4, zo, y, x] - mean_m * s_f
+                inverse_product = 1.0 / (var_m * var_f)
+                correlation[zo, y, x] = cross * cross * inverse_product
                 centred_m = moving[k, y, x] - mean_m
                 centred_f = fixed[k, y, x] - mean_f
-                scale = 2.0 * cross / product
-                d_moving = scale * (centred_f - cross / var_m * centred_m)
-                d_fixed = scale * (centred_m - cross / var_f * centred_f)
-                out[0, zo, y, x] = (d_moving * _difference(m4, 0, zg, nz_global, 1, 0, 0, k, y, x)
-                                    - d_fixed * _difference(f4, 0, zg, nz_global, 1, 0, 0, k, y, x))
-                out[1, zo, y, x] = (d_moving * _difference(m4, 0, y, ny, 0, 1, 0, k, y, x)
-                                    - d_fixed * _difference(f4, 0, y, ny, 0, 1, 0, k, y, x))
-                out[2, zo, y, x] = (d_moving * _difference(m4, 0, x, nx, 0, 0, 1, k, y, x)
-                                    - d_fixed * _difference(f4, 0, x, nx, 0, 0, 1, k, y, x))
+                scale = 2.0 * cross * inverse_product
+                ratio = cross * inverse_product
+                d_moving = scale * (centred_f - ratio * var_f * centred_m)
+                d_fixed = scale * (centred_m - ratio * var_m * centred_f)
+                if inside_y and 0 < x < nx - 1:
+                    gm_z = 0.5 * (moving[k + 1, y, x] - moving[k - 1, y, x])
+                    gm_y = 0.5 * (moving[k, y + 1, x] - moving[k, y - 1, x])
+                    gm_x = 0.5 * (moving[k, y, x + 1] - moving[k, y, x - 1])
+                    gf_z = 0.5 * (fixed[k + 1, y, x] - fixed[k - 1, y, x])
+                    gf_y = 0.5 * (fixed[k, y + 1, x] - fixed[k, y - 1, x])
+                    gf_x = 0.5 * (fixed[k, y, x + 1] - fixed[k, y, x - 1])
+                else:
+                    gm_z = _difference(m4, 0, zg, nz_global, 1, 0, 0, k, y, x)
+                    gm_y = _difference(m4, 0, y, ny, 0, 1, 0, k, y, x)
+                    gm_x = _difference(m4, 0, x, nx, 0, 0, 1, k, y, x)
+                    gf_z = _difference(f4, 0, zg, nz_global, 1, 0, 0, k, y, x)
+                    gf_y = _difference(f4, 0, y, ny, 0, 1, 0, k, y, x)
+                    gf_x = _difference(f4, 0, x, nx, 0, 0, 1, k, y, x)
+                out[0, zo, y, x] = d_moving * gm_z - d_fixed * gf_z
+                out[1, zo, y, x] = d_moving * gm_y - d_fixed * gf_y
+                out[2, zo, y, x] = d_moving * gm_x - d_fixed * gf_x

@@ -65,13 +65,13 @@ class Settings:
     levels: int = 0
     iterations: tuple = (30,)
     step: float = 0.2
-    tolerance: float = 1e-3
-    max_step_voxels: float = 1.0
-    radius: int = 4
+    tolerance: float = 0.0
+    max_step_voxels: float = 2.0
+    radius: int = 3
     fluid_sigma_mm: float = 3.0
     diffusion_sigma_mm: float = 1.5
     sigma_floor_voxels: float = 1.5
-    update_voxels: float = 0.5
+    update_voxels: float = 1.0
 
     @property
     def metric_v(self) -> Metric:
