@@ -576,8 +576,8 @@ def warm_up(args, work: Path, configurations, ranks_list) -> None:
 # -- tables ---------------------------------------------------------------------------------
 def brief(row: dict) -> str:
     if "failed" in row:
-        return "failed: " + row["failed"].strip().splitlines()[-1][:200] if row["failed"].strip() \
-            else "failed"
+        lines = row["failed"].strip().splitlines()
+        return "failed: " + lines[-1][:200] if lines else "failed"
     parts = []
     if "cpu_s" in row:
         parts.append(f"{row['cpu_s']:.1f} CPU-s, {row['wall_s']:.1f} s")
