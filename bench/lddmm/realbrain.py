@@ -656,7 +656,7 @@ def markdown(results: dict) -> str:
 
 # -- main -----------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true",
                         help="one small pair (composed:0, downsample 2): a smoke test")
     parser.add_argument("--pairs", default="composed:0,local:0",
