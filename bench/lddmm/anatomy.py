@@ -34,9 +34,11 @@ Families (each a diffeomorphism: ``det DT > 0`` is checked on the fixed grid and
   brain; ``amplitude_mm`` (default 4.0) is the largest displacement over the fixed grey
   and white matter, not the mean.
 
-The smooth fields live on a fixed 4 mm world grid, so a seed gives the same ``T`` at every
-resolution and ``downsample`` (block means of the template; the map stays exact); only the
-scale of the noise families is fitted on the pair's own grid.
+The fields are functions of world position (the noise fields sampled by cubic B-spline from
+a fixed 4 mm world grid, the others analytic), so a seed gives the same ``T`` at every
+resolution and ``downsample`` (block means of the template; the map stays exact) up to one
+overall scale, fitted on the pair's own grey and white matter (to the mean displacement, or
+the largest for ``local``).
 """
 
 from __future__ import annotations

@@ -41,6 +41,8 @@ registration gets after nearest-neighbour resampling.
 Writes ``bench/results/lddmm-realbrain-<date>.json`` (machine, versions, every parameter,
 every row) and prints Markdown tables: medians over the pairs, then per pair, then the
 rotated-header pair. ``--quick``: one pair (composed:0 at downsample 2) for a smoke test.
+``--work DIR`` keeps the pairs and every tool's output; ``--rescore RESULTS.json --work DIR``
+scores those outputs again without registering (a new results file, costs kept).
 """
 
 from __future__ import annotations
@@ -394,13 +396,19 @@ def own_warp(tool: str, pair: Path, out: Path) -> np.ndarray | None:
 
 def map_check(tool: str, pair: Path, out: Path, pair_data: dict, world_map) -> float | None:
     """Largest ``|moving at the map - the tool's own warp|`` inside the fixed head, as a share
-    of the moving image's 99th percentile (~1e-6 when the map is the tool's transform)."""
+    of the moving image's 99th percentile (~1e-6 when the map is the tool's transform).
+
+    Only where the map lands inside the moving grid: beyond it the tools extrapolate in their
+    own ways (the template's brain reaches the grid's lowest plane)."""
     own = own_warp(tool, pair, out)
     if own is None:
         return None
     moving = np.asarray(pair_data["moving"], np.float64)
-    ours = anatomy.sample(moving, anatomy.world_to_voxel(pair_data["moving_affine"], world_map))
+    voxels = anatomy.world_to_voxel(pair_data["moving_affine"], np.asarray(world_map, np.float64))
+    ours = anatomy.sample(moving, voxels)
     inside = pair_data["fixed_labels"] > 0
+    for axis, n in enumerate(moving.shape):
+        inside &= (voxels[axis] >= 0) & (voxels[axis] <= n - 1)
     return float(np.max(np.abs(ours - own)[inside]) / np.percentile(moving, 99))
 
 
@@ -483,43 +491,73 @@ def medhpc_configurations(values) -> list[tuple[str, str]]:
     return configurations
 
 
+def output_folder(work: Path, pair: Path, row: dict) -> Path | None:
+    """Where a row's registration wrote its transform (``None`` for identity and truth)."""
+    if row["tool"] == "medhpc":
+        return work / pair.name / f"medhpc-{row['configuration'].replace(' ', '_')}-{row['ranks']}"
+    return work / pair.name / row["tool"] if row["tool"] in PEERS else None
+
+
+def score_row(row: dict, pair: Path, pair_data: dict, out: Path | None) -> dict:
+    """Add the scores (and the map check) of a row whose registration is done."""
+    if "failed" in row:
+        return row
+    if row["tool"] == "identity":
+        world_map = anatomy.identity_map(pair_data["fixed_affine"], pair_data["fixed"].shape)
+    elif row["tool"] == "truth":
+        world_map = pair_data["true_map"]
+    else:
+        world_map = recovered_map(row["tool"], pair, out, pair_data["fixed_affine"])
+    row.update(score(pair_data, world_map))
+    if out is not None:
+        row["output"] = str(out)
+        row["map_check"] = map_check(row["tool"], pair, out, pair_data, world_map)
+    return row
+
+
 def run_pair(args, pair: Path, tools, work: Path, configurations, ranks_list) -> list[dict]:
     pair_data = anatomy.read_pair(pair)
-    fixed_affine = pair_data["fixed_affine"]
-    shape = pair_data["fixed"].shape
     rows = []
 
-    def add(row, world_map=None, out=None):
-        if world_map is not None:
-            row.update(score(pair_data, world_map))
-            if out is not None:
-                row["map_check"] = map_check(row["tool"], pair, out, pair_data, world_map)
-        rows.append(row)
+    def add(row):
+        rows.append(score_row(row, pair, pair_data, output_folder(work, pair, row)))
         print(f"  {row['label']}: {brief(row)}", file=sys.stderr)
 
-    if "identity" in tools:
-        add({"tool": "identity", "label": LABELS["identity"]},
-            anatomy.identity_map(fixed_affine, shape))
-    if "truth" in tools:
-        add({"tool": "truth", "label": LABELS["truth"]}, pair_data["true_map"])
+    for tool in ("identity", "truth"):
+        if tool in tools:
+            add({"tool": tool, "label": LABELS[tool]})
     if "medhpc" in tools:
         for label, extra in configurations:
             for ranks in ranks_list:
-                out = work / pair.name / f"medhpc-{label.replace(' ', '_')}-{ranks}"
-                report = run_medhpc(args, pair, out, ranks, extra)
                 row = {"tool": "medhpc", "label": f"medhpc lddmm {label}, {ranks} rank(s)",
-                       "configuration": label, "medhpc_args": extra, "ranks": ranks, **report}
-                add(row, None if "failed" in report else
-                    recovered_map("medhpc", pair, out, fixed_affine), out)
+                       "configuration": label, "medhpc_args": extra, "ranks": ranks}
+                row.update(run_medhpc(args, pair, output_folder(work, pair, row), ranks, extra))
+                add(row)
     for tool in PEERS:
-        if tool not in tools:
-            continue
-        out = work / pair.name / tool
-        report = run_peer(args, tool, pair, out)
-        row = {"tool": tool, "label": LABELS[tool], "parameters": PARAMETERS[tool], **report}
-        add(row, None if "failed" in report else recovered_map(tool, pair, out, fixed_affine),
-            out)
+        if tool in tools:
+            row = {"tool": tool, "label": LABELS[tool], "parameters": PARAMETERS[tool]}
+            row.update(run_peer(args, tool, pair, output_folder(work, pair, row)))
+            add(row)
     return rows
+
+
+def rescore(path: Path, work: Path) -> dict:
+    """Score the registrations of an earlier run again from their outputs under ``work``
+    (nothing is registered again); costs and parameters are kept."""
+    results = json.loads(path.read_text())
+    for entry in results["pairs"]:
+        pair = work / entry.get("folder", f"{entry['name']}-r{results['resolution_mm']}"
+                                          f"-d{results['downsample']}")
+        pair_data = anatomy.read_pair(pair)
+        print(f"{entry['name']}:", file=sys.stderr)
+        for row in entry["rows"]:
+            score_row(row, pair, pair_data, output_folder(work, pair, row))
+            print(f"  {row['label']}: {brief(row)}", file=sys.stderr)
+    results["medians"] = median_rows([p for p in results["pairs"]
+                                      if not p["rotate_header_deg"]])
+    results["rescored"] = {"from": str(path), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                           "machine": machine()}
+    return results
 
 
 def warm_up(args, work: Path, configurations, ranks_list) -> None:
@@ -538,8 +576,8 @@ def warm_up(args, work: Path, configurations, ranks_list) -> None:
 # -- tables ---------------------------------------------------------------------------------
 def brief(row: dict) -> str:
     if "failed" in row:
-        return "failed: " + row["failed"].strip().splitlines()[-1][:200] if row["failed"].strip() \
-            else "failed"
+        lines = row["failed"].strip().splitlines()
+        return "failed: " + lines[-1][:200] if lines else "failed"
     parts = []
     if "cpu_s" in row:
         parts.append(f"{row['cpu_s']:.1f} CPU-s, {row['wall_s']:.1f} s")
@@ -618,7 +656,7 @@ def markdown(results: dict) -> str:
 
 # -- main -----------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true",
                         help="one small pair (composed:0, downsample 2): a smoke test")
     parser.add_argument("--pairs", default="composed:0,local:0",
@@ -641,6 +679,9 @@ def main(argv=None) -> int:
                         "[default: a temporary folder]")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--rescore", type=Path, metavar="RESULTS_JSON",
+                        help="score an earlier run again from its --work outputs (no "
+                             "registration runs); writes a new results file")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -650,6 +691,11 @@ def main(argv=None) -> int:
         print(json.dumps(report))
         return 0
 
+    if args.rescore:
+        if args.work is None:
+            raise SystemExit("--rescore needs --work: the folder of the earlier run's outputs")
+        results = rescore(args.rescore, args.work.resolve())
+        return write_results(args.out, results)
     if args.quick:
         args.pairs, args.downsample = "composed:0", 2
     args.pair_list = parse_pairs(args.pairs)
@@ -690,15 +736,20 @@ def main(argv=None) -> int:
             pair = build_pair(folder, family, seed, args.resolution, args.downsample, rotate)
             print(f"{name}:", file=sys.stderr)
             rows = run_pair(args, pair, job_tools, work, configurations, ranks_list)
-            results["pairs"].append({"name": name, "family": family, "seed": seed,
+            results["pairs"].append({"name": name, "folder": folder.name,
+                                     "family": family, "seed": seed,
                                      "rotate_header_deg": rotate,
                                      "info": json.loads((pair / "pair.json").read_text()),
                                      "rows": rows})
         results["medians"] = median_rows([p for p in results["pairs"]
                                           if not p["rotate_header_deg"]])
     results["machine"]["load_average_end"] = list(os.getloadavg())
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"lddmm-realbrain-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    return write_results(args.out, results)
+
+
+def write_results(folder: Path, results: dict) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"lddmm-realbrain-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=2, default=float))
     print(markdown(results))
     print(f"\nresults: {path}", file=sys.stderr)

@@ -1,13 +1,18 @@
 """The real-anatomy LDDMM pairs of bench/lddmm/anatomy.py: deterministic, diffeomorphic, of
-the documented size, and with a true map that the moving image and labels agree with."""
+the documented size, and with a true map that the moving image and labels agree with; and
+bench/lddmm/realbrain.py's reader of medhpc's transform.h5."""
+
+import importlib.util
 
 import numpy as np
 import pytest
 
-pytest.importorskip("nilearn")
 pytest.importorskip("scipy")
 
 from bench.lddmm import anatomy  # noqa: E402
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("nilearn") is None,
+                                reason="needs nilearn (the MNI152 template)")
 
 
 def _union_dice(a, b):
@@ -74,3 +79,30 @@ def test_the_true_map_brings_the_moving_anatomy_back(rotate):
     assert correlation > 0.98
     assert min(tissues[k] - scores["identity"][1][k] for k in tissues) > 0.05
     assert correlation - scores["identity"][2] > 0.15
+
+
+@pytest.mark.parametrize("with_world_affine", [False, True])
+def test_medhpc_transform_reads_as_a_world_map(tmp_path, with_world_affine):
+    h5py = pytest.importorskip("h5py")
+    from bench.lddmm.realbrain import read_medhpc_map
+
+    fixed_affine = np.array([[-2.0, 0, 0, 90], [0, 2, 0, -126], [0, 0, 2, -72], [0, 0, 0, 1]])
+    shape_xyz = (5, 4, 3)
+    forward = np.zeros((3,) + shape_xyz[::-1], np.float32)  # (z, y, x) components, zyx grid
+    forward[0] = 0.5   # u_z
+    forward[2] = -1.0  # u_x
+    world_affine = np.eye(4)
+    world_affine[:3, 3] = (10.0, 0.0, 0.0)
+    path = tmp_path / "transform.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("forward_displacement_vox", data=forward)
+        if with_world_affine:
+            f.create_dataset("affine_world_ras", data=world_affine)
+    world = read_medhpc_map(path, fixed_affine)
+    assert world.shape == (3,) + shape_xyz
+    expected = anatomy.voxel_world(fixed_affine, shape_xyz)
+    expected[0] += 2.0   # x - 1 voxel of -2 mm
+    expected[2] += 1.0   # z + 0.5 voxel of 2 mm
+    if with_world_affine:
+        expected[0] += 10.0
+    np.testing.assert_allclose(world, expected, atol=1e-5)
