@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import resource
 import shlex
 import statistics
@@ -73,9 +72,10 @@ ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS",
                                      "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")}
 ANTS_SEED = "1"
 PAD_VOXELS = 16
-PEERS = ("ants-synonly", "ants-syn", "dipy-syn", "dipy-affine-syn", "demons")
-DEFAULT_TOOLS = ("identity", "truth", "medhpc", "ants-synonly", "ants-syn", "dipy-syn",
-                 "demons")
+PEERS = ("ants-synonly", "ants-synonly-default", "ants-syn", "dipy-syn", "dipy-affine-syn",
+         "demons")
+DEFAULT_TOOLS = ("identity", "truth", "medhpc", "ants-synonly", "ants-synonly-default",
+                 "ants-syn", "dipy-syn", "demons")
 DEFAULT_ROTATED_TOOLS = ("identity", "truth", "ants-syn", "dipy-affine-syn")
 
 #: Every parameter the peers run with (ANTsPy's keywords, then what its SyN / SyNOnly
@@ -89,6 +89,10 @@ PARAMETERS = {
         "syn": "SyN[0.2,3,0], MattesMI 32 bins, convergence [40x20x10,1e-7,8], "
                "shrink 4x2x1, smoothing 2x1x0 vox", "histogram_matching": 0,
         "winsorize": "none", "random_seed": f"ANTS_RANDOM_SEED={ANTS_SEED}"}),
+    "ants-synonly-default": dict(ANTS_COMMON, reg_iterations=(40, 20, 0),
+                                 type_of_transform="SyNOnly", command_line={
+        "initial": "Identity", "syn": "as ants-synonly but ANTsPy's default "
+                                      "reg_iterations (40,20,0): no full-resolution iteration"}),
     "ants-syn": dict(ANTS_COMMON, type_of_transform="SyN", aff_metric="mattes",
                      aff_sampling=32, aff_random_sampling_rate=0.2, command_line={
         "initial": "[fixed,moving,1] (centre of mass; ANTsPy's default for SyN)",
@@ -119,6 +123,7 @@ PARAMETERS = {
 LABELS = {"identity": "identity (no registration)",
           "truth": "true map (labels through it: the Dice ceiling)",
           "ants-synonly": "ANTs SyNOnly (identity init)",
+          "ants-synonly-default": "ANTs SyNOnly, ANTsPy default iterations (40,20,0)",
           "ants-syn": "ANTs SyN (affine + SyN)",
           "dipy-syn": "dipy SyN CCMetric, level_iters [50,25,10]",
           "dipy-affine-syn": "dipy affine (MI, rigid then affine) + SyN CC",
@@ -247,8 +252,15 @@ def worker_dipy(pair: Path, out: Path, tool: str) -> dict:
                                      moving_grid2world=affines["moving"], prealign=prealign)
 
     mapping, report = _timed(register)
-    with open(out / "mapping.pickle", "wb") as handle:
-        pickle.dump(mapping, handle)
+    import nibabel as nib
+
+    # the mapping is used here, after the timing, and stored as plain arrays (no pickle)
+    coordinates = [nib.load(str(pair / f"coordinate_{axis}.nii.gz")) for axis in "xyz"]
+    np.save(out / "recovered_map.npy", _stack_xyz(
+        mapping.transform(np.asarray(image.get_fdata(), np.float64), interpolation="linear",
+                          image_world2grid=np.linalg.inv(image.affine))
+        for image in coordinates))
+    np.save(out / "warped.npy", mapping.transform(moving, interpolation="linear"))
     return report
 
 
@@ -291,7 +303,8 @@ def worker_demons(pair: Path, out: Path, tool: str) -> dict:
     return report
 
 
-WORKERS = {"ants-synonly": worker_ants, "ants-syn": worker_ants, "dipy-syn": worker_dipy,
+WORKERS = {"ants-synonly": worker_ants, "ants-synonly-default": worker_ants,
+           "ants-syn": worker_ants, "dipy-syn": worker_dipy,
            "dipy-affine-syn": worker_dipy, "demons": worker_demons}
 
 
@@ -314,15 +327,7 @@ def recovered_map(tool: str, pair: Path, out: Path, fixed_affine: np.ndarray) ->
                                                 interpolator="linear").numpy()
                           for path in coordinates)
     if tool.startswith("dipy"):
-        import nibabel as nib
-
-        with open(out / "mapping.pickle", "rb") as handle:
-            mapping = pickle.load(handle)
-        images = [nib.load(str(path)) for path in coordinates]
-        return _stack_xyz(mapping.transform(np.asarray(image.get_fdata(), np.float64),
-                                            interpolation="linear",
-                                            image_world2grid=np.linalg.inv(image.affine))
-                          for image in images)
+        return np.load(out / "recovered_map.npy")
     if tool == "demons":
         import SimpleITK as sitk
 
@@ -376,12 +381,7 @@ def own_warp(tool: str, pair: Path, out: Path) -> np.ndarray | None:
                                      json.loads((out / "transforms.json").read_text()),
                                      interpolator="linear").numpy()
     if tool.startswith("dipy"):
-        import nibabel as nib
-
-        with open(out / "mapping.pickle", "rb") as handle:
-            mapping = pickle.load(handle)
-        return mapping.transform(np.asarray(nib.load(str(pair / "moving.nii.gz")).get_fdata()),
-                                 interpolation="linear")
+        return np.load(out / "warped.npy")
     if tool == "demons":
         import SimpleITK as sitk
 
