@@ -65,6 +65,19 @@ class CheckpointStop(MedhpcError):
                          f"{iteration}, checkpoint saved to {path}; rerun with --resume to continue")
 
 
+class StoppedBeforeFirstIteration(MedhpcError):
+    """A stop signal arrived before the first iteration ended (while the kernels compile,
+    typically): there is nothing to save, so the run stops at once (exit code 143)."""
+
+    exit_code = EXIT_CHECKPOINT_STOP
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name} received before the first iteration "
+                         f"ended (kernels may still have been compiling): stopped with nothing "
+                         f"to save; rerun to start again")
+
+
 def rng_state(generator: np.random.Generator) -> dict:
     """Return the state of ``generator``'s bit generator as a JSON-able dict."""
     return _jsonable(generator.bit_generator.state)
@@ -131,6 +144,7 @@ class Checkpointer:
         self.fingerprint = _normalised(fingerprint or {})
         self._received: int | None = None
         self._agreed_signal = 0
+        self._iterating = False
         self._previous_handlers: dict[int, object] = {}
         if self.path is not None and threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
@@ -150,6 +164,8 @@ class Checkpointer:
         self._previous_handlers = {}
 
     def _on_signal(self, signum, frame) -> None:
+        if not self._iterating:
+            raise StoppedBeforeFirstIteration(signum)
         self._received = signum
 
     # -- queries --------------------------------------------------------------------------
@@ -166,6 +182,7 @@ class Checkpointer:
         """
         if self.path is None:
             return False
+        self._iterating = True
         self._agreed_signal = self.world.max(self._received or 0)
         if self._agreed_signal:
             return True

@@ -173,3 +173,19 @@ def test_signal_on_one_rank_stops_all_ranks_at_same_iteration(mpi_tmp_path):
     gathered = world.allgather(resumed)
     for other in gathered[1:]:
         np.testing.assert_array_equal(other, gathered[0])
+
+
+def test_a_stop_signal_before_the_first_iteration_stops_at_once(tmp_path):
+    """While the kernels compile there is nothing to save: the run ends at the signal."""
+    from medhpc.runtime.checkpoint import StoppedBeforeFirstIteration
+
+    with Checkpointer(get_world(), tmp_path / "state.h5", every=0) as checkpointer:
+        with pytest.raises(StoppedBeforeFirstIteration) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes
+                sum(range(100))
+        assert stopped.value.exit_code == EXIT_CHECKPOINT_STOP
+        assert not (tmp_path / "state.h5").exists()
+        checkpointer.due(1)  # once iterating, a signal is deferred to the next save
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert checkpointer.stop_requested
