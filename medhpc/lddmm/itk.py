@@ -33,6 +33,7 @@ from medhpc.errors import InputError
 from medhpc.io.geometry import ImageGeometry
 
 NIFTI_INTENT_VECTOR = 1007
+VECTOR_QUANTUM_PER_MM = 1024.0
 FORWARD_WARP, INVERSE_WARP, AFFINE_TEXT = "forward_warp.nii.gz", "inverse_warp.nii.gz", "affine.txt"
 ITK_OUTPUT_NAMES = (FORWARD_WARP, INVERSE_WARP, AFFINE_TEXT)  # lddmm writes them by transform.h5
 ITK_TEXT_HEADER = "#Insight Transform File V1.0"
@@ -96,7 +97,9 @@ def write_displacement_field(path, displacement_vox_zyx: np.ndarray,
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"dtype {dtype}: expected float32 or float64")
-    vectors = displacement_lps_mm(displacement_vox_zyx, fixed_geometry).astype(dtype)
+    vectors = displacement_lps_mm(displacement_vox_zyx, fixed_geometry)
+    # to 1/1024 mm: exact in binary, far below any interpolation error, and it compresses
+    vectors = (np.round(vectors * VECTOR_QUANTUM_PER_MM) / VECTOR_QUANTUM_PER_MM).astype(dtype)
     data = np.ascontiguousarray(vectors.transpose(3, 2, 1, 0))[:, :, :, np.newaxis, :]
     image = nib.Nifti1Image(data, fixed_geometry.affine, dtype=dtype)
     header = image.header
@@ -106,8 +109,10 @@ def write_displacement_field(path, displacement_vox_zyx: np.ndarray,
     image.set_qform(fixed_geometry.affine, code="scanner")
     if not np.allclose(image.get_qform(), fixed_geometry.affine, rtol=0.0, atol=1e-5):
         image.set_qform(None, code="unknown")  # sheared: only the sform can hold it
+    from medhpc.io.nifti import save_image
+
     with atomic_path(path, overwrite) as tmp:
-        nib.save(image, tmp)
+        save_image(image, tmp)
     return path
 
 

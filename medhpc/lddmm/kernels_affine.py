@@ -264,3 +264,43 @@ def information_sums(fixed_bins, values, gradients, valid, offsets, low, high, l
     for p in range(12):
         for q in range(p):
             second[p, q] = second[q, p]
+
+
+@numba.njit(inline="always")
+def _catmull_rom(t):
+    """Weights of the four neighbours ``-1, 0, 1, 2`` at fraction ``t`` (Catmull-Rom)."""
+    t2 = t * t
+    t3 = t2 * t
+    return (0.5 * (-t3 + 2.0 * t2 - t), 0.5 * (3.0 * t3 - 5.0 * t2 + 2.0),
+            0.5 * (-3.0 * t3 + 4.0 * t2 + t), 0.5 * (t3 - t2))
+
+
+@numba.njit(parallel=True, cache=True)
+def sample_points_cubic(image, points, fill, out):
+    """Catmull-Rom cubic samples of ``image`` at voxel positions ``points (3, n)`` (z, y, x).
+
+    Interpolating (no prefilter), a sharper kernel than trilinear; neighbours beyond the
+    volume repeat its edge, points more than half a voxel outside get ``fill``.
+    """
+    nz, ny, nx = image.shape
+    for i in numba.prange(points.shape[1]):
+        pz, py, px = points[0, i], points[1, i], points[2, i]
+        if (pz < -0.5 or pz > nz - 0.5 or py < -0.5 or py > ny - 0.5
+                or px < -0.5 or px > nx - 0.5):
+            out[i] = fill
+            continue
+        z0, y0, x0 = int(math.floor(pz)), int(math.floor(py)), int(math.floor(px))
+        wz = _catmull_rom(pz - z0)
+        wy = _catmull_rom(py - y0)
+        wx = _catmull_rom(px - x0)
+        total = 0.0
+        for a in range(4):
+            zz = min(max(z0 - 1 + a, 0), nz - 1)
+            for b in range(4):
+                yy = min(max(y0 - 1 + b, 0), ny - 1)
+                row = 0.0
+                for c in range(4):
+                    xx = min(max(x0 - 1 + c, 0), nx - 1)
+                    row += wx[c] * image[zz, yy, xx]
+                total += wz[a] * wy[b] * row
+        out[i] = total

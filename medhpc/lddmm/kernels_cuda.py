@@ -372,6 +372,13 @@ def filter_axis(field, axis, weights, out):
     _launch(filter_axis_kernel, out.size, field, axis, weights, out)
 
 
+def filter_planes(field, weights, out):
+    """Convolve every plane along y, then x (see the CPU twin; two launches here)."""
+    along_y = cuda.device_array(out.shape, out.dtype)
+    filter_axis(field, 2, weights, along_y)
+    filter_axis(along_y, 3, weights, out)
+
+
 def filter_z(field, halo, z_first, nz_global, weights, out):
     """Convolve along z onto the owned planes (see the CPU twin)."""
     _launch(filter_z_kernel, out.size, field, halo, z_first, nz_global, weights, out)

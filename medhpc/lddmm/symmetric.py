@@ -118,9 +118,7 @@ class SymmetricOptimiser:
         halo = grid.halo
         haloed = np.zeros((field.shape[0], grid.owned + 2 * halo) + grid.plane, np.float32)
         with self.stage("smoothing", "kernel"):
-            along_y = np.empty(field.shape, np.float32)
-            kernels.filter_axis(field, 2, taps, along_y)
-            kernels.filter_axis(along_y, 3, taps, haloed[:, halo:halo + grid.owned])
+            kernels.filter_planes(field, taps, haloed[:, halo:halo + grid.owned])
         with self.stage("halo exchange", "comm"):
             exchange_halos(self.world, haloed, grid.slab, "zero")
         out = np.empty(field.shape, np.float32)

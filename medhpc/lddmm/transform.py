@@ -56,15 +56,17 @@ def sample(image: np.ndarray, points_zyx: np.ndarray, interpolation: str = "line
 
     ``label`` interpolates each label's indicator linearly and keeps the most likely
     label at every point, so labels stay labels and boundaries stay smooth. ``cubic`` is
-    the cubic B-spline (it barely blurs: used where a warp samples the result again).
+    Catmull-Rom (it blurs less than trilinear: used where a warp samples the result again).
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation {interpolation!r}: expected one of {INTERPOLATIONS}")
     if interpolation == "cubic":
-        from scipy.ndimage import map_coordinates
+        from medhpc.lddmm.kernels_affine import sample_points_cubic
 
-        return map_coordinates(np.asarray(image, np.float32), points_zyx, order=3,
-                               mode="constant", cval=fill, output=np.float32)
+        flat = np.ascontiguousarray(points_zyx.reshape(3, -1), np.float32)
+        out = np.empty(flat.shape[1], np.float32)
+        sample_points_cubic(np.ascontiguousarray(image, np.float32), flat, fill, out)
+        return out.reshape(points_zyx.shape[1:])
     flat = np.ascontiguousarray(points_zyx.reshape(3, -1), np.float32)
     shape = points_zyx.shape[1:]
     if interpolation == "label":

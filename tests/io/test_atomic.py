@@ -1,6 +1,5 @@
 """Outputs appear complete or not at all, and never replace a file unasked."""
 
-import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
@@ -39,7 +38,9 @@ def test_hdf5_failure_inside_write_leaves_nothing(tmp_path):
 
 
 def test_nifti_failure_inside_write_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(nib, "save", lambda image, path: _write_then_fail(path))
+    from medhpc.io import nifti
+
+    monkeypatch.setattr(nifti, "save_image", lambda image, path: _write_then_fail(path))
     with pytest.raises(RuntimeError):
         write_nifti(tmp_path / "v.nii.gz", VOLUME, GEOMETRY)
     assert _leftovers(tmp_path) == []

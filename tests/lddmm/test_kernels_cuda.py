@@ -56,6 +56,8 @@ CALLS = {
                                np.zeros_like(c["u"])], 3),
     "filter_axis_x": (lambda c: [c["u"], 3, np.array([0.1, 0.2, 0.4, 0.2, 0.1]),
                                  np.zeros_like(c["u"])], 3),
+    "filter_planes": (lambda c: [c["u"], np.array([0.1, 0.2, 0.4, 0.2, 0.1]),
+                                 np.zeros_like(c["u"])], 2),
     "filter_z": (lambda c: [c["u"], HALO, Z_FIRST, NZ, np.array([0.1, 0.2, 0.4, 0.2, 0.1]),
                             np.zeros((3, OWNED) + SHAPE[1:], np.float32)], 5),
     "window_sums": (lambda c: [c["u"][0], c["u"][1], HALO, Z_FIRST, NZ, 1,
