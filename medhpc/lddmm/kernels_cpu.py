@@ -288,10 +288,8 @@ def filter_axis(field, axis, weights, out):
                 out[c, z, y, x] = plane[y, x]
 
 
-@numba.njit(parallel=True, cache=True)
 def filter_planes(field, weights, out):
-    """Convolve every plane of ``field`` along y, then x (``filter_axis`` twice, one pass
-    over memory).
+    """Convolve every plane of ``field`` along y, then x (``filter_axis`` twice).
 
     Parameters
     ----------
@@ -300,23 +298,9 @@ def filter_planes(field, weights, out):
     weights : float64 (2 r + 1,)
     out : like ``field``
     """
-    channels, planes, ny, nx = field.shape
-    radius = (weights.size - 1) // 2
-    for item in numba.prange(channels * planes):
-        c = item // planes
-        z = item % planes
-        along_y = np.zeros((ny, nx + 2 * radius), np.float64)
-        for k in range(-radius, radius + 1):
-            w = weights[k + radius]
-            for y in range(max(0, -k), min(ny, ny - k)):
-                for x in range(nx):
-                    along_y[y, x + radius] += w * field[c, z, y + k, x]
-        for y in range(ny):
-            for x in range(nx):
-                total = 0.0
-                for k in range(2 * radius + 1):
-                    total += weights[k] * along_y[y, x + k]
-                out[c, z, y, x] = total
+    along_y = np.empty(out.shape, out.dtype)
+    filter_axis(field, 2, weights, along_y)
+    filter_axis(along_y, 3, weights, out)
 
 
 @numba.njit(parallel=True, cache=True)

@@ -79,9 +79,22 @@ def gpu_for_rank(local_rank: int, gpus_visible: int) -> int | None:
     return local_rank % gpus_visible
 
 
+def _driver_may_exist() -> bool:
+    """False only where no GPU device node exists and no driver path is set: importing
+    numba.cuda to learn that costs a third of a second at every start."""
+    if os.environ.get("NUMBA_CUDA_DRIVER"):
+        return True
+    from pathlib import Path
+
+    dev = Path("/dev")
+    return not dev.is_dir() or any(dev.glob("nvidia*")) or (dev / "dxg").exists()
+
+
 def cuda_gpu_count() -> int:
     """Number of CUDA GPUs this process can see (0 without a driver or numba-cuda)."""
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return 0
+    if not _driver_may_exist():
         return 0
     try:
         from numba import cuda
