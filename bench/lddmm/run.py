@@ -81,16 +81,19 @@ def worker_medhpc(data: Path, mode: str, iterations: int) -> dict:
 
     world = get_world()
     device.set_threads(1)  # one thread per rank: ranks give the parallelism
-    inputs = read_inputs(data / "fixed.nii.gz", data / "moving.nii.gz")
+    inputs = read_inputs(data / "fixed.nii.gz", data / "moving.nii.gz", "none", "minmax")
     if mode == "iterations":
-        settings = Settings(levels=1, iterations=(iterations,), timesteps=TIMESTEPS, tolerance=0.0)
+        # per iteration against ardent: the same algorithm (Beg's time-varying LDDMM)
+        settings = Settings(method="beg", metric="ssd", levels=1, iterations=(iterations,),
+                            timesteps=TIMESTEPS, tolerance=0.0)
     else:
         settings = Settings()  # the command line's defaults
     spacing = tuple(inputs.fixed_geometry.spacing_mm[::-1])
     if mode == "iterations":
         # Load every compiled kernel in this process first, so that the timed run holds
         # only iterations (ardent, pure NumPy, has no such start-up).
-        warm_up = Settings(levels=1, iterations=(1,), timesteps=TIMESTEPS, tolerance=0.0)
+        warm_up = Settings(method="beg", metric="ssd", levels=1, iterations=(1,),
+                           timesteps=TIMESTEPS, tolerance=0.0)
         Registration(world, kernels_cpu, warm_up, inputs.fixed, inputs.moving, spacing,
                      lambda name, kind: nullcontext()).run()
     world.barrier()

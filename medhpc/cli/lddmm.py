@@ -81,7 +81,7 @@ Example:
               help="Pyramid levels (each halves the grid); 0: coarsest voxel about 8 mm.")
 @click.option("--iterations", type=NumberList(None, int, values="non-negative"),
               default=None, help="Iterations per level, coarsest first (the last repeats) "
-                                 "[default: 30 per level].")
+                                 "[default: 60, 40, then 30 per finer level].")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=_default("tolerance"),
               show_default=True,
               help="Stop a level when the energy falls by less than this share (over 5 "

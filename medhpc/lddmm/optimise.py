@@ -63,7 +63,7 @@ class Settings:
     gamma: float = 1.0
     power: int = 2
     levels: int = 0
-    iterations: tuple = (30,)
+    iterations: tuple = (60, 40, 30)
     step: float = 0.2
     tolerance: float = 0.0
     max_step_voxels: float = 2.0

@@ -194,7 +194,13 @@ class Registration:
                 self._checkpoint(checkpointer, level, state, done_before, history, stopped)
 
             state, forward = optimiser.run(state, self.iterations(level), after_iteration,
-                                           progress=self.log.progress if self.log else None)
+                                           progress=self.log.status if self.log else None)
+            if self.log:
+                self.log.end_status()
+                first, last = state.history[0]["energy"], state.history[-1]["energy"]
+                self.log.info(f"level {level} ({'x'.join(map(str, grid.shape[::-1]))}): "
+                              f"{state.iteration} iterations, energy {first:.5g} -> {last:.5g}"
+                              f" ({state.stopped or 'iterations'})")
             history.extend(state.history)
             stopped.append(state.stopped or "iterations")
             done_before += state.iteration

@@ -97,6 +97,7 @@ class SymmetricOptimiser:
         self.diffusion_taps = gaussian_taps(diffusion)
         self.voxels = float(np.prod(grid.shape))
         self.masks = None
+        self.last_step_voxels = 0.0
 
     def set_masks(self, fixed_mask: np.ndarray, moving_mask: np.ndarray) -> None:
         """Weights on this level's grid; the force is kept only where both are set."""
@@ -174,6 +175,7 @@ class SymmetricOptimiser:
         if longest <= 0:
             return velocity
         scale = 2.0 * self.settings.update_voxels / max(longest, FORCE_FLOOR)
+        self.last_step_voxels = 0.5 * scale * longest
         return self.smooth(velocity + np.float32(scale) * smoothed, self.diffusion_taps)
 
     # -- iteration ------------------------------------------------------------------------
@@ -193,7 +195,8 @@ class SymmetricOptimiser:
             state.history.append(self._entry(state.iteration, correlation))
             if progress is not None:
                 progress(f"level {self.level} iteration {state.iteration}/{iterations}: "
-                         f"local correlation {correlation:.5f}")
+                         f"energy {1.0 - correlation:.5f} (1 - mean local correlation), "
+                         f"step {self.last_step_voxels:.3g} voxels")
             if after_iteration is not None:
                 after_iteration(state)
         return state, None

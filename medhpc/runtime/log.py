@@ -58,6 +58,28 @@ class Log:
         if self._speaks(1):
             self._write(text)
 
+    def status(self, text: str, every_s: float = 10.0) -> None:
+        """Show where a long loop stands (rank 0): in place on a terminal, otherwise one
+        line at most every ``every_s`` seconds, so batch logs stay short."""
+        if self.rank != 0 or self.verbosity < 0:
+            return
+        interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+        now = time.perf_counter()
+        if interactive:
+            self.stream.write(f"\r{self.tag}{text}\033[K")
+            self.stream.flush()
+            self._status_shown = True
+        elif now - getattr(self, "_status_written", float("-inf")) >= every_s:
+            self._status_written = now
+            self._write(text)
+
+    def end_status(self) -> None:
+        """End an in-place status line (a newline on a terminal)."""
+        if getattr(self, "_status_shown", False):
+            self.stream.write("\n")
+            self.stream.flush()
+            self._status_shown = False
+
     def progress(self, iterable, total: int | None = None, desc: str = ""):
         """Yield from ``iterable`` while rank 0 shows progress.
 
