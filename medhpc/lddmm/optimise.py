@@ -99,12 +99,16 @@ def auto_levels(shape, spacing_zyx_mm) -> int:
 
 
 def resolved(settings: Settings, shape, spacing_zyx_mm) -> Settings:
-    """``settings`` with ``levels`` 0 replaced by :func:`auto_levels` for this grid."""
-    from dataclasses import replace
+    """``settings`` with ``levels`` 0 replaced by :func:`auto_levels` for this grid, and the
+    default iterations cut to the finest levels when there are fewer levels."""
+    from dataclasses import fields, replace
 
-    if settings.levels:
-        return settings
-    return replace(settings, levels=auto_levels(shape, spacing_zyx_mm))
+    if not settings.levels:
+        settings = replace(settings, levels=auto_levels(shape, spacing_zyx_mm))
+    default = next(f.default for f in fields(Settings) if f.name == "iterations")
+    if settings.iterations == default and len(default) > settings.levels:
+        settings = replace(settings, iterations=default[len(default) - settings.levels:])
+    return settings
 
 
 @dataclass

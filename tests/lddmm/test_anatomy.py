@@ -3,7 +3,7 @@ known composed diffeomorphism with a bias field and noise; bench/lddmm/anatomy.p
 displacement error well below the unregistered one, no folding, the same at 1 and 2 ranks.
 
 The bars come from bench/lddmm/realbrain.py --quick (docs/performance.md): there, medhpc's
-defaults reach 1.00 mm against 3.90 mm unregistered and dipy SyN CC's 1.34 mm.
+defaults reach 1.03 mm against 3.90 mm unregistered and dipy SyN CC's 1.34 mm.
 """
 
 import importlib.util

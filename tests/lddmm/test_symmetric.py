@@ -161,3 +161,14 @@ def test_masks_keep_what_lies_outside_their_reach_out(phantom32):
     unmasked = Registration(serial_world(), kernels_cpu, settings, fixed, noisy, (1, 1, 1),
                             no_stage).run()
     assert not np.array_equal(unmasked.velocity[0], results[1].velocity[0])
+
+
+def test_default_iterations_fit_any_number_of_levels():
+    from medhpc.lddmm.optimise import resolved
+
+    assert resolved(Settings(), (24, 24, 24), (1.0, 1.0, 1.0)).iterations == (30,)
+    two = resolved(Settings(), (49, 58, 47), (4.0, 4.0, 4.0))
+    assert (two.levels, two.iterations) == (2, (40, 30))
+    four = resolved(Settings(), (182, 218, 182), (1.0, 1.0, 1.0))
+    assert (four.levels, four.iterations) == (4, (60, 40, 30))
+    assert resolved(Settings(levels=2, iterations=(5, 3)), (32,) * 3, (1,) * 3).iterations == (5, 3)
