@@ -57,6 +57,41 @@ def _sample(rng, size):
     return [rng.random(shape).astype(np.float32), where, 0, -1.0, np.zeros(points, np.float32)]
 
 
+def _taps():
+    taps = np.exp(-0.5 * (np.arange(-4, 5) / 1.5) ** 2)
+    return taps / taps.sum()
+
+
+def _filter_axis(rng, size):
+    shape, owned, halo, _ = _grid(size)
+    field = _field(rng, 3, owned + 2 * halo, shape[1:], 1.0)
+    return [field, 3, _taps(), np.zeros_like(field)]
+
+
+def _filter_z(rng, size):
+    shape, owned, halo, z_first = _grid(size)
+    halo = max(halo, 4)
+    return [_field(rng, 3, owned + 2 * halo, shape[1:], 1.0), halo, z_first, shape[0], _taps(),
+            np.zeros((3, owned) + shape[1:], np.float32)]
+
+
+def _window_sums(rng, size):
+    shape, owned, halo, z_first = _grid(size)
+    planes = (owned + 2 * halo,) + shape[1:]
+    return [rng.random(planes).astype(np.float32), rng.random(planes).astype(np.float32), halo,
+            z_first, shape[0], halo, np.zeros((5,) + planes), np.zeros((5, owned) + shape[1:])]
+
+
+def _correlation(rng, size):
+    shape, owned, halo, z_first = _grid(size)
+    plane = shape[1:]
+    moving = rng.random((owned + 2,) + plane).astype(np.float32)
+    fixed = (0.5 * moving + 0.5 * rng.random(moving.shape)).astype(np.float32)
+    sums = rng.random((5, owned) + plane) * 20.0 + 1.0
+    return [sums, moving, fixed, 1, z_first, shape[0], 27.0, 1e-5,
+            np.zeros((3, owned) + plane, np.float32), np.zeros((owned,) + plane, np.float32)]
+
+
 def checks(Check):
     """The LDDMM kernel checks (``Check`` is bench/gpu_check.py's class)."""
     voxels = lambda args: args[-1].size  # noqa: E731
@@ -74,4 +109,12 @@ def checks(Check):
               outputs=(8,), tolerance=1e-5, work=lambda args: args[3].size, unit="voxels"),
         Check("lddmm sample_points", "medhpc.lddmm", "kernels", "sample_points", _sample,
               outputs=(4,), tolerance=1e-5, work=lambda args: args[1].shape[1], unit="points"),
+        Check("lddmm filter_axis", "medhpc.lddmm", "kernels", "filter_axis", _filter_axis,
+              outputs=(3,), tolerance=1e-5, work=voxels, unit="voxels"),
+        Check("lddmm filter_z", "medhpc.lddmm", "kernels", "filter_z", _filter_z,
+              outputs=(5,), tolerance=1e-5, work=voxels, unit="voxels"),
+        Check("lddmm window_sums", "medhpc.lddmm", "kernels", "window_sums", _window_sums,
+              outputs=(7,), tolerance=1e-6, work=lambda args: args[7].size // 5, unit="voxels"),
+        Check("lddmm correlation_force", "medhpc.lddmm", "kernels", "correlation_force",
+              _correlation, outputs=(8, 9), tolerance=1e-4, work=voxels, unit="voxels"),
     ]

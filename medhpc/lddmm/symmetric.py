@@ -11,8 +11,9 @@ middle space moves the moving side by ``+w`` and the fixed side by ``-w``; to fi
 2. window sums, local correlation and the force ``dm grad m - df grad f``;
 3. the force smoothed by a Gaussian (``fluid`` sigma) and scaled so that its longest
    vector is ``update_voxels`` (proportionally less when the longest is below
-   ``FORCE_FLOOR``, a correlation gain per voxel moved that only noise gives: images that
-   already agree stay put);
+   ``FORCE_FLOOR_PER_VOXEL * update_voxels``, a correlation gain per voxel moved that only
+   noise gives; it also caps the step per unit force below where the restoring force of a
+   small misalignment would overshoot, so images that already agree stay put);
 4. ``v <- G_diffusion * (v + 2 w)``.
 
 A level ends after its iterations, or when the mean correlation rose by less than
@@ -33,7 +34,7 @@ from medhpc.parallel.comm import World
 from medhpc.parallel.slabs import exchange_halos
 
 PATIENCE = 5
-FORCE_FLOOR = 1e-3
+FORCE_FLOOR_PER_VOXEL = 5e-3
 CORRELATION_EPSILON = 1e-5
 GAUSSIAN_TRUNCATE = 3.0
 
@@ -174,7 +175,8 @@ class SymmetricOptimiser:
             longest = self.world.max(local)
         if longest <= 0:
             return velocity
-        scale = 2.0 * self.settings.update_voxels / max(longest, FORCE_FLOOR)
+        floor = FORCE_FLOOR_PER_VOXEL * self.settings.update_voxels
+        scale = 2.0 * self.settings.update_voxels / max(longest, floor)
         self.last_step_voxels = 0.5 * scale * longest
         return self.smooth(velocity + np.float32(scale) * smoothed, self.diffusion_taps)
 
