@@ -89,6 +89,9 @@ def _end_job(code: int, message: str, exc: BaseException | None) -> None:
     sys.stderr.write(f"{tag}medhpc: error: {message}\n")
     sys.stderr.flush()
     if size > 1 and world.has_mpi:
+        import time
+
+        time.sleep(0.2)  # let the launcher forward this rank's last lines before the abort
         world.abort(code)
     sys.exit(code)
 
