@@ -29,6 +29,15 @@ _EXPECTED = "expected a NIfTI file (.nii, .nii.gz)"
 _WRITE_AS = {np.dtype(bool): np.dtype(np.uint8), np.dtype(np.float16): np.dtype(np.float32)}
 
 
+def place_on_grid(image, affine, code: str = "aligned") -> None:
+    """Give ``image`` the grid ``affine`` as sform and, unless it has shear (which a qform
+    cannot hold), as qform too."""
+    image.set_sform(affine, code=code)
+    image.set_qform(affine, code=code)
+    if not np.allclose(image.get_qform(), affine, rtol=0.0, atol=1e-5):
+        image.set_qform(None, code="unknown")
+
+
 def save_image(image, path) -> None:
     """Write a nibabel image; ``.gz`` names get a gzip stream of Huffman-only deflate.
 
@@ -137,9 +146,7 @@ def write_nifti(path, array, geometry: ImageGeometry, overwrite: bool = False) -
     data_xyz = array.astype(dtype, copy=False).transpose(tuple(range(array.ndim))[::-1])
     image = nib.Nifti1Image(data_xyz, geometry.affine, dtype=dtype)
     image.header.set_xyzt_units("mm", "sec")
-    image.set_qform(geometry.affine, code="aligned")
-    if not np.allclose(image.get_qform(), geometry.affine, rtol=0.0, atol=1e-5):
-        image.set_qform(None, code="unknown")  # sheared: only the sform can hold it
+    place_on_grid(image, geometry.affine)
     with atomic_path(path, overwrite) as tmp:
         save_image(image, tmp)
     return path

@@ -105,11 +105,9 @@ def write_displacement_field(path, displacement_vox_zyx: np.ndarray,
     header = image.header
     header.set_intent("vector", (), name="")
     header.set_xyzt_units("mm", "sec")
-    image.set_sform(fixed_geometry.affine, code="scanner")
-    image.set_qform(fixed_geometry.affine, code="scanner")
-    if not np.allclose(image.get_qform(), fixed_geometry.affine, rtol=0.0, atol=1e-5):
-        image.set_qform(None, code="unknown")  # sheared: only the sform can hold it
-    from medhpc.io.nifti import save_image
+    from medhpc.io.nifti import place_on_grid, save_image
+
+    place_on_grid(image, fixed_geometry.affine, code="scanner")
 
     with atomic_path(path, overwrite) as tmp:
         save_image(image, tmp)
