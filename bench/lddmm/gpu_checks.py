@@ -26,8 +26,9 @@ def _compose(rng, size):
 
 def _warp(rng, size):
     shape, owned, halo, z_first = _grid(size)
-    return [rng.random(shape).astype(np.float32), _field(rng, 3, owned + 2 * halo, shape[1:], 1.5),
-            halo, z_first, np.zeros((owned + 2,) + shape[1:], np.float32), 1]
+    return [rng.random(shape).astype(np.float32), 0, shape[0],
+            _field(rng, 3, owned + 2 * halo, shape[1:], 1.5), halo, z_first,
+            np.zeros((owned + 2,) + shape[1:], np.float32), 1]
 
 
 def _gradient(rng, size):
@@ -100,7 +101,7 @@ def checks(Check):
         Check("lddmm compose_displacement", "medhpc.lddmm", "kernels", "compose_displacement",
               _compose, outputs=(6,), tolerance=1e-4, work=owned_voxels, unit="voxels"),
         Check("lddmm warp_image", "medhpc.lddmm", "kernels", "warp_image", _warp,
-              outputs=(4,), tolerance=1e-5, work=lambda args: args[4].size, unit="voxels"),
+              outputs=(6,), tolerance=1e-5, work=lambda args: args[6].size, unit="voxels"),
         Check("lddmm image_gradient", "medhpc.lddmm", "kernels", "image_gradient", _gradient,
               outputs=(4,), work=lambda args: args[4].size // 3, unit="voxels"),
         Check("lddmm jacobian_determinant", "medhpc.lddmm", "kernels", "jacobian_determinant",

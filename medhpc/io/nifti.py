@@ -30,8 +30,8 @@ _WRITE_AS = {np.dtype(bool): np.dtype(np.uint8), np.dtype(np.float16): np.dtype(
 
 
 def place_on_grid(image, affine, code: str = "aligned") -> None:
-    """Give ``image`` the grid ``affine`` as sform and, unless it has shear (which a qform
-    cannot hold), as qform too."""
+    """Give ``image`` (a nibabel image or header) the grid ``affine`` as sform and, unless
+    it has shear (which a qform cannot hold), as qform too."""
     image.set_sform(affine, code=code)
     image.set_qform(affine, code=code)
     if not np.allclose(image.get_qform(), affine, rtol=0.0, atol=1e-5):
@@ -133,9 +133,6 @@ def write_nifti(path, array, geometry: ImageGeometry, overwrite: bool = False) -
     Path
         The written file.
     """
-    path = Path(path)
-    if not is_nifti_path(path):
-        raise InputError(f"{path}: not a NIfTI name; expected a .nii or .nii.gz output")
     array = np.asarray(array)
     if array.ndim not in (3, 4):
         raise ValueError(f"expected a 3-D or 4-D array, got shape {array.shape}")
@@ -143,13 +140,118 @@ def write_nifti(path, array, geometry: ImageGeometry, overwrite: bool = False) -
         raise ValueError(f"array shape {array.shape} does not end with the geometry's "
                          f"grid {geometry.shape}")
     dtype = _WRITE_AS.get(array.dtype, array.dtype)
-    data_xyz = array.astype(dtype, copy=False).transpose(tuple(range(array.ndim))[::-1])
-    image = nib.Nifti1Image(data_xyz, geometry.affine, dtype=dtype)
-    image.header.set_xyzt_units("mm", "sec")
-    place_on_grid(image, geometry.affine)
-    with atomic_path(path, overwrite) as tmp:
-        save_image(image, tmp)
-    return path
+    with NiftiStream(path, array.shape[::-1], dtype, geometry.affine, overwrite) as stream:
+        stream.write(array)
+    return Path(path)
+
+
+class NiftiStream:
+    """A NIfTI-1 file written block by block in file order, atomically.
+
+    The data go in as consecutive blocks of the array in NIfTI's order read backwards:
+    a ``(z, y, x)`` block of whole planes, or, for ``shape_xyz = (nx, ny, nz, 1, c)``,
+    component by component. Nothing but the current block is held, so a rank can write a
+    volume it never holds whole. The file appears under ``path`` only when the block
+    ends without an error. ``.gz`` names get a Huffman-only gzip stream
+    (:func:`save_image`); the header is the one nibabel writes.
+
+    Parameters
+    ----------
+    path : str or Path
+    shape_xyz : tuple of int
+        NIfTI dimensions, x first.
+    dtype : numpy dtype
+    affine : (4, 4) array
+        Voxel ``(x, y, z)`` to world mm; sform, and qform unless sheared.
+    overwrite : bool
+    intent : str, optional
+        A NIfTI intent name (``"vector"`` for displacement fields).
+    code : str
+        sform/qform code.
+    """
+
+    def __init__(self, path, shape_xyz, dtype, affine, overwrite: bool = False,
+                 intent: str | None = None, code: str = "aligned"):
+        self.path = Path(path)
+        if not is_nifti_path(self.path):
+            raise InputError(f"{self.path}: not a NIfTI name; expected a .nii or .nii.gz "
+                             f"output")
+        self.dtype = np.dtype(dtype)
+        self.shape_xyz = tuple(int(n) for n in shape_xyz)
+        self.expected = int(np.prod(self.shape_xyz, dtype=np.int64)) * self.dtype.itemsize
+        self.written = 0
+        self.overwrite = overwrite
+        header = nib.Nifti1Header()
+        header.set_data_dtype(self.dtype)
+        header.set_data_shape(self.shape_xyz)
+        header.set_xyzt_units("mm", "sec")
+        if intent is not None:
+            header.set_intent(intent, (), name="")
+        place_on_grid(header, np.asarray(affine, np.float64), code=code)
+        zooms = list(header.get_zooms())
+        zooms[:3] = np.sqrt(np.sum(np.asarray(affine, np.float64)[:3, :3] ** 2, axis=0))
+        header.set_zooms(zooms)
+        header.set_data_offset(_SINGLE_FILE_OFFSET)
+        header.set_slope_inter(1.0, 0.0)
+        self.header = header
+
+    def __enter__(self) -> "NiftiStream":
+        self._atomic = atomic_path(self.path, self.overwrite)
+        tmp = self._atomic.__enter__()
+        try:
+            self._file = open(tmp, "wb")
+            gz = self.path.name.lower().endswith(".gz")
+            self._compressor = (zlib.compressobj(1, zlib.DEFLATED, 31, 8, zlib.Z_HUFFMAN_ONLY)
+                                if gz else None)
+            self._put(self.header.binaryblock + b"\x00" * (_SINGLE_FILE_OFFSET - 348))
+        except BaseException:
+            self._close_file()
+            self._atomic.__exit__(*_exc_info())
+            raise
+        return self
+
+    def write(self, block: np.ndarray) -> None:
+        """Append ``block`` (C order, the file's order read backwards)."""
+        data = np.ascontiguousarray(block, dtype=self.dtype)
+        self.written += data.nbytes
+        if self.written > self.expected:
+            raise ValueError(f"{self.path}: {self.written} data bytes; expected "
+                             f"{self.expected}")
+        self._put(memoryview(data).cast("B"))
+
+    def _put(self, data) -> None:
+        self._file.write(data if self._compressor is None else self._compressor.compress(data))
+
+    def _close_file(self) -> None:
+        file = getattr(self, "_file", None)
+        if file is not None and not file.closed:
+            file.close()
+
+    def __exit__(self, kind, error, trace) -> bool:
+        try:
+            if kind is None:
+                if self.written != self.expected:
+                    raise ValueError(f"{self.path}: {self.written} data bytes written; "
+                                     f"expected {self.expected}")
+                if self._compressor is not None:
+                    self._file.write(self._compressor.flush())
+                self._file.close()
+        except BaseException:
+            self._close_file()
+            self._atomic.__exit__(*_exc_info())
+            raise
+        self._close_file()
+        self._atomic.__exit__(kind, error, trace)
+        return False
+
+
+_SINGLE_FILE_OFFSET = 352
+
+
+def _exc_info():
+    import sys
+
+    return sys.exc_info()
 
 
 def _one_line(error) -> str:

@@ -21,9 +21,65 @@ import numpy as np
 
 from medhpc.lddmm.grid import LevelGrid, substeps
 from medhpc.parallel.comm import World
-from medhpc.parallel.slabs import exchange_halos
+from medhpc.parallel.geometry import block_range
+from medhpc.parallel.slabs import exchange_halos, fetch_planes
 
 J0_HALO = 1
+WINDOW_MARGIN = 4
+
+
+class ImageWindow:
+    """A fixed image spread over the ranks by owned planes, and the planes a warp reaches.
+
+    Each rank keeps its owned planes and, beside them, a window ``[z0, z0 + planes)``
+    of the whole image that grows (collectively, with ``WINDOW_MARGIN`` planes to
+    spare) when a map reaches further in z: no rank holds the whole image.
+
+    Parameters
+    ----------
+    world : World
+    owned : numpy.ndarray
+        This rank's planes ``(owned, ny, nx)`` of the ``(nz, ny, nx)`` image.
+    nz : int
+    """
+
+    def __init__(self, world: World, owned: np.ndarray, nz: int):
+        self.world = world
+        self.owned = np.ascontiguousarray(owned, np.float32)
+        self.nz = int(nz)
+        self.owned_range = block_range(self.nz, world.size, world.rank)
+        self.z0 = self.owned_range[0]
+        self.planes = self.owned
+
+    @classmethod
+    def whole(cls, world: World, image: np.ndarray) -> "ImageWindow":
+        """The window of a whole image every rank holds (tests, one-rank callers)."""
+        start, stop = block_range(image.shape[0], world.size, world.rank)
+        return cls(world, image[start:stop], image.shape[0])
+
+    def reach(self, grid: LevelGrid, displacement: np.ndarray, out_halo: int) -> tuple:
+        """Planes ``[lo, hi)`` that sampling at ``x + u(x)`` on the output planes needs."""
+        first = max(grid.z_first - out_halo, 0)
+        last = min(grid.z_first + grid.owned + out_halo, grid.shape[0])
+        if last <= first:
+            return self.z0, self.z0
+        rows = displacement[0, first - grid.z_first + grid.halo:last - grid.z_first + grid.halo]
+        lowest = first + float(rows.min()) if rows.size else first
+        highest = last - 1 + float(rows.max()) if rows.size else last - 1
+        lo = int(np.floor(min(max(lowest, 0.0), self.nz - 1)))
+        hi = int(np.floor(min(max(highest, 0.0), self.nz - 1))) + 2
+        return max(0, min(lo, self.nz - 2)), min(self.nz, hi)
+
+    def planes_for(self, grid: LevelGrid, displacement: np.ndarray, out_halo: int) -> tuple:
+        """``(planes, z0)`` holding every plane the warp reaches (collective)."""
+        lo, hi = self.reach(grid, displacement, out_halo)
+        held = (self.z0, self.z0 + self.planes.shape[0])
+        if self.world.any(lo < held[0] or hi > held[1]):
+            lo = max(0, min(lo - WINDOW_MARGIN, held[0]))
+            hi = min(self.nz, max(hi + WINDOW_MARGIN, held[1]))
+            self.planes = fetch_planes(self.world, self.owned, self.nz, lo, hi)
+            self.z0 = lo
+        return self.planes, self.z0
 
 
 @dataclass
@@ -84,12 +140,21 @@ class Flows:
             self._exchange(displacement)
         return displacement, scratch
 
-    def warp(self, image: np.ndarray, displacement: np.ndarray, out_halo: int) -> np.ndarray:
-        """``image o (id + displacement)`` on the owned planes plus ``out_halo`` ghosts."""
+    def warp(self, image, displacement: np.ndarray, out_halo: int) -> np.ndarray:
+        """``image o (id + displacement)`` on the owned planes plus ``out_halo`` ghosts.
+
+        ``image`` is an :class:`ImageWindow` (collective) or the whole image.
+        """
         grid = self.grid
+        if isinstance(image, ImageWindow):
+            with self.stage("image windows", "comm"):
+                planes, z0 = image.planes_for(grid, displacement, out_halo)
+        else:
+            planes, z0 = image, 0
         out = np.zeros(grid.haloed_shape(halo=out_halo), np.float32)
         with self.stage("warp images", "kernel"):
-            self.kernels.warp_image(image, displacement, grid.halo, grid.z_first, out, out_halo)
+            self.kernels.warp_image(planes, z0, grid.shape[0], displacement, grid.halo,
+                                    grid.z_first, out, out_halo)
         return out
 
     def zero_map(self) -> np.ndarray:

@@ -84,24 +84,33 @@ def check_split(shapes, size: int, halo) -> None:
                 f"--decomp none")
 
 
-def memory_per_rank(shape, settings, size: int, rank: int, halo: int) -> dict:
-    """Bytes this rank holds at the finest level, by kind of array.
+PLANNED_REACH_MM = 10.0  # how far (z, mm) the plan lets a map reach beyond its slab
+WINDOW_MARGIN_PLANES = 4  # flows.WINDOW_MARGIN: spare planes a window fetches
+
+
+def memory_per_rank(shape, settings, size: int, rank: int, halo: int,
+                    spacing_z_mm: float = 1.0, masked: bool = False, levels=None) -> dict:
+    """Bytes of this rank's arrays at its peak (the finest level), by kind of array.
 
     ``beg``: velocities, trial velocities and smoothed forces (3 x 3T owned fields),
     the warped template at every time point (T + 1 scalars with one ghost plane), two
     maps with halos and their scratch copy (3 x 3 fields), gradient, force, determinant
-    and pulled-back target (8 owned scalars), both whole images.
+    and pulled-back target (8 owned scalars), both whole images of the level.
 
-    ``symmetric``: velocity, its update and the smoothed force (3 x 3 owned), the two
-    half-way maps and a scratch map (3 x 3 haloed), the smoothing buffer (3 haloed),
-    both warped images with ``radius`` ghosts, the window sums and their scratch (5 + 5
-    float64 fields), force and correlation (4 owned), both whole images (and masks).
+    ``symmetric``: the peak is the local correlation of an iteration: the velocity and
+    the force (3 + 3 owned), both images pulled to the middle space with ``radius``
+    ghosts (2 windowed), the window sums and their scratch (5 owned + 5 windowed float64)
+    and the correlation (1 owned); beside them every level's owned planes of both images
+    (and of both masks, with the mask product) and the finest level's image windows:
+    owned planes plus, on each side, a map's reach (``PLANNED_REACH_MM``) and the
+    window margin. ``levels``: the pyramid's shapes (default: ``shape`` alone).
     """
     nz, ny, nx = shape
     start, stop = block_range(nz, size, rank)
+    owned_planes = stop - start
     plane = ny * nx * FLOAT_BYTES
-    owned = (stop - start) * plane
-    haloed = ((stop - start) + 2 * halo) * plane
+    owned = owned_planes * plane
+    haloed = (owned_planes + 2 * halo) * plane
     if getattr(settings, "method", "beg") == "beg":
         timesteps = settings.timesteps
         fields = {
@@ -112,14 +121,28 @@ def memory_per_rank(shape, settings, size: int, rank: int, halo: int) -> dict:
             "images_whole": 2 * nz * plane,
         }
     else:
-        windowed = ((stop - start) + 2 * settings.radius) * plane
+        windowed = (owned_planes + 2 * settings.radius) * plane
+        level_planes = 0
+        for level_shape in (levels or [shape]):
+            level_start, level_stop = block_range(level_shape[0], size, rank)
+            level_planes += (level_stop - level_start) * level_shape[1] * level_shape[2]
+        reach = int(math.ceil(PLANNED_REACH_MM / spacing_z_mm)) + 1 + WINDOW_MARGIN_PLANES
+        window = min(nz, owned_planes + 2 * reach) * plane
+        images = 2 if not masked else 4
         fields = {
-            "velocity_and_updates": 9 * owned,
-            "maps_with_halos": 12 * haloed,
-            "warped_images": 2 * windowed,
+            "velocity_and_force": 6 * owned,
+            "middle_images": 2 * windowed,
             "window_sums": 2 * 5 * owned + 2 * 5 * windowed,
-            "scratch": 4 * owned,
-            "images_whole": 2 * nz * plane,
+            "correlation": owned + (owned if masked else 0),
+            "image_planes": images * level_planes * FLOAT_BYTES,
+            "image_windows": images * window,
         }
     fields["total"] = sum(fields.values())
     return fields
+
+
+def preparation_bytes(fixed_shape, moving_shape) -> int:
+    """Rank 0's arrays while it reads, normalises and resamples the inputs, before they
+    are handed out: about five fixed-grid and three moving-grid float32 volumes."""
+    voxels = lambda shape: int(shape[0]) * int(shape[1]) * int(shape[2])  # noqa: E731
+    return FLOAT_BYTES * (5 * voxels(fixed_shape) + 3 * voxels(moving_shape))

@@ -54,14 +54,52 @@ def ras_to_lps(matrix_ras: np.ndarray) -> np.ndarray:
 
 # -- displacement fields --------------------------------------------------------------------
 def displacement_lps_mm(displacement_vox_zyx: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
-    """Displacements ``(3, nz, ny, nx)`` in voxels (z, y, x) as LPS mm vectors, same shape,
-    components (L, P, S): ``F A_F[:3, :3] u_xyz``."""
+    """Displacements ``(3, planes, ny, nx)`` in voxels (z, y, x) of the grid ``geometry``
+    (all its planes or a block of them) as LPS mm vectors, same shape, components
+    (L, P, S): ``F A_F[:3, :3] u_xyz``."""
     displacement = np.asarray(displacement_vox_zyx, np.float64)
-    if displacement.shape != (3,) + tuple(geometry.shape):
+    if (displacement.ndim != 4 or displacement.shape[0] != 3
+            or displacement.shape[2:] != tuple(geometry.shape[1:])
+            or displacement.shape[1] > geometry.shape[0]):
         raise ValueError(f"displacement of shape {displacement.shape}; expected "
-                         f"(3,) + {geometry.shape}")
+                         f"(3, planes) + {geometry.shape[1:]} of the grid {geometry.shape}")
     linear = _LPS[:3, :3] @ geometry.affine[:3, :3]
-    return np.einsum("ij,j...->i...", linear, displacement[::-1])
+    xyz = displacement[::-1]
+    return np.stack([linear[i, 0] * xyz[0] + linear[i, 1] * xyz[1] + linear[i, 2] * xyz[2]
+                     for i in range(3)])
+
+
+def field_vectors(displacement_vox_zyx: np.ndarray, geometry: ImageGeometry,
+                  dtype=np.float32) -> np.ndarray:
+    """The vectors a displacement-field file stores for a block of planes: LPS mm,
+    rounded to 1/1024 mm (exact in binary, far below any interpolation error, and it
+    compresses)."""
+    displacement = np.asarray(displacement_vox_zyx)
+    out = np.empty(displacement.shape, dtype)
+    step = max(1, (1 << 20) // max(1, int(np.prod(displacement.shape[2:]))))
+    for start in range(0, displacement.shape[1], step):  # blocks: bounded float64 scratch
+        vectors = displacement_lps_mm(displacement[:, start:start + step], geometry)
+        out[:, start:start + step] = (np.round(vectors * VECTOR_QUANTUM_PER_MM)
+                                      / VECTOR_QUANTUM_PER_MM)
+    return out
+
+
+def displacement_field_stream(path, fixed_geometry: ImageGeometry, overwrite: bool = False,
+                              dtype=np.float32):
+    """A :class:`~medhpc.io.nifti.NiftiStream` for an ITK displacement field on the fixed
+    grid: write :func:`field_vectors` component by component, planes in z order."""
+    from medhpc.io.nifti import NiftiStream
+
+    path = Path(path)
+    if not str(path).lower().endswith((".nii", ".nii.gz")):
+        raise InputError(f"{path}: not a NIfTI name; expected a .nii or .nii.gz output for "
+                         f"a displacement field")
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype {dtype}: expected float32 or float64")
+    nz, ny, nx = fixed_geometry.shape
+    return NiftiStream(path, (nx, ny, nz, 1, 3), dtype, fixed_geometry.affine, overwrite,
+                       intent="vector", code="scanner")
 
 
 def write_displacement_field(path, displacement_vox_zyx: np.ndarray,
@@ -86,32 +124,15 @@ def write_displacement_field(path, displacement_vox_zyx: np.ndarray,
     at voxel ``y`` (at LPS point ``p``) is ``d(p) = F A_F (y + u(y)) - F A_F y``, so ITK's
     ``DisplacementFieldTransform`` maps ``p`` to ``p + d(p)``.
     """
-    import nibabel as nib
-
-    from medhpc.io.atomic import atomic_path
-
-    path = Path(path)
-    if not str(path).lower().endswith((".nii", ".nii.gz")):
-        raise InputError(f"{path}: not a NIfTI name; expected a .nii or .nii.gz output for "
-                         f"a displacement field")
-    dtype = np.dtype(dtype)
-    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ValueError(f"dtype {dtype}: expected float32 or float64")
-    vectors = displacement_lps_mm(displacement_vox_zyx, fixed_geometry)
-    # to 1/1024 mm: exact in binary, far below any interpolation error, and it compresses
-    vectors = (np.round(vectors * VECTOR_QUANTUM_PER_MM) / VECTOR_QUANTUM_PER_MM).astype(dtype)
-    data = np.ascontiguousarray(vectors.transpose(3, 2, 1, 0))[:, :, :, np.newaxis, :]
-    image = nib.Nifti1Image(data, fixed_geometry.affine, dtype=dtype)
-    header = image.header
-    header.set_intent("vector", (), name="")
-    header.set_xyzt_units("mm", "sec")
-    from medhpc.io.nifti import place_on_grid, save_image
-
-    place_on_grid(image, fixed_geometry.affine, code="scanner")
-
-    with atomic_path(path, overwrite) as tmp:
-        save_image(image, tmp)
-    return path
+    if np.shape(displacement_vox_zyx) != (3,) + tuple(fixed_geometry.shape):
+        raise ValueError(f"displacement of shape {np.shape(displacement_vox_zyx)}; expected "
+                         f"(3,) + {fixed_geometry.shape}")
+    stream = displacement_field_stream(path, fixed_geometry, overwrite, dtype)
+    vectors = field_vectors(displacement_vox_zyx, fixed_geometry, stream.dtype)
+    with stream:
+        for component in vectors:
+            stream.write(component)
+    return Path(path)
 
 
 # -- affine transforms ----------------------------------------------------------------------

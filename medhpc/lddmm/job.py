@@ -1,19 +1,22 @@
 """The ``lddmm`` command's work: one registration, or many from a pairs table.
 
-1. Read and check both images once (rank 0); resample the moving image onto the
-   fixed grid through world space; scale both to [0, 1].
-2. Register on the ranks of the decomposition (``slabs``: all ranks share one
+1. Read and check both images once (rank 0); find the initial affine, resample the
+   moving image onto the fixed grid through it; scale both to [0, 1]. Only rank 0
+   holds whole images, and only until they are handed out.
+2. Hand every rank its owned planes of both pyramids (and of the moving image as read);
+   register on the ranks of the decomposition (``slabs``: all ranks share one
    registration; ``none``: one rank does it), checkpointing when due.
-3. Gather the maps on rank 0 and write the warped image, ``transform.h5``, its ITK
-   twins (``forward_warp.nii.gz``, ``inverse_warp.nii.gz``, ``affine.txt``), the
-   Jacobian determinant and ``log.json`` into the output folder.
+3. Every rank derives its planes of each output; rank 0 writes the warped image,
+   ``transform.h5``, its ITK twins (``forward_warp.nii.gz``, ``inverse_warp.nii.gz``,
+   ``affine.txt``), the Jacobian determinant (:mod:`medhpc.lddmm.outputs`, block by
+   block as they arrive) and ``log.json`` into the output folder.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +25,19 @@ from medhpc import backend
 from medhpc.errors import InputError
 from medhpc.io.atomic import atomic_path, check_output_free
 from medhpc.io.geometry import ImageGeometry
-from medhpc.io.images import read_image, write_image
+from medhpc.io.images import read_image
+from medhpc.lddmm import outputs
 from medhpc.lddmm import transform as transforms
 from medhpc.lddmm.grid import memory_per_rank
-from medhpc.lddmm.itk import ITK_OUTPUT_NAMES, write_itk_outputs
 from medhpc.lddmm.optimise import Settings, resolved
 from medhpc.lddmm.register import (Registration, check_level_split, level_halos, pyramid_shapes,
-                                   settings_record)
+                                   scatter_pyramids, settings_record)
 from medhpc.parallel.comm import World
 from medhpc.parallel.geometry import slab
-from medhpc.parallel.slabs import gather_volume
+from medhpc.parallel.slabs import scatter_planes
 from medhpc.runtime.checkpoint import Checkpointer
 
-OUTPUT_NAMES = ("warped.nii.gz", "transform.h5", *ITK_OUTPUT_NAMES, "jacobian.nii.gz",
-                "log.json")
+OUTPUT_NAMES = (*outputs.OUTPUT_NAMES, "log.json")
 DECOMPOSITIONS = ("slabs", "none", "auto")
 
 
@@ -44,14 +46,15 @@ class Inputs:
     """Both images on the fixed grid, scaled to about [0, 1], with their geometries.
 
     ``affine_world`` (4x4, world RAS mm, fixed to moving) is the initial transform the
-    moving image was resampled through; the masks are on the fixed grid (or None).
+    moving image was resampled through; the masks are on the fixed grid (or None). The
+    arrays are held on rank 0 only (None elsewhere) and dropped once handed out.
     """
 
-    fixed: np.ndarray
-    moving: np.ndarray
+    fixed: np.ndarray | None
+    moving: np.ndarray | None
     fixed_geometry: ImageGeometry
     moving_geometry: ImageGeometry
-    moving_original: np.ndarray
+    moving_original: np.ndarray | None
     affine_world: np.ndarray
     initial: dict
     fixed_mask: np.ndarray | None = None
@@ -171,18 +174,31 @@ def choose_decomposition(decomp: str, settings: Settings, shape, size: int,
     return decomp
 
 
-def plan(settings: Settings, shape, size: int, mode: str, spacing_zyx_mm=(1.0, 1.0, 1.0)) -> dict:
-    """The decomposition and every rank's memory at the finest level."""
+def plan(settings: Settings, shape, size: int, mode: str, spacing_zyx_mm=(1.0, 1.0, 1.0),
+         moving_shape=None, masked: bool = False) -> dict:
+    """The decomposition and every rank's memory at its peak (arrays only: the runtime's
+    own memory, Python, numba and MPI, comes on top; see docs/performance.md)."""
+    from medhpc.lddmm.grid import PLANNED_REACH_MM, preparation_bytes
+
     ranks = size if mode == "slabs" else 1
     halo = level_halos(settings, shape, spacing_zyx_mm)[-1]
+    levels = pyramid_shapes(shape, settings.levels)
     shares = []
     for rank in range(ranks):
         share = slab(shape[0], ranks, rank, halo)
-        shares.append({"rank": rank, "planes": [share.start, share.stop], "halo": halo,
-                       "memory_bytes": memory_per_rank(shape, settings, ranks, rank, halo)})
+        memory = memory_per_rank(shape, settings, ranks, rank, halo, spacing_zyx_mm[0],
+                                 masked, levels)
+        detail = {"rank": rank, "planes": [share.start, share.stop], "halo": halo,
+                  "memory_bytes": memory, "peak_bytes": memory["total"]}
+        if rank == 0:
+            detail["preparation_bytes"] = preparation_bytes(shape, moving_shape or shape)
+            detail["peak_bytes"] = max(memory["total"], detail["preparation_bytes"])
+        shares.append(detail)
     return {"decomposition": mode, "registration_ranks": ranks,
-            "levels": [list(s) for s in pyramid_shapes(shape, settings.levels)],
-            "settings": settings_record(settings), "ranks_detail": shares}
+            "levels": [list(s) for s in levels],
+            "settings": settings_record(settings), "ranks_detail": shares,
+            "assumes": f"maps reach up to {PLANNED_REACH_MM:g} mm beyond a slab in z; the "
+                       f"runtime (Python, numba, MPI) adds a fixed amount per process"}
 
 
 class PairRegistration:
@@ -211,7 +227,10 @@ class PairRegistration:
         return self.out / "checkpoint.h5"
 
     def prepare(self) -> tuple[Inputs, str]:
-        """Checked inputs and the decomposition (rank 0 of ``world``; shared)."""
+        """Checked inputs and the decomposition (read on rank 0 of ``world``, which keeps
+        the images; the other ranks get the geometries and the verdict)."""
+        held = {}
+
         def validated():
             for name in OUTPUT_NAMES:
                 check_output_free(self.out / name, self.overwrite)
@@ -229,11 +248,13 @@ class PairRegistration:
             check_settings(settings, inputs.fixed.shape)
             mode = choose_decomposition(self.decomp, settings, inputs.fixed.shape,
                                         self.world.size, spacing)
-            return inputs, mode, settings
+            held["inputs"] = inputs
+            return (replace(inputs, fixed=None, moving=None, moving_original=None,
+                            fixed_mask=None, moving_mask=None), mode, settings)
 
         with self.run.stage("read inputs", "io"):
             inputs, mode, self.settings = self.world.agree(validated)
-        return inputs, mode
+        return held.get("inputs", inputs), mode
 
     def execute(self) -> dict | None:
         """Register and write every output; return the summary (rank 0) or None."""
@@ -267,62 +288,70 @@ class PairRegistration:
 
             kernels = HostStaged(kernels)
         spacing_zyx = tuple(inputs.fixed_geometry.spacing_mm[::-1])
-        registration = Registration(world, kernels, self.settings, inputs.fixed, inputs.moving,
-                                    spacing_zyx, self.run.stage, self.run.log,
-                                    fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask)
+        with self.run.stage("hand out images", "comm"):
+            images = scatter_pyramids(world, self.settings.levels, inputs.fixed, inputs.moving,
+                                      inputs.fixed_mask, inputs.moving_mask)
+            moving_owned = scatter_planes(world, inputs.moving_original)
+            inputs.fixed = inputs.moving = inputs.moving_original = None  # rank 0's copies
+            inputs.fixed_mask = inputs.moving_mask = None
+        registration = Registration(world, kernels, self.settings, images, None, spacing_zyx,
+                                    self.run.stage, self.run.log)
         with self._checkpointer(world) as checkpointer:
             result = registration.run(checkpointer)
+        del registration  # its pyramids: the outputs need only the maps from here on
+        result.warped = None
         from medhpc.lddmm.flows import Flows
 
-        flows = Flows(world, result.grid, kernels, self.settings.timesteps,
+        grid = result.grid
+        flows = Flows(world, grid, kernels, self.settings.timesteps,
                       self.settings.max_step_voxels, self.run.stage)
-        determinant = flows.determinant(result.forward)
-        interior = result.grid.slab.interior
-        owned = slab(result.grid.shape[0], world.size, world.rank, 0)
-        with self.run.stage("gather maps", "comm"):
-            forward = gather_volume(world, np.ascontiguousarray(result.forward[:, interior]), owned)
-            inverse = gather_volume(world, np.ascontiguousarray(result.inverse[:, interior]), owned)
-            determinant = gather_volume(world, determinant, owned)
-            velocity = None
-            if self.save_velocity:
-                stacked = np.concatenate(result.velocity, axis=0)
-                velocity = gather_volume(world, np.ascontiguousarray(stacked), owned)
+        interior = grid.slab.interior
+        maps = {"forward": np.ascontiguousarray(result.forward[:, interior]),
+                "inverse": np.ascontiguousarray(result.inverse[:, interior]),
+                "determinant": flows.determinant(result.forward)}
+        result.forward = result.inverse = None
+        with self.run.stage("warp moving image", "other"):
+            maps["warped"] = outputs.warped_planes(world, maps["forward"], grid.z_first,
+                                                   inputs.fixed_geometry,
+                                                   inputs.moving_geometry, moving_owned,
+                                                   inputs.affine_world)
+        with self.run.stage("inverse consistency", "other"):
+            consistency = outputs.consistency_planes(world, maps["forward"], maps["inverse"],
+                                                     grid.z_first, grid.shape[0])
+        with self.run.stage("reductions", "comm"):
+            voxels = float(np.prod(grid.shape))
+            determinant = maps["determinant"]
+            stats = {
+                "folded_share": world.sum(float(np.sum(determinant <= 0))) / voxels,
+                "jacobian_min": world.min(float(determinant.min()) if determinant.size
+                                          else np.inf),
+                "jacobian_max": world.max(float(determinant.max()) if determinant.size
+                                          else -np.inf),
+                "inverse_consistency_mean_voxels": world.sum(float(np.sum(
+                    consistency, dtype=np.float64))) / voxels,
+                "inverse_consistency_max_voxels": world.max(float(consistency.max())
+                                                            if consistency.size else 0.0)}
+        if world.is_root:
+            self.out.mkdir(parents=True, exist_ok=True)
+        with self.run.stage("write outputs", "io"):
+            outputs.write_outputs(
+                world, self.out, maps,
+                {"fixed": inputs.fixed_geometry, "moving": inputs.moving_geometry,
+                 "affine_world": inputs.affine_world},
+                settings_record(self.settings),
+                result.velocity if self.save_velocity else None, self.overwrite)
         if not world.is_root:
             return None
-        with self.run.stage("write outputs", "io"):
-            summary = self._write(inputs, forward, inverse, determinant, velocity, result, mode,
-                                  world.size)
         self.checkpoint_path.unlink(missing_ok=True)
-        return summary
+        return self._summary(inputs, stats, result, mode, world.size)
 
-    def _write(self, inputs: Inputs, forward, inverse, determinant, velocity, result, mode,
-               ranks) -> dict:
-        fixed_geometry = inputs.fixed_geometry
-        transform = {"forward": forward, "inverse": inverse, "fixed": fixed_geometry,
-                     "moving": inputs.moving_geometry, "affine_world": inputs.affine_world}
-        warped, _ = transforms.apply_transform(transform, inputs.moving_original,
-                                               inputs.moving_geometry)
-        write_image(self.out / "warped.nii.gz", warped, fixed_geometry, overwrite=self.overwrite)
-        write_image(self.out / "jacobian.nii.gz", determinant, fixed_geometry,
-                    overwrite=self.overwrite)
-        if velocity is not None:
-            velocity = velocity.reshape((-1, 3) + forward.shape[1:])
-        transforms.write_transform(self.out / "transform.h5", forward, inverse, fixed_geometry,
-                                   inputs.moving_geometry, settings_record(self.settings),
-                                   velocity, overwrite=self.overwrite,
-                                   affine_world=transform["affine_world"])
-        write_itk_outputs(self.out, transform, overwrite=self.overwrite)
-        folded = float(np.mean(determinant <= 0))
-        consistency = transforms.compose_error_voxels(forward, inverse)
+    def _summary(self, inputs: Inputs, stats: dict, result, mode, ranks) -> dict:
         final = result.history[-1]
         summary = {
             "fixed": str(self.fixed_path), "moving": str(self.moving_path), "out": str(self.out),
             "energy": final["energy"], "similarity": final["similarity"],
             "regularity": final["regularity"], "iterations": len(result.history) - len(
-                result.stopped), "folded_share": folded,
-            "jacobian_min": float(determinant.min()), "jacobian_max": float(determinant.max()),
-            "inverse_consistency_mean_voxels": float(consistency.mean()),
-            "inverse_consistency_max_voxels": float(consistency.max()),
+                result.stopped), **stats,
         }
         self._log = {"command": "lddmm", **summary, "settings": settings_record(self.settings),
                      "decomposition": mode, "ranks": ranks, "device": self.run.device,

@@ -99,13 +99,16 @@ def compose_displacement(u, v, scale, halo, z_first, nz_global, out):
 
 
 @numba.njit(parallel=True, cache=True)
-def warp_image(image, u, halo, z_first, out, out_halo):
-    """Sample a whole image at ``x + u(x)``: ``out(x) = image(x + u(x))`` (trilinear).
+def warp_image(image, image_z0, nz_global, u, halo, z_first, out, out_halo):
+    """Sample an image at ``x + u(x)``: ``out(x) = image(x + u(x))`` (trilinear).
 
     Parameters
     ----------
-    image : float32 (nz, ny, nx)
-        The whole image.
+    image : float32 (planes, ny, nx)
+        Planes ``image_z0 ..`` of the image: the whole image (``image_z0 = 0``) or a
+        window holding every plane the lookups reach (positions are clamped to the
+        volume ``[0, nz_global - 1]`` first).
+    image_z0, nz_global : int
     u : float32 (3, owned + 2 halo, ny, nx)
         Displacement in voxels, halos filled where ``out_halo > 0``.
     halo, z_first : int
@@ -113,18 +116,19 @@ def warp_image(image, u, halo, z_first, out, out_halo):
         Planes inside the volume are written (``out_halo <= halo`` ghost planes too).
     out_halo : int
     """
-    nz, ny, nx = image.shape
+    ny, nx = image.shape[1], image.shape[2]
     for k in numba.prange(out.shape[0]):
         zg = z_first - out_halo + k
-        if zg < 0 or zg >= nz:
+        if zg < 0 or zg >= nz_global:
             continue
         zl = k - out_halo + halo
         for y in range(ny):
             for x in range(nx):
-                z0, z1, wz = _corner(zg + u[0, zl, y, x], nz)
+                z0, z1, wz = _corner(zg + u[0, zl, y, x], nz_global)
                 y0, y1, wy = _corner(y + u[1, zl, y, x], ny)
                 x0, x1, wx = _corner(x + u[2, zl, y, x], nx)
-                out[k, y, x] = _blend(image, z0, z1, wz, y0, y1, wy, x0, x1, wx)
+                out[k, y, x] = _blend(image, z0 - image_z0, z1 - image_z0, wz, y0, y1, wy,
+                                      x0, x1, wx)
 
 
 @numba.njit(parallel=True, cache=True)

@@ -94,7 +94,7 @@ def _compose_displacement(u, v, scale, halo, z_first, nz_global, out):
     out[2, zl, y, x] = dx + _blend_component(u, 2, z0, z1, wz, y0, y1, wy, x0, x1, wx)
 
 
-def _warp_image(image, u, halo, z_first, out, out_halo):
+def _warp_image(image, image_z0, nz_global, u, halo, z_first, out, out_halo):
     index = cuda.grid(1)
     nk, ny, nx = out.shape
     if index >= nk * ny * nx:
@@ -102,15 +102,14 @@ def _warp_image(image, u, halo, z_first, out, out_halo):
     k = index // (ny * nx)
     y = (index // nx) % ny
     x = index % nx
-    nz = image.shape[0]
     zg = z_first - out_halo + k
-    if zg < 0 or zg >= nz:
+    if zg < 0 or zg >= nz_global:
         return
     zl = k - out_halo + halo
-    z0, z1, wz = _corner(float32(zg) + u[0, zl, y, x], nz)
+    z0, z1, wz = _corner(float32(zg) + u[0, zl, y, x], nz_global)
     y0, y1, wy = _corner(float32(y) + u[1, zl, y, x], ny)
     x0, x1, wx = _corner(float32(x) + u[2, zl, y, x], nx)
-    out[k, y, x] = _blend(image, z0, z1, wz, y0, y1, wy, x0, x1, wx)
+    out[k, y, x] = _blend(image, z0 - image_z0, z1 - image_z0, wz, y0, y1, wy, x0, x1, wx)
 
 
 def _image_gradient(image, image_halo, z_first, nz_global, out):
@@ -314,7 +313,7 @@ _D4 = "float64[:, :, :, ::1]"
 PTX_SIGNATURES = {
     "compose_displacement": (_compose_displacement,
                              f"({_F4}, {_F4}, float32, int64, int64, int64, {_F4})"),
-    "warp_image": (_warp_image, f"({_F3}, {_F4}, int64, int64, {_F3}, int64)"),
+    "warp_image": (_warp_image, f"({_F3}, int64, int64, {_F4}, int64, int64, {_F3}, int64)"),
     "image_gradient": (_image_gradient, f"({_F3}, int64, int64, int64, {_F4})"),
     "jacobian_determinant": (_jacobian_determinant, f"({_F4}, int64, int64, int64, {_F3})"),
     "similarity_force": (_similarity_force,
@@ -341,9 +340,10 @@ def compose_displacement(u, v, scale, halo, z_first, nz_global, out):
             float32(scale), halo, z_first, nz_global, out)
 
 
-def warp_image(image, u, halo, z_first, out, out_halo):
+def warp_image(image, image_z0, nz_global, u, halo, z_first, out, out_halo):
     """``out(x) = image(x + u(x))`` (see the CPU twin)."""
-    _launch(warp_image_kernel, out.size, image, u, halo, z_first, out, out_halo)
+    _launch(warp_image_kernel, out.size, image, image_z0, nz_global, u, halo, z_first, out,
+            out_halo)
 
 
 def image_gradient(image, image_halo, z_first, nz_global, out):

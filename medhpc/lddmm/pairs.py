@@ -22,7 +22,9 @@ def register_one(run, settings: Settings, fixed, moving, out, decomp="auto", res
     if run.dry_run:
         inputs, mode = job.prepare()
         spacing = tuple(inputs.fixed_geometry.spacing_mm[::-1])
-        run.print_plan(plan(job.settings, inputs.fixed.shape, run.world.size, mode, spacing))
+        run.print_plan(plan(job.settings, inputs.fixed_geometry.shape, run.world.size, mode,
+                            spacing, inputs.moving_geometry.shape,
+                            bool(fixed_mask or moving_mask)))
         return
     summary = job.execute()
     document = run.finish({"decomposition": job.decomp})

@@ -3,8 +3,11 @@
 Both images are on the fixed grid (see :mod:`medhpc.lddmm.transform`). Level ``l``
 halves the grid ``levels - 1 - l`` times by 2x2x2 averaging; the velocity of a level
 is resampled to the next finer grid and doubled (it is measured in voxels). Every
-rank holds its z-slab of the velocity; the code is the same for one rank (one slab)
-and many.
+rank holds its z-slab of the velocity and its owned planes of both images at every
+level (:class:`LevelImages`, scattered from rank 0 by :func:`scatter_pyramids`); the
+symmetric method reaches the other planes through :class:`~medhpc.lddmm.flows.ImageWindow`,
+the Beg method gathers each level's images whole. The code is the same for one rank
+(one slab) and many.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from medhpc.lddmm.flows import ImageWindow
 from medhpc.lddmm.grid import LevelGrid, check_split, halo_for
 from medhpc.lddmm.optimise import LevelOptimiser, LevelState, Settings, resolved
 from medhpc.lddmm.symmetric import SymmetricOptimiser, level_halo
 from medhpc.lddmm.transform import sample
 from medhpc.parallel.comm import World
-from medhpc.parallel.geometry import slab
-from medhpc.parallel.slabs import gather_volume
+from medhpc.parallel.geometry import block_range, slab
+from medhpc.parallel.slabs import fetch_planes, gather_volume, scatter_planes
 
 
 def pyramid_shapes(shape, levels: int) -> list[tuple]:
@@ -46,6 +50,65 @@ def image_pyramid(image: np.ndarray, levels: int) -> list[np.ndarray]:
     for _ in range(levels - 1):
         images.append(downsample(images[-1]))
     return images[::-1]
+
+
+@dataclass
+class LevelImages:
+    """This rank's owned planes of both images (and masks) at every level, coarsest first.
+
+    ``fixed_mask`` and ``moving_mask`` are lists like ``fixed`` or both None.
+    """
+
+    shapes: list
+    fixed: list
+    moving: list
+    fixed_mask: list | None = None
+    moving_mask: list | None = None
+
+    @classmethod
+    def from_whole(cls, world: World, levels: int, fixed, moving, fixed_mask=None,
+                   moving_mask=None) -> "LevelImages":
+        """Pyramids of whole images that every rank holds, cut to this rank's planes."""
+        shapes = pyramid_shapes(fixed.shape, levels)
+        masked = fixed_mask is not None or moving_mask is not None
+        ones = np.ones(fixed.shape, np.float32) if masked else None
+        pyramids = [image_pyramid(image, levels) if image is not None else None
+                    for image in (fixed, moving,
+                                  (ones if fixed_mask is None else fixed_mask) if masked else None,
+                                  (ones if moving_mask is None else moving_mask) if masked
+                                  else None)]
+
+        def owned(pyramid):
+            if pyramid is None:
+                return None
+            return [np.ascontiguousarray(image[slice(*block_range(image.shape[0], world.size,
+                                                                   world.rank))])
+                    for image in pyramid]
+
+        return cls(shapes, *(owned(pyramid) for pyramid in pyramids))
+
+
+def scatter_pyramids(world: World, levels: int, fixed=None, moving=None, fixed_mask=None,
+                     moving_mask=None) -> LevelImages:
+    """Build the pyramids on rank 0 (whole images there, None elsewhere) and hand every
+    rank its owned planes of each level; no rank but 0 ever holds a whole image."""
+    masked = world.bcast(fixed_mask is not None or moving_mask is not None)
+    shape = world.bcast(None if fixed is None else tuple(fixed.shape))
+    shapes = pyramid_shapes(shape, levels)
+    names = ("fixed", "moving") + (("fixed_mask", "moving_mask") if masked else ())
+    images = {name: None for name in ("fixed", "moving", "fixed_mask", "moving_mask")}
+    if world.is_root:
+        whole = {"fixed": fixed, "moving": moving}
+        if masked:
+            ones = np.ones(shape, np.float32)
+            whole["fixed_mask"] = ones if fixed_mask is None else fixed_mask
+            whole["moving_mask"] = ones if moving_mask is None else moving_mask
+    for name in names:
+        pyramid = image_pyramid(whole.pop(name), levels) if world.is_root else [None] * levels
+        images[name] = [scatter_planes(world, level) for level in pyramid]
+        del pyramid
+    return LevelImages(shapes, images["fixed"], images["moving"], images["fixed_mask"],
+                       images["moving_mask"])
 
 
 def upsample_velocity(world: World, velocity: list, coarse: LevelGrid,
@@ -129,23 +192,36 @@ class Registration:
         self.world = world
         self.kernels = kernels
         self.spacing = tuple(float(h) for h in spacing_zyx_mm)
-        settings = resolved(settings, fixed.shape, self.spacing)
+        shape = fixed.shapes[-1] if isinstance(fixed, LevelImages) else fixed.shape
+        settings = resolved(settings, shape, self.spacing)
         self.settings = settings
         self.stage = stage
         self.log = log
-        self.shapes = pyramid_shapes(fixed.shape, settings.levels)
-        self.halos = level_halos(settings, fixed.shape, self.spacing)
-        check_level_split(settings, fixed.shape, self.spacing, world.size)
-        with stage("pyramid", "other"):
-            self.fixed = image_pyramid(fixed, settings.levels)
-            self.moving = image_pyramid(moving, settings.levels)
-            self.masks = None
-            if fixed_mask is not None or moving_mask is not None:
-                ones = np.ones(fixed.shape, np.float32)
-                self.masks = (image_pyramid(ones if fixed_mask is None else fixed_mask,
-                                            settings.levels),
-                              image_pyramid(ones if moving_mask is None else moving_mask,
-                                            settings.levels))
+        self.shapes = pyramid_shapes(shape, settings.levels)
+        self.halos = level_halos(settings, shape, self.spacing)
+        check_level_split(settings, shape, self.spacing, world.size)
+        if isinstance(fixed, LevelImages):
+            self.images = fixed
+        else:
+            with stage("pyramid", "other"):
+                self.images = LevelImages.from_whole(world, settings.levels, fixed, moving,
+                                                     fixed_mask, moving_mask)
+
+    def level_images(self, level: int) -> tuple:
+        """``(moving, fixed, masks)`` of a level as the method takes them: windows for
+        symmetric, whole images for beg; ``masks`` is None or (fixed, moving) windows."""
+        images, nz = self.images, self.shapes[level][0]
+        if self.settings.method == "beg":
+            with self.stage("gather images", "comm"):
+                return tuple(fetch_planes(self.world, part[level], nz, 0, nz)
+                             for part in (images.moving, images.fixed)) + (None,)
+        windows = [ImageWindow(self.world, part[level], nz)
+                   for part in (images.moving, images.fixed)]
+        masks = None
+        if images.fixed_mask is not None:
+            masks = (ImageWindow(self.world, images.fixed_mask[level], nz),
+                     ImageWindow(self.world, images.moving_mask[level], nz))
+        return windows[0], windows[1], masks
 
     def grid(self, level: int) -> LevelGrid:
         factor = np.asarray(self.shapes[-1], np.float64) / np.asarray(self.shapes[level])
@@ -173,10 +249,11 @@ class Registration:
             grid = self.grid(level)
             optimiser_class = (LevelOptimiser if self.settings.method == "beg"
                                else SymmetricOptimiser)
+            moving, fixed, masks = self.level_images(level)
             optimiser = optimiser_class(self.world, grid, self.kernels, self.settings,
-                                        self.moving[level], self.fixed[level], self.stage, level)
-            if self.masks is not None:
-                optimiser.set_masks(self.masks[0][level], self.masks[1][level])
+                                        moving, fixed, self.stage, level)
+            if masks is not None:
+                optimiser.set_masks(*masks)
             if loaded and level == start_level:
                 state = self._restored_state(loaded[1], grid)
                 state.history = [entry for entry in history if entry["level"] == level]
@@ -189,6 +266,7 @@ class Registration:
                         velocity = upsample_velocity(self.world, velocity, previous_grid, grid)
                     regularity = optimiser.regularity(velocity)
                 state = LevelState(velocity, regularity, self.settings.step)
+            velocity = None  # the state holds it (a second reference would pin a stale field)
 
             def after_iteration(state, level=level, done_before=done_before):
                 self._checkpoint(checkpointer, level, state, done_before, history, stopped)
@@ -212,7 +290,7 @@ class Registration:
             forward, warped = forward.displacement, forward.template[-1][1:-1]
         else:
             forward, inverse = optimiser.final_maps(velocity)
-            warped = flows.warp(self.moving[-1], forward, 0)
+            warped = flows.warp(moving, forward, 0)
         return RegistrationResult(grid=grid, velocity=velocity, forward=forward,
                                   inverse=inverse, warped=warped,
                                   history=history, stopped=stopped)

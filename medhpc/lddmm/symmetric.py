@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from medhpc.lddmm.flows import Flows
+from medhpc.lddmm.flows import Flows, ImageWindow
 from medhpc.lddmm.grid import LevelGrid
 from medhpc.parallel.comm import World
 from medhpc.parallel.slabs import exchange_halos
@@ -76,8 +76,8 @@ class SymmetricOptimiser:
     grid : LevelGrid
     kernels : module
     settings : Settings
-    moving, fixed : numpy.ndarray
-        Whole images on this level's grid.
+    moving, fixed : ImageWindow or numpy.ndarray
+        Both images on this level's grid: windows over the ranks' planes, or whole.
     stage : callable
     level : int
     """
@@ -88,8 +88,8 @@ class SymmetricOptimiser:
         self.grid = grid
         self.kernels = kernels
         self.settings = settings
-        self.moving = np.ascontiguousarray(moving, np.float32)
-        self.fixed = np.ascontiguousarray(fixed, np.float32)
+        self.moving = _window(world, moving)
+        self.fixed = _window(world, fixed)
         self.stage = stage
         self.level = level
         self.flows = Flows(world, grid, kernels, 1, settings.max_step_voxels, stage)
@@ -100,10 +100,10 @@ class SymmetricOptimiser:
         self.masks = None
         self.last_step_voxels = 0.0
 
-    def set_masks(self, fixed_mask: np.ndarray, moving_mask: np.ndarray) -> None:
-        """Weights on this level's grid; the force is kept only where both are set."""
-        self.masks = (np.ascontiguousarray(fixed_mask, np.float32),
-                      np.ascontiguousarray(moving_mask, np.float32))
+    def set_masks(self, fixed_mask, moving_mask) -> None:
+        """Weights on this level's grid (windows or whole); the force is kept only where
+        both are set."""
+        self.masks = (_window(self.world, fixed_mask), _window(self.world, moving_mask))
 
     # -- pieces ---------------------------------------------------------------------------
     def zero_velocity(self) -> list:
@@ -192,6 +192,7 @@ class SymmetricOptimiser:
             if not state.history:
                 state.history.append(self._entry(0, correlation))
             velocity = self.update(velocity, force)
+            del force  # not alive beside the next iteration's
             state.velocity = [velocity]
             state.iteration += 1
             state.history.append(self._entry(state.iteration, correlation))
@@ -215,6 +216,12 @@ class SymmetricOptimiser:
                 "similarity": float(energy), "regularity": 0.0,
                 "step": float(self.settings.update_voxels), "substeps": 0,
                 "gradient_norm": float("nan")}
+
+
+def _window(world: World, image) -> ImageWindow:
+    if isinstance(image, ImageWindow):
+        return image
+    return ImageWindow.whole(world, np.ascontiguousarray(image, np.float32))
 
 
 def converged(history: list, tolerance: float) -> bool:

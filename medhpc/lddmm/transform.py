@@ -26,6 +26,7 @@ from medhpc.io.geometry import ImageGeometry
 from medhpc.lddmm import kernels_cpu
 
 INTERPOLATIONS = ("linear", "nearest", "label", "cubic")
+RESAMPLE_BLOCK_VOXELS = 1 << 20  # points mapped at a time: bounds the float64 scratch
 FORMAT = "medhpc-lddmm-transform"
 
 
@@ -45,9 +46,12 @@ def map_points(points_zyx: np.ndarray, source: ImageGeometry, target: ImageGeome
     (for instance the affine ``T`` from fixed to moving); None means they share one world.
     """
     matrix = _voxel_to_voxel(source, target, world)
-    xyz = points_zyx[::-1].reshape(3, -1).astype(np.float64)
-    moved = matrix[:3, :3] @ xyz + matrix[:3, 3:4]
-    return moved[::-1].reshape(points_zyx.shape).astype(np.float32)
+    xyz = points_zyx[::-1].astype(np.float64)
+    # element by element (not a matrix product), so a block of points maps bit for bit as
+    # it does inside the whole grid
+    moved = [matrix[i, 0] * xyz[0] + matrix[i, 1] * xyz[1] + matrix[i, 2] * xyz[2]
+             + matrix[i, 3] for i in (2, 1, 0)]
+    return np.stack(moved).astype(np.float32)
 
 
 def sample(image: np.ndarray, points_zyx: np.ndarray, interpolation: str = "linear",
@@ -104,9 +108,19 @@ def resample(image: np.ndarray, image_geometry: ImageGeometry, grid: ImageGeomet
     moving image on the fixed grid is ``resample(M, A_M, fixed, world=T)``,
     ``M(A_M^-1 T A_F y)``. None (or the identity) means one shared world.
     """
-    points = map_points(np.indices(grid.shape, dtype=np.float32), grid, image_geometry,
-                        _unless_identity(world))
-    return sample(image, points, interpolation)
+    world = _unless_identity(world)
+    nz, ny, nx = grid.shape
+    block = max(1, RESAMPLE_BLOCK_VOXELS // max(ny * nx, 1))
+    out = None
+    for start in range(0, nz, block):
+        stop = min(nz, start + block)
+        points = np.indices((stop - start, ny, nx), dtype=np.float32)
+        points[0] += np.float32(start)
+        values = sample(image, map_points(points, grid, image_geometry, world), interpolation)
+        if out is None:
+            out = np.empty(grid.shape, values.dtype)
+        out[start:stop] = values
+    return out
 
 
 def compose_error_voxels(forward: np.ndarray, inverse: np.ndarray) -> np.ndarray:
@@ -169,32 +183,98 @@ def write_transform(path, forward: np.ndarray, inverse: np.ndarray, fixed: Image
     ``affine_world_ras``: the fixed voxel ``y`` maps to the moving world point
     ``affine_world @ A_F @ (y + u(y))``.
     """
-    import json
+    fields = 0 if velocity is None else velocity.shape[0]
+    with TransformWriter(path, fixed, moving, settings, affine_world, fields,
+                         overwrite) as writer:
+        nz = fixed.shape[0]
+        for component in range(3):
+            writer.write("forward", component, 0, nz, forward[component])
+            writer.write("inverse", component, 0, nz, inverse[component])
+        for field in range(fields):
+            for component in range(3):
+                writer.write("velocity", (field, component), 0, nz, velocity[field, component])
 
-    import h5py
 
-    from medhpc.io.atomic import atomic_path
+class TransformWriter:
+    """``transform.h5`` filled block of planes by block of planes, atomically.
 
-    world = IDENTITY if affine_world is None else check_affine_world(affine_world)
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        with h5py.File(tmp, "w") as f:
+    Datasets ``forward_displacement_vox`` and ``inverse_displacement_vox``
+    ``(3, nz, ny, nx)`` float32 (uncompressed: noisy float fields barely shrink and gzip
+    costs a second at 1 mm), optionally ``velocity_vox`` ``(fields, 3, nz, ny, nx)``
+    (gzip 1), ``affine_world_ras`` and the ``fixed``/``moving`` geometry groups. The file
+    appears under ``path`` only when the block ends without an error.
+    """
+
+    NAMES = {"forward": "forward_displacement_vox", "inverse": "inverse_displacement_vox",
+             "velocity": "velocity_vox"}
+
+    def __init__(self, path, fixed: ImageGeometry, moving: ImageGeometry, settings: dict,
+                 affine_world: np.ndarray | None = None, velocity_fields: int = 0,
+                 overwrite: bool = False):
+        self.path = Path(path)
+        self.fixed, self.moving = fixed, moving
+        self.settings = settings
+        self.world = IDENTITY if affine_world is None else check_affine_world(affine_world)
+        self.velocity_fields = int(velocity_fields)
+        self.overwrite = overwrite
+
+    def __enter__(self) -> "TransformWriter":
+        import json
+
+        import h5py
+
+        from medhpc.io.atomic import atomic_path
+
+        self._atomic = atomic_path(self.path, overwrite=self.overwrite)
+        tmp = self._atomic.__enter__()
+        try:
+            self._file = f = h5py.File(tmp, "w")
             f.attrs["format"] = FORMAT
-            f.attrs["settings"] = json.dumps(settings)
+            f.attrs["settings"] = json.dumps(self.settings)
             f.attrs["components"] = "z, y, x in voxels of the fixed grid"
-            # uncompressed: noisy float fields barely shrink and gzip costs a second at 1 mm
-            f.create_dataset("forward_displacement_vox", data=forward)
-            f.create_dataset("inverse_displacement_vox", data=inverse)
-            f.create_dataset("affine_world_ras", data=np.array(world, np.float64))
+            shape = (3,) + tuple(self.fixed.shape)
+            f.create_dataset(self.NAMES["forward"], shape=shape, dtype=np.float32)
+            f.create_dataset(self.NAMES["inverse"], shape=shape, dtype=np.float32)
+            f.create_dataset("affine_world_ras", data=np.array(self.world, np.float64))
             f["affine_world_ras"].attrs["description"] = (
                 "4x4, world RAS mm of the fixed image -> world RAS mm of the moving image, "
                 "applied after the displacement: P(y) = affine_world_ras A_F (y + u(y))")
-            if velocity is not None:
-                f.create_dataset("velocity_vox", data=velocity, compression="gzip",
-                                 compression_opts=1)
-            for name, geometry in (("fixed", fixed), ("moving", moving)):
+            if self.velocity_fields:
+                nz, ny, nx = self.fixed.shape
+                f.create_dataset(self.NAMES["velocity"], shape=(self.velocity_fields,) + shape,
+                                 dtype=np.float32, chunks=(1, 1, min(nz, 8), ny, nx),
+                                 compression="gzip", compression_opts=1)
+            for name, geometry in (("fixed", self.fixed), ("moving", self.moving)):
                 group = f.create_group(name)
                 for key, value in geometry.to_attrs().items():
                     group.attrs[key] = value
+        except BaseException:
+            self._abandon()
+            raise
+        return self
+
+    def write(self, name: str, component, start: int, stop: int, block: np.ndarray) -> None:
+        """Planes ``[start, stop)`` of one component (``(field, component)`` for the
+        velocity) of ``name`` (forward, inverse or velocity)."""
+        index = component if isinstance(component, tuple) else (component,)
+        self._file[self.NAMES[name]][index + (slice(start, stop),)] = block
+
+    def _abandon(self) -> None:
+        import sys
+
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
+        self._atomic.__exit__(*sys.exc_info())
+
+    def __exit__(self, kind, error, trace) -> bool:
+        try:
+            self._file.close()
+        except BaseException:
+            self._abandon()
+            raise
+        self._atomic.__exit__(kind, error, trace)
+        return False
 
 
 def read_transform(path) -> dict:

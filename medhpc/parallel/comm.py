@@ -237,6 +237,14 @@ class World:
             self.comm.Sendrecv(sbuf, dest=dest, sendtag=tag, recvbuf=rbuf, source=source,
                                recvtag=tag)
 
+    def send_(self, array: np.ndarray, dest: int, tag: int = 0) -> None:
+        """Send a contiguous host array to ``dest`` (blocking)."""
+        self.comm.Send(array, dest=dest, tag=tag)
+
+    def recv_(self, array: np.ndarray, source: int, tag: int = 0) -> None:
+        """Receive into a contiguous host array from ``source`` (blocking)."""
+        self.comm.Recv(array, source=source, tag=tag)
+
     def alltoallv_(self, send: np.ndarray, send_counts: Sequence[int],
                    recv: np.ndarray, recv_counts: Sequence[int]) -> None:
         """All-to-all of variable-sized contiguous blocks (counts in elements)."""

@@ -294,6 +294,96 @@ def gather_volume(world: World, local: np.ndarray, slab: Slab,
     return np.ascontiguousarray(np.moveaxis(gathered, 0, z_axis))
 
 
+def scatter_planes(world: World, volume: np.ndarray | None, root: int = 0) -> np.ndarray:
+    """This rank's owned planes of a z-first volume held on ``root`` (None elsewhere).
+
+    Planes are split as :func:`~medhpc.parallel.geometry.block_ranges` splits them; a
+    rank may own none (a volume thinner than the ranks). Host arrays only.
+    """
+    shape, dtype = world.bcast(None if world.rank != root else
+                               (tuple(volume.shape), np.asarray(volume).dtype.str), root=root)
+    ranges = block_ranges(shape[0], world.size)
+    start, stop = ranges[world.rank]
+    owned = np.empty((stop - start,) + tuple(shape[1:]), np.dtype(dtype))
+    per_plane = int(np.prod(shape[1:], dtype=np.int64))
+    send = np.ascontiguousarray(volume) if world.rank == root else None
+    world.scatterv_(send, [(b - a) * per_plane for a, b in ranges], owned, root=root)
+    return owned
+
+
+def stream_to_root(world: World, owned: np.ndarray, nz: int, consume, root: int = 0,
+                   tag: int = 4103) -> None:
+    """Hand every rank's owned planes to ``consume(start, stop, planes)`` on ``root``.
+
+    ``owned`` is this rank's ``(planes, ...)`` block of a z-first volume of ``nz`` planes
+    split as :func:`~medhpc.parallel.geometry.block_ranges` splits it. Blocks arrive in z
+    order, one rank at a time, so ``root`` never holds more than one other rank's block:
+    files are written whole without a full volume in memory. If ``consume`` raises (a
+    full disk), ``root`` still takes the remaining blocks and every rank raises its
+    exception (marked ``agreed``). Host arrays only.
+    """
+    from medhpc.parallel.comm import portable_exception
+
+    owned = np.ascontiguousarray(owned)
+    ranges = block_ranges(nz, world.size)
+    if owned.shape[0] != ranges[world.rank][1] - ranges[world.rank][0]:
+        raise ValueError(f"rank {world.rank} holds {owned.shape[0]} planes; expected "
+                         f"{ranges[world.rank]}")
+    error = None
+    for rank, (start, stop) in enumerate(ranges):
+        if stop == start:
+            continue
+        block = None
+        if rank == world.rank == root:
+            block = owned
+        elif world.rank == rank:
+            world.send_(owned, root, tag)
+        elif world.rank == root:
+            block = np.empty((stop - start,) + owned.shape[1:], owned.dtype)
+            world.recv_(block, rank, tag)
+        if block is not None and error is None:
+            try:
+                consume(start, stop, block)
+            except Exception as exc:  # shared with the others below
+                error = exc
+    failure = world.bcast(None if error is None else portable_exception(error), root=root)
+    if failure is not None:
+        failure = error if world.rank == root else failure
+        failure.agreed = True
+        raise failure
+
+
+def fetch_planes(world: World, owned: np.ndarray, nz: int, start: int, stop: int) -> np.ndarray:
+    """Planes ``[start, stop)`` of a z-first volume distributed by owned planes.
+
+    Collective: every rank asks for its own range (clipped to the volume) and gets it
+    from the ranks that own those planes, in one all-to-all. ``owned`` is this rank's
+    ``(planes, ...)`` block as :func:`~medhpc.parallel.geometry.block_ranges` splits
+    ``nz``.
+    """
+    owned = np.ascontiguousarray(owned)
+    start, stop = max(0, int(start)), min(int(nz), int(stop))
+    stop = max(start, stop)
+    ranges = block_ranges(nz, world.size)
+    per_plane = int(np.prod(owned.shape[1:], dtype=np.int64))
+    out = np.empty((stop - start,) + owned.shape[1:], owned.dtype)
+    if world.size == 1:
+        out[...] = owned[start:stop]
+        return out
+    requests = world.allgather((start, stop))
+    mine_lo, mine_hi = ranges[world.rank]
+    send_blocks, send_counts = [], []
+    for lo, hi in requests:
+        a, b = max(lo, mine_lo), min(hi, mine_hi)
+        if b > a:
+            send_blocks.append(owned[a - mine_lo:b - mine_lo].reshape(-1))
+        send_counts.append(max(0, b - a) * per_plane)
+    recv_counts = [max(0, min(stop, hi) - max(start, lo)) * per_plane for lo, hi in ranges]
+    send = (np.concatenate(send_blocks) if send_blocks else np.empty(0, owned.dtype))
+    world.alltoallv_(send, send_counts, out.reshape(-1), recv_counts)
+    return out
+
+
 # -- HDF5 ------------------------------------------------------------------------------------------
 def read_slab_hdf5(world: World, path, dataset: str, halo: int = 0,
                    boundary: str = "zero") -> tuple[np.ndarray, Slab]:

@@ -35,6 +35,8 @@ class StageTimer:
         self.calls: dict[str, int] = {}
         self.kinds: dict[str, str] = {}
         self.started = time.perf_counter()
+        self.peak_mb = 0.0
+        self.peak_stage = ""
 
     @contextmanager
     def stage(self, name: str, kind: str = "other"):
@@ -48,6 +50,9 @@ class StageTimer:
             if self.synchronize is not None:
                 self.synchronize()
             self.add(name, time.perf_counter() - start, kind)
+            peak = peak_memory_mb()
+            if peak > self.peak_mb:
+                self.peak_mb, self.peak_stage = peak, name
 
     def add(self, name: str, seconds: float, kind: str = "other") -> None:
         """Charge ``seconds`` to stage ``name``."""
@@ -69,7 +74,8 @@ class StageTimer:
         wall time (slowest rank) its mean took.
         """
         local = {"seconds": self.seconds, "calls": self.calls, "kinds": self.kinds,
-                 "wall": self.elapsed(), "peak_memory_mb": peak_memory_mb()}
+                 "wall": self.elapsed(), "peak_memory_mb": peak_memory_mb(),
+                 "peak_memory_stage": self.peak_stage}
         everyone = world.gather(local)
         if everyone is None:
             return None
@@ -125,6 +131,8 @@ def build_breakdown(per_rank: list[dict], command: str = "", ranks: int | None =
         "command": command, "ranks": ranks, "nodes": nodes, "wall_seconds": wall,
         "wall_per_rank": [record["wall"] for record in per_rank],
         "peak_memory_mb_per_rank": [record.get("peak_memory_mb", 0.0) for record in per_rank],
+        "peak_memory_stage_per_rank": [record.get("peak_memory_stage", "")
+                                       for record in per_rank],
         "host": platform.node(), "stages": stages,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

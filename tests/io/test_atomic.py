@@ -40,10 +40,38 @@ def test_hdf5_failure_inside_write_leaves_nothing(tmp_path):
 def test_nifti_failure_inside_write_leaves_nothing(tmp_path, monkeypatch):
     from medhpc.io import nifti
 
-    monkeypatch.setattr(nifti, "save_image", lambda image, path: _write_then_fail(path))
+    def write_then_fail(stream, block):
+        stream._put(b"half a block")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(nifti.NiftiStream, "write", write_then_fail)
     with pytest.raises(RuntimeError):
         write_nifti(tmp_path / "v.nii.gz", VOLUME, GEOMETRY)
     assert _leftovers(tmp_path) == []
+
+
+def test_nifti_stream_short_of_data_leaves_nothing(tmp_path):
+    from medhpc.io.nifti import NiftiStream
+
+    with pytest.raises(ValueError, match="expected"):
+        with NiftiStream(tmp_path / "v.nii", VOLUME.shape[::-1], np.float32,
+                         GEOMETRY.affine) as stream:
+            stream.write(VOLUME[:1])
+    assert _leftovers(tmp_path) == []
+
+
+def test_nifti_stream_in_blocks_equals_one_write(tmp_path):
+    from medhpc.io.nifti import NiftiStream
+
+    write_nifti(tmp_path / "whole.nii.gz", VOLUME, GEOMETRY)
+    with NiftiStream(tmp_path / "blocks.nii.gz", VOLUME.shape[::-1], np.float32,
+                     GEOMETRY.affine) as stream:
+        for plane in VOLUME:
+            stream.write(plane)
+    import gzip
+
+    assert (gzip.open(tmp_path / "whole.nii.gz").read()
+            == gzip.open(tmp_path / "blocks.nii.gz").read())
 
 
 def test_tiff_failure_inside_write_leaves_nothing(tmp_path, monkeypatch):

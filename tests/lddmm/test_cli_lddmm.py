@@ -208,3 +208,39 @@ def test_groups_of_ranks_share_each_pair(phantom_files, tmp_path):
     assert result.returncode == 0, result.stderr
     log = json.loads((out / "a" / "log.json").read_text())
     assert log["ranks"] == 2 and log["decomposition"] == "slabs"
+
+
+def _output_arrays(folder):
+    import h5py
+
+    arrays = {name: load(folder / name)[0]
+              for name in ("warped.nii.gz", "jacobian.nii.gz", "forward_warp.nii.gz",
+                           "inverse_warp.nii.gz")}
+    with h5py.File(folder / "transform.h5", "r") as f:
+        for name in ("forward_displacement_vox", "inverse_displacement_vox", "velocity_vox"):
+            arrays[name] = f[name][()]
+    log = json.loads((folder / "log.json").read_text())
+    arrays["summary"] = np.array([log[key] for key in (
+        "folded_share", "jacobian_min", "jacobian_max", "inverse_consistency_mean_voxels",
+        "inverse_consistency_max_voxels")])
+    return arrays
+
+
+def test_every_output_at_2_and_3_ranks_equals_one_rank(phantom_files, tmp_path):
+    """Each rank writes its planes of every file: the files equal the one-rank files."""
+    symmetric = ["--levels", "1", "--iterations", "8", "--radius", "2", "--quiet",
+                 "--fluid-sigma", "1", "--diffusion-sigma", "0.5",
+                 "--device", "cpu", "--initial-transform", "rigid", "--save-velocity"]
+    arrays = {}
+    for ranks in (1, 2, 3):
+        out = tmp_path / f"r{ranks}"
+        result = run_medhpc("lddmm", "--fixed", phantom_files / "fixed.nii.gz", "--moving",
+                            phantom_files / "moving.nii.gz", "--out", out, "--decomp", "slabs",
+                            *symmetric, ranks=None if ranks == 1 else ranks, timeout=180)
+        assert result.returncode == 0, result.stderr
+        arrays[ranks] = _output_arrays(out)
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".partial")]
+    for ranks in (2, 3):
+        for name, reference in arrays[1].items():
+            np.testing.assert_allclose(arrays[ranks][name], reference, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{name} at {ranks} ranks")

@@ -31,7 +31,7 @@ def test_warp_image_matches_trilinear_reference():
     halo, z_first, owned = 2, 3, 4
     u = (rng.standard_normal((3, owned + 2 * halo) + SHAPE[1:]) * 2).astype(np.float32)
     out = np.zeros((owned + 2,) + SHAPE[1:], np.float32)
-    k.warp_image(image, u, halo, z_first, out, 1)
+    k.warp_image(image, 0, SHAPE[0], u, halo, z_first, out, 1)
     grid = np.indices((owned + 2,) + SHAPE[1:], dtype=np.float64)
     grid[0] += z_first - 1
     points = grid + u[:, halo - 1:halo + owned + 1]

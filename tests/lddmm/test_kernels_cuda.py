@@ -40,8 +40,8 @@ def case(rng):
 CALLS = {
     "compose_displacement": (lambda c: [c["u"], c["v"], -0.7, HALO, Z_FIRST, NZ,
                                         np.zeros_like(c["u"])], 6),
-    "warp_image": (lambda c: [c["image"], c["u"], HALO, Z_FIRST,
-                              np.zeros((OWNED + 2,) + SHAPE[1:], np.float32), 1], 4),
+    "warp_image": (lambda c: [c["image"], 0, NZ, c["u"], HALO, Z_FIRST,
+                              np.zeros((OWNED + 2,) + SHAPE[1:], np.float32), 1], 6),
     "image_gradient": (lambda c: [c["j0"], 1, Z_FIRST, NZ,
                                   np.zeros((3, OWNED) + SHAPE[1:], np.float32)], 4),
     "jacobian_determinant": (lambda c: [c["u"], HALO, Z_FIRST, NZ,

@@ -82,3 +82,25 @@ def test_departures_beyond_the_halo_take_more_substeps(small_phantom):
     np.testing.assert_allclose(owned(grid, split.displacement), displacement[:, z0:z1],
                                **TOLERANCE)
     np.testing.assert_allclose(split.template[-1][1:-1], warped[z0:z1], **TOLERANCE)
+
+
+@pytest.mark.mpi
+def test_image_windows_reach_planes_of_other_ranks(small_phantom):
+    """A map that moves 6 planes in z reads planes owned by other ranks: the window's warp
+    equals the warp of the whole image, and no rank holds the whole image."""
+    from medhpc.lddmm.flows import ImageWindow
+
+    world = get_world()
+    image = small_phantom["moving"]
+    shape = image.shape
+    grid = LevelGrid.build(shape, (1.0, 1.0, 1.0), world.size, world.rank, 3)
+    flows = Flows(world, grid, kernels_cpu, 1, 2.0, no_stage)
+    displacement = flows.zero_map()
+    z = np.arange(grid.z_first - grid.halo, grid.z_first + grid.owned + grid.halo)
+    displacement[0] = (6.0 * np.cos(z / 3.0))[:, None, None]
+    window = ImageWindow.whole(world, image)
+    assert window.planes.shape[0] < shape[0] or world.size == 1
+    split = flows.warp(window, displacement, 2)
+    whole = flows.warp(image, displacement, 2)
+    np.testing.assert_array_equal(split, whole)
+    assert window.planes.shape[0] <= grid.owned + 2 * (2 + 6 + 2 + 4)

@@ -8,9 +8,10 @@ import pytest
 
 from medhpc.errors import InputError, OutputExistsError
 from medhpc.parallel.geometry import slab as slab_of
-from medhpc.parallel.slabs import (BOUNDARIES, allocate_slab, exchange_halos, gather_volume,
-                                   parts_folder, read_slab_hdf5, scatter_volume,
-                                   write_slabs_hdf5, z_axis_of)
+from medhpc.parallel.geometry import block_range
+from medhpc.parallel.slabs import (BOUNDARIES, allocate_slab, exchange_halos, fetch_planes,
+                                   gather_volume, parts_folder, read_slab_hdf5, scatter_planes,
+                                   scatter_volume, stream_to_root, write_slabs_hdf5, z_axis_of)
 from tests.parallel import (WORLD_KINDS, FakeDeviceArray, make_world, set_cuda_aware,
                             shared_tmp_dir)
 
@@ -220,3 +221,43 @@ def test_hdf5_read_errors_reach_every_rank(world):
         with pytest.raises(InputError, match="z planes"):
             read_slab_hdf5(world, path, "volume", halo=8)
         world.barrier()
+
+
+@pytest.mark.parametrize("nz", [2, 11])
+def test_scatter_planes_then_fetch_any_range(world, nz):
+    """Every rank asks for its own range (beyond the ends too) and gets the whole's planes;
+    a volume thinner than the ranks leaves some ranks without planes."""
+    volume = test_volume((nz, 3, 4), np.float32)
+    owned = scatter_planes(world, volume if world.is_root else None)
+    start, stop = block_range(nz, world.size, world.rank)
+    np.testing.assert_array_equal(owned, volume[start:stop])
+    lo, hi = world.rank - 2, world.rank + 5
+    window = fetch_planes(world, owned, nz, lo, hi)
+    np.testing.assert_array_equal(window, volume[max(lo, 0):min(hi, nz)])
+    everything = fetch_planes(world, owned, nz, 0, nz)
+    np.testing.assert_array_equal(everything, volume)
+
+
+def test_stream_to_root_hands_over_every_block_in_z_order(world):
+    volume = test_volume((9, 2, 3), np.float32)
+    owned = scatter_planes(world, volume if world.is_root else None)
+    seen = []
+    stream_to_root(world, owned, 9, lambda start, stop, planes: seen.append(
+        (start, stop, planes.copy())))
+    if world.is_root:
+        assert [s[:2] for s in seen] == [r for r in [block_range(9, world.size, k)
+                                                     for k in range(world.size)] if r[1] > r[0]]
+        np.testing.assert_array_equal(np.concatenate([s[2] for s in seen]), volume)
+    else:
+        assert seen == []
+
+
+def test_stream_to_root_failure_reaches_every_rank(world):
+    owned = scatter_planes(world, test_volume((6, 2, 2)) if world.is_root else None)
+
+    def full_disk(start, stop, planes):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        stream_to_root(world, owned, 6, full_disk if world.is_root else None)
+    world.barrier()
