@@ -300,6 +300,7 @@ def _correlation_force(sums, moving, fixed, image_halo, z_first, nz_global, coun
 
 #: Largest histogram the CUDA joint histogram holds in a block's shared memory (32 KiB).
 HISTOGRAM_MAX_BINS = 64
+_HISTOGRAM_CELLS = HISTOGRAM_MAX_BINS * HISTOGRAM_MAX_BINS
 HISTOGRAM_THREADS = 256
 HISTOGRAM_BLOCKS = 512
 
@@ -317,7 +318,7 @@ def _clear_histogram(out):
 def _joint_histogram(moving, fixed, image_halo, weight, out):
     # every block bins a share of the voxels into shared memory, then adds its filled
     # bins to ``out`` (cleared before): two atomic additions per voxel tap in all
-    local = cuda.shared.array(HISTOGRAM_MAX_BINS * HISTOGRAM_MAX_BINS, float64)
+    local = cuda.shared.array(_HISTOGRAM_CELLS, float64)
     bins = out.shape[0]
     cells = bins * bins
     for i in range(cuda.threadIdx.x, cells, cuda.blockDim.x):
