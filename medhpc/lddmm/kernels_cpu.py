@@ -60,6 +60,18 @@ def _difference(f, k, index, n, step_z, step_y, step_x, z, y, x):
                   - f[k, z - step_z, y - step_y, x - step_x])
 
 
+@numba.njit(inline="always")
+def _gradients(m4, f4, k, zg, nz_global, y, ny, x, nx):
+    """Gradients of both images (``(1, planes, ny, nx)`` views) at local ``(k, y, x)``, global
+    plane ``zg``: ``(gm_z, gm_y, gm_x, gf_z, gf_y, gf_x)`` by :func:`_difference`."""
+    return (_difference(m4, 0, zg, nz_global, 1, 0, 0, k, y, x),
+            _difference(m4, 0, y, ny, 0, 1, 0, k, y, x),
+            _difference(m4, 0, x, nx, 0, 0, 1, k, y, x),
+            _difference(f4, 0, zg, nz_global, 1, 0, 0, k, y, x),
+            _difference(f4, 0, y, ny, 0, 1, 0, k, y, x),
+            _difference(f4, 0, x, nx, 0, 0, 1, k, y, x))
+
+
 @numba.njit(parallel=True, cache=True)
 def compose_displacement(u, v, scale, halo, z_first, nz_global, out):
     """One semi-Lagrangian step of a map: ``out(x) = s v(x) + u(x + s v(x))`` (owned planes).
@@ -476,12 +488,8 @@ def correlation_force(sums, moving, fixed, image_halo, z_first, nz_global, count
                     gf_y = 0.5 * (fixed[k, y + 1, x] - fixed[k, y - 1, x])
                     gf_x = 0.5 * (fixed[k, y, x + 1] - fixed[k, y, x - 1])
                 else:
-                    gm_z = _difference(m4, 0, zg, nz_global, 1, 0, 0, k, y, x)
-                    gm_y = _difference(m4, 0, y, ny, 0, 1, 0, k, y, x)
-                    gm_x = _difference(m4, 0, x, nx, 0, 0, 1, k, y, x)
-                    gf_z = _difference(f4, 0, zg, nz_global, 1, 0, 0, k, y, x)
-                    gf_y = _difference(f4, 0, y, ny, 0, 1, 0, k, y, x)
-                    gf_x = _difference(f4, 0, x, nx, 0, 0, 1, k, y, x)
+                    gm_z, gm_y, gm_x, gf_z, gf_y, gf_x = _gradients(m4, f4, k, zg, nz_global,
+                                                                    y, ny, x, nx)
                 out[0, zo, y, x] = d_moving * gm_z - d_fixed * gf_z
                 out[1, zo, y, x] = d_moving * gm_y - d_fixed * gf_y
                 out[2, zo, y, x] = d_moving * gm_x - d_fixed * gf_x
@@ -579,12 +587,8 @@ def mi_force(moving, fixed, image_halo, z_first, nz_global, log_ratio, out):
                         sum_f += ratio * value_a * slope_b
                 d_moving = -slope_m * sum_m
                 d_fixed = -slope_f * sum_f
-                gm_z = _difference(m4, 0, zg, nz_global, 1, 0, 0, k, y, x)
-                gm_y = _difference(m4, 0, y, ny, 0, 1, 0, k, y, x)
-                gm_x = _difference(m4, 0, x, nx, 0, 0, 1, k, y, x)
-                gf_z = _difference(f4, 0, zg, nz_global, 1, 0, 0, k, y, x)
-                gf_y = _difference(f4, 0, y, ny, 0, 1, 0, k, y, x)
-                gf_x = _difference(f4, 0, x, nx, 0, 0, 1, k, y, x)
+                gm_z, gm_y, gm_x, gf_z, gf_y, gf_x = _gradients(m4, f4, k, zg, nz_global, y, ny,
+                                                                x, nx)
                 out[0, zo, y, x] = d_moving * gm_z - d_fixed * gf_z
                 out[1, zo, y, x] = d_moving * gm_y - d_fixed * gf_y
                 out[2, zo, y, x] = d_moving * gm_x - d_fixed * gf_x

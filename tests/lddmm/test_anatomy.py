@@ -81,20 +81,22 @@ def test_defaults_recover_the_known_map_without_folding(pair):
 
 
 @pytest.mark.mpi
-def test_two_ranks_give_the_one_rank_map(request):
+@pytest.mark.parametrize("fixture, settings", [("pair", Settings()),
+                                               ("t2_pair", Settings(metric="mi"))],
+                         ids=["lncc", "mi-t2"])
+def test_two_ranks_give_the_one_rank_map(request, fixture, settings):
     from medhpc.parallel.comm import get_world
 
     world = get_world()
     if world.size != 2:
         pytest.skip("runs at 2 ranks")
-    made, inputs = request.getfixturevalue("pair")
-    split = register(inputs, world)
-    whole = world.bcast(recovered_map(register(inputs), inputs) if world.is_root else None)
+    made, inputs = request.getfixturevalue(fixture)
+    split = register(inputs, world, settings)
+    whole = world.bcast(recovered_map(register(inputs, settings=settings), inputs)
+                        if world.is_root else None)
     mine = recovered_map(split, inputs)
     z0, z1 = split.grid.z_first, split.grid.z_first + split.grid.owned
     np.testing.assert_allclose(mine, whole[..., z0:z1], atol=1e-3)
-
-
 
 MI_ERROR_BAR_MM = 1.3
 MI_SHARE_OF_IDENTITY = 0.35
@@ -135,19 +137,3 @@ def test_mi_recovers_the_known_map_across_contrasts(t2_pair):
     assert errors["mi"]["mean_mm"] < MI_SHARE_OF_IDENTITY * identity["mean_mm"]
     assert errors["lncc"]["mean_mm"] > 2 * errors["mi"]["mean_mm"], errors
 
-
-@pytest.mark.mpi
-def test_two_ranks_give_the_one_rank_mi_map(request):
-    from medhpc.parallel.comm import get_world
-
-    world = get_world()
-    if world.size != 2:
-        pytest.skip("runs at 2 ranks")
-    made, inputs = request.getfixturevalue("t2_pair")
-    settings = Settings(metric="mi")
-    split = register(inputs, world, settings)
-    whole = world.bcast(recovered_map(register(inputs, settings=settings), inputs)
-                        if world.is_root else None)
-    mine = recovered_map(split, inputs)
-    z0, z1 = split.grid.z_first, split.grid.z_first + split.grid.owned
-    np.testing.assert_allclose(mine, whole[..., z0:z1], atol=1e-3)
