@@ -34,6 +34,13 @@ Families (each a diffeomorphism: ``det DT > 0`` is checked on the fixed grid and
   brain; ``amplitude_mm`` (default 4.0) is the largest displacement over the fixed grey
   and white matter, not the mean.
 
+With ``contrast="t2"`` the moving anatomy is seen with a T2-like contrast before the bias
+and noise: every T1 value is remapped by :func:`t2_like`, piecewise linear through the
+template's median T1 of each tissue, so that background stays dark, CSF becomes the
+brightest tissue, grey matter mid-grey and white matter dark (``T2_LIKE_LEVELS``). The map
+rises, then falls: no monotone function of one image gives the other, so correlation-based
+metrics are not made for such a pair and mutual information is.
+
 The fields are functions of world position (the noise fields sampled by cubic B-spline from
 a fixed 4 mm world grid, the others analytic), so a seed gives the same ``T`` at every
 resolution and ``downsample`` (block means of the template; the map stays exact) up to one
@@ -51,6 +58,9 @@ import numpy as np
 from scipy import ndimage
 
 FAMILIES = ("composed", "small", "large", "modes", "local")
+CONTRASTS = ("t1", "t2")
+#: The T2-like level of background, CSF, grey and white matter (``contrast="t2"``).
+T2_LIKE_LEVELS = {"background": 0.0, "csf": 1.0, "grey": 0.6, "white": 0.3}
 DEFAULT_AMPLITUDE_MM = {"composed": 3.9, "small": 1.5, "large": 6.0, "modes": 3.0, "local": 4.0}
 LABELS = {"background": 0, "csf": 1, "grey": 2, "white": 3}
 TISSUES = {"grey": 2, "white": 3}
@@ -116,6 +126,20 @@ def tissue_labels(csf: np.ndarray, grey: np.ndarray, white: np.ndarray) -> np.nd
     labels = (1 + np.argmax(stack, axis=0)).astype(np.uint8)
     labels[stack.sum(axis=0) < 0.5] = 0
     return labels
+
+
+def t2_like(t1: np.ndarray, reference_t1: np.ndarray, reference_labels: np.ndarray) -> np.ndarray:
+    """A T2-like contrast of ``t1``: piecewise linear through ``(median T1 of a tissue,
+    its T2_LIKE_LEVELS level)`` for background (at 0), CSF, grey and white matter, the
+    medians taken over ``reference_labels`` of ``reference_t1``, and flat beyond white
+    matter. Non-monotone: it rises from background to CSF and falls from CSF to white
+    matter."""
+    knots = [0.0] + [float(np.median(reference_t1[reference_labels == LABELS[name]]))
+                     for name in ("csf", "grey", "white")]
+    levels = [T2_LIKE_LEVELS[name] for name in ("background", "csf", "grey", "white")]
+    if not all(a < b for a, b in zip(knots, knots[1:])):
+        raise ValueError(f"tissue medians {knots} are not increasing; expected a T1 image")
+    return np.interp(t1, knots, levels).astype(np.float32)
 
 
 # -- smooth random fields -------------------------------------------------------------------
@@ -312,8 +336,10 @@ def jacobian_determinant(world_map: np.ndarray, affine: np.ndarray | None = None
 # -- the pair -------------------------------------------------------------------------------
 def make_pair(resolution_mm: int = 2, seed: int = 0, family: str = "composed",
               amplitude_mm: float | None = None, bias: float = 0.2, noise: float = 0.03,
-              rotate_header_deg: float = 0.0, downsample: int = 1) -> dict:
-    """A fixed / moving pair with labels and the true map (see the module docstring).
+              rotate_header_deg: float = 0.0, downsample: int = 1,
+              contrast: str = "t1") -> dict:
+    """A fixed / moving pair with labels and the true map (see the module docstring);
+    ``contrast`` ``t2`` gives the moving image a T2-like contrast (:func:`t2_like`).
 
     Returns a dict: ``fixed``, ``moving`` (float32 arrays), ``fixed_labels``,
     ``moving_labels`` (uint8), ``fixed_affine``, ``moving_affine`` (4x4), ``true_map``
@@ -322,6 +348,8 @@ def make_pair(resolution_mm: int = 2, seed: int = 0, family: str = "composed",
     """
     if family not in FAMILIES:
         raise ValueError(f"family {family!r}: expected one of {FAMILIES}")
+    if contrast not in CONTRASTS:
+        raise ValueError(f"contrast {contrast!r}: expected one of {CONTRASTS}")
     amplitude = DEFAULT_AMPLITUDE_MM[family] if amplitude_mm is None else float(amplitude_mm)
     anatomy = load_anatomy(resolution_mm, downsample)
     affine = anatomy["affine"]
@@ -358,6 +386,8 @@ def make_pair(resolution_mm: int = 2, seed: int = 0, family: str = "composed",
                      None).reshape(shape)
     probabilities = [sample(anatomy[name], source) for name in ("csf", "grey", "white")]
     moving_labels = tissue_labels(*probabilities)
+    if contrast == "t2":
+        warped = t2_like(warped, fixed, fixed_labels)
 
     rng = np.random.default_rng([seed, FAMILIES.index(family), 1])
     smooth = GridField.random(rng, BIAS_SIGMA_MM)
@@ -378,7 +408,8 @@ def make_pair(resolution_mm: int = 2, seed: int = 0, family: str = "composed",
             "det_jacobian": {"min": float(determinant.min()),
                              "max": float(determinant.max())},
             "bias": bias, "noise": noise, "noise_sd": noise * p99,
-            "rotate_header_deg": rotate_header_deg,
+            "rotate_header_deg": rotate_header_deg, "contrast": contrast,
+            "t2_like_levels": T2_LIKE_LEVELS if contrast == "t2" else None,
             "rotation_axis": [1.0, 0.0, 0.0] if rotate_header_deg else None,
             "csf_source": anatomy["csf_source"],
             "labels": LABELS, "true_map_layout": "(3, nx, ny, nz): moving world RAS mm of "

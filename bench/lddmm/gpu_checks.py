@@ -93,6 +93,34 @@ def _correlation(rng, size):
             np.zeros((3, owned) + plane, np.float32), np.zeros((owned,) + plane, np.float32)]
 
 
+def _mi_images(rng, size):
+    """A middle-space pair with one ghost plane, related by a non-monotone map plus noise."""
+    shape, owned, _, _ = _grid(size)
+    moving = rng.random((owned + 2,) + shape[1:]).astype(np.float32)
+    fixed = np.clip(np.sin(3.0 * moving) ** 2 + 0.1 * rng.standard_normal(moving.shape), 0, 1)
+    return moving, fixed.astype(np.float32)
+
+
+def _joint_histogram(rng, size):
+    shape, owned, _, _ = _grid(size)
+    moving, fixed = _mi_images(rng, size)
+    return [moving, fixed, 1, rng.random((owned,) + shape[1:]).astype(np.float32),
+            np.zeros((32, 32))]
+
+
+def _mi_force(rng, size):
+    from medhpc.lddmm import kernels_cpu
+    from medhpc.lddmm.parzen import mutual_information
+
+    shape, owned, _, z_first = _grid(size)
+    moving, fixed = _mi_images(rng, size)
+    joint = np.zeros((32, 32))
+    kernels_cpu.joint_histogram(moving, fixed, 1, np.ones((owned,) + shape[1:], np.float32),
+                                joint)
+    return [moving, fixed, 1, z_first, shape[0], mutual_information(joint)[1],
+            np.zeros((3, owned) + shape[1:], np.float32)]
+
+
 def checks(Check):
     """The LDDMM kernel checks (``Check`` is bench/gpu_check.py's class)."""
     voxels = lambda args: args[-1].size  # noqa: E731
@@ -118,4 +146,11 @@ def checks(Check):
               outputs=(7,), tolerance=1e-6, work=lambda args: args[7].size // 5, unit="voxels"),
         Check("lddmm correlation_force", "medhpc.lddmm", "kernels", "correlation_force",
               _correlation, outputs=(8, 9), tolerance=1e-4, work=voxels, unit="voxels"),
+        # float64 atomics in any order: the sums agree to round-off, relative to the total
+        Check("lddmm joint_histogram", "medhpc.lddmm", "kernels", "joint_histogram",
+              _joint_histogram, outputs=(4,), tolerance=1e-6,
+              work=lambda args: args[3].size, unit="voxels"),
+        Check("lddmm mi_force", "medhpc.lddmm", "kernels", "mi_force", _mi_force,
+              outputs=(6,), tolerance=1e-4, work=lambda args: args[6].size // 3,
+              unit="voxels"),
     ]

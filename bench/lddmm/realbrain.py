@@ -5,6 +5,14 @@ One command::
 
     python bench/lddmm/realbrain.py [--quick] [--pairs composed:0,local:0] [--resolution 2]
         [--medhpc-root PATH] [--medhpc-args "..."]... [--ranks 1,2] [--rotate-header 10]
+        [--contrast t2]
+
+Multimodal pairs (the moving image with a T2-like contrast, ``anatomy.make_pair(contrast=
+"t2")``) against ANTs SyNOnly with Mattes mutual information, one command::
+
+    python bench/lddmm/realbrain.py --contrast t2 --tools identity,truth,medhpc,ants-synonly \\
+        --medhpc-args "mi=--metric mi" --medhpc-args "mi-identity-start=--metric mi \\
+        --initial-transform none" --medhpc-args "lncc=--metric lncc"
 
 Every registration runs in its own process with one thread (``OMP_NUM_THREADS=1`` and the
 like, ``--threads 1`` for medhpc, ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1`` for ANTs and
@@ -165,13 +173,14 @@ def write_coordinates(folder: Path, moving_affine: np.ndarray, shape) -> None:
 
 
 def build_pair(folder: Path, family: str, seed: int, resolution: int, downsample: int,
-               rotate: float) -> Path:
+               rotate: float, contrast: str = "t1") -> Path:
     """Write the pair (and its coordinate images) once; reuse it when it is there."""
     if (folder / "pair.json").exists() and (folder / "coordinate_z.nii.gz").exists():
         return folder
     started = time.perf_counter()
     pair = anatomy.make_pair(resolution_mm=resolution, seed=seed, family=family,
-                             rotate_header_deg=rotate, downsample=downsample)
+                             rotate_header_deg=rotate, downsample=downsample,
+                             contrast=contrast)
     anatomy.write_pair(pair, folder)
     write_coordinates(folder, pair["moving_affine"], pair["moving"].shape)
     stats = pair["info"]["displacement_mm"]
@@ -563,7 +572,8 @@ def rescore(path: Path, work: Path) -> dict:
 def warm_up(args, work: Path, configurations, ranks_list) -> None:
     """One uncounted medhpc run per configuration and rank count on a small pair."""
     family, seed = args.pair_list[0]
-    pair = build_pair(work / f"warmup-{family}-{seed}", family, seed, args.resolution, 4, 0.0)
+    pair = build_pair(work / f"warmup-{family}-{seed}-{args.contrast}", family, seed,
+                      args.resolution, 4, 0.0, args.contrast)
     for label, extra in configurations:
         for ranks in ranks_list:
             report = run_medhpc(args, pair, work / "warmup" / f"{label}-{ranks}".replace(" ", "_"),
@@ -635,8 +645,10 @@ def markdown(results: dict) -> str:
     rotated = [p for p in results["pairs"] if p["rotate_header_deg"]]
     if plain:
         names = ", ".join(p["name"] for p in plain)
+        contrast = (", moving image T2-like" if results.get("contrast", "t1") == "t2"
+                    else "")
         lines += [f"Medians over {len(plain)} pair(s) ({names}), "
-                  f"{results['resolution_mm']} mm MNI152, one thread per process:", "",
+                  f"{results['resolution_mm']} mm MNI152{contrast}, one thread per process:", "",
                   "| tool " + HEADER, "| --- | ---: | ---: | ---: | --- | --- | ---: |"]
         lines += [f"| {row['label']} | " + " | ".join(_cells(row)) + " |"
                   for row in median_rows(plain)]
@@ -669,6 +681,9 @@ def main(argv=None) -> int:
                         help="arguments of one medhpc configuration (repeatable; "
                              "'LABEL=ARGS' names it) [default: medhpc's defaults]")
     parser.add_argument("--ranks", default="1", help="rank counts for medhpc, e.g. 1,2")
+    parser.add_argument("--contrast", choices=anatomy.CONTRASTS, default="t1",
+                        help="the moving image's contrast: t1 (the template's), or t2 "
+                             "(T2-like, a non-monotone remap: the multimodal case)")
     parser.add_argument("--rotate-header", type=float, default=0.0,
                         help="also the first pair with its moving header rotated by this "
                              "many degrees (about the left-right axis through the centre)")
@@ -710,6 +725,7 @@ def main(argv=None) -> int:
     args.medhpc_root = args.medhpc_root.resolve()
 
     results = {"machine": machine(), "resolution_mm": args.resolution,
+               "contrast": args.contrast,
                "downsample": args.downsample, "medhpc_root": str(args.medhpc_root),
                "medhpc_configurations": [{"label": l, "args": a} for l, a in configurations],
                "ranks": ranks_list, "parameters": PARAMETERS, "threads_env": ONE_THREAD,
@@ -731,9 +747,11 @@ def main(argv=None) -> int:
         if any("medhpc" in job[3] for job in jobs):
             warm_up(args, work, configurations, ranks_list)
         for family, seed, rotate, job_tools in jobs:
-            name = f"{family}-{seed}" + (f"-rot{rotate:g}" if rotate else "")
+            name = (f"{family}-{seed}" + (f"-rot{rotate:g}" if rotate else "")
+                    + (f"-{args.contrast}" if args.contrast != "t1" else ""))
             folder = work / f"{name}-r{args.resolution}-d{args.downsample}"
-            pair = build_pair(folder, family, seed, args.resolution, args.downsample, rotate)
+            pair = build_pair(folder, family, seed, args.resolution, args.downsample, rotate,
+                              args.contrast)
             print(f"{name}:", file=sys.stderr)
             rows = run_pair(args, pair, job_tools, work, configurations, ranks_list)
             results["pairs"].append({"name": name, "folder": folder.name,

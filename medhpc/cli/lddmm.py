@@ -21,6 +21,18 @@ def _default(name):
     return getattr(_DEFAULTS, name)
 
 
+def _bins_range() -> tuple[int, int]:
+    from medhpc.lddmm.optimise import MAX_BINS, MIN_BINS
+
+    return MIN_BINS, MAX_BINS
+
+
+def _per_metric_update() -> str:
+    from medhpc.lddmm.optimise import DEFAULT_UPDATE_VOXELS
+
+    return ", ".join(f"{value:g} for {metric}" for metric, value in DEFAULT_UPDATE_VOXELS.items())
+
+
 @click.command("lddmm", epilog="""\b
 Example:
   mpiexec -n 4 medhpc lddmm --fixed t1_atlas.nii.gz --moving t1_subject.nii.gz \\
@@ -34,7 +46,8 @@ Example:
               help="CSV of fixed,moving[,name] lines: many registrations over the ranks.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--initial-transform", default="affine", show_default=True,
-              help="Start: affine or rigid (registered first by global correlation), none, "
+              help="Start: affine or rigid (registered first by global correlation, by "
+                   "mutual information with --metric mi), none, "
                    "or a file: ITK .txt/.tfm/.mat affine or a 4x4 text matrix (world RAS mm, "
                    "fixed to moving).")
 @click.option("--fixed-mask", type=click.Path(), default=None,
@@ -49,9 +62,15 @@ Example:
               show_default=True,
               help="symmetric: stationary velocity, both images pulled half-way, local "
                    "correlation; beg: time-varying velocity by gradient descent (Beg et al.).")
-@click.option("--metric", type=click.Choice(["ssd", "ncc", "lncc"]), default=_default("metric"),
-              show_default=True, help="Similarity: local NCC, global NCC or squared differences "
-                                      "(symmetric takes lncc).")
+@click.option("--metric", type=click.Choice(["lncc", "mi", "ncc", "ssd"]),
+              default=_default("metric"), show_default=True,
+              help="Similarity: local NCC, mutual information (multimodal pairs, e.g. T1 to "
+                   "T2 or CT to MR), global NCC or squared differences (symmetric takes lncc "
+                   "or mi; beg takes lncc, ncc or ssd).")
+@click.option("--bins", type=click.IntRange(*_bins_range()), default=_default("bins"),
+              show_default=True,
+              help="Histogram bins of the mutual information per image (--metric mi; the "
+                   "normalised intensities [0, 1] span bins - 3 bin widths).")
 @click.option("--radius", type=click.IntRange(min=1), default=_default("radius"),
               show_default=True, help="Window radius of the local NCC (voxels of each level).")
 @click.option("--fluid-sigma", type=click.FloatRange(min=0), default=_default("fluid_sigma_mm"),
@@ -60,8 +79,9 @@ Example:
               default=_default("diffusion_sigma_mm"), show_default=True,
               help="Gaussian sigma applied to the velocity after each update (mm; symmetric).")
 @click.option("--update-voxels", type=click.FloatRange(min=0, min_open=True),
-              default=_default("update_voxels"), show_default=True,
-              help="Longest update of one iteration (voxels of the level; symmetric).")
+              default=None,
+              help="Longest update of one iteration (voxels of the level; symmetric) "
+                   f"[default: {_per_metric_update()}].")
 @click.option("--timesteps", type=click.IntRange(min=1), default=_default("timesteps"),
               show_default=True, help="Time points of the velocity (beg).")
 @click.option("--alpha", type=click.FloatRange(min=0), default=_default("alpha"),
@@ -99,12 +119,13 @@ Example:
 @click.option("--save-velocity", is_flag=True, help="Also store the velocity fields.")
 @pass_run("lddmm")
 def lddmm(run, fixed, moving, pairs, out, initial_transform, fixed_mask, moving_mask, normalise,
-          method, metric, radius, fluid_sigma, diffusion_sigma, update_voxels, timesteps, alpha,
-          gamma, power, sigma, step, levels, iterations, tolerance, max_step_voxels, decomp,
-          ranks_per_pair, checkpoint_every, resume, save_velocity):
+          method, metric, bins, radius, fluid_sigma, diffusion_sigma, update_voxels, timesteps,
+          alpha, gamma, power, sigma, step, levels, iterations, tolerance, max_step_voxels,
+          decomp, ranks_per_pair, checkpoint_every, resume, save_velocity):
     """Register a moving image to a fixed one: an affine start, then a diffeomorphism
-    (symmetric stationary velocity with local correlation, or Beg's time-varying LDDMM),
-    spreading the fields over the ranks in z-slabs, or register many pairs."""
+    (symmetric stationary velocity with local correlation or mutual information, or Beg's
+    time-varying LDDMM), spreading the fields over the ranks in z-slabs, or register many
+    pairs."""
     from medhpc.errors import InputError
     from medhpc.lddmm.optimise import Settings
     from medhpc.lddmm.pairs import register_one, register_pairs
@@ -123,7 +144,8 @@ def lddmm(run, fixed, moving, pairs, out, initial_transform, fixed_mask, moving_
                         iterations=tuple(iterations) if iterations else _default("iterations"),
                         step=step, tolerance=tolerance, max_step_voxels=max_step_voxels,
                         radius=radius, fluid_sigma_mm=fluid_sigma,
-                        diffusion_sigma_mm=diffusion_sigma, update_voxels=update_voxels)
+                        diffusion_sigma_mm=diffusion_sigma, update_voxels=update_voxels,
+                        bins=bins)
     options = dict(decomp=decomp, resume=resume, checkpoint_every=checkpoint_every,
                    save_velocity=save_velocity, initial_transform=initial_transform,
                    normalise=normalise)

@@ -59,6 +59,7 @@ import numpy as np
 from medhpc.errors import InputError
 from medhpc.io.geometry import ImageGeometry
 from medhpc.lddmm import kernels_affine as kernels
+from medhpc.lddmm.parzen import mutual_information
 
 MODES = ("rigid", "affine")
 METRICS = ("ncc", "mi", "ssd")
@@ -381,14 +382,9 @@ class _Level:
                                         self.high, self.joint)
         if count < MIN_SAMPLES:
             return _unusable(count)
-        p = self.joint / count
-        p_fixed, p_moving = p.sum(axis=1), p.sum(axis=0)
-        filled = p > 0
-        log_ratio = np.zeros_like(p)
-        log_ratio[filled] = np.log((p / np.maximum(p_moving, 1e-300)[None, :])[filled])
-        information = float(np.sum(p[filled] * (log_ratio[filled]
-                                                - np.log(np.broadcast_to(p_fixed[:, None],
-                                                                         p.shape)[filled]))))
+        # log p / (p_F p_M): its -log p_F(i) part is constant along a row, so the window's
+        # derivatives (summing to zero along a row) leave it out of the sums
+        information, log_ratio = mutual_information(self.joint)
         kernels.information_sums(self.fixed_bins, self.values, self.gradients, self.valid,
                                  self.offsets, self.low, self.high, log_ratio, self.first,
                                  self.second)

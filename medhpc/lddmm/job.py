@@ -76,8 +76,9 @@ def _read_mask(path, grid: ImageGeometry, world=None) -> np.ndarray:
 
 
 def initial_affine(initial: str, fixed, fixed_geometry, moving, moving_geometry,
-                   fixed_mask=None, moving_mask=None) -> tuple[np.ndarray, dict]:
-    """The start transform (4x4 world RAS, fixed to moving) and a record of how it came."""
+                   fixed_mask=None, moving_mask=None, metric="ncc") -> tuple[np.ndarray, dict]:
+    """The start transform (4x4 world RAS, fixed to moving) and a record of how it came
+    (``metric`` of the affine registration: ``ncc``, or ``mi`` for multimodal pairs)."""
     from medhpc.lddmm import itk
 
     if initial == "none":
@@ -88,9 +89,9 @@ def initial_affine(initial: str, fixed, fixed_geometry, moving, moving_geometry,
     from medhpc.lddmm.affine import register_affine
 
     result = register_affine(fixed, fixed_geometry, moving, moving_geometry, mode=initial,
-                             metric="ncc", fixed_mask=fixed_mask, moving_mask=moving_mask)
-    record = {"initial_transform": initial, "ncc_before": float(result.metric_before),
-              "ncc_after": float(result.metric_after), "stages": list(result.stages)}
+                             metric=metric, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    record = {"initial_transform": initial, f"{metric}_before": float(result.metric_before),
+              f"{metric}_after": float(result.metric_after), "stages": list(result.stages)}
     if not result.metric_after > result.metric_before:
         record["kept"] = "identity (the headers align the images best)"
         return np.eye(4), record
@@ -98,11 +99,11 @@ def initial_affine(initial: str, fixed, fixed_geometry, moving, moving_geometry,
 
 
 def read_inputs(fixed_path, moving_path, initial="none", normalise="minmax", fixed_mask=None,
-                moving_mask=None) -> Inputs:
+                moving_mask=None, affine_metric="ncc") -> Inputs:
     """Read, check and prepare both images (rank 0; raises :class:`InputError`).
 
-    Scales intensities (``normalise``), finds the initial transform, resamples the
-    moving image (and its mask) onto the fixed grid through it.
+    Scales intensities (``normalise``), finds the initial transform (by ``affine_metric``),
+    resamples the moving image (and its mask) onto the fixed grid through it.
     """
     from medhpc.lddmm.intensity import normalised_pair
 
@@ -115,7 +116,8 @@ def read_inputs(fixed_path, moving_path, initial="none", normalise="minmax", fix
     fixed_weights = _read_mask(fixed_mask, fixed_geometry) if fixed_mask else None
     moving_own_mask = _read_mask(moving_mask, moving_geometry) if moving_mask else None
     affine, record = initial_affine(initial, fixed, fixed_geometry, moving_scaled,
-                                    moving_geometry, fixed_weights, moving_own_mask)
+                                    moving_geometry, fixed_weights, moving_own_mask,
+                                    affine_metric)
     identity = np.allclose(affine, np.eye(4), atol=0, rtol=0)
     if fixed_geometry.same_grid(moving_geometry) and identity:
         on_fixed = moving_scaled
@@ -135,17 +137,29 @@ def read_inputs(fixed_path, moving_path, initial="none", normalise="minmax", fix
                   fixed_weights, moving_weights)
 
 
+def affine_metric(settings: Settings) -> str:
+    """The affine start's metric: mutual information when the deformable stage takes it
+    (multimodal pairs), global correlation otherwise."""
+    return "mi" if settings.metric == "mi" else "ncc"
+
+
 def check_settings(settings: Settings, shape) -> None:
     """Reject settings that cannot work, naming the option."""
-    from medhpc.lddmm.optimise import METHODS
+    from medhpc.lddmm.optimise import MAX_BINS, METHODS, METRICS, MIN_BINS
 
     if settings.method not in METHODS:
         raise InputError(f"--method {settings.method}: expected one of {', '.join(METHODS)}")
-    if settings.metric not in ("ssd", "ncc", "lncc"):
-        raise InputError(f"--metric {settings.metric}: expected ssd, ncc or lncc")
-    if settings.method == "symmetric" and settings.metric != "lncc":
+    if settings.metric not in METRICS:
+        raise InputError(f"--metric {settings.metric}: expected one of {', '.join(METRICS)}")
+    if settings.method == "symmetric" and settings.metric not in ("lncc", "mi"):
         raise InputError(f"--metric {settings.metric} with --method symmetric: expected lncc "
-                         f"(ssd and ncc go with --method beg)")
+                         f"or mi (ssd and ncc go with --method beg)")
+    if settings.method == "beg" and settings.metric == "mi":
+        raise InputError("--metric mi with --method beg: expected --method symmetric (beg "
+                         "takes ssd, ncc or lncc)")
+    if settings.metric == "mi" and not MIN_BINS <= settings.bins <= MAX_BINS:
+        raise InputError(f"--bins {settings.bins}: expected {MIN_BINS} to {MAX_BINS} "
+                         f"histogram bins")
     if len(settings.iterations) > settings.levels:
         raise InputError(f"--iterations has {len(settings.iterations)} entries for "
                          f"{settings.levels} level(s); expected at most one per level")
@@ -242,7 +256,8 @@ class PairRegistration:
                 raise InputError(f"--initial-transform {self.initial_transform}: neither "
                                  f"affine, rigid, none nor an existing transform file")
             inputs = read_inputs(self.fixed_path, self.moving_path, self.initial_transform,
-                                 self.normalise, self.fixed_mask, self.moving_mask)
+                                 self.normalise, self.fixed_mask, self.moving_mask,
+                                 affine_metric(self.settings))
             spacing = tuple(inputs.fixed_geometry.spacing_mm[::-1])
             settings = resolved(self.settings, inputs.fixed.shape, spacing)
             check_settings(settings, inputs.fixed.shape)

@@ -20,6 +20,9 @@ import math
 import numba
 import numpy as np
 
+from medhpc.lddmm.parzen import bin_position as _bin_position
+from medhpc.lddmm.parzen import bspline3 as _bspline3
+
 
 @numba.njit(cache=True)
 def block_mean(image, fz, fy, fx, out):
@@ -175,28 +178,6 @@ def moment_sums(fixed, values, gradients, valid, offsets, scalars, first, second
             second[p, q] = second[q, p]
 
 
-@numba.njit(inline="always")
-def _bspline3(x):
-    """Cubic B-spline and its first and second derivatives at ``x``."""
-    a = abs(x)
-    if a < 1.0:
-        return 2.0 / 3.0 - a * a + 0.5 * a * a * a, -2.0 * x + 1.5 * x * a, -2.0 + 3.0 * a
-    if a < 2.0:
-        r = 2.0 - a
-        return r * r * r / 6.0, (-0.5 * r * r if x > 0 else 0.5 * r * r), r
-    return 0.0, 0.0, 0.0
-
-
-@numba.njit(inline="always")
-def _bin_position(m, low, high, du_dm):
-    """Continuous bin ``u`` of a moving value and ``du/dm`` (zero where ``m`` is clamped)."""
-    if m <= low:
-        return 1.0, 0.0
-    if m >= high:
-        return 1.0 + (high - low) * du_dm, 0.0
-    return 1.0 + (m - low) * du_dm, du_dm
-
-
 @numba.njit(cache=True)
 def joint_histogram(fixed_bins, values, valid, low, high, joint):
     """Parzen joint histogram ``joint (bins, bins)`` (rows: fixed bins) of the valid samples.
@@ -227,7 +208,8 @@ def information_sums(fixed_bins, values, gradients, valid, offsets, low, high, l
     """Gradient and Gauss-Newton sums of mutual information over the valid samples.
 
     With ``L = log_ratio (bins, bins)``, ``log p(i, k) / p_M(k)`` of the joint histogram
-    (zero on empty bins), and ``u`` as in :func:`joint_histogram`, every sample adds
+    (zero on empty bins; a term constant along a row, such as ``-log p_F(i)``, adds
+    nothing to the sums), and ``u`` as in :func:`joint_histogram`, every sample adds
     ``a J`` to ``first (12,)`` and ``max(-b, 0) J J^T`` to ``second (12, 12)``, where
     ``a = du/dm sum_k B'(k - u) L(i, k)`` and ``b = (du/dm)^2 sum_k B''(k - u) L(i, k)``.
     Both are overwritten.

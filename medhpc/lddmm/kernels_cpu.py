@@ -18,6 +18,8 @@ import math
 import numba
 import numpy as np
 
+from medhpc.lddmm.parzen import bin_position, bspline3
+
 
 @numba.njit(inline="always")
 def _corner(position, n):
@@ -56,6 +58,18 @@ def _difference(f, k, index, n, step_z, step_y, step_x, z, y, x):
         return f[k, z, y, x] - f[k, z - step_z, y - step_y, x - step_x]
     return 0.5 * (f[k, z + step_z, y + step_y, x + step_x]
                   - f[k, z - step_z, y - step_y, x - step_x])
+
+
+@numba.njit(inline="always")
+def _gradients(m4, f4, k, zg, nz_global, y, ny, x, nx):
+    """Gradients of both images (``(1, planes, ny, nx)`` views) at local ``(k, y, x)``, global
+    plane ``zg``: ``(gm_z, gm_y, gm_x, gf_z, gf_y, gf_x)`` by :func:`_difference`."""
+    return (_difference(m4, 0, zg, nz_global, 1, 0, 0, k, y, x),
+            _difference(m4, 0, y, ny, 0, 1, 0, k, y, x),
+            _difference(m4, 0, x, nx, 0, 0, 1, k, y, x),
+            _difference(f4, 0, zg, nz_global, 1, 0, 0, k, y, x),
+            _difference(f4, 0, y, ny, 0, 1, 0, k, y, x),
+            _difference(f4, 0, x, nx, 0, 0, 1, k, y, x))
 
 
 @numba.njit(parallel=True, cache=True)
@@ -478,12 +492,107 @@ def correlation_force(sums, moving, fixed, image_halo, z_first, nz_global, count
                     gf_y = 0.5 * (fixed[k, y + 1, x] - fixed[k, y - 1, x])
                     gf_x = 0.5 * (fixed[k, y, x + 1] - fixed[k, y, x - 1])
                 else:
-                    gm_z = _difference(m4, 0, zg, nz_global, 1, 0, 0, k, y, x)
-                    gm_y = _difference(m4, 0, y, ny, 0, 1, 0, k, y, x)
-                    gm_x = _difference(m4, 0, x, nx, 0, 0, 1, k, y, x)
-                    gf_z = _difference(f4, 0, zg, nz_global, 1, 0, 0, k, y, x)
-                    gf_y = _difference(f4, 0, y, ny, 0, 1, 0, k, y, x)
-                    gf_x = _difference(f4, 0, x, nx, 0, 0, 1, k, y, x)
+                    gm_z, gm_y, gm_x, gf_z, gf_y, gf_x = _gradients(m4, f4, k, zg, nz_global,
+                                                                    y, ny, x, nx)
+                out[0, zo, y, x] = d_moving * gm_z - d_fixed * gf_z
+                out[1, zo, y, x] = d_moving * gm_y - d_fixed * gf_y
+                out[2, zo, y, x] = d_moving * gm_x - d_fixed * gf_x
+
+
+# -- mutual information (symmetric registration, --metric mi) --------------------------------
+@numba.njit(parallel=True, cache=True)
+def joint_histogram(moving, fixed, image_halo, weight, out):
+    """Parzen joint histogram of two images over the owned planes (:mod:`~medhpc.lddmm.parzen`).
+
+    Intensities are clamped to ``[0, 1]``; a voxel adds ``weight B(a - u_m) B(b - u_f)`` to
+    bin ``(a, b)`` (rows: moving bins ``a``, columns: fixed bins ``b``), so the histogram
+    sums to the weights of the owned voxels. Each plane is binned on its own and the planes
+    are added in order, so the result does not depend on the thread count.
+
+    Parameters
+    ----------
+    moving, fixed : float32 (owned + 2 image_halo, ny, nx)
+    image_halo : int
+    weight : float32 (owned, ny, nx)
+        Voxel weights (ones without masks).
+    out : float64 (bins, bins)
+        Overwritten.
+    """
+    owned, ny, nx = weight.shape
+    bins = out.shape[0]
+    du_dm = float(bins - 3)
+    planes = np.zeros((owned, bins, bins), np.float64)
+    for zo in numba.prange(owned):
+        k = zo + image_halo
+        for y in range(ny):
+            for x in range(nx):
+                w = np.float64(weight[zo, y, x])
+                if w == 0.0:
+                    continue
+                u_m, _ = bin_position(np.float64(moving[k, y, x]), 0.0, 1.0, du_dm)
+                u_f, _ = bin_position(np.float64(fixed[k, y, x]), 0.0, 1.0, du_dm)
+                a0 = int(math.floor(u_m)) - 1
+                b0 = int(math.floor(u_f)) - 1
+                for a in range(a0, min(a0 + 4, bins)):
+                    wa = w * bspline3(a - u_m)[0]
+                    for b in range(b0, min(b0 + 4, bins)):
+                        planes[zo, a, b] += wa * bspline3(b - u_f)[0]
+    for a in range(bins):
+        for b in range(bins):
+            out[a, b] = 0.0
+    for zo in range(owned):
+        for a in range(bins):
+            for b in range(bins):
+                out[a, b] += planes[zo, a, b]
+
+
+@numba.njit(parallel=True, cache=True)
+def mi_force(moving, fixed, image_halo, z_first, nz_global, log_ratio, out):
+    """The symmetric force that raises the mutual information of the two images.
+
+    With ``L = log p(a, b) / (p(a) p(b))`` of the (global) joint histogram, ``N`` its total
+    weight and ``u_m``, ``u_f`` the voxel's bins, the derivatives of ``N MI`` with respect to
+    the voxel's two intensities are ``dm = -du/dm sum_ab L B'(a - u_m) B(b - u_f)`` and
+    ``df = -du/df sum_ab L B(a - u_m) B'(b - u_f)``, and the force on a displacement ``w`` of
+    the middle space (moving side ``+w``, fixed side ``-w``) is ``dm grad m - df grad f``
+    (the voxel's own weight is the caller's to apply, as for the correlation force).
+
+    Parameters
+    ----------
+    moving, fixed : float32 (owned + 2 image_halo, ny, nx)
+        Both images in the middle space with at least one valid ghost plane.
+    image_halo, z_first, nz_global : int
+    log_ratio : float64 (bins, bins)
+        ``L``, zero on empty bins (:func:`medhpc.lddmm.parzen.mutual_information`).
+    out : float32 (3, owned, ny, nx)
+    """
+    owned, ny, nx = out.shape[1], out.shape[2], out.shape[3]
+    bins = log_ratio.shape[0]
+    du_dm = float(bins - 3)
+    m4 = moving.reshape((1,) + moving.shape)
+    f4 = fixed.reshape((1,) + fixed.shape)
+    for zo in numba.prange(owned):
+        k = zo + image_halo
+        zg = z_first + zo
+        for y in range(ny):
+            for x in range(nx):
+                u_m, slope_m = bin_position(np.float64(moving[k, y, x]), 0.0, 1.0, du_dm)
+                u_f, slope_f = bin_position(np.float64(fixed[k, y, x]), 0.0, 1.0, du_dm)
+                a0 = int(math.floor(u_m)) - 1
+                b0 = int(math.floor(u_f)) - 1
+                sum_m = 0.0
+                sum_f = 0.0
+                for a in range(a0, min(a0 + 4, bins)):
+                    value_a, slope_a, _ = bspline3(a - u_m)
+                    for b in range(b0, min(b0 + 4, bins)):
+                        value_b, slope_b, _ = bspline3(b - u_f)
+                        ratio = log_ratio[a, b]
+                        sum_m += ratio * slope_a * value_b
+                        sum_f += ratio * value_a * slope_b
+                d_moving = -slope_m * sum_m
+                d_fixed = -slope_f * sum_f
+                gm_z, gm_y, gm_x, gf_z, gf_y, gf_x = _gradients(m4, f4, k, zg, nz_global, y, ny,
+                                                                x, nx)
                 out[0, zo, y, x] = d_moving * gm_z - d_fixed * gf_z
                 out[1, zo, y, x] = d_moving * gm_y - d_fixed * gf_y
                 out[2, zo, y, x] = d_moving * gm_x - d_fixed * gf_x

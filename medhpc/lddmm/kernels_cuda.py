@@ -9,6 +9,7 @@ import math
 from numba import cuda, float32, float64
 
 from medhpc.backend import launch_config_1d
+from medhpc.lddmm import parzen
 
 
 @cuda.jit(device=True, inline=True)
@@ -296,6 +297,91 @@ def _correlation_force(sums, moving, fixed, image_halo, z_first, nz_global, coun
                         - d_fixed * _difference_3d(fixed, x, nx, 0, 0, 1, k, y, x))
 
 
+#: Largest histogram the CUDA joint histogram holds in a block's shared memory (32 KiB).
+HISTOGRAM_MAX_BINS = 64
+_HISTOGRAM_CELLS = HISTOGRAM_MAX_BINS * HISTOGRAM_MAX_BINS
+HISTOGRAM_THREADS = 256
+HISTOGRAM_BLOCKS = 512
+
+_bspline3 = cuda.jit(device=True, inline=True)(parzen.bspline3_source)
+_bin_position = cuda.jit(device=True, inline=True)(parzen.bin_position_source)
+
+
+def _clear_histogram(out):
+    index = cuda.grid(1)
+    bins = out.shape[1]
+    if index < out.shape[0] * bins:
+        out[index // bins, index % bins] = 0.0
+
+
+def _joint_histogram(moving, fixed, image_halo, weight, out):
+    # every block bins a share of the voxels into shared memory, then adds its filled
+    # bins to ``out`` (cleared before): two atomic additions per voxel tap in all
+    local = cuda.shared.array(_HISTOGRAM_CELLS, float64)
+    bins = out.shape[0]
+    cells = bins * bins
+    for i in range(cuda.threadIdx.x, cells, cuda.blockDim.x):
+        local[i] = 0.0
+    cuda.syncthreads()
+    owned, ny, nx = weight.shape
+    du_dm = float64(bins - 3)
+    for index in range(cuda.grid(1), owned * ny * nx, cuda.gridsize(1)):
+        zo = index // (ny * nx)
+        y = (index // nx) % ny
+        x = index % nx
+        w = float64(weight[zo, y, x])
+        if w == 0.0:
+            continue
+        k = zo + image_halo
+        u_m, _ = _bin_position(float64(moving[k, y, x]), 0.0, 1.0, du_dm)
+        u_f, _ = _bin_position(float64(fixed[k, y, x]), 0.0, 1.0, du_dm)
+        a0 = int(math.floor(u_m)) - 1
+        b0 = int(math.floor(u_f)) - 1
+        for a in range(a0, min(a0 + 4, bins)):
+            wa = w * _bspline3(a - u_m)[0]
+            for b in range(b0, min(b0 + 4, bins)):
+                cuda.atomic.add(local, a * bins + b, wa * _bspline3(b - u_f)[0])
+    cuda.syncthreads()
+    for i in range(cuda.threadIdx.x, cells, cuda.blockDim.x):
+        if local[i] != 0.0:
+            cuda.atomic.add(out, (i // bins, i % bins), local[i])
+
+
+def _mi_force(moving, fixed, image_halo, z_first, nz_global, log_ratio, out):
+    index = cuda.grid(1)
+    owned, ny, nx = out.shape[1], out.shape[2], out.shape[3]
+    if index >= owned * ny * nx:
+        return
+    zo = index // (ny * nx)
+    y = (index // nx) % ny
+    x = index % nx
+    k = zo + image_halo
+    zg = z_first + zo
+    bins = log_ratio.shape[0]
+    du_dm = float64(bins - 3)
+    u_m, slope_m = _bin_position(float64(moving[k, y, x]), 0.0, 1.0, du_dm)
+    u_f, slope_f = _bin_position(float64(fixed[k, y, x]), 0.0, 1.0, du_dm)
+    a0 = int(math.floor(u_m)) - 1
+    b0 = int(math.floor(u_f)) - 1
+    sum_m = 0.0
+    sum_f = 0.0
+    for a in range(a0, min(a0 + 4, bins)):
+        value_a, slope_a, _ = _bspline3(a - u_m)
+        for b in range(b0, min(b0 + 4, bins)):
+            value_b, slope_b, _ = _bspline3(b - u_f)
+            ratio = log_ratio[a, b]
+            sum_m += ratio * slope_a * value_b
+            sum_f += ratio * value_a * slope_b
+    d_moving = -slope_m * sum_m
+    d_fixed = -slope_f * sum_f
+    out[0, zo, y, x] = (d_moving * _difference_3d(moving, zg, nz_global, 1, 0, 0, k, y, x)
+                        - d_fixed * _difference_3d(fixed, zg, nz_global, 1, 0, 0, k, y, x))
+    out[1, zo, y, x] = (d_moving * _difference_3d(moving, y, ny, 0, 1, 0, k, y, x)
+                        - d_fixed * _difference_3d(fixed, y, ny, 0, 1, 0, k, y, x))
+    out[2, zo, y, x] = (d_moving * _difference_3d(moving, x, nx, 0, 0, 1, k, y, x)
+                        - d_fixed * _difference_3d(fixed, x, nx, 0, 0, 1, k, y, x))
+
+
 compose_displacement_kernel = cuda.jit(_compose_displacement)
 warp_image_kernel = cuda.jit(_warp_image)
 image_gradient_kernel = cuda.jit(_image_gradient)
@@ -306,6 +392,9 @@ filter_axis_kernel = cuda.jit(_filter_axis)
 filter_z_kernel = cuda.jit(_filter_z)
 window_sums_kernel = cuda.jit(_window_sums)
 correlation_force_kernel = cuda.jit(_correlation_force)
+clear_histogram_kernel = cuda.jit(_clear_histogram)
+joint_histogram_kernel = cuda.jit(_joint_histogram)
+mi_force_kernel = cuda.jit(_mi_force)
 
 _F3 = "float32[:, :, ::1]"
 _F4 = "float32[:, :, :, ::1]"
@@ -326,6 +415,9 @@ PTX_SIGNATURES = {
     "correlation_force": (_correlation_force,
                           f"({_D4}, {_F3}, {_F3}, int64, int64, int64, float64, float64, "
                           f"{_F4}, {_F3})"),
+    "clear_histogram": (_clear_histogram, "(float64[:, ::1],)"),
+    "joint_histogram": (_joint_histogram, f"({_F3}, {_F3}, int64, {_F3}, float64[:, ::1])"),
+    "mi_force": (_mi_force, f"({_F3}, {_F3}, int64, int64, int64, float64[:, ::1], {_F4})"),
 }
 
 
@@ -395,3 +487,21 @@ def correlation_force(sums, moving, fixed, image_halo, z_first, nz_global, count
     """Local correlation and the symmetric force (see the CPU twin)."""
     _launch(correlation_force_kernel, correlation.size, sums, moving, fixed, image_halo,
             z_first, nz_global, float64(count), float64(epsilon), out, correlation)
+
+
+def joint_histogram(moving, fixed, image_halo, weight, out):
+    """Parzen joint histogram over the owned planes (see the CPU twin; float64 atomics,
+    at most ``HISTOGRAM_MAX_BINS`` bins)."""
+    bins = out.shape[0]
+    if bins > HISTOGRAM_MAX_BINS:
+        raise ValueError(f"joint_histogram: {bins} bins; the CUDA kernel holds at most "
+                         f"{HISTOGRAM_MAX_BINS}")
+    _launch(clear_histogram_kernel, bins * bins, out)
+    blocks = min(launch_config_1d(weight.size, HISTOGRAM_THREADS)[0], HISTOGRAM_BLOCKS)
+    joint_histogram_kernel[blocks, HISTOGRAM_THREADS](moving, fixed, image_halo, weight, out)
+
+
+def mi_force(moving, fixed, image_halo, z_first, nz_global, log_ratio, out):
+    """The symmetric mutual-information force (see the CPU twin)."""
+    _launch(mi_force_kernel, out.size // 3, moving, fixed, image_halo, z_first, nz_global,
+            log_ratio, out)

@@ -41,6 +41,13 @@ PATIENCE = 3
 
 
 METHODS = ("symmetric", "beg")
+METRICS = ("lncc", "mi", "ncc", "ssd")
+#: Histogram bins ``--metric mi`` takes: [0, 1] spans ``bins - 3`` bin widths (the cubic
+#: window reaches past both ends), and the CUDA kernel keeps a block's histogram of at
+#: most 64 x 64 bins in shared memory.
+MIN_BINS, MAX_BINS = 8, 64
+#: Longest update per iteration of the symmetric method by metric (voxels of a level).
+DEFAULT_UPDATE_VOXELS = {"lncc": 1.0, "mi": 0.35}
 
 
 @dataclass(frozen=True)
@@ -48,8 +55,10 @@ class Settings:
     """What a registration needs to know; the command line's defaults live here.
 
     ``method`` ``symmetric`` (stationary velocity, both images pulled half-way, local
-    correlation; :mod:`medhpc.lddmm.symmetric`) uses ``radius``, ``fluid_sigma_mm``,
-    ``diffusion_sigma_mm``, ``sigma_floor_voxels``, ``update_voxels``; ``beg``
+    correlation or mutual information; :mod:`medhpc.lddmm.symmetric`) uses ``metric``
+    (``lncc`` or ``mi``), ``radius`` (lncc), ``bins`` (mi: Parzen histogram bins per image;
+    the normalised intensities [0, 1] span ``bins - 3`` bin widths),
+    ``fluid_sigma_mm``, ``diffusion_sigma_mm``, ``sigma_floor_voxels``, ``update_voxels``; ``beg``
     (time-varying velocity, gradient descent in V, this module) uses ``metric``,
     ``sigma``, ``timesteps``, ``alpha``, ``gamma``, ``power`` and ``step``. ``levels``
     0 chooses the pyramid from the voxel size (:func:`auto_levels`).
@@ -71,11 +80,21 @@ class Settings:
     fluid_sigma_mm: float = 3.0
     diffusion_sigma_mm: float = 1.5
     sigma_floor_voxels: float = 1.5
-    update_voxels: float = 1.0
+    update_voxels: float | None = None
+    bins: int = 32
 
     @property
     def metric_v(self) -> Metric:
         return Metric(self.alpha, self.gamma, self.power)
+
+    @property
+    def update_step_voxels(self) -> float:
+        """The symmetric method's longest update per iteration (per-metric default when
+        unset: the mutual-information force of a voxel is noisier than the local
+        correlation's and takes shorter steps)."""
+        if self.update_voxels is None:
+            return DEFAULT_UPDATE_VOXELS.get(self.metric, DEFAULT_UPDATE_VOXELS["lncc"])
+        return float(self.update_voxels)
 
     @property
     def similarity_sigma(self) -> float:

@@ -16,10 +16,19 @@ middle space moves the moving side by ``+w`` and the fixed side by ``-w``; to fi
    small misalignment would overshoot, so images that already agree stay put);
 4. ``v <- G_diffusion * (v + 2 w)``.
 
-A level ends after its iterations, or when the mean correlation rose by less than
-``tolerance`` (relative to ``1 - cc``) over the last ``PATIENCE`` iterations. Every
-operation is a kernel on owned planes after a halo exchange, so slabs give the one-rank
-result; the maps ``exp(v)`` and ``exp(-v)`` are the forward and inverse outputs.
+With ``metric`` ``mi`` step 2 is global mutual information instead: a Parzen joint
+histogram of the two middle-space images (``bins`` cubic B-spline bins over [0, 1],
+:mod:`medhpc.lddmm.parzen`) per rank over its owned planes, summed by one all-reduce, then
+per voxel ``dm grad m - df grad f`` with ``dm``, ``df`` the derivatives of ``N MI`` (``N``
+the histogram's total weight, so the force per voxel has the scale of the correlation's)
+with respect to the voxel's two intensities. Steps 3 and 4 are the same for both metrics.
+
+The energy of an iteration (``ENERGY``) is ``1 - mean local correlation`` for lncc and
+``-MI`` in nats for mi, measured before the iteration's update. A level ends after its
+iterations, or when the energy fell by less than ``tolerance`` of itself over the last
+``PATIENCE`` iterations. Every operation is a kernel on owned planes after a halo
+exchange (the histogram after its all-reduce), so slabs give the one-rank result; the
+maps ``exp(v)`` and ``exp(-v)`` are the forward and inverse outputs.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import numpy as np
 
 from medhpc.lddmm.flows import Flows, ImageWindow
 from medhpc.lddmm.grid import LevelGrid
+from medhpc.lddmm.parzen import mutual_information
 from medhpc.parallel.comm import World
 from medhpc.parallel.slabs import exchange_halos
 
@@ -37,6 +47,8 @@ PATIENCE = 5
 FORCE_FLOOR_PER_VOXEL = 5e-3
 CORRELATION_EPSILON = 1e-5
 GAUSSIAN_TRUNCATE = 3.0
+#: What the energy of each metric is (the history's ``energy`` and the progress line).
+ENERGY = {"lncc": "1 - mean local correlation", "mi": "-MI, nats"}
 
 
 def gaussian_taps(sigma_voxels: float) -> np.ndarray:
@@ -128,10 +140,11 @@ class SymmetricOptimiser:
             kernels.filter_z(haloed, halo, grid.z_first, grid.shape[0], taps, out)
         return out
 
-    def middle_images(self, velocity: np.ndarray):
-        """Both images in the middle space, with ``radius`` ghost planes each, and the
-        product of both masks there (owned planes; None without masks)."""
-        radius = self.settings.radius
+    def middle_images(self, velocity: np.ndarray, ghosts: int | None = None):
+        """Both images in the middle space, with ``ghosts`` ghost planes each (``radius``
+        when None), and the product of both masks there (owned planes; None without
+        masks)."""
+        radius = self.settings.radius if ghosts is None else ghosts
         towards_moving = self.flows.exponential(velocity, 0.5)
         towards_fixed = self.flows.exponential(velocity, -0.5)
         weight = None
@@ -143,6 +156,13 @@ class SymmetricOptimiser:
                 self.flows.warp(self.fixed, towards_fixed, radius), weight)
 
     def force(self, velocity: np.ndarray) -> tuple[np.ndarray, float]:
+        """The metric's force on the owned planes and the energy (``ENERGY``) before it."""
+        if self.settings.metric == "mi":
+            return self.information_force(velocity)
+        force, correlation = self.correlation_force(velocity)
+        return force, 1.0 - correlation
+
+    def correlation_force(self, velocity: np.ndarray) -> tuple[np.ndarray, float]:
         """The local-correlation force on the owned planes and the mean correlation."""
         grid, kernels, radius = self.grid, self.kernels, self.settings.radius
         moving, fixed, weight = self.middle_images(velocity)
@@ -166,6 +186,32 @@ class SymmetricOptimiser:
             mean = self.world.sum(float(np.sum(correlation, dtype=np.float64))) / voxels
         return force, mean
 
+    def joint_histogram(self, moving: np.ndarray, fixed: np.ndarray, weight) -> np.ndarray:
+        """The Parzen joint histogram of both middle-space images (one ghost plane each)
+        over the whole volume: this rank's owned planes, then one all-reduce."""
+        bins = self.settings.bins
+        if weight is None:
+            weight = np.ones(self.grid.owned_shape(), np.float32)
+        joint = np.empty((bins, bins), np.float64)
+        with self.stage("mutual information", "kernel"):
+            self.kernels.joint_histogram(moving, fixed, 1, weight, joint)
+        with self.stage("reductions", "comm"):
+            self.world.allreduce_(joint, "sum")
+        return joint
+
+    def information_force(self, velocity: np.ndarray) -> tuple[np.ndarray, float]:
+        """The mutual-information force on the owned planes and ``-MI`` (nats)."""
+        grid = self.grid
+        moving, fixed, weight = self.middle_images(velocity, 1)
+        information, log_ratio = mutual_information(self.joint_histogram(moving, fixed, weight))
+        force = np.empty(grid.owned_shape(3), np.float32)
+        with self.stage("mutual information", "kernel"):
+            self.kernels.mi_force(moving, fixed, 1, grid.z_first, grid.shape[0], log_ratio,
+                                  force)
+        if weight is not None:
+            force *= weight
+        return force, -information
+
     def update(self, velocity: np.ndarray, force: np.ndarray) -> np.ndarray:
         """``G_diffusion * (v + 2 w)`` with ``w`` the smoothed, scaled force."""
         smoothed = self.smooth(force, self.fluid_taps)
@@ -175,8 +221,8 @@ class SymmetricOptimiser:
             longest = self.world.max(local)
         if longest <= 0:
             return velocity
-        floor = FORCE_FLOOR_PER_VOXEL * self.settings.update_voxels
-        scale = 2.0 * self.settings.update_voxels / max(longest, floor)
+        floor = FORCE_FLOOR_PER_VOXEL * self.settings.update_step_voxels
+        scale = 2.0 * self.settings.update_step_voxels / max(longest, floor)
         self.last_step_voxels = 0.5 * scale * longest
         return self.smooth(velocity + np.float32(scale) * smoothed, self.diffusion_taps)
 
@@ -188,17 +234,17 @@ class SymmetricOptimiser:
             if converged(state.history, self.settings.tolerance):
                 state.stopped = "converged"
                 break
-            force, correlation = self.force(velocity)
+            force, energy = self.force(velocity)
             if not state.history:
-                state.history.append(self._entry(0, correlation))
+                state.history.append(self._entry(0, energy))
             velocity = self.update(velocity, force)
             del force  # not alive beside the next iteration's
             state.velocity = [velocity]
             state.iteration += 1
-            state.history.append(self._entry(state.iteration, correlation))
+            state.history.append(self._entry(state.iteration, energy))
             if progress is not None:
                 progress(f"level {self.level} iteration {state.iteration}/{iterations}: "
-                         f"energy {1.0 - correlation:.5f} (1 - mean local correlation), "
+                         f"energy {energy:.5f} ({ENERGY[self.settings.metric]}), "
                          f"step {self.last_step_voxels:.3g} voxels")
             if after_iteration is not None:
                 after_iteration(state)
@@ -210,11 +256,10 @@ class SymmetricOptimiser:
             return (self.flows.exponential(velocity[0], 1.0),
                     self.flows.exponential(velocity[0], -1.0))
 
-    def _entry(self, iteration: int, correlation: float) -> dict:
-        energy = 1.0 - correlation
+    def _entry(self, iteration: int, energy: float) -> dict:
         return {"level": self.level, "iteration": iteration, "energy": float(energy),
                 "similarity": float(energy), "regularity": 0.0,
-                "step": float(self.settings.update_voxels), "substeps": 0,
+                "step": float(self.settings.update_step_voxels), "substeps": 0,
                 "gradient_norm": float("nan")}
 
 
@@ -225,8 +270,8 @@ def _window(world: World, image) -> ImageWindow:
 
 
 def converged(history: list, tolerance: float) -> bool:
-    """True when ``1 - cc`` fell by less than ``tolerance`` of itself over ``PATIENCE``
-    iterations (the correlation of an iteration is measured before its update)."""
+    """True when the energy fell by less than ``tolerance`` of itself over ``PATIENCE``
+    iterations (the energy of an iteration is measured before its update)."""
     if len(history) <= PATIENCE or tolerance <= 0:
         return False
     before, after = history[-PATIENCE - 1]["energy"], history[-1]["energy"]

@@ -244,3 +244,31 @@ def test_every_output_at_2_and_3_ranks_equals_one_rank(phantom_files, tmp_path):
         for name, reference in arrays[1].items():
             np.testing.assert_allclose(arrays[ranks][name], reference, rtol=1e-5, atol=1e-5,
                                        err_msg=f"{name} at {ranks} ranks")
+
+
+@pytest.mark.parametrize("settings, words", [
+    (Settings(method="beg", metric="mi"), "--metric mi with --method beg"),
+    (Settings(metric="ssd"), "--metric ssd with --method symmetric"),
+    (Settings(metric="mi", bins=4), "--bins 4"),
+    (Settings(metric="mi", bins=65), "--bins 65"),
+    (Settings(metric="cc"), "--metric cc"),
+])
+def test_metric_settings_that_cannot_work_are_one_line_errors(settings, words):
+    from medhpc.lddmm.job import check_settings
+
+    with pytest.raises(InputError) as error:
+        check_settings(Settings(**{**settings.__dict__, "levels": 2}), (16, 16, 16))
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_mutual_information_on_the_command_line(phantom_files, tmp_path):
+    """--metric mi runs end to end: its affine start is by MI, its energy is -MI."""
+    result = run_medhpc("lddmm", "--fixed", phantom_files / "fixed.nii.gz",
+                        "--moving", phantom_files / "moving.nii.gz", "--out", tmp_path,
+                        "--device", "cpu", "--metric", "mi", "--bins", "24", *FAST, timeout=120)
+    assert result.returncode == 0, result.stderr
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert log["settings"]["metric"] == "mi" and log["settings"]["bins"] == 24
+    assert "mi_before" in log["initial"]
+    assert all(entry["energy"] < 0 for entry in log["history"])
+    assert log["folded_share"] == 0

@@ -34,6 +34,11 @@ def case(rng):
         "gradient": rng.standard_normal((3, OWNED) + plane).astype(np.float32),
         "points": (rng.random((3, 40)) * np.array(SHAPE)[:, None] * 1.2 - 0.6).astype(np.float32),
         "sums": rng.random((5, OWNED) + plane) * 10.0,
+        # intensities past both ends of [0, 1] reach the clamped bins too
+        "m_mi": (rng.random((OWNED + 2,) + plane) * 1.2 - 0.1).astype(np.float32),
+        "f_mi": (rng.random((OWNED + 2,) + plane) * 1.2 - 0.1).astype(np.float32),
+        "weight": rng.random((OWNED,) + plane).astype(np.float32),
+        "log_ratio": rng.standard_normal((12, 12)),
     }
 
 
@@ -67,6 +72,10 @@ CALLS = {
                                      Z_FIRST, NZ, 27.0, 1e-3,
                                      np.zeros((3, OWNED) + SHAPE[1:], np.float32),
                                      np.zeros((OWNED,) + SHAPE[1:], np.float32)], 8),
+    "joint_histogram": (lambda c: [c["m_mi"], c["f_mi"], 1, c["weight"],
+                                   np.full((12, 12), np.nan)], 4),
+    "mi_force": (lambda c: [c["m_mi"], c["f_mi"], 1, Z_FIRST, NZ, c["log_ratio"],
+                            np.zeros((3, OWNED) + SHAPE[1:], np.float32)], 6),
 }
 
 
@@ -88,12 +97,14 @@ def test_cuda_kernel_matches_cpu_twin(name):
 
 
 @pytest.mark.cudasim
-def test_host_staged_kernels_give_the_cpu_result():
+@pytest.mark.parametrize("name", ["compose_displacement", "joint_histogram", "mi_force"])
+def test_host_staged_kernels_give_the_cpu_result(name):
     from medhpc.lddmm.staging import HostStaged
 
     staged = HostStaged(kernels_cuda())
-    args = CALLS["compose_displacement"][0](case(np.random.default_rng(8)))
+    make, out_index = CALLS[name]
+    args = make(case(np.random.default_rng(8)))
     cpu_args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
-    kernels_cpu.compose_displacement(*cpu_args)
-    staged.compose_displacement(*args)
-    np.testing.assert_allclose(args[6], cpu_args[6], rtol=1e-5, atol=1e-5)
+    getattr(kernels_cpu, name)(*cpu_args)
+    getattr(staged, name)(*args)
+    np.testing.assert_allclose(args[out_index], cpu_args[out_index], rtol=1e-5, atol=1e-5)

@@ -17,6 +17,8 @@ CASES = [Settings(method="beg", metric="ssd", levels=2, iterations=(6, 3), times
          Settings(method="beg", metric="lncc", sigma=0.1, levels=1, iterations=(4,), timesteps=3,
                   radius=3),
          Settings(levels=2, iterations=(6, 4), radius=2, fluid_sigma_mm=1.0,
+                  diffusion_sigma_mm=0.5, sigma_floor_voxels=1.0, tolerance=0.0),
+         Settings(metric="mi", bins=16, levels=2, iterations=(6, 4), fluid_sigma_mm=1.0,
                   diffusion_sigma_mm=0.5, sigma_floor_voxels=1.0, tolerance=0.0)]
 
 
@@ -30,7 +32,8 @@ def whole_on_root(world, compute):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("settings", CASES, ids=["beg-ssd", "beg-ncc", "beg-lncc", "symmetric"])
+@pytest.mark.parametrize("settings", CASES, ids=["beg-ssd", "beg-ncc", "beg-lncc", "symmetric",
+                                                "symmetric-mi"])
 def test_slabs_equal_one_rank(small_phantom, settings):
     world = get_world()
     fixed, moving = small_phantom["fixed"], small_phantom["moving"]

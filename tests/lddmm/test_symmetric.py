@@ -172,3 +172,144 @@ def test_default_iterations_fit_any_number_of_levels():
     four = resolved(Settings(), (182, 218, 182), (1.0, 1.0, 1.0))
     assert (four.levels, four.iterations) == (4, (60, 40, 30))
     assert resolved(Settings(levels=2, iterations=(5, 3)), (32,) * 3, (1,) * 3).iterations == (5, 3)
+
+
+# -- mutual information (--metric mi) ------------------------------------------------------
+def mi_pair(shape=(6, 7, 5), seed=3):
+    """A random pair related by a non-monotone intensity map plus noise (one ghost plane
+    each side, zero)."""
+    rng = np.random.default_rng(seed)
+    moving = rng.random(shape)
+    fixed = np.clip(0.8 * np.sin(3.0 * moving) ** 2 + 0.1 * rng.random(shape), 0, 1)
+    ghosts = lambda image: np.pad(image, ((1, 1), (0, 0), (0, 0))).astype(np.float32)  # noqa
+    return ghosts(moving), ghosts(fixed)
+
+
+def information(moving, fixed, bins=12, weight=None):
+    from medhpc.lddmm.parzen import mutual_information
+
+    joint = np.empty((bins, bins))
+    weight = np.ones((moving.shape[0] - 2,) + moving.shape[1:], np.float32) if weight is None \
+        else weight
+    kernels_cpu.joint_histogram(moving, fixed, 1, weight, joint)
+    return mutual_information(joint), joint
+
+
+def test_joint_histogram_holds_the_weights_and_its_marginals_the_bins():
+    moving, fixed = mi_pair()
+    owned = moving[1:-1]
+    (_, _), joint = information(moving, fixed)
+    assert joint.sum() == pytest.approx(owned.size, rel=1e-12)
+    assert joint.min() >= 0
+    weight = np.random.default_rng(4).random(owned.shape).astype(np.float32)
+    weight[0] = 0.0
+    (_, _), weighted = information(moving, fixed, weight=weight)
+    assert weighted.sum() == pytest.approx(float(weight.sum(dtype=np.float64)), rel=1e-6)
+    # one voxel at intensity 0.5 on both sides: a product of B-spline taps at the middle bin
+    single = np.full((3, 1, 1), 0.5, np.float32)
+    histogram = np.empty((11, 11))
+    kernels_cpu.joint_histogram(single, single, 1, np.ones((1, 1, 1), np.float32), histogram)
+    taps = np.zeros(11)
+    taps[4:7] = [1 / 6, 2 / 3, 1 / 6]  # u = 1 + 8 * 0.5 = 5
+    np.testing.assert_allclose(histogram, np.outer(taps, taps), atol=1e-12)
+
+
+def test_mutual_information_of_an_image_with_itself_is_its_entropy():
+    from medhpc.lddmm.parzen import mutual_information
+
+    rng = np.random.default_rng(5)
+    joint = np.diag(rng.random(9) + 0.1)
+    p = np.diag(joint) / joint.sum()
+    value, log_ratio = mutual_information(joint)
+    assert value == pytest.approx(-np.sum(p * np.log(p)))
+    assert mutual_information(np.outer(rng.random(9), rng.random(9)))[0] == pytest.approx(
+        0.0, abs=1e-12)
+    assert np.all(log_ratio[~np.eye(9, dtype=bool)] == 0)
+
+
+def test_mi_force_is_the_derivative_of_the_histogram_information():
+    """Moving the middle space by +eps at one voxel (the moving side by +eps, the fixed side
+    by -eps, to first order along the images' gradients) changes N MI by eps * force."""
+    from medhpc.lddmm.parzen import mutual_information
+
+    moving, fixed = mi_pair()
+    owned = moving[1:-1].shape
+    (value, log_ratio), joint = information(moving, fixed)
+    force = np.empty((3,) + owned, np.float32)
+    kernels_cpu.mi_force(moving, fixed, 1, 0, owned[0], log_ratio, force)
+    count = joint.sum()
+    m, f = moving[1:-1].astype(np.float64), fixed[1:-1].astype(np.float64)
+    gradient_m, gradient_f = np.array(np.gradient(m)), np.array(np.gradient(f))
+    step = 1e-4
+    checked = 0
+    for voxel in [(2, 3, 2), (0, 0, 0), (3, 6, 4), (1, 2, 3), (4, 4, 1)]:
+        for axis in range(3):
+            values = []
+            for sign in (1, -1):
+                bumped_m, bumped_f = moving.astype(np.float64), fixed.astype(np.float64)
+                bumped_m[(voxel[0] + 1,) + voxel[1:]] += sign * step * gradient_m[(axis,) + voxel]
+                bumped_f[(voxel[0] + 1,) + voxel[1:]] -= sign * step * gradient_f[(axis,) + voxel]
+                joint_bumped = np.empty_like(joint)
+                kernels_cpu.joint_histogram(bumped_m, bumped_f, 1,
+                                            np.ones(owned, np.float32), joint_bumped)
+                values.append(mutual_information(joint_bumped)[0])
+            numeric = count * (values[0] - values[1]) / (2 * step)
+            assert force[(axis,) + voxel] == pytest.approx(numeric, rel=2e-3, abs=1e-4), \
+                (voxel, axis)
+            checked += abs(numeric) > 1e-2
+    assert checked >= 5
+
+
+def test_mi_force_raises_the_information_of_the_whole_pair():
+    """A small step along the (unsmoothed) force raises MI; at the identity of an image with
+    itself the symmetric force is zero (to round-off)."""
+    from medhpc.lddmm.transform import sample as sample_image
+
+    moving, fixed = mi_pair((8, 9, 7), seed=6)
+    owned = moving[1:-1].shape
+    (before, log_ratio), _ = information(moving, fixed)
+    force = np.empty((3,) + owned, np.float32)
+    kernels_cpu.mi_force(moving, fixed, 1, 0, owned[0], log_ratio, force)
+    grid = np.indices(owned, dtype=np.float32)
+    eps = 0.02 / float(np.abs(force).max())
+    warped_m = sample_image(np.ascontiguousarray(moving[1:-1]), grid + eps * force)
+    warped_f = sample_image(np.ascontiguousarray(fixed[1:-1]), grid - eps * force)
+    pad = lambda image: np.pad(image, ((1, 1), (0, 0), (0, 0))).astype(np.float32)  # noqa
+    (after, _), _ = information(pad(warped_m), pad(warped_f))
+    assert after > before
+    (_, same), _ = information(moving, moving)
+    kernels_cpu.mi_force(moving, moving, 1, 0, owned[0], same, force)
+    assert np.abs(force).max() < 1e-12
+
+
+def test_mi_registration_recovers_a_remapped_phantom(phantom32):
+    """The phantom's moving image through a non-monotone intensity map: mi recovers the
+    tissues without folding and raises the information; the history's energy is -MI."""
+    remap = lambda image: np.interp(image, [0.0, 0.3, 0.6, 1.0],  # noqa: E731
+                                    [0.0, 1.0, 0.5, 0.2]).astype(np.float32)
+    moving = remap(phantom32["moving"] / max(float(phantom32["moving"].max()), 1e-6))
+    settings = Settings(metric="mi", levels=2, iterations=(40, 30))
+    result = register(phantom32["fixed"], moving, settings)
+    halo = result.grid.halo
+    forward = result.forward[:, halo:-halo]
+    points = np.indices(forward.shape[1:], dtype=np.float32) + forward
+    warped = sample(phantom32["moving_labels"], points, "label")
+    gains = []
+    for tissue in (2, 3):
+        a, b = phantom32["moving_labels"] == tissue, phantom32["fixed_labels"] == tissue
+        before = 2 * np.sum(a & b) / (a.sum() + b.sum())
+        c = warped == tissue
+        after = 2 * np.sum(c & b) / (c.sum() + b.sum())
+        gains.append(after - before)
+    # measured: grey 0.895 -> 0.906, white 0.912 -> 0.942 (lncc: 0.663 and 0.827)
+    assert min(gains) > 0.005 and sum(gains) > 0.03, gains
+    flows = Flows(serial_world(), result.grid, kernels_cpu, 1, 1.0, no_stage)
+    assert np.min(flows.determinant(result.forward)) > 0
+    energies = [entry["energy"] for entry in result.history if entry["level"] == 1]
+    assert energies[-1] < energies[0] < 0
+
+
+def test_mi_leaves_an_image_registered_to_itself_alone(phantom32):
+    settings = Settings(metric="mi", levels=2, iterations=(5, 5))
+    result = register(phantom32["fixed"], phantom32["fixed"], settings)
+    assert np.abs(result.velocity[0]).max() < 1e-6
