@@ -426,6 +426,11 @@ def _launch(kernel, items, *args):
     kernel[blocks, threads](*args)
 
 
+#: Kernels that write more than ``out`` (what :class:`~medhpc.lddmm.staging.HostStaged`
+#: copies back).
+WRITTEN = {"correlation_force": ("out", "correlation")}
+
+
 def compose_displacement(u, v, scale, halo, z_first, nz_global, out):
     """One semi-Lagrangian step of a map (see the CPU twin)."""
     _launch(compose_displacement_kernel, v.shape[1] * v.shape[2] * v.shape[3], u, v,

@@ -97,7 +97,8 @@ def test_cuda_kernel_matches_cpu_twin(name):
 
 
 @pytest.mark.cudasim
-@pytest.mark.parametrize("name", ["compose_displacement", "joint_histogram", "mi_force"])
+@pytest.mark.parametrize("name", ["compose_displacement", "joint_histogram", "mi_force",
+                                  "correlation_force"])
 def test_host_staged_kernels_give_the_cpu_result(name):
     from medhpc.lddmm.staging import HostStaged
 
@@ -108,3 +109,5 @@ def test_host_staged_kernels_give_the_cpu_result(name):
     getattr(kernels_cpu, name)(*cpu_args)
     getattr(staged, name)(*args)
     np.testing.assert_allclose(args[out_index], cpu_args[out_index], rtol=1e-5, atol=1e-5)
+    if name == "correlation_force":  # its second output comes back too
+        np.testing.assert_allclose(args[-1], cpu_args[-1], rtol=1e-5, atol=1e-5)
