@@ -8,12 +8,14 @@ from medhpc.errors import InputError
 from medhpc.lddmm.job import PairRegistration, plan, read_inputs, read_pairs, write_summary
 from medhpc.lddmm.optimise import Settings
 from medhpc.parallel.work import map_items
+from medhpc.runtime.memory import return_large_blocks
 
 
 def register_one(run, settings: Settings, fixed, moving, out, decomp="auto", resume=False,
                  checkpoint_every=0, save_velocity=False, initial_transform="affine",
                  normalise="percentile", fixed_mask=None, moving_mask=None) -> None:
     """``medhpc lddmm --fixed --moving --out``: one registration over all ranks."""
+    return_large_blocks()
     job = PairRegistration(run, run.world, settings, fixed, moving, out, decomp=decomp,
                            resume=resume, checkpoint_every=checkpoint_every,
                            save_velocity=save_velocity, overwrite=run.overwrite,
@@ -44,6 +46,7 @@ def register_pairs(run, settings: Settings, pairs_path, out, ranks_per_pair=1, d
     Rank 0 of each group takes part in the queue; the others of its group follow
     their leader's pairs. ``summary.csv`` in ``out`` lists every pair.
     """
+    return_large_blocks()
     world = run.world
     out = Path(out)
 
