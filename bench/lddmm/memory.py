@@ -38,11 +38,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from bench.lddmm.realbrain import ONE_THREAD  # noqa: E402
 from bench.machine import machine as bench_machine  # noqa: E402
-
-ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS",
-                                     "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                                     "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")}
 MIB = 2 ** 20
 BAR = 0.15
 

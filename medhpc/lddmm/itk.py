@@ -76,7 +76,9 @@ def field_vectors(displacement_vox_zyx: np.ndarray, geometry: ImageGeometry,
     compresses)."""
     displacement = np.asarray(displacement_vox_zyx)
     out = np.empty(displacement.shape, dtype)
-    step = max(1, (1 << 20) // max(1, int(np.prod(displacement.shape[2:]))))
+    from medhpc.lddmm.transform import RESAMPLE_BLOCK_VOXELS
+
+    step = max(1, RESAMPLE_BLOCK_VOXELS // max(1, int(np.prod(displacement.shape[2:]))))
     for start in range(0, displacement.shape[1], step):  # blocks: bounded float64 scratch
         vectors = displacement_lps_mm(displacement[:, start:start + step], geometry)
         out[:, start:start + step] = (np.round(vectors * VECTOR_QUANTUM_PER_MM)

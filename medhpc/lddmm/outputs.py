@@ -22,7 +22,7 @@ from medhpc.parallel.comm import World
 from medhpc.parallel.slabs import fetch_planes, stream_to_root
 
 WARPED, JACOBIAN, TRANSFORM = "warped.nii.gz", "jacobian.nii.gz", "transform.h5"
-BLOCK_VOXELS = 1 << 20  # points mapped at a time when warping the moving image
+BLOCK_VOXELS = transforms.RESAMPLE_BLOCK_VOXELS  # points mapped at a time
 OUTPUT_NAMES = (WARPED, TRANSFORM, *itk.ITK_OUTPUT_NAMES, JACOBIAN)
 
 
