@@ -32,3 +32,8 @@ class DeviceError(MedhpcError):
 
 class OutputExistsError(InputError):
     """An output exists and ``--overwrite`` was not given (exit code 2)."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (its whitespace runs collapsed)."""
+    return " ".join(str(error).split())

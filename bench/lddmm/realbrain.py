@@ -438,12 +438,13 @@ def child_env(pythonpath: Path) -> dict:
     return env
 
 
-def measured(command, env, timeout) -> tuple[subprocess.CompletedProcess, float, float]:
+def measured(command, env, timeout, cwd=None) -> tuple[subprocess.CompletedProcess, float,
+                                                       float]:
     """Run ``command``; its CPU seconds (every descendant it waited for) and wall seconds."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = time.perf_counter()
     result = subprocess.run(list(map(str, command)), capture_output=True, text=True, env=env,
-                            timeout=timeout)
+                            timeout=timeout, cwd=cwd)
     wall = time.perf_counter() - wall
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -460,8 +461,10 @@ def medhpc_command(args, pair: Path, out: Path, ranks: int, extra: str) -> list:
 
 def run_medhpc(args, pair: Path, out: Path, ranks: int, extra: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    # run from the output folder: ``python -m`` puts the working folder first on the path,
+    # which would shadow --medhpc-root
     result, cpu, wall = measured(medhpc_command(args, pair, out, ranks, extra),
-                                 child_env(args.medhpc_root), args.timeout)
+                                 child_env(args.medhpc_root), args.timeout, cwd=out)
     if result.returncode != 0:
         return {"failed": (result.stderr or result.stdout)[-2000:]}
     report = {"cpu_s": cpu, "wall_s": wall}

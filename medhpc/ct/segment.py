@@ -22,10 +22,11 @@ from medhpc.ct.dataset import find_cases, read_ct, read_labels, resample, resamp
 from medhpc.ct.inference import segment_volume
 from medhpc.ct.loss import confusion_counts, dice_from_counts
 from medhpc.ct.unet import UNet3D, UNetConfig
-from medhpc.errors import InputError
+from medhpc.errors import InputError, one_line
 from medhpc.io.atomic import atomic_path, check_output_free
 from medhpc.io.nifti import write_nifti
 from medhpc.parallel.work import static_items
+from medhpc.runtime.checkpoint import read_torch_document
 
 
 def load_model(path, device) -> tuple[torch.nn.Module, dict]:
@@ -33,16 +34,14 @@ def load_model(path, device) -> tuple[torch.nn.Module, dict]:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: model not found; expected RUN/model.pt written by ct-train")
+    document = read_torch_document(path, "RUN/model.pt written by ct-train")
     try:
-        document = torch.load(path, map_location="cpu", weights_only=False)
         config = UNetConfig.from_dict(document["network"])
         model = UNet3D(config)
         model.load_state_dict(document["model"])
-    except InputError:
-        raise
     except Exception as error:
-        raise InputError(f"{path}: not a ct-train model ({type(error).__name__}: {error}); "
-                         f"expected RUN/model.pt") from None
+        raise InputError(f"{path}: not a ct-train model ({type(error).__name__}: "
+                         f"{one_line(error)}); expected RUN/model.pt") from None
     return model.to(device).eval(), document
 
 

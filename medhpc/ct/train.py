@@ -37,7 +37,8 @@ from medhpc.ct.unet import UNet3D, UNetConfig
 from medhpc.errors import InputError
 from medhpc.io.atomic import atomic_path
 from medhpc.parallel.geometry import block_range
-from medhpc.runtime.checkpoint import STOP_SIGNALS, CheckpointStop
+from medhpc.runtime.checkpoint import (STOP_SIGNALS, CheckpointStop, plain_data,
+                                      read_torch_document)
 
 # A test hook: the rank sends itself SIGTERM after this global step (exercises the stop path).
 STOP_AFTER_STEP_VARIABLE = "MEDHPC_CT_SIGTERM_AFTER_STEP"
@@ -352,9 +353,10 @@ class Training:
         if ranks.rank != 0:
             return
         document = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "state": state, "fingerprint": fingerprint,
-                    "sampler": {"seed": self.settings.seed, "next_step":
-                                state["epoch"] * self.settings.steps + state["step"]},
+                    "scaler": scaler.state_dict(), "state": plain_data(state),
+                    "fingerprint": plain_data(fingerprint),
+                    "sampler": {"seed": int(self.settings.seed), "next_step":
+                                int(state["epoch"] * self.settings.steps + state["step"])},
                     "torch_rng": torch.get_rng_state()}
         with atomic_path(self.out / CHECKPOINT_NAME, overwrite=True) as tmp:
             torch.save(document, tmp)
@@ -363,14 +365,16 @@ class Training:
         path = self.out / CHECKPOINT_NAME
 
         def read():
-            try:
-                document = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as error:
-                raise InputError(f"{path}: not a readable ct-train checkpoint "
-                                 f"({type(error).__name__}); run without --resume") from None
-            if document["fingerprint"] != fingerprint:
-                changed = sorted(k for k in set(fingerprint) | set(document["fingerprint"])
-                                 if fingerprint.get(k) != document["fingerprint"].get(k))
+            document = read_torch_document(
+                path, "the checkpoint.pt of an interrupted ct-train run (or run without --resume)")
+            if not {"fingerprint", "model", "optimizer", "scaler", "torch_rng", "state"} <= set(
+                    document):
+                raise InputError(f"{path}: not a ct-train checkpoint (entries missing); run "
+                                 f"without --resume")
+            current = plain_data(fingerprint)
+            if document["fingerprint"] != current:
+                changed = sorted(k for k in set(current) | set(document["fingerprint"])
+                                 if current.get(k) != document["fingerprint"].get(k))
                 raise InputError(f"{path}: checkpoint of a run with different settings "
                                  f"({', '.join(changed)}); rerun with the same settings")
             return document
@@ -383,10 +387,10 @@ class Training:
         return document["state"]
 
     def write_outputs(self, model, config, plan, dataset, history, summary):
-        document = {"model": model.state_dict(), "network": config.to_dict(),
-                    "patch": list(plan.patch), "classes": dataset.classes,
-                    "intensity": dataset.intensity, "spacing_mm": dataset.spacing_mm,
-                    "amp": plan.amp}
+        document = {"model": model.state_dict(), **plain_data({
+            "network": config.to_dict(), "patch": list(plan.patch), "classes": dataset.classes,
+            "intensity": dataset.intensity, "spacing_mm": dataset.spacing_mm,
+            "amp": bool(plan.amp)})}
         with atomic_path(self.out / MODEL_NAME, overwrite=True) as tmp:
             torch.save(document, tmp)
         log = {**summary, "epochs_run": history}

@@ -7,7 +7,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from medhpc.errors import OutputExistsError
+from medhpc.errors import InputError, OutputExistsError
 
 PARTIAL_PREFIX = ".partial-"
 
@@ -17,6 +17,29 @@ def check_output_free(path, overwrite: bool) -> None:
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path}: output exists; pass --overwrite to replace it")
+
+
+def check_output_path(path, overwrite: bool, suffixes: tuple = ()) -> None:
+    """Check, before any work, that ``path`` can be written as an output file.
+
+    Raises :class:`InputError` (one line naming the path) when its name does not end in
+    one of ``suffixes`` (any, when empty), it is a folder, it exists and ``overwrite``
+    is false, or the folder it would be created in is not a writable folder.
+    """
+    path = Path(path)
+    if suffixes and not path.name.lower().endswith(tuple(suffixes)):
+        raise InputError(f"{path}: unsupported file name; expected a name ending in "
+                         f"{' or '.join(suffixes)}")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; expected a file name")
+    check_output_free(path, overwrite)
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder; cannot write {path} there")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{folder}: folder is not writable; cannot write {path}")
 
 
 def partial_name(path) -> Path:

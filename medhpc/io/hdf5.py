@@ -15,7 +15,7 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-from medhpc.errors import InputError
+from medhpc.errors import InputError, one_line
 from medhpc.io.atomic import atomic_path
 from medhpc.io.geometry import ATTR_SHAPE, GEOMETRY_ATTRS, ImageGeometry
 
@@ -182,7 +182,7 @@ def _open(path):
             raise InputError(f"{path}: not an HDF5 file; expected an HDF5 file (.h5, .hdf5)")
         h5 = h5py.File(path, "r")
     except OSError as error:
-        raise InputError(f"{path}: cannot be opened ({_one_line(error)}); "
+        raise InputError(f"{path}: cannot be opened ({one_line(error)}); "
                          "expected a readable HDF5 file") from error
     with h5:
         yield h5
@@ -220,7 +220,7 @@ def _read(data, path, selection) -> np.ndarray:
     try:
         return data[selection]
     except OSError as error:
-        raise InputError(f"{path}: dataset '{data.name}' cannot be read ({_one_line(error)}); "
+        raise InputError(f"{path}: dataset '{data.name}' cannot be read ({one_line(error)}); "
                          "expected an intact HDF5 file") from error
 
 
@@ -235,7 +235,7 @@ def _geometry(data, path) -> ImageGeometry:
         return ImageGeometry.from_attrs(data.attrs, shape=grid)
     except (ValueError, TypeError) as error:
         raise InputError(f"{path}: dataset '{data.name}' has invalid geometry attributes "
-                         f"({_one_line(error)}); expected a 4x4 affine") from error
+                         f"({one_line(error)}); expected a 4x4 affine") from error
 
 
 def _user_attrs(data) -> dict:
@@ -245,7 +245,3 @@ def _user_attrs(data) -> dict:
             continue
         attrs[name] = value.decode() if isinstance(value, bytes) else value
     return attrs
-
-
-def _one_line(error) -> str:
-    return " ".join(str(error).split())

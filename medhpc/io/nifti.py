@@ -19,7 +19,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError, ImageDataError
 
-from medhpc.errors import InputError
+from medhpc.errors import InputError, one_line
 from medhpc.io.atomic import atomic_path
 from medhpc.io.geometry import ImageGeometry
 
@@ -86,6 +86,11 @@ def read_nifti(path):
         image = nib.load(path)
         if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputError(f"{path}: is a {type(image).__name__}, not NIfTI; {_EXPECTED}")
+        stored = image.get_data_dtype()
+        if stored.kind not in "biuf":
+            kind = {"c": "complex", "V": "RGB or structured"}.get(stored.kind, str(stored))
+            raise InputError(f"{path}: voxels are {kind} ({stored}); expected one real value "
+                             f"per voxel (integer or floating point)")
         proxy = image.dataobj
         scaled = getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0
         data = image.get_fdata(dtype=np.float32) if scaled else np.asarray(proxy)
@@ -94,7 +99,7 @@ def read_nifti(path):
         raise
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, ImageFileError,
             HeaderDataError, ImageDataError) as error:
-        raise InputError(f"{path}: cannot be read as NIfTI ({_one_line(error)}); "
+        raise InputError(f"{path}: cannot be read as NIfTI ({one_line(error)}); "
                          f"{_EXPECTED}") from error
 
     if data.ndim == 5 and data.shape[3] == 1:
@@ -108,7 +113,7 @@ def read_nifti(path):
     try:
         geometry = ImageGeometry(array.shape[-3:], affine)
     except ValueError as error:
-        raise InputError(f"{path}: unusable affine ({_one_line(error)}); "
+        raise InputError(f"{path}: unusable affine ({one_line(error)}); "
                          "expected an invertible voxel-to-world affine") from error
     return array, geometry
 
@@ -252,7 +257,3 @@ def _exc_info():
     import sys
 
     return sys.exc_info()
-
-
-def _one_line(error) -> str:
-    return " ".join(str(error).split())

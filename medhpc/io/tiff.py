@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from medhpc.errors import InputError
+from medhpc.errors import InputError, one_line
 from medhpc.io.atomic import atomic_path
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -61,7 +61,7 @@ def read_tiff_stack(path) -> np.ndarray:
         try:
             planes = [s.asarray() for s in stack_series]
         except (ValueError, OSError, RuntimeError) as error:
-            raise InputError(f"{path}: TIFF data cannot be decoded ({_one_line(error)}); "
+            raise InputError(f"{path}: TIFF data cannot be decoded ({one_line(error)}); "
                              f"{_EXPECTED}") from error
         if len(planes) == 1:
             return _to_zyxc(planes[0], series.axes, path)
@@ -174,7 +174,7 @@ class _open:
         try:
             self.tif = tifffile.TiffFile(path)
         except (tifffile.TiffFileError, OSError, ValueError) as error:
-            raise InputError(f"{path}: not a readable TIFF ({_one_line(error)}); "
+            raise InputError(f"{path}: not a readable TIFF ({one_line(error)}); "
                              f"{_EXPECTED}") from error
         return self.tif
 
@@ -236,7 +236,3 @@ def _imagej_spacing_mm(tif) -> tuple | None:
     sx = unit * x_res[1] / x_res[0]
     sy = unit * y_res[1] / y_res[0]
     return (sx, sy, unit * float(metadata["spacing"]))
-
-
-def _one_line(error) -> str:
-    return " ".join(str(error).split())

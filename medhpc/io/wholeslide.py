@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medhpc.errors import InputError
+from medhpc.errors import InputError, one_line
 from medhpc.io.tiff import ome_physical_sizes
 
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".zarr",
@@ -132,10 +132,6 @@ def describe_slide(path) -> Slide:
         return _describe_tiff(path)
 
 
-def _one_line(error) -> str:
-    return " ".join(str(error).split())
-
-
 def _yxs(axes: str, shape, path) -> tuple[tuple, int]:
     """(y, x) and samples of a series, refusing stacks (z, t or channels beyond samples)."""
     sizes = dict(zip(axes, shape))
@@ -169,7 +165,7 @@ def _describe_tiff(path: Path) -> Slide:
     except InputError:
         raise
     except Exception as error:
-        raise InputError(f"{path}: cannot be read as a TIFF slide ({_one_line(error)}); "
+        raise InputError(f"{path}: cannot be read as a TIFF slide ({one_line(error)}); "
                          f"{_EXPECTED}") from None
     return Slide(str(path), "tiff", tuple(level_shapes), channels, dtype, pixel_size,
                  compression, tuple(int(t) for t in tile))
@@ -225,7 +221,7 @@ def _describe_zarr(path: Path) -> Slide:
         group = zarr.open_group(str(path), mode="r")
         multiscales = ngff_multiscales(group.attrs)
     except Exception as error:
-        raise InputError(f"{path}: cannot be read as OME-Zarr ({_one_line(error)}); "
+        raise InputError(f"{path}: cannot be read as OME-Zarr ({one_line(error)}); "
                          f"{_EXPECTED}") from None
     if multiscales is None:
         raise InputError(f"{path}: zarr group without 'multiscales' metadata; {_EXPECTED}")
@@ -319,7 +315,7 @@ class SlideReader:
         except Exception as error:
             raise InputError(f"{self.slide.path}: level {level} rows {rows.start}-{rows.stop} "
                              f"columns {columns.start}-{columns.stop} cannot be decoded "
-                             f"({_one_line(error)}); {_EXPECTED}") from None
+                             f"({one_line(error)}); {_EXPECTED}") from None
         kept = [a for a in axes if a in "yxcs"]
         if "c" in kept:  # OME-Zarr stores channels first
             values = np.moveaxis(values, kept.index("c"), -1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medhpc.errors import InputError
+from medhpc.errors import InputError, MedhpcError
 from medhpc.lddmm.job import PairRegistration, plan, read_inputs, read_pairs, write_summary
 from medhpc.lddmm.optimise import Settings
 from medhpc.parallel.work import map_items
@@ -98,8 +98,8 @@ def register_pairs(run, settings: Settings, pairs_path, out, ranks_per_pair=1, d
                 break
             _attempt(run_pair, index)
     run.finish({"pairs": len(pairs), "ranks_per_pair": ranks_per_pair})
+    rows = []
     if world.is_root and results is not None:
-        rows = []
         for pair, (summary, error) in zip(pairs, results):
             row = {"name": pair["name"], "fixed": str(pair["fixed"]),
                    "moving": str(pair["moving"]), "status": "ok" if error is None else "failed",
@@ -110,6 +110,14 @@ def register_pairs(run, settings: Settings, pairs_path, out, ranks_per_pair=1, d
         failed = sum(1 for row in rows if row["status"] != "ok")
         run.log.info(f"{len(rows) - failed} of {len(rows)} pairs registered; summary in "
                      f"{out / 'summary.csv'}")
+
+    def every_pair_failed():
+        failures = [row for row in rows if row["status"] != "ok"]
+        if rows and len(failures) == len(rows):
+            raise MedhpcError(f"none of the {len(rows)} pairs registered (first: "
+                              f"{failures[0]['error']}); summary in {out / 'summary.csv'}")
+
+    world.agree(every_pair_failed)
 
 
 def _attempt(register, index):

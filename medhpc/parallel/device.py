@@ -8,6 +8,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from medhpc.errors import InputError
+
 
 def is_device_array(array) -> bool:
     """True for CUDA device arrays: ``__cuda_array_interface__``, or the simulator's
@@ -129,13 +131,26 @@ def default_threads(local_size: int, cores: int | None = None) -> int:
 
 
 def resolve_threads(requested: int | None, local_size: int) -> int:
-    """Threads per rank: ``requested`` (option), else ``MEDHPC_THREADS``, else the default."""
+    """Threads per rank: ``requested`` (option), else ``MEDHPC_THREADS``, else the default.
+
+    Raises :class:`InputError` for a count below 1 or above the node's cores.
+    """
+    source = "--threads"
     if requested is None:
-        env = os.environ.get("MEDHPC_THREADS")
+        env = os.environ.get("MEDHPC_THREADS", "").strip()
         if env:
-            requested = int(env)
-    if requested is None or requested <= 0:
+            source = "MEDHPC_THREADS"
+            try:
+                requested = int(env)
+            except ValueError:
+                raise InputError(f"MEDHPC_THREADS={env!r}: not a whole number; expected CPU "
+                                 f"threads per rank, e.g. 4") from None
+    if requested is None:
         return default_threads(local_size)
+    cores = os.cpu_count() or 1
+    if not 1 <= requested <= cores:
+        raise InputError(f"{source} {requested}: expected CPU threads per rank from 1 to the "
+                         f"{cores} cores of this node")
     return requested
 
 

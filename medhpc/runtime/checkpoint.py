@@ -24,6 +24,7 @@ After a stop signal, :meth:`Checkpointer.save` writes the checkpoint and raises
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import zipfile
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medhpc.errors import InputError, MedhpcError
+from medhpc.errors import InputError, MedhpcError, one_line
 from medhpc.io.atomic import atomic_path
 
 EXIT_CHECKPOINT_STOP = 143
@@ -80,7 +81,7 @@ class StoppedBeforeFirstIteration(MedhpcError):
 
 def rng_state(generator: np.random.Generator) -> dict:
     """Return the state of ``generator``'s bit generator as a JSON-able dict."""
-    return _jsonable(generator.bit_generator.state)
+    return plain_data(generator.bit_generator.state)
 
 
 def restore_rng(generator: np.random.Generator, state: dict) -> None:
@@ -92,14 +93,47 @@ def restore_rng(generator: np.random.Generator, state: dict) -> None:
     generator.bit_generator.state = state
 
 
-def _jsonable(value):
+def plain_data(value):
+    """``value`` as plain Python data: dicts, lists, numbers, strings and None.
+
+    NumPy arrays become nested lists, NumPy scalars Python numbers, paths strings and
+    tuples lists, so the result is JSON text or a ``weights_only`` torch document.
+    """
     if isinstance(value, dict):
-        return {key: _jsonable(item) for key, item in value.items()}
+        return {key: plain_data(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(item) for item in value]
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     return value
+
+
+def read_torch_document(path, expected: str) -> dict:
+    """Read a torch file holding only tensors and plain data (``weights_only``).
+
+    Anything else (a planted object, a foreign file) is refused unread, as one
+    :class:`InputError` line naming ``path`` and what was ``expected``.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        document = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: holds objects other than tensors and plain data (refused "
+                         f"unread); expected {expected}") from None
+    except Exception as error:
+        raise InputError(f"{path}: not readable ({type(error).__name__}: {one_line(error)}); "
+                         f"expected {expected}") from None
+    if not isinstance(document, dict):
+        raise InputError(f"{path}: holds a {type(document).__name__}, not a dictionary; "
+                         f"expected {expected}")
+    return document
 
 
 class Checkpointer:
@@ -238,7 +272,7 @@ class Checkpointer:
             metadata, arrays = _read_file(self.path)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise InputError(f"{self.path}: not a readable medhpc checkpoint "
-                             f"({_one_line(exc)})") from None
+                             f"({type(exc).__name__}: {one_line(exc)})") from None
         difference = _describe_difference(metadata["fingerprint"], self.fingerprint)
         if difference:
             raise InputError(f"{self.path}: checkpoint of a run with different parameters "
@@ -259,7 +293,7 @@ def _format_of(path: Path) -> str | None:
 def _normalised(value):
     """``value`` as it reads back from JSON (tuples become lists ...)."""
     try:
-        return json.loads(json.dumps(_jsonable(value)))
+        return json.loads(json.dumps(plain_data(value)))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"checkpoint values must be JSON-able: {exc}") from None
 
@@ -325,8 +359,3 @@ def _describe_difference(saved: dict, current: dict) -> str:
 def _short(value, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _one_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

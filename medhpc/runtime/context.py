@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medhpc import backend
+from medhpc.io.atomic import check_output_path
 from medhpc.parallel import device as devices
 from medhpc.parallel.comm import World, get_world
 from medhpc.runtime.log import Log
@@ -82,11 +83,19 @@ def start_run(command: str, device: str = "auto", threads: int | None = None, se
     log = Log(world.rank, world.size, verbosity)
     resolved = world.agree(lambda: backend.resolve_device(device, notice=log.notice))
     gpu = devices.select_gpu(world.local_rank) if resolved == "cuda" else None
+    timings_path = Path(timings) if timings else None
+
+    def preflight():
+        if timings_path is not None and not dry_run:
+            check_output_path(timings_path, overwrite, suffixes=(".json",))
+        devices.resolve_threads(threads, world.local_size)
+
+    world.agree(preflight)
     threads = devices.set_threads(devices.resolve_threads(threads, world.local_size))
     timer = StageTimer(synchronize=backend.synchronizer(resolved))
     run = Run(command=command, world=world, device=resolved, threads=threads, seed=seed,
               log=log, timer=timer, gpu=gpu, overwrite=overwrite, dry_run=dry_run,
-              timings_path=Path(timings) if timings else None)
+              timings_path=timings_path)
     _maybe_inject_failure(world)
     return run
 

@@ -37,6 +37,7 @@ from medhpc.tnr.matching import STATUS_NAMES, Matches, MatchSettings, grid_axes,
 from medhpc.tnr.preprocess import STAINS, WorkingSection, downsample, prepare_section
 from medhpc.tnr.sources import SectionStack, open_stack
 from medhpc.tnr.warpfield import SectionWarp, fitted_warp, rigid_warp
+from medhpc.runtime.checkpoint import plain_data
 from medhpc.runtime.timing import peak_memory_mb
 from medhpc.tnr.wholeslide import (OutputSettings, memory_plan, output_tiles, region_cap_pixels,
                                    source_boxes, warp_tile_channels)
@@ -404,7 +405,7 @@ class Reconstruction:
                            "tiles_per_section": len(list(output_tiles(self.output_shape(), tile))),
                            "region_cap_pixels": region_cap_pixels(tile),
                            "compression": self.output_settings.resolved_compression(stack)},
-                "settings": _jsonable(asdict(self.settings)), "ranks_detail": ranks}
+                "settings": plain_data(asdict(self.settings)), "ranks_detail": ranks}
 
     def _pyramid(self) -> bool:
         """Pyramidal OME-Zarr or OME-TIFF output, written tile by tile."""
@@ -480,7 +481,7 @@ class Reconstruction:
                                                          for r in plan["ranks_detail"]],
                                     "tile": self.output_settings.tile})
             with atomic_path(self.log_path, overwrite=self.run.overwrite) as tmp:
-                tmp.write_text(json.dumps(document, indent=2, default=_json_default))
+                tmp.write_text(json.dumps(plain_data(document), indent=2, default=str))
             self.run.log.info(f"log written to {self.log_path}")
 
     def _check_outputs(self) -> None:
@@ -529,7 +530,7 @@ class Reconstruction:
 
     def _fingerprint(self) -> str:
         return json.dumps({"input": self.stack.source, "names": self.stack.names,
-                           "settings": _jsonable(asdict(replace(self.settings, mode="tnr",
+                           "settings": plain_data(asdict(replace(self.settings, mode="tnr",
                                                                 sigma=1.0)))}, sort_keys=True)
 
     def _pair_path(self, a: int, b: int) -> Path:
@@ -780,7 +781,7 @@ class Reconstruction:
         return {
             "command": "tnr-register", "input": self.stack.source, "output": str(self.out),
             "fields": str(self.fields) if self.fields else None, "ranks": self.world.size,
-            "device": self.run.device, "settings": _jsonable(asdict(self.settings)),
+            "device": self.run.device, "settings": plain_data(asdict(self.settings)),
             "sections": self.stack.count, "section_shape": list(self.stack.shape),
             "working_shape": list(self.work_shape), "output_shape": list(self.output_shape()),
             "padded_sections": [self.stack.names[i] for i in self.stack.padded],
@@ -835,15 +836,3 @@ def _remove_tree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _jsonable(value):
-    return json.loads(json.dumps(value, default=_json_default))
-
-
-def _json_default(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return value.item()
-    return str(value)

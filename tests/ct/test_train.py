@@ -24,7 +24,7 @@ TINY = ("--widths", "4,8", "--patch", "16", "--folds", "1", "--threads", "1",
 
 
 def parameters(run_folder):
-    document = torch.load(run_folder / "model.pt", map_location="cpu", weights_only=False)
+    document = torch.load(run_folder / "model.pt", map_location="cpu", weights_only=True)
     return document["model"]
 
 
@@ -66,7 +66,7 @@ def test_resume_after_sigterm_mid_epoch_equals_an_uninterrupted_run(tiny_dataset
     assert "SIGTERM" in stopped.stderr and "--resume" in stopped.stderr
     assert (tmp_path / "parts" / "checkpoint.pt").exists()
     assert not (tmp_path / "parts" / "model.pt").exists()
-    state = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)["state"]
+    state = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["state"]
     assert (state["epoch"], state["step"]) == (1, 1)  # in the middle of the second epoch
     resumed = train(tiny_dataset, tmp_path / "parts", *steps, "--resume", ranks=2)
     assert resumed.returncode == 0, resumed.stderr

@@ -100,3 +100,41 @@ def test_existing_output_needs_overwrite(tmp_path, name):
     assert str(target) in str(excinfo.value)
     write_image(target, VOLUME * 2, GEOMETRY, overwrite=True)
     assert _leftovers(tmp_path) == [name]
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    from medhpc.errors import InputError
+    from medhpc.io.atomic import check_output_path
+
+    check_output_path(tmp_path / "new" / "deeper" / "t.json", False, (".json",))
+    with pytest.raises(InputError, match=r"t\.txt: unsupported file name; expected a name "
+                                         r"ending in \.json"):
+        check_output_path(tmp_path / "t.txt", False, (".json",))
+    with pytest.raises(InputError, match="is a folder"):
+        check_output_path(tmp_path, True)
+    (tmp_path / "t.json").write_text("{}")
+    with pytest.raises(OutputExistsError, match="pass --overwrite"):
+        check_output_path(tmp_path / "t.json", False, (".json",))
+    check_output_path(tmp_path / "t.json", True, (".json",))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="not a folder"):
+        check_output_path(tmp_path / "file" / "t.json", False)
+    assert _leftovers(tmp_path) == ["file", "t.json"]
+
+
+def test_an_output_in_a_read_only_folder_is_refused(tmp_path):
+    import os
+
+    from medhpc.errors import InputError
+    from medhpc.io.atomic import check_output_path
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders; the check cannot fail here")
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(InputError, match="folder is not writable"):
+            check_output_path(folder / "sub" / "t.json", False)
+    finally:
+        folder.chmod(0o755)

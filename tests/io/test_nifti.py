@@ -125,3 +125,14 @@ def test_garbage_gzip(tmp_path):
     path = tmp_path / "junk.nii.gz"
     path.write_bytes(gzip.compress(b"\x00" * 400))
     raises_input_error(path, read_nifti, path)
+
+
+@pytest.mark.parametrize("dtype, kind", [(np.complex64, "complex"),
+                                         (np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]),
+                                          "RGB or structured")])
+def test_voxels_that_are_not_one_real_value_are_refused(tmp_path, dtype, kind):
+    path = tmp_path / "odd.nii.gz"
+    data = np.zeros((4, 5, 6), dtype=dtype)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    message = raises_input_error(path, read_nifti, path)
+    assert f"voxels are {kind}" in message and "one real value per voxel" in message

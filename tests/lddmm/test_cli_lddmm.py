@@ -198,6 +198,21 @@ def test_pairs_queue_writes_one_folder_per_pair_and_a_summary(phantom_files, tmp
         assert (out / name / "transform.h5").exists() and (out / name / "log.json").exists()
 
 
+def test_pairs_queue_where_every_pair_fails_exits_1_with_the_count(phantom_files, tmp_path):
+    table = tmp_path / "pairs.csv"
+    table.write_text(f"{phantom_files / 'fixed.nii.gz'},{tmp_path / 'missing.nii.gz'},a\n"
+                     f"{tmp_path / 'absent.nii.gz'},{phantom_files / 'moving.nii.gz'},b\n")
+    out = tmp_path / "out"
+    result = run_medhpc("lddmm", "--pairs", table, "--out", out, "--device", "cpu",
+                        "--levels", "1", "--iterations", "2", "--quiet", ranks=2, timeout=120)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "none of the 2 pairs registered" in lines[0]
+    assert "missing.nii.gz" in lines[0] and "summary.csv" in lines[0]
+    with open(out / "summary.csv") as stream:
+        assert {row["status"] for row in csv.DictReader(stream)} == {"failed"}
+
+
 def test_groups_of_ranks_share_each_pair(phantom_files, tmp_path):
     table = tmp_path / "pairs.csv"
     table.write_text(f"{phantom_files / 'fixed.nii.gz'},{phantom_files / 'moving.nii.gz'},a\n")
