@@ -51,13 +51,13 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
     the scanner."""
     import numpy as np
 
-    from medhpc.io.atomic import check_output_free
+    from medhpc.io.atomic import check_output_path
     from medhpc.pet.reconstruct import axis_aligned_grid
     from medhpc.pet.scanner import load_scanner
     from medhpc.pet.simulate import Simulation, check_settings, read_inputs, write_simulation
 
     def prepare():
-        check_output_free(out, run.overwrite)
+        check_output_path(out, run.overwrite, (".h5", ".hdf5"))
         geometry = load_scanner(scanner)
         check_settings(geometry, counts, randoms_fraction, tof)
         image, mu, grid = read_inputs(activity, mu_map)

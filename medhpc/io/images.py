@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from medhpc.errors import InputError
+from medhpc.io.atomic import check_output_path
 from medhpc.io.geometry import ImageGeometry
 from medhpc.io.hdf5 import read_volume, write_volume
 from medhpc.io.nifti import is_nifti_path, read_nifti, write_nifti
@@ -126,6 +127,13 @@ def write_image(path, array, geometry: ImageGeometry, overwrite: bool = False,
         array = np.moveaxis(array, 0, -1)
     return write_tiff_stack(file_path, array, spacing_mm=geometry.spacing_mm,
                             overwrite=overwrite)
+
+
+def check_image_output(path, overwrite: bool) -> None:
+    """Check before any work that :func:`write_image` can write ``path`` (see
+    :func:`~medhpc.io.atomic.check_output_path`)."""
+    file_path, _ = split_dataset(path)
+    check_output_path(file_path, overwrite, SUPPORTED_SUFFIXES)
 
 
 def check_ndim(path, array, allowed) -> None:

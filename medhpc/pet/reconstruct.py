@@ -18,9 +18,9 @@ import numpy as np
 
 from medhpc import backend
 from medhpc.errors import InputError
-from medhpc.io.atomic import atomic_path, check_output_free
+from medhpc.io.atomic import atomic_path, check_output_path
 from medhpc.io.geometry import ImageGeometry
-from medhpc.io.images import write_image
+from medhpc.io.images import check_image_output, write_image
 from medhpc.parallel.comm import World
 from medhpc.parallel.work import map_items
 from medhpc.pet import decomposition, sensitivity_cache
@@ -231,9 +231,10 @@ class Reconstruction:
         return self._reconstruct_views()
 
     def _check_outputs(self) -> None:
-        for path in (self.out, self.log_path, self.png):
+        check_image_output(self.out, self.run.overwrite)
+        for path, suffixes in ((self.log_path, (".json",)), (self.png, (".png",))):
             if path is not None:
-                check_output_free(path, self.run.overwrite)
+                check_output_path(path, self.run.overwrite, suffixes)
 
     def _checkpointer(self, world, path: Path, fingerprint_extra=None) -> Checkpointer:
         fingerprint = {"sinogram": str(self.layout.path.resolve()), "mode": self.mode,

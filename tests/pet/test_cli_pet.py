@@ -48,6 +48,19 @@ def test_recon_at_two_ranks_writes_image_log_picture_and_timings(tiny):
     assert again.returncode == 2 and "exists" in again.stderr
 
 
+@pytest.mark.parametrize("command, name", [("pet-recon", "r.png"), ("pet-simulate", "s.nii.gz")])
+def test_an_output_name_of_the_wrong_format_is_refused_before_any_work(tiny, command, name):
+    folder, phantom, sinogram = tiny
+    inputs = (("--sinogram", sinogram) if command == "pet-recon" else
+              ("--activity", phantom / "activity.nii.gz", "--scanner", "small-test"))
+    out = folder / name
+    result = run_medhpc(command, *inputs, "--out", out, "--device", "cpu", ranks=2)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and f"{out}: unsupported file name" in lines[0]
+    assert "stage" not in result.stderr and not out.exists()
+
+
 def test_dry_run_prints_the_plan_and_touches_nothing(tiny):
     folder, _, sinogram = tiny
     result = run_medhpc("pet-recon", "--sinogram", sinogram, "--out", folder / "dry.nii.gz",
