@@ -44,12 +44,18 @@ def load_config_table(path, command: str) -> dict:
 def _apply_config(ctx: click.Context, param: click.Parameter, value):
     if value is None:
         return None
-    table = load_config_table(value, ctx.info_name)
-    known = {p.name for p in ctx.command.params}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise InputError(f"{value}: [{ctx.info_name}] has unknown option(s) {', '.join(unknown)}; "
-                         f"see 'medhpc {ctx.info_name} --help'")
+    from medhpc.parallel.comm import get_world
+
+    def read():
+        table = load_config_table(value, ctx.info_name)
+        known = {p.name for p in ctx.command.params}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise InputError(f"{value}: [{ctx.info_name}] has unknown option(s) "
+                             f"{', '.join(unknown)}; see 'medhpc {ctx.info_name} --help'")
+        return table
+
+    table = get_world().agree(read)  # every rank parses the same arguments; rank 0 reads
     ctx.default_map = {**(ctx.default_map or {}), **table}
     return value
 

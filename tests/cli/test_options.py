@@ -61,3 +61,16 @@ def test_config_errors(tmp_path):
     result = invoke(["--config", str(unknown)])
     assert isinstance(result.exception, InputError)
     assert "not_an_option" in str(result.exception)
+
+
+def test_a_bad_config_is_reported_once_at_two_ranks(tmp_path):
+    from tests.helpers import run_medhpc
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[lddmm\n")
+    done = run_medhpc("lddmm", "--config", bad, "--fixed", tmp_path / "f.nii.gz", "--moving",
+                      tmp_path / "m.nii.gz", "--out", tmp_path / "out", ranks=2, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "bad.toml: not valid TOML" in lines[0]
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
