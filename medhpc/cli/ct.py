@@ -27,7 +27,8 @@ def _class_names(text: str) -> list[str]:
 @click.option("--cases", type=int, default=10, show_default=True, help="Number of cases.")
 @click.option("--shape", type=NumberList(3, int), default=None,
               help="Volume shape z,y,x [default: 64,96,96 over 360x360x200 mm].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the phantom's random shapes and fields.")
 @click.option("--overwrite", is_flag=True, help="Replace files that exist.")
 def phantom_ct(out, cases, shape, seed, overwrite):
     """CT-like abdominal volumes (body, fat, liver, spleen, kidneys, spine in HU with noise,
@@ -106,7 +107,8 @@ def _require_torch(run, command: str) -> None:
               help="Dataset written by ct-prepare.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder: model.pt, checkpoint.pt, log.json, log.csv (curves.png).")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Passes of --steps optimiser steps each, validated after each.")
 @click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True,
               help="Optimisation steps per epoch.")
 @click.option("--patch", type=NumberList(3, int), default=None,
@@ -127,8 +129,10 @@ def _require_torch(run, command: str) -> None:
 @click.option("--amp/--no-amp", default=None, help="Mixed precision [default: planned].")
 @click.option("--checkpointing/--no-checkpointing", default=None,
               help="Activation checkpointing [default: planned].")
-@click.option("--folds", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--fold", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--folds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Cross-validation folds the cases are split into (1: train on all).")
+@click.option("--fold", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Which fold is held out for validation (0 to --folds - 1).")
 @click.option("--no-augment", is_flag=True, help="Crop patches without augmentation.")
 @click.option("--resume", is_flag=True, help="Continue from RUN/checkpoint.pt.")
 @click.option("--png", is_flag=True, help="Also plot the loss and Dice curves.")

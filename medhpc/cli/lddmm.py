@@ -213,7 +213,8 @@ def lddmm_apply(transform, images, outs, points, points_outs, out_dir, interp, i
               help="Folder for fixed/moving images, labels, true_transform.h5, phantom.json.")
 @click.option("--shape", type=NumberList(3, int), default="64", show_default=True,
               help="Grid z,y,x (one number: a cube).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the phantom's random shapes and fields.")
 @click.option("--overwrite", is_flag=True, help="Replace files that exist.")
 def phantom_lddmm(out, shape, seed, overwrite):
     """A brain-like pair (4 tissue labels) related by a known smooth diffeomorphism."""

@@ -92,12 +92,16 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Image to write: .nii/.nii.gz or .h5 (4-D for dynamic data).")
 @click.option("--algorithm", type=click.Choice(["osem", "mlem", "osem-rdp"]), default="osem",
-              show_default=True)
-@click.option("--iterations", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--subsets", type=click.IntRange(min=1), default=8, show_default=True)
+              show_default=True, help="osem: ordered subsets EM; mlem: all views per update; "
+              "osem-rdp: OSEM with a relative difference prior (--beta).")
+@click.option("--iterations", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Passes over all views (each of --subsets updates).")
+@click.option("--subsets", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Ordered subsets of views (image updates per iteration; 1 for mlem).")
 @click.option("--psf-fwhm-mm", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Image-space Gaussian resolution model.")
-@click.option("--postfilter-fwhm-mm", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--postfilter-fwhm-mm", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Gaussian filter of the final image (FWHM, mm; 0: none).")
 @click.option("--beta", type=click.FloatRange(min=0), default=0.1, show_default=True,
               help="Weight of the relative difference prior (osem-rdp).")
 @click.option("--gamma", type=click.FloatRange(min=0), default=2.0, show_default=True,

@@ -21,7 +21,8 @@ def phantom():
               help="Image shape z,y,x [default: the scanner's grid].")
 @click.option("--voxel-mm", type=NumberList(3), default=None,
               help="Voxel size x,y,z in mm [default: the scanner's grid].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the phantom's random shapes and fields.")
 @click.option("--overwrite", is_flag=True, help="Replace the folder if it exists.")
 def phantom_pet(out, scanner, shape, voxel_mm, seed, overwrite):
     """A NEMA image-quality-like phantom: 6 hot spheres (10-37 mm, 4:1) in a warm body with a

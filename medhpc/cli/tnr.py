@@ -50,7 +50,7 @@ from medhpc.cli.options import pass_run
                    "(rotation and shift on the slide) or affine (also the cutting compression; "
                    "removes a real growth of the anatomy along z with it).")
 @click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), default="bicubic",
-              show_default=True)
+              show_default=True, help="Resampling of the sections into the volume.")
 @click.option("--full-res", is_flag=True,
               help="Apply the warp to the input resolution, tile by tile (default: output at "
                    "the working level).")
@@ -148,7 +148,8 @@ def tnr_apply(run, registration, source, out, full_res, downsample, interpolatio
 @click.command("tnr")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for sections/section_NNN.png, truth.h5 and phantom.json.")
-@click.option("--sections", type=int, default=24, show_default=True)
+@click.option("--sections", type=int, default=24, show_default=True,
+              help="Number of serial sections to cut.")
 @click.option("--size", type=int, default=256, show_default=True, help="Section side (px).")
 @click.option("--rotation-deg", type=float, default=2.0, show_default=True,
               help="Largest random rotation of a section.")
@@ -162,7 +163,8 @@ def tnr_apply(run, registration, source, out, full_res, downsample, interpolatio
 @click.option("--blank", type=int, multiple=True, help="Make this section empty glass.")
 @click.option("--restain", type=int, multiple=True,
               help="Give this section another stain (other colours, gamma).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the phantom's random shapes and fields.")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty folder.")
 def phantom_tnr(out, sections, size, rotation_deg, shift_px, warp_px, curvature_px, heldout,
                 blank, restain, seed, overwrite):

@@ -13,6 +13,24 @@ def test_help_lists_every_subcommand_with_one_line():
         assert name in result.stdout
 
 
+def test_every_option_of_every_subcommand_has_help_text():
+    import click
+
+    from medhpc.cli.main import cli
+
+    def commands(group, prefix):
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                yield from commands(command, f"{prefix} {name}")
+            else:
+                yield f"{prefix} {name}", command
+
+    missing = [f"{name} --{option.name.replace('_', '-')}"
+               for name, command in commands(cli, "medhpc") for option in command.params
+               if isinstance(option, click.Option) and not option.help]
+    assert missing == []
+
+
 def test_version():
     result = run_medhpc("--version")
     assert result.returncode == 0 and __version__ in result.stdout
