@@ -3,10 +3,14 @@
 Exit codes: 0 success, 1 runtime failure, 2 usage or input error, 130 interrupted.
 """
 
+import errno
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INPUT = 2
 EXIT_INTERRUPTED = 130
+# errors of the place written to, not of medhpc: reported as one line naming the output
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 
 
 class MedhpcError(Exception):
@@ -28,6 +32,10 @@ class DeviceError(MedhpcError):
     """A requested device (for instance ``--device cuda``) is not available (exit code 2)."""
 
     exit_code = EXIT_INPUT
+
+
+class OutputWriteError(MedhpcError):
+    """An output could not be written (disk full, quota, read-only file system; exit code 1)."""
 
 
 class OutputExistsError(InputError):

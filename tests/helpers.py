@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,22 @@ def run_medhpc(*args, ranks: int | None = None, timeout: float = 300, env: dict 
         full_env.update(env)
     return subprocess.run(medhpc_command(*args, ranks=ranks), capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd)
+
+
+@contextmanager
+def tiny_filesystem(folder, kib: int):
+    """A ``kib``-KiB tmpfs mounted at ``folder`` (a full disk on demand); skips the test
+    with a notice where this process may not mount one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("a tiny file system needs root and mount; the disk-full check is skipped")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); the disk-full "
+                    f"check is skipped")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)

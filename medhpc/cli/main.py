@@ -10,13 +10,15 @@ failure never leaves the other ranks waiting in a collective.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
 import click
 
 from medhpc import __version__
-from medhpc.errors import EXIT_FAILURE, EXIT_INPUT, EXIT_INTERRUPTED, MedhpcError
+from medhpc.errors import (EXIT_FAILURE, EXIT_INPUT, EXIT_INTERRUPTED, WRITE_ERRNOS,
+                           MedhpcError)
 
 
 class _Group(click.Group):
@@ -114,6 +116,12 @@ def run(argv=None) -> None:
         _end_job(EXIT_INTERRUPTED, "interrupted", None)
     except MedhpcError as exc:
         _end_job(exc.exit_code, str(exc), exc)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            traceback.print_exc()
+            _end_job(EXIT_FAILURE, f"{type(exc).__name__}: {exc}", exc)
+        where = exc.filename or "an output"
+        _end_job(EXIT_FAILURE, f"{where}: cannot be written ({os.strerror(exc.errno)})", exc)
     except Exception as exc:
         traceback.print_exc()
         _end_job(EXIT_FAILURE, f"{type(exc).__name__}: {exc}", exc)

@@ -358,7 +358,7 @@ class Training:
                     "sampler": {"seed": int(self.settings.seed), "next_step":
                                 int(state["epoch"] * self.settings.steps + state["step"])},
                     "torch_rng": torch.get_rng_state()}
-        with atomic_path(self.out / CHECKPOINT_NAME, overwrite=True) as tmp:
+        with atomic_path(self.out / CHECKPOINT_NAME, overwrite=True, now=True) as tmp:
             torch.save(document, tmp)
 
     def read_checkpoint(self, model, optimizer, scaler, fingerprint) -> dict:

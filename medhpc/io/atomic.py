@@ -7,7 +7,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from medhpc.errors import InputError, OutputExistsError
+from medhpc.errors import WRITE_ERRNOS, InputError, OutputExistsError, OutputWriteError
 
 PARTIAL_PREFIX = ".partial-"
 
@@ -42,29 +42,122 @@ def check_output_path(path, overwrite: bool, suffixes: tuple = ()) -> None:
         raise InputError(f"{folder}: folder is not writable; cannot write {path}")
 
 
+def check_free_space(folder, needed_bytes: int, what: str = "the outputs") -> None:
+    """Raise :class:`OutputWriteError` before any work when the file system that would hold
+    ``folder`` has less than ``needed_bytes`` free."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < needed_bytes:
+        raise OutputWriteError(f"{folder}: {free / 2**20:.1f} MiB free; {what} need about "
+                               f"{needed_bytes / 2**20:.1f} MiB (free space or write elsewhere)")
+
+
 def partial_name(path) -> Path:
     """Return the temporary name ``path`` is written under (same folder, same extension)."""
     path = Path(path)
     return path.with_name(f"{PARTIAL_PREFIX}{os.getpid()}-{path.name}")
 
 
+# renames deferred by publish_together (None: publish at once)
+_pending: list | None = None
+
+
 @contextmanager
-def atomic_path(path, overwrite: bool = False):
+def publish_together():
+    """Publish every :func:`atomic_path` output of the block together at its end.
+
+    Inside the block each output stays under its temporary name; when the block ends
+    they are all renamed into place, and on an exception all are removed, so a failed
+    run never leaves a mix of new and old files. Blocks nest (the outermost publishes).
+    Checkpoints and other state meant to survive a failure use ``atomic_path(now=True)``.
+    """
+    global _pending
+    outer, mine = _pending, []
+    _pending = mine
+    try:
+        yield
+    except BaseException:
+        _pending = outer
+        for tmp, _ in mine:
+            _remove(tmp)
+        raise
+    _pending = outer
+    if outer is not None:
+        outer.extend(mine)
+        return
+    for tmp, path in mine:
+        _publish(tmp, path)
+
+
+@contextmanager
+def atomic_path(path, overwrite: bool = False, now: bool = False):
     """Yield a temporary path to write; rename it to ``path`` when the block succeeds.
 
     The temporary file sits in the same folder (so the rename is atomic) and
     keeps the extension (so format libraries recognise it). On an exception it
-    is removed and ``path`` is left untouched. Works for files and folders.
+    is removed and ``path`` is left untouched; a write that fails for want of
+    space or permission becomes one :class:`~medhpc.errors.OutputWriteError`
+    line naming ``path``. Works for files and folders. Inside
+    :func:`publish_together` the rename waits for the end of that block unless
+    ``now``.
     """
     path = Path(path)
     check_output_free(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
     tmp = partial_name(path)
+    _remove(tmp)  # never write through a file or link planted under the temporary name
     try:
         yield tmp
+    except OSError as error:
+        _remove(tmp)
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        failure = OutputWriteError(f"{path}: cannot be written ({os.strerror(error.errno)}); "
+                                   f"no partial file was left")
+        failure.agreed = getattr(error, "agreed", False)
+        raise failure from None
     except BaseException:
         _remove(tmp)
         raise
+    if _pending is not None and not now:
+        _pending.append((tmp, path))
+    else:
+        _publish(tmp, path)
+
+
+def remove_stale_partials(path) -> list[Path]:
+    """Remove temporary files of ``path`` left by processes of this host that have ended."""
+    path = Path(path)
+    removed = []
+    try:
+        siblings = list(path.parent.glob(f"{PARTIAL_PREFIX}*-{path.name}"))
+    except OSError:
+        return removed
+    for sibling in siblings:
+        pid = sibling.name[len(PARTIAL_PREFIX):-len(path.name) - 1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(sibling)
+            removed.append(sibling)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _publish(tmp: Path, path: Path) -> None:
     if path.is_dir() and not path.is_symlink() and tmp.is_dir():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -23,7 +23,7 @@ import numpy as np
 
 from medhpc import backend
 from medhpc.errors import InputError
-from medhpc.io.atomic import atomic_path, check_output_free
+from medhpc.io.atomic import atomic_path, check_free_space, check_output_path
 from medhpc.io.geometry import ImageGeometry
 from medhpc.io.images import read_image
 from medhpc.lddmm import outputs
@@ -247,7 +247,7 @@ class PairRegistration:
 
         def validated():
             for name in OUTPUT_NAMES:
-                check_output_free(self.out / name, self.overwrite)
+                check_output_path(self.out / name, self.overwrite)
             if self.settings.method == "beg" and (self.fixed_mask or self.moving_mask):
                 raise InputError("--fixed-mask/--moving-mask: expected --method symmetric "
                                  "(beg takes no masks)")
@@ -261,6 +261,10 @@ class PairRegistration:
             spacing = tuple(inputs.fixed_geometry.spacing_mm[::-1])
             settings = resolved(self.settings, inputs.fixed.shape, spacing)
             check_settings(settings, inputs.fixed.shape)
+            check_free_space(self.out, outputs.output_bytes(
+                inputs.fixed.shape, 0 if not self.save_velocity else
+                1 if settings.method == "symmetric" else settings.timesteps),
+                "the registration's outputs")
             mode = choose_decomposition(self.decomp, settings, inputs.fixed.shape,
                                         self.world.size, spacing)
             held["inputs"] = inputs

@@ -109,8 +109,17 @@ def consistency_planes(world: World, forward: np.ndarray, inverse: np.ndarray,
     return np.sqrt(np.sum(residual * residual, axis=0))
 
 
+def output_bytes(shape, velocity_fields: int = 0) -> int:
+    """About the bytes a registration's files take on disk (uncompressed: an upper bound):
+    warped image and Jacobian, forward and inverse displacements in ``transform.h5`` and
+    as ITK fields, and ``velocity_fields`` saved velocities."""
+    voxels = int(np.prod(shape))
+    volumes = 2 + 3 * 2 + 3 * 2 + 3 * velocity_fields
+    return 4 * voxels * volumes + 2**20
+
+
 class RootFile:
-    """A writer opened on rank 0 only; a failure to open it is raised on every rank.
+    """A writer opened on rank 0 only; a failure to open or close it is raised on every rank.
 
     ``make()`` builds the writer (a context manager) on rank 0; entering yields it there
     and None elsewhere.
@@ -129,8 +138,14 @@ class RootFile:
         return self.world.agree_all(open_writer)
 
     def __exit__(self, kind, error, trace) -> bool:
-        if self.writer is not None:
-            return self.writer.__exit__(kind, error, trace)
+        if kind is not None:  # a failure inside the block, agreed by the stream
+            return self.writer.__exit__(kind, error, trace) if self.writer is not None else False
+
+        def close():
+            if self.writer is not None:
+                self.writer.__exit__(None, None, None)
+
+        self.world.agree_all(close)  # a failed close (a full disk) is raised on every rank
         return False
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medhpc.errors import InputError, MedhpcError
+from medhpc.io.atomic import publish_together
 from medhpc.lddmm.job import PairRegistration, plan, read_inputs, read_pairs, write_summary
 from medhpc.lddmm.optimise import Settings
 from medhpc.parallel.work import map_items
@@ -28,10 +29,12 @@ def register_one(run, settings: Settings, fixed, moving, out, decomp="auto", res
                             spacing, inputs.moving_geometry.shape,
                             bool(fixed_mask or moving_mask)))
         return
-    summary = job.execute()
-    document = run.finish({"decomposition": job.decomp})
+    with publish_together():  # the outputs, the log and --timings appear together or not at all
+        summary = job.execute()
+        document = run.finish({"decomposition": job.decomp})
+        if run.world.is_root:
+            job.write_log(document)
     if run.world.is_root:
-        job.write_log(document)
         run.log.info(f"registered {moving} to {fixed}: energy {summary['energy']:.6g}, "
                      f"{100 * summary['folded_share']:.3g}% voxels with det <= 0, "
                      f"inverse consistency {summary['inverse_consistency_mean_voxels']:.3g} "

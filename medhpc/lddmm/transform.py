@@ -262,9 +262,10 @@ class TransformWriter:
     def _abandon(self) -> None:
         import sys
 
-        file = getattr(self, "_file", None)
-        if file is not None:
-            file.close()
+        from medhpc.io.hdf5 import close_broken
+
+        close_broken(getattr(self, "_file", None))
+        self._file = None
         self._atomic.__exit__(*sys.exc_info())
 
     def __exit__(self, kind, error, trace) -> bool:

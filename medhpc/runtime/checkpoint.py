@@ -251,7 +251,7 @@ class Checkpointer:
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "iteration": int(iteration),
             "fingerprint": self.fingerprint, "values": values, "numpy_scalars": numpy_scalars,
         })
-        with atomic_path(self.path, overwrite=True) as tmp:
+        with atomic_path(self.path, overwrite=True, now=True) as tmp:
             if _format_of(self.path) == "npz":
                 with open(tmp, "wb") as stream:
                     np.savez(stream, **{_METADATA_KEY: np.array(metadata)}, **arrays)

@@ -552,7 +552,7 @@ class Reconstruction:
 
     def _save_pair(self, result: PairResult) -> None:
         self.pairs_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self._pair_path(result.a, result.b), overwrite=True) as tmp:
+        with atomic_path(self._pair_path(result.a, result.b), overwrite=True, now=True) as tmp:
             write_pair(tmp, result, self._fingerprint())
 
     def _match(self, pair_list) -> dict:

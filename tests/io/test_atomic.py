@@ -1,5 +1,7 @@
 """Outputs appear complete or not at all, and never replace a file unasked."""
 
+import subprocess
+
 import numpy as np
 import pytest
 import tifffile
@@ -138,3 +140,56 @@ def test_an_output_in_a_read_only_folder_is_refused(tmp_path):
             check_output_path(folder / "sub" / "t.json", False)
     finally:
         folder.chmod(0o755)
+
+
+def test_outputs_published_together_appear_at_the_end_or_not_at_all(tmp_path):
+    from medhpc.io.atomic import publish_together
+
+    with publish_together():
+        for name in ("a.txt", "b.txt"):
+            with atomic_path(tmp_path / name) as tmp:
+                tmp.write_text(name)
+        assert not (tmp_path / "a.txt").exists() and len(_leftovers(tmp_path)) == 2
+    assert _leftovers(tmp_path) == ["a.txt", "b.txt"]
+    with pytest.raises(RuntimeError, match="third failed"):
+        with publish_together():
+            with atomic_path(tmp_path / "c.txt") as tmp:
+                tmp.write_text("c")
+            with atomic_path(tmp_path / "state.npz", now=True) as tmp:
+                tmp.write_text("kept")  # a checkpoint survives the failure
+            raise RuntimeError("third failed")
+    assert _leftovers(tmp_path) == ["a.txt", "b.txt", "state.npz"]
+
+
+def test_partials_of_ended_processes_are_removed_and_planted_ones_never_written_through(
+        tmp_path):
+    from medhpc.io.atomic import PARTIAL_PREFIX, partial_name
+
+    ended = _ended_pid()
+    stale = tmp_path / f"{PARTIAL_PREFIX}{ended}-v.nii.gz"
+    stale.write_text("left by a killed run")
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("untouched")
+    partial_name(tmp_path / "v.nii.gz").symlink_to(target)
+    with atomic_path(tmp_path / "v.nii.gz") as tmp:
+        tmp.write_text("new")
+    assert _leftovers(tmp_path) == ["elsewhere.txt", "v.nii.gz"]
+    assert target.read_text() == "untouched"
+
+
+def _ended_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tmp_path):
+    from medhpc.errors import OutputWriteError
+    from tests.helpers import tiny_filesystem
+
+    with tiny_filesystem(tmp_path / "small", 64) as small:
+        with pytest.raises(OutputWriteError, match=r"big\.bin: cannot be written \(No space "
+                                                   r"left on device\); no partial file"):
+            with atomic_path(small / "big.bin") as tmp:
+                tmp.write_bytes(b"\0" * 2**20)
+        assert _leftovers(small) == []

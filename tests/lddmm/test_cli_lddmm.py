@@ -198,6 +198,21 @@ def test_pairs_queue_writes_one_folder_per_pair_and_a_summary(phantom_files, tmp
         assert (out / name / "transform.h5").exists() and (out / name / "log.json").exists()
 
 
+def test_a_full_disk_is_found_before_the_registration_and_leaves_nothing(phantom_files,
+                                                                         tmp_path):
+    from tests.helpers import tiny_filesystem
+
+    with tiny_filesystem(tmp_path / "small", 256) as small:
+        result = run_medhpc("lddmm", "--fixed", phantom_files / "fixed.nii.gz", "--moving",
+                            phantom_files / "moving.nii.gz", "--out", small / "reg",
+                            "--device", "cpu", "--levels", "1", "--iterations", "2", ranks=2,
+                            timeout=120)
+        assert result.returncode == 1, result.stderr
+        lines = [line for line in result.stderr.splitlines() if "error" in line]
+        assert len(lines) == 1 and "MiB free; the registration's outputs need about" in lines[0]
+        assert "level" not in result.stderr and sorted(p.name for p in small.iterdir()) == []
+
+
 def test_pairs_queue_where_every_pair_fails_exits_1_with_the_count(phantom_files, tmp_path):
     table = tmp_path / "pairs.csv"
     table.write_text(f"{phantom_files / 'fixed.nii.gz'},{tmp_path / 'missing.nii.gz'},a\n"
