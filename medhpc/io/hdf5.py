@@ -248,29 +248,14 @@ def _user_attrs(data) -> dict:
 
 
 def close_broken(file) -> None:
-    """Close an h5py file whose writes failed (a full disk), releasing every HDF5 handle.
+    """Close an h5py file whose writes failed (a full disk), ignoring the close's own error.
 
-    A failed ``close`` leaves the file's objects open in the HDF5 library, which then
-    crashes the process at exit; their handles are closed here, errors ignored.
+    HDF5 may still crash the process at exit after such a failure; outputs are therefore
+    checked for free space before a run writes them.
     """
     if file is None:
         return
-    import h5py
-
     try:
         file.close()
     except Exception:
         pass
-    try:
-        identifier = file.id
-        if identifier.valid:
-            for kind in (h5py.h5f.OBJ_DATASET, h5py.h5f.OBJ_GROUP, h5py.h5f.OBJ_DATATYPE,
-                         h5py.h5f.OBJ_ATTR):
-                for handle in h5py.h5f.get_obj_ids(identifier, kind):
-                    while handle.valid:
-                        handle._close()
-            while identifier.valid:
-                identifier._close()
-    except Exception:
-        pass
-
