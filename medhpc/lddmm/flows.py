@@ -129,10 +129,11 @@ class Flows:
         with self.stage("halo exchange", "comm"):
             exchange_halos(self.world, displacement, self.grid.slab, "zero")
 
-    def _step(self, displacement, scratch, velocity_i, scale, steps):
-        """Compose ``steps`` substeps of ``scale / steps`` each; return (map, scratch)."""
+    def _step(self, displacement, scratch, velocity_i, scale, steps, done: int = 0):
+        """Compose the substeps ``done .. steps - 1`` of ``scale / steps`` each; return
+        (map, scratch)."""
         grid = self.grid
-        for _ in range(steps):
+        for _ in range(done, steps):
             with self.stage("compose maps", "kernel"):
                 self.kernels.compose_displacement(displacement, velocity_i, scale / steps,
                                                   grid.halo, grid.z_first, grid.shape[0], scratch)
@@ -210,7 +211,14 @@ class Flows:
             speed = self.world.max(local) * abs(scale)
         steps = substeps(speed, 1, self.max_step_voxels)
         displacement, scratch = self.zero_map(), self.zero_map()
-        return self._step(displacement, scratch, velocity, scale, steps)[0]
+        grid = self.grid
+        # the first substep from the identity is the step itself, s v + 0(x + s v): the same
+        # float64 product rounded to float32 as the composition, without its interpolation
+        with self.stage("compose maps", "kernel"):
+            np.multiply(velocity, scale / steps, dtype=np.float64, casting="unsafe",
+                        out=displacement[:, grid.halo:grid.halo + grid.owned])
+        self._exchange(displacement)
+        return self._step(displacement, scratch, velocity, scale, steps, done=1)[0]
 
     def inverse_map(self, velocity: list) -> np.ndarray:
         """Displacement of ``phi_{0,1}`` (the flow to time 1 from time 0), halos filled."""

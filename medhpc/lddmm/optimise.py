@@ -47,7 +47,7 @@ METRICS = ("lncc", "mi", "ncc", "ssd")
 #: most 64 x 64 bins in shared memory.
 MIN_BINS, MAX_BINS = 8, 64
 #: Longest update per iteration of the symmetric method by metric (voxels of a level).
-DEFAULT_UPDATE_VOXELS = {"lncc": 1.0, "mi": 0.35}
+DEFAULT_UPDATE_VOXELS = {"lncc": 0.6, "mi": 0.35}
 
 
 @dataclass(frozen=True)
