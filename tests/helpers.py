@@ -70,3 +70,13 @@ def tiny_filesystem(folder, kib: int):
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+class PlantedObject:
+    """An object whose unpickling would create ``marker`` (checks that nothing is unpickled)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

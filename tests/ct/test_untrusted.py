@@ -2,23 +2,13 @@
 
 import pytest
 
-from tests.helpers import run_medhpc
+from tests.helpers import PlantedObject, run_medhpc
 
 torch = pytest.importorskip("torch")
 
 
-class _Planted:
-    """An object whose unpickling would create a marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def plant(path, marker):
-    torch.save({"model": {}, "network": {}, "fingerprint": _Planted(marker)}, path)
+    torch.save({"model": {}, "network": {}, "fingerprint": PlantedObject(marker)}, path)
 
 
 def error_lines(done):

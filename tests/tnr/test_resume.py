@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from medhpc.tnr import register as register_module
+from tests.helpers import PlantedObject
 from tests.tnr.conftest import SETTINGS, register
 
 
@@ -34,16 +35,6 @@ def test_resume_skips_matched_pairs_and_gives_the_same_result(phantom_folder, tm
     np.testing.assert_allclose(resumed, fresh, atol=1e-5)
 
 
-class _Planted:
-    """An object whose unpickling would create a marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_planted_pickle_in_the_resume_store_is_never_run(phantom_folder, tmp_path):
     import pickle
 
@@ -51,7 +42,7 @@ def test_planted_pickle_in_the_resume_store_is_never_run(phantom_folder, tmp_pat
     store = tmp_path / "v.tnr-pairs"
     store.mkdir()
     marker = tmp_path / "code-ran"
-    payload = pickle.dumps(_Planted(marker))
+    payload = pickle.dumps(PlantedObject(marker))
     for name in ("pair-00000-00001.h5", "pair-00000-00001.pkl"):
         (store / name).write_bytes(payload)
     resumed, _ = register(phantom_folder / "sections", out, resume=True)
