@@ -21,7 +21,7 @@ from medhpc.runtime.timing import KINDS
 REQUIRED_KEYS = ("command", "ranks", "wall_seconds", "wall_per_rank", "stages")
 STAGE_KEYS = ("name", "kind", "per_rank")
 KIND_COLORMAPS = {"io": "Blues", "transfer": "PuRd", "kernel": "Greens",
-                  "comm": "Oranges", "other": "Greys"}
+                  "comm": "Oranges", "compile": "Purples", "other": "Greys"}
 REMAINDER_COLOR = "#dcdcdc"
 
 

@@ -19,7 +19,7 @@ from medhpc.io.atomic import check_output_path
 from medhpc.parallel import device as devices
 from medhpc.parallel.comm import World, get_world
 from medhpc.runtime.log import Log
-from medhpc.runtime.timing import StageTimer, format_breakdown, write_breakdown
+from medhpc.runtime.timing import COMPILE_CLOCK, StageTimer, format_breakdown, write_breakdown
 
 FAIL_ON_RANK_VARIABLE = "MEDHPC_FAIL_ON_RANK"
 
@@ -92,12 +92,21 @@ def start_run(command: str, device: str = "auto", threads: int | None = None, se
 
     world.agree(preflight)
     threads = devices.set_threads(devices.resolve_threads(threads, world.local_size))
+    COMPILE_CLOCK.install()
+    COMPILE_CLOCK.on_first_compile = lambda: log.info(
+        f"compiling kernels (first run only; cached in {kernel_cache()})")
     timer = StageTimer(synchronize=backend.synchronizer(resolved))
     run = Run(command=command, world=world, device=resolved, threads=threads, seed=seed,
               log=log, timer=timer, gpu=gpu, overwrite=overwrite, dry_run=dry_run,
               timings_path=timings_path)
     _maybe_inject_failure(world)
     return run
+
+
+def kernel_cache() -> str:
+    """Where numba keeps the compiled kernels."""
+    folder = os.environ.get("NUMBA_CACHE_DIR")
+    return folder if folder else f"the __pycache__ folders under {Path(__file__).parents[1]}"
 
 
 def _maybe_inject_failure(world: World) -> None:

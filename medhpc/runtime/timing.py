@@ -1,7 +1,7 @@
 """Stage timing on every rank and the breakdown across ranks.
 
 Each subcommand names its stages (``read``, ``forward``, ``allreduce`` ...) and
-gives each a kind: ``io``, ``transfer`` (host/device copies), ``kernel``,
+gives each a kind: ``io``, ``transfer`` (host/device copies), ``kernel``, ``compile``,
 ``comm`` or ``other``. At the end, :meth:`StageTimer.breakdown` gathers every
 rank's totals (one small gather) and rank 0 prints the table and writes the JSON
 that ``medhpc report`` draws.
@@ -15,7 +15,59 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-KINDS = ("io", "transfer", "kernel", "comm", "other")
+KINDS = ("io", "transfer", "kernel", "comm", "compile", "other")
+#: Where the time numba spends compiling kernels, or loading them from its cache, goes
+#: (taken out of the stage that triggered it, so a first run does not inflate that stage).
+COMPILE_STAGE = "compile kernels"
+
+
+class CompileClock:
+    """Seconds this process held numba's compiler lock (compiling kernels or loading them
+    from the cache), and how many kernels it compiled; :meth:`install` starts listening."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.compiled = 0
+        self.on_first_compile = None
+        self._depth = 0
+        self._start = 0.0
+        self._installed = False
+
+    def install(self) -> None:
+        if self._installed:
+            return
+        try:
+            from numba.core import event
+        except ImportError:
+            return
+        clock = self
+
+        class HoldsLock(event.Listener):
+            def on_start(self, _):
+                if clock._depth == 0:
+                    clock._start = time.perf_counter()
+                clock._depth += 1
+
+            def on_end(self, _):
+                clock._depth -= 1
+                if clock._depth == 0:
+                    clock.seconds += time.perf_counter() - clock._start
+
+        class Compiles(event.Listener):
+            def on_start(self, _):
+                clock.compiled += 1
+                if clock.compiled == 1 and clock.on_first_compile is not None:
+                    clock.on_first_compile()
+
+            def on_end(self, _):
+                pass
+
+        event.register("numba:compiler_lock", HoldsLock())
+        event.register("numba:compile", Compiles())
+        self._installed = True
+
+
+COMPILE_CLOCK = CompileClock()
 
 
 class StageTimer:
@@ -37,19 +89,26 @@ class StageTimer:
         self.started = time.perf_counter()
         self.peak_mb = 0.0
         self.peak_stage = ""
+        self._depth = 0
 
     @contextmanager
     def stage(self, name: str, kind: str = "other"):
-        """Time the enclosed block as stage ``name`` of ``kind``."""
+        """Time the enclosed block as stage ``name`` of ``kind``; compiling or loading
+        kernels inside it is charged to :data:`COMPILE_STAGE` instead."""
         if self.synchronize is not None:
             self.synchronize()
-        start = time.perf_counter()
+        start, compile_before = time.perf_counter(), COMPILE_CLOCK.seconds
+        self._depth += 1
         try:
             yield
         finally:
             if self.synchronize is not None:
                 self.synchronize()
-            self.add(name, time.perf_counter() - start, kind)
+            self._depth -= 1
+            compiling = COMPILE_CLOCK.seconds - compile_before
+            self.add(name, max(0.0, time.perf_counter() - start - compiling), kind)
+            if compiling > 0 and self._depth == 0:  # nested stages hold it once
+                self.add(COMPILE_STAGE, compiling, "compile")
             peak = peak_memory_mb()
             if peak > self.peak_mb:
                 self.peak_mb, self.peak_stage = peak, name
