@@ -49,7 +49,7 @@ def describe_environment(world, threads: int | None = None) -> dict:
     placement = {
         "rank": world.rank, "host": socket.gethostname(), "local_rank": world.local_rank,
         "gpus_on_node": gpus, "gpu": devices.gpu_for_rank(world.local_rank, gpus),
-        "threads": min(devices.resolve_threads(threads, world.local_size),
+        "threads": min(devices.agreed_threads(world, threads),
                        numba.config.NUMBA_NUM_THREADS),
     }
     everyone = world.gather(placement)

@@ -116,13 +116,10 @@ def run(argv=None) -> None:
         _end_job(EXIT_INTERRUPTED, "interrupted", None)
     except MedhpcError as exc:
         _end_job(exc.exit_code, str(exc), exc)
-    except OSError as exc:
-        if exc.errno not in WRITE_ERRNOS:
-            traceback.print_exc()
-            _end_job(EXIT_FAILURE, f"{type(exc).__name__}: {exc}", exc)
-        where = exc.filename or "an output"
-        _end_job(EXIT_FAILURE, f"{where}: cannot be written ({os.strerror(exc.errno)})", exc)
     except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:  # the disk, not medhpc
+            _end_job(EXIT_FAILURE, f"{exc.filename or 'an output'}: cannot be written "
+                                   f"({os.strerror(exc.errno)})", exc)
         traceback.print_exc()
         _end_job(EXIT_FAILURE, f"{type(exc).__name__}: {exc}", exc)
     sys.exit(0)

@@ -33,9 +33,7 @@ def check_output_path(path, overwrite: bool, suffixes: tuple = ()) -> None:
     if path.is_dir():
         raise InputError(f"{path}: is a folder; expected a file name")
     check_output_free(path, overwrite)
-    folder = path.absolute().parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = _nearest_existing(path.absolute().parent)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder; cannot write {path} there")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -45,9 +43,7 @@ def check_output_path(path, overwrite: bool, suffixes: tuple = ()) -> None:
 def check_free_space(folder, needed_bytes: int, what: str = "the outputs") -> None:
     """Raise :class:`OutputWriteError` before any work when the file system that would hold
     ``folder`` has less than ``needed_bytes`` free."""
-    folder = Path(folder).absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = _nearest_existing(Path(folder).absolute())
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
@@ -55,6 +51,13 @@ def check_free_space(folder, needed_bytes: int, what: str = "the outputs") -> No
     if free < needed_bytes:
         raise OutputWriteError(f"{folder}: {free / 2**20:.1f} MiB free; {what} need about "
                                f"{needed_bytes / 2**20:.1f} MiB (free space or write elsewhere)")
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """``folder``, or its nearest ancestor that exists (where it would be created)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
 
 
 def partial_name(path) -> Path:
@@ -131,20 +134,17 @@ def atomic_path(path, overwrite: bool = False, now: bool = False):
         _publish(tmp, path)
 
 
-def remove_stale_partials(path) -> list[Path]:
+def remove_stale_partials(path) -> None:
     """Remove temporary files of ``path`` left by processes of this host that have ended."""
     path = Path(path)
-    removed = []
     try:
         siblings = list(path.parent.glob(f"{PARTIAL_PREFIX}*-{path.name}"))
     except OSError:
-        return removed
+        return
     for sibling in siblings:
         pid = sibling.name[len(PARTIAL_PREFIX):-len(path.name) - 1]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             _remove(sibling)
-            removed.append(sibling)
-    return removed
 
 
 def _alive(pid: int) -> bool:

@@ -245,17 +245,3 @@ def _user_attrs(data) -> dict:
             continue
         attrs[name] = value.decode() if isinstance(value, bytes) else value
     return attrs
-
-
-def close_broken(file) -> None:
-    """Close an h5py file whose writes failed (a full disk), ignoring the close's own error.
-
-    HDF5 may still crash the process at exit after such a failure; outputs are therefore
-    checked for free space before a run writes them.
-    """
-    if file is None:
-        return
-    try:
-        file.close()
-    except Exception:
-        pass

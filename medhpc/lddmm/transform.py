@@ -17,6 +17,7 @@ two displacements on the fixed grid, in voxels, components ``(z, y, x)``:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -262,10 +263,10 @@ class TransformWriter:
     def _abandon(self) -> None:
         import sys
 
-        from medhpc.io.hdf5 import close_broken
-
-        close_broken(getattr(self, "_file", None))
-        self._file = None
+        file, self._file = getattr(self, "_file", None), None
+        if file is not None:
+            with contextlib.suppress(Exception):  # a failed write (full disk) fails it too
+                file.close()
         self._atomic.__exit__(*sys.exc_info())
 
     def __exit__(self, kind, error, trace) -> bool:

@@ -154,6 +154,13 @@ def resolve_threads(requested: int | None, local_size: int) -> int:
     return requested
 
 
+def agreed_threads(world, requested: int | None) -> int:
+    """:func:`resolve_threads` on this rank, its count checked on rank 0 first, so a bad
+    count is one agreed error (collective)."""
+    world.agree(lambda: resolve_threads(requested, world.local_size))
+    return resolve_threads(requested, world.local_size)
+
+
 def set_threads(threads: int) -> int:
     """Set numba's thread count for this rank (capped at its thread pool size)."""
     import numba

@@ -84,14 +84,9 @@ def start_run(command: str, device: str = "auto", threads: int | None = None, se
     resolved = world.agree(lambda: backend.resolve_device(device, notice=log.notice))
     gpu = devices.select_gpu(world.local_rank) if resolved == "cuda" else None
     timings_path = Path(timings) if timings else None
-
-    def preflight():
-        if timings_path is not None and not dry_run:
-            check_output_path(timings_path, overwrite, suffixes=(".json",))
-        devices.resolve_threads(threads, world.local_size)
-
-    world.agree(preflight)
-    threads = devices.set_threads(devices.resolve_threads(threads, world.local_size))
+    if timings_path is not None and not dry_run:
+        world.agree(lambda: check_output_path(timings_path, overwrite, suffixes=(".json",)))
+    threads = devices.set_threads(devices.agreed_threads(world, threads))
     COMPILE_CLOCK.install()
     COMPILE_CLOCK.on_first_compile = lambda: log.info(
         f"compiling kernels (first run only; cached in {kernel_cache()})")

@@ -28,6 +28,13 @@ def test_out_of_range_threads_are_refused_once_at_two_ranks(pair, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_info_refuses_out_of_range_threads_once_at_two_ranks():
+    done = run_medhpc("info", "--threads", "0", ranks=2, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert error_lines(done) == ["medhpc: error: --threads 0: expected CPU threads per rank "
+                                 f"from 1 to the {os.cpu_count()} cores of this node"]
+
+
 def test_timings_that_exist_are_refused_before_the_registration(pair, tmp_path):
     timings = tmp_path / "t.json"
     timings.write_text("{}")
