@@ -42,15 +42,17 @@ def medhpc_command(*args, ranks: int | None = None) -> list[str]:
 
 
 def run_medhpc(*args, ranks: int | None = None, timeout: float = 300, env: dict | None = None,
-               cwd=None) -> subprocess.CompletedProcess:
-    """Run medhpc in a subprocess with a timeout; return the completed process."""
+               cwd=None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run medhpc in a subprocess with a timeout (``stdin``: text fed to it); return the
+    completed process."""
     full_env = dict(os.environ)
     full_env.pop("NUMBA_ENABLE_CUDASIM", None)
     full_env.setdefault("MPIEXEC_TIMEOUT", str(int(timeout)))
     if env:
         full_env.update(env)
     return subprocess.run(medhpc_command(*args, ranks=ranks), capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=cwd)
+                          timeout=timeout, env=full_env, cwd=cwd, input=stdin,
+                          stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
 @contextmanager

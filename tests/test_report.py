@@ -5,8 +5,10 @@ import random
 
 import pytest
 
+from medhpc import __version__
 from medhpc.errors import InputError, OutputExistsError
 from medhpc.report import load_breakdown, plot_breakdown, speedup
+from medhpc.runtime.runlog import SCHEMA_VERSION
 from medhpc.runtime.timing import build_breakdown, write_breakdown
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -63,7 +65,14 @@ def test_existing_png_needs_overwrite(tmp_path):
 def test_load_breakdown_round_trip(tmp_path):
     document = synthetic_breakdown(3)
     write_breakdown(document, tmp_path / "timing.json")
-    assert load_breakdown(tmp_path / "timing.json") == json.loads(json.dumps(document))
+    loaded = load_breakdown(tmp_path / "timing.json")
+    assert loaded["schema_version"] == SCHEMA_VERSION
+    assert loaded["medhpc_version"] == __version__
+    written = {key: value for key, value in loaded.items()
+               if key not in ("schema_version", "medhpc_version", "created")}
+    expected = json.loads(json.dumps(document))
+    expected.pop("created", None)
+    assert written == expected
 
 
 @pytest.mark.parametrize("content, message", [

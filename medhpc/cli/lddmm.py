@@ -43,7 +43,8 @@ Example:
 @click.option("--moving", type=click.Path(), default=None,
               help="Moving (template) image, registered to the fixed one.")
 @click.option("--pairs", type=click.Path(dir_okay=False), default=None,
-              help="CSV of fixed,moving[,name] lines: many registrations over the ranks.")
+              help="CSV of fixed,moving[,name] lines (- reads them from stdin): many "
+                   "registrations over the ranks.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--initial-transform", default="affine", show_default=True,
               help="Start: affine or rigid (registered first by global correlation, by "

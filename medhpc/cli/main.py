@@ -101,7 +101,13 @@ def _end_job(code: int, message: str, exc: BaseException | None) -> None:
 def run(argv=None) -> None:
     """Console entry point: run the command line and map outcomes to exit codes."""
     try:
-        cli.main(args=argv, prog_name="medhpc", standalone_mode=False)
+        result = cli.main(args=argv, prog_name="medhpc", standalone_mode=False)
+        from medhpc.runtime.context import Run, report_outputs
+
+        if isinstance(result, Run):
+            report_outputs(result.world, result)
+        else:
+            report_outputs(_world_or_none())
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:

@@ -79,6 +79,9 @@ def compute_options(function):
         click.option("--dry-run", is_flag=True,
                      help="Print the decomposition plan and per-rank memory as JSON; touch nothing."),
         click.option("--overwrite", is_flag=True, help="Replace outputs that exist."),
+        click.option("--json", "json_summary", is_flag=True,
+                     help="Print one JSON summary on stdout (outputs, wall time, results) "
+                          "instead of the written paths, one per line."),
         click.option("-v", "--verbose", count=True, help="More detail; -vv makes every rank talk."),
         click.option("--quiet", is_flag=True, help="Only errors and notices."),
     ]
@@ -95,6 +98,7 @@ def run_settings(kwargs: dict) -> dict:
         "device": kwargs.pop("device"), "threads": kwargs.pop("threads"),
         "seed": kwargs.pop("seed"), "timings": kwargs.pop("timings"),
         "dry_run": kwargs.pop("dry_run"), "overwrite": kwargs.pop("overwrite"),
+        "json_summary": kwargs.pop("json_summary"),
         "verbosity": -1 if quiet else verbose,
     }
 
@@ -103,7 +107,8 @@ def pass_run(command_name: str):
     """Decorator: turn the shared options into a started :class:`~medhpc.runtime.context.Run`.
 
     The decorated function receives ``run`` as its first argument and the
-    subcommand's own options as keywords.
+    subcommand's own options as keywords; the command returns the run, whose outputs
+    :func:`~medhpc.cli.main.run` reports on stdout once it has succeeded.
     """
     def decorate(function):
         @functools.wraps(function)
@@ -111,6 +116,7 @@ def pass_run(command_name: str):
             from medhpc.runtime.context import start_run
 
             run = start_run(command_name, **run_settings(kwargs))
-            return function(run, **kwargs)
+            function(run, **kwargs)
+            return run
         return compute_options(wrapper)
     return decorate

@@ -11,7 +11,8 @@ from medhpc.cli.options import pass_run
 @click.option("--input", "source", required=True, multiple=True,
               help="Folder of section images (PNG/TIFF/JPEG) or whole slides (pyramidal "
                    "TIFF/OME-TIFF/SVS/NDPI, OME-Zarr), natural order; a .txt list of slides "
-                   "(one path per line) or --input given once per slide; a multi-page or "
+                   "(one path per line; - reads the list from stdin) or --input given once "
+                   "per slide; a multi-page or "
                    "OME-TIFF; or an HDF5 stack (file.h5[:dataset]).")
 @click.option("--out", required=True, type=click.Path(),
               help="Registered stack: .ome.zarr or .ome.tif (pyramidal, written tile by tile "
@@ -79,12 +80,20 @@ def tnr_register(run, source, out, mode, sigma, patch, search, grid, downsample,
     matches between neighbours are chained into trajectories through the stack, smoothed
     along z, and each section is warped onto its smoothed trajectories."""
     from medhpc.errors import InputError
+    from medhpc.io.lists import is_stdin
     from medhpc.tnr.matching import MatchSettings
     from medhpc.tnr.register import Reconstruction, TnrSettings
+    from medhpc.tnr.sources import input_files
     from medhpc.tnr.wholeslide import OutputSettings
 
-    if downsample is not None and level is not None:
-        raise InputError("--downsample and --level both given; expected one of them")
+    def check_options():
+        if downsample is not None and level is not None:
+            raise InputError("--downsample and --level both given; expected one of them")
+        if any(is_stdin(s) for s in source):  # only rank 0 has stdin under mpiexec
+            return tuple(str(path) for path in input_files(source))
+        return source
+
+    source = run.world.agree(check_options)
     factor = 2 ** level if level is not None else (downsample or 1)
     settings = TnrSettings(mode=mode, sigma=sigma, stain=stain, downsample=factor,
                            match=MatchSettings(patch=patch, search=search, grid=grid,

@@ -11,7 +11,6 @@ written as ``dice.csv`` and ``dice.json``).
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from medhpc.io.atomic import atomic_path, check_output_free
 from medhpc.io.nifti import write_nifti
 from medhpc.parallel.work import static_items
 from medhpc.runtime.checkpoint import read_torch_document
+from medhpc.runtime.runlog import write_run_log
 
 
 def load_model(path, device) -> tuple[torch.nn.Module, dict]:
@@ -89,6 +89,8 @@ class Segmentation:
         if self.world.is_root and self.labels is not None:
             rows = [row for part in gathered for row in part]
             table = self.write_table(rows, document["classes"])
+            self.run.summary.update(cases=len(rows), dice=dict(zip(table["classes"],
+                                                                   table["all"])))
         return {"cases": len(cases), "dice": table}
 
     def segment_case(self, case, model, document, device) -> dict:
@@ -142,8 +144,7 @@ class Segmentation:
         table["all"] = [None if np.isnan(d) else float(d) for d in overall]
         lines.append("all (pooled)".ljust(16) + "".join(_cell(d) for d in overall))
         self.run.log.info("Dice per organ:\n" + "\n".join(lines))
-        with atomic_path(self.out / "dice.json", overwrite=True) as tmp:
-            tmp.write_text(json.dumps(table, indent=2) + "\n")
+        write_run_log(self.out / "dice.json", "ct-segment", table, overwrite=True)
         with atomic_path(self.out / "dice.csv", overwrite=True) as tmp:
             with open(tmp, "w", newline="") as stream:
                 writer = csv.writer(stream)

@@ -39,6 +39,7 @@ from medhpc.io.atomic import atomic_path
 from medhpc.parallel.geometry import block_range
 from medhpc.runtime.checkpoint import (STOP_SIGNALS, CheckpointStop, plain_data,
                                       read_torch_document)
+from medhpc.runtime.runlog import write_run_log
 
 # A test hook: the rank sends itself SIGTERM after this global step (exercises the stop path).
 STOP_AFTER_STEP_VARIABLE = "MEDHPC_CT_SIGTERM_AFTER_STEP"
@@ -336,6 +337,10 @@ class Training:
         with run.stage("write model and log", "io"):
             if ranks.rank == 0:
                 self.write_outputs(model, config, plan, dataset, state["history"], summary)
+        if state["history"]:
+            last = state["history"][-1]
+            run.summary.update(epochs=len(state["history"]), loss=last["loss"],
+                               dice=last["dice"])
         return {"history": state["history"]}
 
     # -- validation -----------------------------------------------------------------------
@@ -394,8 +399,7 @@ class Training:
         with atomic_path(self.out / MODEL_NAME, overwrite=True) as tmp:
             torch.save(document, tmp)
         log = {**summary, "epochs_run": history}
-        with atomic_path(self.out / "log.json", overwrite=True) as tmp:
-            tmp.write_text(json.dumps(log, indent=2) + "\n")
+        write_run_log(self.out / "log.json", "ct-train", log, overwrite=True)
         with atomic_path(self.out / "log.csv", overwrite=True) as tmp:
             with open(tmp, "w", newline="") as stream:
                 writer = csv.writer(stream)

@@ -68,6 +68,20 @@ def partial_name(path) -> Path:
 
 # renames deferred by publish_together (None: publish at once)
 _pending: list | None = None
+# outputs this process put in place, in order (checkpoints and other run state left out)
+_published: list[Path] = []
+
+
+def record_output(path) -> None:
+    """Note ``path`` as an output of this run (writers that rename outputs themselves)."""
+    path = Path(path)
+    if path not in _published:
+        _published.append(path)
+
+
+def published_outputs() -> list[Path]:
+    """The outputs this process has put in place so far, in order."""
+    return list(_published)
 
 
 @contextmanager
@@ -131,7 +145,7 @@ def atomic_path(path, overwrite: bool = False, now: bool = False):
     if _pending is not None and not now:
         _pending.append((tmp, path))
     else:
-        _publish(tmp, path)
+        _publish(tmp, path, output=not now)
 
 
 def remove_stale_partials(path) -> None:
@@ -157,10 +171,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _publish(tmp: Path, path: Path) -> None:
+def _publish(tmp: Path, path: Path, output: bool = True) -> None:
     if path.is_dir() and not path.is_symlink() and tmp.is_dir():
         shutil.rmtree(path)
     os.replace(tmp, path)
+    if output:
+        record_output(path)
 
 
 def _remove(path: Path) -> None:

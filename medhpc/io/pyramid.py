@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medhpc.io.atomic import check_output_free, partial_name
+from medhpc.io.atomic import check_output_free, partial_name, record_output
 
 ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 COMPRESSIONS = ("jpeg", "zlib", "none")
@@ -329,6 +329,7 @@ class PyramidOutput:
             if self.path.exists():
                 shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
             os.replace(self.staging, self.path)
+            record_output(self.path)
             return
         nz = self.layout.shape[0]
         coarsest = len(self.layout.levels) - 1
@@ -346,6 +347,7 @@ class PyramidOutput:
                 shutil.rmtree(self.parts)
             os.replace(self.staging, self.parts)
             os.replace(master, self.path)
+            record_output(self.path)
         except BaseException:
             master.unlink(missing_ok=True)
             raise

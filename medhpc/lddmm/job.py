@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from medhpc.errors import InputError
 from medhpc.io.atomic import atomic_path, check_free_space, check_output_path
 from medhpc.io.geometry import ImageGeometry
 from medhpc.io.images import read_image
+from medhpc.io.lists import is_stdin, list_stream, read_list_text
 from medhpc.lddmm import outputs
 from medhpc.lddmm import transform as transforms
 from medhpc.lddmm.grid import memory_per_rank
@@ -36,6 +36,7 @@ from medhpc.parallel.comm import World
 from medhpc.parallel.geometry import slab
 from medhpc.parallel.slabs import scatter_planes
 from medhpc.runtime.checkpoint import Checkpointer
+from medhpc.runtime.runlog import write_run_log
 
 OUTPUT_NAMES = (*outputs.OUTPUT_NAMES, "log.json")
 DECOMPOSITIONS = ("slabs", "none", "auto")
@@ -372,7 +373,7 @@ class PairRegistration:
             "regularity": final["regularity"], "iterations": len(result.history) - len(
                 result.stopped), **stats,
         }
-        self._log = {"command": "lddmm", **summary, "settings": settings_record(self.settings),
+        self._log = {**summary, "settings": settings_record(self.settings),
                      "decomposition": mode, "ranks": ranks, "device": self.run.device,
                      "initial": inputs.initial,
                      "levels_stopped": result.stopped, "history": result.history}
@@ -382,18 +383,19 @@ class PairRegistration:
         """Write ``log.json`` with the iteration history and the stage timings (rank 0)."""
         if not hasattr(self, "_log"):
             return
-        with atomic_path(self.out / "log.json", overwrite=self.overwrite) as tmp:
-            tmp.write_text(json.dumps(dict(self._log, timings=timings), indent=2, default=float))
+        write_run_log(self.out / "log.json", "lddmm", self._log, timings,
+                      overwrite=self.overwrite)
 
 
 # -- many pairs ---------------------------------------------------------------------------------
 def read_pairs(path) -> list[dict]:
-    """Rows ``fixed,moving[,name]`` of a pairs table (relative paths from its folder)."""
-    path = Path(path)
-    if not path.exists():
+    """Rows ``fixed,moving[,name]`` of a pairs table (relative paths from its folder), or of
+    stdin when ``path`` is ``-`` (relative paths from the working folder)."""
+    if not is_stdin(path) and not Path(path).exists():
         raise InputError(f"{path}: pairs table not found; expected a CSV of fixed,moving[,name]")
+    text, folder, path = read_list_text(path)
     pairs = []
-    with open(path, newline="") as stream:
+    with list_stream(text) as stream:
         for number, row in enumerate(csv.reader(stream), start=1):
             row = [cell.strip() for cell in row]
             if not row or not row[0] or row[0].startswith("#"):
@@ -403,7 +405,7 @@ def read_pairs(path) -> list[dict]:
             if len(row) not in (2, 3):
                 raise InputError(f"{path}:{number}: {len(row)} columns; expected "
                                  f"fixed,moving[,name]")
-            fixed, moving = (Path(p) if Path(p).is_absolute() else path.parent / p
+            fixed, moving = (Path(p) if Path(p).is_absolute() else folder / p
                              for p in row[:2])
             name = row[2] if len(row) == 3 and row[2] else f"pair{len(pairs):04d}"
             pairs.append({"fixed": fixed, "moving": moving, "name": name})

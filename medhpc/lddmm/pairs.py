@@ -34,6 +34,7 @@ def register_one(run, settings: Settings, fixed, moving, out, decomp="auto", res
         document = run.finish({"decomposition": job.decomp})
         if run.world.is_root:
             job.write_log(document)
+    run.summary.update(summary)
     if run.world.is_root:
         run.log.info(f"registered {moving} to {fixed}: energy {summary['energy']:.6g}, "
                      f"{100 * summary['folded_share']:.3g}% voxels with det <= 0, "
@@ -111,6 +112,7 @@ def register_pairs(run, settings: Settings, pairs_path, out, ranks_per_pair=1, d
             rows.append(row)
         write_summary(out, rows, run.overwrite)
         failed = sum(1 for row in rows if row["status"] != "ok")
+        run.summary.update(pairs=len(rows), registered=len(rows) - failed, failed=failed)
         run.log.info(f"{len(rows) - failed} of {len(rows)} pairs registered; summary in "
                      f"{out / 'summary.csv'}")
 

@@ -541,7 +541,7 @@ def _publish(path: Path, dataset: str, staging: Path, part_names: list[str], nz:
     """Write the virtual dataset over the parts, then move parts and file into place."""
     import h5py
 
-    from medhpc.io.atomic import partial_name
+    from medhpc.io.atomic import partial_name, record_output
 
     other_axes, dtype, _ = layout
     global_shape = other_axes[:z_axis] + (nz,) + other_axes[z_axis:]
@@ -566,6 +566,7 @@ def _publish(path: Path, dataset: str, staging: Path, part_names: list[str], nz:
             shutil.rmtree(parts)
         os.replace(staging, parts)
         os.replace(staged_file, path)
+        record_output(path)
     except BaseException:
         if staged_file.exists():
             staged_file.unlink()

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 
 from medhpc import backend
 from medhpc.errors import InputError
-from medhpc.io.atomic import atomic_path, check_output_path
+from medhpc.io.atomic import check_output_path, publish_together
 from medhpc.io.geometry import ImageGeometry
 from medhpc.io.images import check_image_output, write_image
 from medhpc.parallel.comm import World
@@ -29,6 +28,7 @@ from medhpc.pet.recon import OsemReconstructor, ReconSettings, ReconState, Subse
 from medhpc.pet.scanner import direct_planes, lor_endpoints, plane_ring_pairs
 from medhpc.pet.sinogram import SinogramLayout, read_block, read_layout
 from medhpc.runtime.checkpoint import Checkpointer
+from medhpc.runtime.runlog import write_run_log
 
 
 def axis_aligned_grid(geometry: ImageGeometry, source) -> tuple[np.ndarray, np.ndarray]:
@@ -214,12 +214,17 @@ class Reconstruction:
                           f"iteration(s) x {self.settings.n_subsets} subset(s), decomposition "
                           f"{self.mode} over {self.world.size} rank(s), device {self.run.device}")
         image, history = self.compute()
-        if self.world.is_root:
-            with self.run.stage("write", "io"):
-                self._write_outputs(image, history)
-        document = self.run.finish({"decomposition": self.mode})
-        if self.world.is_root:
-            self._append_timings(document)
+        with publish_together():  # the image, picture, log and --timings appear together
+            if self.world.is_root:
+                with self.run.stage("write", "io"):
+                    self._write_outputs(image, history)
+            document = self.run.finish({"decomposition": self.mode})
+            if self.world.is_root:
+                self._append_timings(document)
+        last = history[-1] if history else None
+        self.run.summary.update(iterations=self.settings.iterations,
+                                subsets=self.settings.n_subsets, decomposition=self.mode,
+                                log_likelihood=last[-1] if isinstance(last, list) else last)
 
     def compute(self):
         """Reconstruct; return ``(image, log-likelihood history)`` on rank 0, ``(None, None)``
@@ -344,7 +349,7 @@ class Reconstruction:
         write_image(self.out, image, self.grid, overwrite=self.run.overwrite, units="a.u.")
         self.run.log.info(f"image written to {self.out}")
         self._log_document = {
-            "command": "pet-recon", "sinogram": str(self.layout.path), "image": str(self.out),
+            "sinogram": str(self.layout.path), "image": str(self.out),
             "decomposition": self.mode, "ranks": self.world.size, "device": self.run.device,
             "settings": asdict(self.settings), "subsets": self.settings.n_subsets,
             "log_likelihood_per_subiteration": history,
@@ -359,9 +364,8 @@ class Reconstruction:
             self.run.log.info(f"picture written to {self.png}")
 
     def _append_timings(self, timings: dict) -> None:
-        document = dict(self._log_document, timings=timings)
-        with atomic_path(self.log_path, overwrite=self.run.overwrite) as tmp:
-            tmp.write_text(json.dumps(document, indent=2, default=float))
+        write_run_log(self.log_path, "pet-recon", self._log_document, timings,
+                      overwrite=self.run.overwrite)
         self.run.log.info(f"log written to {self.log_path}")
 
 

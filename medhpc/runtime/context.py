@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medhpc import backend
@@ -43,6 +43,9 @@ class Run:
     timings_path: Path | None = None
     overwrite: bool = False
     dry_run: bool = False
+    json_summary: bool = False
+    summary: dict = field(default_factory=dict)
+    breakdown: dict | None = None
 
     def stage(self, name: str, kind: str = "other"):
         """Time a block as a named stage (see :class:`StageTimer`)."""
@@ -53,6 +56,7 @@ class Run:
         info = {"device": self.device, "threads_per_rank": self.threads}
         info.update(extra or {})
         document = self.timer.breakdown(self.world, command=self.command, extra=info)
+        self.breakdown = document
         if document is not None:
             self.log.info(format_breakdown(document))
             if self.timings_path is not None:
@@ -73,7 +77,8 @@ class Run:
 
 def start_run(command: str, device: str = "auto", threads: int | None = None, seed: int = 0,
               verbosity: int = 0, timings: str | None = None, overwrite: bool = False,
-              dry_run: bool = False, world: World | None = None) -> Run:
+              dry_run: bool = False, json_summary: bool = False,
+              world: World | None = None) -> Run:
     """Set up a compute subcommand's run on this rank.
 
     The device is resolved on rank 0 and shared, so every rank takes the same
@@ -93,9 +98,34 @@ def start_run(command: str, device: str = "auto", threads: int | None = None, se
     timer = StageTimer(synchronize=backend.synchronizer(resolved))
     run = Run(command=command, world=world, device=resolved, threads=threads, seed=seed,
               log=log, timer=timer, gpu=gpu, overwrite=overwrite, dry_run=dry_run,
-              timings_path=timings_path)
+              json_summary=json_summary, timings_path=timings_path)
     _maybe_inject_failure(world)
     return run
+
+
+def report_outputs(world: World | None, run: Run | None = None) -> None:
+    """Print on stdout, from rank 0, what a script needs: the outputs every rank put in
+    place, one path per line, or with ``--json`` one summary document.
+
+    Collective over ``world`` (every rank calls it once the command has succeeded);
+    logs and progress stay on stderr.
+    """
+    from medhpc.io.atomic import published_outputs
+    from medhpc.runtime.runlog import dumps, run_document
+
+    local = [str(path) for path in published_outputs()]
+    gathered = world.gather(local) if world is not None else [local]
+    if gathered is None or (run is not None and run.dry_run):
+        return
+    paths = list(dict.fromkeys(path for part in gathered for path in part))
+    if run is not None and run.json_summary:
+        wall = run.breakdown["wall_seconds"] if run.breakdown else None
+        sys.stdout.write(dumps(run_document(run.command, {
+            "status": "ok", "ranks": run.world.size, "device": run.device,
+            "wall_seconds": wall, "outputs": paths, "summary": run.summary})))
+    else:
+        sys.stdout.writelines(path + "\n" for path in paths)
+    sys.stdout.flush()
 
 
 def kernel_cache() -> str:

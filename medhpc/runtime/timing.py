@@ -9,7 +9,6 @@ that ``medhpc report`` draws.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from contextlib import contextmanager
@@ -223,9 +222,9 @@ def format_breakdown(document: dict) -> str:
 
 
 def write_breakdown(document: dict, path) -> None:
-    """Write the breakdown JSON atomically."""
+    """Write the breakdown JSON atomically (the run documents' common head first)."""
     from medhpc.io.atomic import atomic_path
+    from medhpc.runtime.runlog import dumps, run_document
 
     with atomic_path(path, overwrite=True) as tmp:
-        with open(tmp, "w") as stream:
-            json.dump(document, stream, indent=2)
+        tmp.write_text(dumps(run_document(document.get("command") or "", document)))

@@ -38,6 +38,7 @@ from medhpc.tnr.preprocess import STAINS, WorkingSection, downsample, prepare_se
 from medhpc.tnr.sources import SectionStack, open_stack
 from medhpc.tnr.warpfield import SectionWarp, fitted_warp, rigid_warp
 from medhpc.runtime.checkpoint import plain_data
+from medhpc.runtime.runlog import write_run_log
 from medhpc.runtime.timing import peak_memory_mb
 from medhpc.tnr.wholeslide import (OutputSettings, memory_plan, output_tiles, region_cap_pixels,
                                    source_boxes, warp_tile_channels)
@@ -465,6 +466,9 @@ class Reconstruction:
             with self.run.stage("picture", "io"):
                 self.world.agree(lambda: self._picture(views, record))
         timings = self.run.finish({"mode": self.settings.mode})
+        self.run.summary.update(sections=stack.count, mode=self.settings.mode,
+                                flagged=[int(i) for i in np.flatnonzero(record["weights"] < 1)]
+                                if "weights" in record else [])
         levels_read = self.world.gather(self._levels_read)
         peaks = self.world.gather(peak_memory_mb())
         if self.world.is_root:
@@ -480,8 +484,7 @@ class Reconstruction:
                                     "plan_mb_per_rank": [round(r["memory"]["total_bytes"] / 2**20, 1)
                                                          for r in plan["ranks_detail"]],
                                     "tile": self.output_settings.tile})
-            with atomic_path(self.log_path, overwrite=self.run.overwrite) as tmp:
-                tmp.write_text(json.dumps(plain_data(document), indent=2, default=str))
+            write_run_log(self.log_path, "tnr-register", document, overwrite=self.run.overwrite)
             self.run.log.info(f"log written to {self.log_path}")
 
     def _check_outputs(self) -> None:

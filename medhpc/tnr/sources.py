@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from medhpc.errors import InputError
+from medhpc.io.lists import is_stdin, read_list_text
 from medhpc.io.sections import SECTION_SUFFIXES, list_sections, natural_key, read_section
 from medhpc.io.tiff import is_tiff_path
 from medhpc.io.wholeslide import (Slide, block_mean, describe_slide, is_slide_path, open_slide,
@@ -175,38 +176,43 @@ def _header(path: Path) -> tuple[tuple, int, str]:
 
 
 def input_files(sources) -> list[Path] | None:
-    """The files of a multi-file input: several ``--input`` or a ``.txt`` list; else None.
+    """The files of a multi-file input: several ``--input``, a ``.txt`` list or ``-`` (the
+    list on stdin); else None.
 
-    A ``.txt`` file holds one path per line (relative to its folder; blank lines and
-    lines starting with ``#`` are skipped).
+    A list holds one path per line (relative to the list file's folder, or to the working
+    folder for stdin; blank lines and lines starting with ``#`` are skipped).
     """
     if isinstance(sources, (str, Path)):
         sources = [sources]
     sources = list(sources)
-    if len(sources) == 1 and not str(sources[0]).lower().endswith(".txt"):
+    if len(sources) == 1 and not _is_list(sources[0]):
         return None
     files = []
     for source in sources:
-        source = Path(source)
-        if source.suffix.lower() == ".txt":
-            if not source.is_file():
+        if _is_list(source):
+            if not is_stdin(source) and not Path(source).exists():
                 raise InputError(f"{source}: list file not found; {_STACK_HELP}")
-            for number, line in enumerate(source.read_text().splitlines(), 1):
+            text, folder, source = read_list_text(source)
+            for number, line in enumerate(text.splitlines(), 1):
                 line = line.strip()
                 if line and not line.startswith("#"):
                     path = Path(line)
-                    path = path if path.is_absolute() else source.parent / path
+                    path = path if path.is_absolute() else folder / path
                     if not path.exists():
                         raise InputError(f"{source}: unknown input: line {number} names "
                                          f"'{line}', which is not found; expected one "
                                          "whole-slide path per line")
                     files.append(path)
         else:
-            files.append(source)
+            files.append(Path(source))
     if not files:
         raise InputError(f"{', '.join(map(str, sources))}: the list names no files; "
                          f"{_STACK_HELP}")
     return files
+
+
+def _is_list(source) -> bool:
+    return is_stdin(source) or str(source).lower().endswith(".txt")
 
 
 def _folder_slides(path: Path) -> list[Path] | None:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -179,17 +180,18 @@ def test_dry_run_plan_memory_falls_with_ranks(phantom_files):
         assert peak <= (peaks[0] - images) / ranks * 1.01 + halo_bytes + images
 
 
-def test_pairs_queue_writes_one_folder_per_pair_and_a_summary(phantom_files, tmp_path):
-    table = tmp_path / "pairs.csv"
-    table.write_text(f"fixed,moving,name\n{phantom_files / 'fixed.nii.gz'},"
-                     f"{phantom_files / 'moving.nii.gz'},a\n"
-                     f"{phantom_files / 'moving.nii.gz'},{phantom_files / 'fixed.nii.gz'},b\n"
-                     f"{phantom_files / 'fixed.nii.gz'},{tmp_path / 'missing.nii.gz'},c\n")
+def test_pairs_queue_from_stdin_writes_one_folder_per_pair_and_a_summary(phantom_files,
+                                                                         tmp_path):
+    table = (f"fixed,moving,name\nfixed.nii.gz,moving.nii.gz,a\nmoving.nii.gz,fixed.nii.gz,b\n"
+             f"fixed.nii.gz,{tmp_path / 'missing.nii.gz'},c\n")  # relative to the working folder
     out = tmp_path / "out"
-    result = run_medhpc("lddmm", "--pairs", table, "--out", out, "--device", "cpu",
+    result = run_medhpc("lddmm", "--pairs", "-", "--out", out, "--device", "cpu",
                         "--levels", "1", "--iterations", "4", "--timesteps", "3", "--quiet",
-                        ranks=2, timeout=120)
+                        ranks=2, timeout=120, cwd=phantom_files, stdin=table)
     assert result.returncode == 0, result.stderr
+    printed = result.stdout.splitlines()  # what a pipeline reads: the paths written
+    assert str(out / "summary.csv") in printed and str(out / "a" / "transform.h5") in printed
+    assert all(Path(line).exists() for line in printed) and len(set(printed)) == len(printed)
     with open(out / "summary.csv") as stream:
         rows = {row["name"]: row for row in csv.DictReader(stream)}
     assert rows["a"]["status"] == rows["b"]["status"] == "ok"

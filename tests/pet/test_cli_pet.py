@@ -34,7 +34,11 @@ def test_recon_at_two_ranks_writes_image_log_picture_and_timings(tiny):
                         "--device", "cpu", ranks=2)
     assert result.returncode == 0, result.stderr
     assert out.exists() and (folder / "recon.png").exists()
+    assert sorted(result.stdout.splitlines()) == sorted(  # stdout: the paths written, no more
+        str(path) for path in (out, folder / "recon.png", folder / "recon.json",
+                               folder / "timings.json"))
     log = json.loads((folder / "recon.json").read_text())
+    assert log["schema_version"] == 1 and log["command"] == "pet-recon"
     assert len(log["log_likelihood_per_subiteration"]) == 8
     assert log["timings"]["ranks"] == 2
     timings = json.loads((folder / "timings.json").read_text())
@@ -46,6 +50,20 @@ def test_recon_at_two_ranks_writes_image_log_picture_and_timings(tiny):
     assert result.returncode == 0 and picture.read_bytes()[:4] == b"\x89PNG"
     again = run_medhpc("pet-recon", "--sinogram", sinogram, "--out", out, "--device", "cpu")
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_json_prints_one_summary_of_the_run_on_stdout(tiny):
+    folder, _, sinogram = tiny
+    out = folder / "summary.h5"
+    result = run_medhpc("pet-recon", "--sinogram", sinogram, "--out", out, "--iterations", "1",
+                        "--subsets", "2", "--json", "--quiet", "--device", "cpu", ranks=2)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["schema_version"] == 1 and summary["status"] == "ok"
+    assert summary["command"] == "pet-recon" and summary["ranks"] == 2
+    assert summary["outputs"] == [str(out), str(folder / "summary.json")]
+    assert summary["summary"]["iterations"] == 1 and summary["wall_seconds"] > 0
+    assert np.isfinite(summary["summary"]["log_likelihood"])
 
 
 @pytest.mark.parametrize("command, name", [("pet-recon", "r.png"), ("pet-simulate", "s.nii.gz")])
