@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import click
 
+from medhpc.cli.help import command
 from medhpc.cli.options import pass_run
 from medhpc.errors import InputError
 from medhpc.cli.parsing import NumberList
@@ -21,7 +22,8 @@ def _class_names(text: str) -> list[str]:
     return names
 
 
-@click.command("ct")
+@command("ct", example="""\
+medhpc phantom ct --out ct-phantom --cases 10""")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for images/case_NNN.nii.gz, labels/case_NNN.nii.gz and phantom.json.")
 @click.option("--cases", type=int, default=10, show_default=True, help="Number of cases.")
@@ -56,7 +58,8 @@ def phantom_ct(out, cases, shape, seed, overwrite):
                    f"{', '.join(summary['classes'])}", err=True)
 
 
-@click.command("ct-prepare")
+@command("ct-prepare", example="""\
+medhpc ct-prepare --images ct/images --labels ct/labels --out ct/dataset.h5""")
 @click.option("--images", required=True, type=click.Path(exists=True),
               help="Folder of CT images: NIfTI files and/or one folder per DICOM series.")
 @click.option("--labels", type=click.Path(exists=True, file_okay=False), default=None,
@@ -102,7 +105,8 @@ def _require_torch(run, command: str) -> None:
     run.world.agree(check)
 
 
-@click.command("ct-train")
+@command("ct-train", example="""\
+mpiexec -n 4 medhpc ct-train --data ct/dataset.h5 --out ct/run --epochs 100 --png""")
 @click.option("--data", required=True, type=click.Path(dir_okay=False),
               help="Dataset written by ct-prepare.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -162,7 +166,9 @@ def ct_train(run, data, out, epochs, steps, patch, batch, widths, deep_supervisi
         run.finish()
 
 
-@click.command("ct-segment")
+@command("ct-segment", example="""\
+mpiexec -n 4 medhpc ct-segment --model ct/run/model.pt --images new_scans/ \\
+    --out segmentations/""")
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
               help="RUN/model.pt written by ct-train.")
 @click.option("--images", required=True, multiple=True, type=click.Path(exists=True),

@@ -7,8 +7,10 @@ import sys
 
 import click
 
+from medhpc.cli.help import command
 
-@click.command()
+@command(example="""\
+mpiexec -n 4 medhpc info --json""")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("--threads", type=int, default=None, envvar="MEDHPC_THREADS",
               help="Threads per rank to report [default: cores / ranks on the node].")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from medhpc.cli.help import command
 from medhpc.cli.options import pass_run
 from medhpc.cli.parsing import NumberList
 
@@ -33,12 +34,13 @@ def _per_metric_update() -> str:
     return ", ".join(f"{value:g} for {metric}" for metric, value in DEFAULT_UPDATE_VOXELS.items())
 
 
-@click.command("lddmm", epilog="""\b
-Example:
-  mpiexec -n 4 medhpc lddmm --fixed t1_atlas.nii.gz --moving t1_subject.nii.gz \\
-      --out reg/ --timings reg/timings.json
-  medhpc lddmm-apply --transform reg/transform.h5 --image labels.nii.gz \\
-      --interp label --out labels_on_atlas.nii.gz""")
+@command("lddmm", example="""\
+mpiexec -n 4 medhpc lddmm --fixed t1_atlas.nii.gz --moving t1_subject.nii.gz \\
+    --out reg/ --timings reg/timings.json
+medhpc lddmm-apply --transform reg/transform.h5 --image labels.nii.gz \\
+    --interp label --out labels_on_atlas.nii.gz
+find subjects -name 't1.nii.gz' | sed 's|^|atlas.nii.gz,|' | \\
+    mpiexec -n 8 medhpc lddmm --pairs - --out group/ | grep transform.h5""")
 @click.option("--fixed", type=click.Path(), default=None, help="Fixed (target) image.")
 @click.option("--moving", type=click.Path(), default=None,
               help="Moving (template) image, registered to the fixed one.")
@@ -157,7 +159,11 @@ def lddmm(run, fixed, moving, pairs, out, initial_transform, fixed_mask, moving_
         register_pairs(run, settings, pairs, out, ranks_per_pair=ranks_per_pair, **options)
 
 
-@click.command("lddmm-apply")
+@command("lddmm-apply", example="""\
+medhpc lddmm-apply --transform reg/transform.h5 \\
+    --image moving_labels.nii.gz --interp label --out labels_on_fixed.nii.gz \\
+    --image moving_t2.nii.gz --interp linear --out t2_on_fixed.nii.gz \\
+    --points fixed_landmarks.csv --points-out landmarks_on_moving.csv""")
 @click.option("--transform", required=True, type=click.Path(),
               help="lddmm's transform.h5 (displacements in fixed-grid voxels, world affine).")
 @click.option("--image", "images", multiple=True, type=click.Path(),
@@ -191,13 +197,6 @@ def lddmm_apply(transform, images, outs, points, points_outs, out_dir, interp, i
     Forward, a fixed-space point p maps to the moving-space point T A_F (y + u(y)) with
     y = A_F^-1 p (u interpolated trilinearly, T the world affine); --inverse maps a
     moving-space point m to A_F (y + w(y)) with y = A_F^-1 T^-1 m.
-
-    \b
-    Example:
-      medhpc lddmm-apply --transform reg/transform.h5 \\
-        --image moving_labels.nii.gz --interp label --out labels_on_fixed.nii.gz \\
-        --image moving_t2.nii.gz --interp linear --out t2_on_fixed.nii.gz \\
-        --points fixed_landmarks.csv --points-out landmarks_on_moving.csv
     """
     from medhpc.lddmm.pairs import apply_command
     from medhpc.parallel.comm import get_world
@@ -209,7 +208,8 @@ def lddmm_apply(transform, images, outs, points, points_outs, out_dir, interp, i
         click.echo(message, err=True)
 
 
-@click.command("lddmm")
+@command("lddmm", example="""\
+medhpc phantom lddmm --out lddmm-phantom --shape 64""")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for fixed/moving images, labels, true_transform.h5, phantom.json.")
 @click.option("--shape", type=NumberList(3, int), default="64", show_default=True,

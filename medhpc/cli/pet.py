@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import click
 
+from medhpc.cli.help import command
 from medhpc.cli.options import pass_run
 from medhpc.cli.parsing import NumberList
 
 
-@click.command("pet-geometry")
+@command("pet-geometry", example="""\
+medhpc pet-geometry --scanner ge-dmi-4ring-tof --out dmi.h5""")
 @click.option("--scanner", required=True, help="Preset name (small-test, ge-dmi-4ring, "
               "ge-dmi-4ring-tof) or a TOML file with a [scanner] table.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="HDF5 file to write.")
@@ -28,7 +30,9 @@ def pet_geometry(scanner, out, overwrite):
                    f"{geometry.n_lors:,} LORs", err=True)
 
 
-@click.command("pet-simulate")
+@command("pet-simulate", example="""\
+medhpc pet-simulate --activity phantom/activity.nii.gz --mu-map phantom/mu_map.nii.gz \\
+    --scanner small-test --counts 2e7 --out sinogram.h5""")
 @click.option("--activity", required=True, type=click.Path(),
               help="Activity image (NIfTI or HDF5; 4-D = dynamic frames).")
 @click.option("--scanner", required=True, help="Preset name or TOML file.")
@@ -87,7 +91,9 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
     run.finish()
 
 
-@click.command("pet-recon")
+@command("pet-recon", example="""\
+mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
+    --iterations 4 --subsets 8 --png --timings timings.json""")
 @click.option("--sinogram", required=True, type=click.Path(), help="Sinogram file (pet-simulate's layout).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Image to write: .nii/.nii.gz or .h5 (4-D for dynamic data).")

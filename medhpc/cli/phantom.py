@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from medhpc.cli.help import Command
 from medhpc.cli.parsing import NumberList
 
 
@@ -12,7 +13,8 @@ def phantom():
     """Generate phantoms with ground truth (one subcommand per application)."""
 
 
-@phantom.command("pet")
+@phantom.command("pet", cls=Command, example="""\
+medhpc phantom pet --out pet-phantom --scanner small-test""")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for activity.nii.gz, mu_map.nii.gz and phantom.json.")
 @click.option("--scanner", default="small-test", show_default=True,

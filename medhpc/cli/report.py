@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import click
 
+from medhpc.cli.help import command
 
-@click.command()
+@command(example="""\
+medhpc report run1/timings.json run2/timings.json --title '1 rank' --title '4 ranks' \\
+    --png scaling.png""")
 @click.argument("timings", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--png", "out_png", required=True, type=click.Path(dir_okay=False),
               help="Picture to write: stacked stage times per rank.")

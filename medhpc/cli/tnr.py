@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import click
 
+from medhpc.cli.help import command
 from medhpc.cli.options import pass_run
 
 
-@click.command("tnr-register")
+@command("tnr-register", example="""\
+mpiexec -n 4 medhpc tnr-register --input slides/ --out volume.ome.tif --level 3 \\
+    --png qc.png --fields registration.h5
+ls slides/*.svs | medhpc tnr-register --input - --out volume.h5""")
 @click.option("--input", "source", required=True, multiple=True,
               help="Folder of section images (PNG/TIFF/JPEG) or whole slides (pyramidal "
                    "TIFF/OME-TIFF/SVS/NDPI, OME-Zarr), natural order; a .txt list of slides "
@@ -106,7 +110,9 @@ def tnr_register(run, source, out, mode, sigma, patch, search, grid, downsample,
                    output=OutputSettings(tile=tile, compression=compression)).execute()
 
 
-@click.command("tnr-apply")
+@command("tnr-apply", example="""\
+mpiexec -n 4 medhpc tnr-apply --registration registration.h5 --input ihc_slides/ \\
+    --out ihc_volume.ome.tif --geojson tumour.geojson --geojson-out tumour_3d.geojson""")
 @click.option("--registration", required=True, type=click.Path(dir_okay=False),
               help="The --fields file of a tnr-register run (HDF5 with warps/ and sections/).")
 @click.option("--input", "source", default=None,
@@ -154,7 +160,8 @@ def tnr_apply(run, registration, source, out, full_res, downsample, interpolatio
                 Annotations(points, points_out, geojson, geojson_out)).execute()
 
 
-@click.command("tnr")
+@command("tnr", example="""\
+medhpc phantom tnr --out tnr-phantom --sections 24""")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for sections/section_NNN.png, truth.h5 and phantom.json.")
 @click.option("--sections", type=int, default=24, show_default=True,

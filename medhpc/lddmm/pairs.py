@@ -34,7 +34,7 @@ def register_one(run, settings: Settings, fixed, moving, out, decomp="auto", res
         document = run.finish({"decomposition": job.decomp})
         if run.world.is_root:
             job.write_log(document)
-    run.summary.update(summary)
+    run.summary.update(summary or {})
     if run.world.is_root:
         run.log.info(f"registered {moving} to {fixed}: energy {summary['energy']:.6g}, "
                      f"{100 * summary['folded_share']:.3g}% voxels with det <= 0, "

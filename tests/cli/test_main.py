@@ -13,22 +13,51 @@ def test_help_lists_every_subcommand_with_one_line():
         assert name in result.stdout
 
 
-def test_every_option_of_every_subcommand_has_help_text():
+def commands(group=None, prefix="medhpc"):
+    """Every subcommand as ``(full name, click command)``, those of groups included."""
     import click
 
     from medhpc.cli.main import cli
 
-    def commands(group, prefix):
-        for name, command in group.commands.items():
-            if isinstance(command, click.Group):
-                yield from commands(command, f"{prefix} {name}")
-            else:
-                yield f"{prefix} {name}", command
+    for name, command in (group or cli).commands.items():
+        if isinstance(command, click.Group):
+            yield from commands(command, f"{prefix} {name}")
+        else:
+            yield f"{prefix} {name}", command
+
+
+def test_every_option_of_every_subcommand_has_help_text():
+    import click
 
     missing = [f"{name} --{option.name.replace('_', '-')}"
-               for name, command in commands(cli, "medhpc") for option in command.params
+               for name, command in commands() for option in command.params
                if isinstance(option, click.Option) and not option.help]
     assert missing == []
+
+
+def test_every_subcommand_groups_its_options_and_ends_with_an_example_it_can_run():
+    import re
+
+    import click
+
+    from medhpc.cli.help import GROUPS
+
+    for name, command in commands():
+        words = name.split()[1:]
+        text = command.get_help(click.Context(command, info_name=" ".join(words)))
+        headings = [line[:-1] for line in text.splitlines() if line.endswith(":")
+                    and not line.startswith(" ")]
+        assert headings[-1] == "Example", name
+        assert set(headings[:-1]) <= set(GROUPS) and "Run" in headings, (name, headings)
+        options = {opt for parameter in command.params for opt in parameter.opts}
+        lines = command.example.replace("\\\n", " ").splitlines()
+        calls = [part.split("medhpc ", 1)[1] for line in lines for part in line.split("|")
+                 if "medhpc " in part]
+        mine = [call for call in calls if call.split()[:len(words)] == words]
+        assert mine, f"{name}: its example does not run it"
+        for call in mine:
+            unknown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", call)) - options
+            assert not unknown, f"{name} example: {sorted(unknown)}"
 
 
 def test_version():
