@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from medhpc.pet.projector import JosephProjector, TofSpec
 from medhpc.pet.recon import OsemReconstructor, ReconSettings, ReconState, SubsetShare
 from medhpc.pet.scanner import direct_planes, lor_endpoints, plane_ring_pairs
 from medhpc.pet.sinogram import SinogramLayout, read_block, read_layout
-from medhpc.runtime.checkpoint import Checkpointer
+from medhpc.runtime.checkpoint import (Checkpointer, CheckpointStop, StopSignals,
+                                       StoppedBeforeFirstIteration)
 from medhpc.runtime.runlog import write_run_log
 
 
@@ -241,25 +243,29 @@ class Reconstruction:
             if path is not None:
                 check_output_path(path, self.run.overwrite, suffixes)
 
-    def _checkpointer(self, world, path: Path, fingerprint_extra=None) -> Checkpointer:
+    def _checkpointer(self, world, path: Path, fingerprint_extra=None, signals=None,
+                      quiet: bool = False) -> Checkpointer:
         fingerprint = {"sinogram": str(self.layout.path.resolve()), "mode": self.mode,
                        "ranks": self.world.size, **asdict(self.settings),
                        "image_shape": list(self.grid.shape), **(fingerprint_extra or {})}
         resume = self.resume and world.agree(path.exists)
-        if self.resume and not resume:
+        if self.resume and not resume and not quiet:
             self.run.log.notice(f"--resume: no checkpoint at {path}; starting from the beginning")
         return Checkpointer(world, path, every=self.checkpoint_every, resume=resume,
-                            fingerprint=fingerprint)
+                            fingerprint=fingerprint, signals=signals)
 
-    def _iterate(self, reconstructor: OsemReconstructor, checkpointer) -> ReconState:
+    def _iterate(self, reconstructor: OsemReconstructor, checkpointer,
+                 quiet: bool = False) -> ReconState:
         state = ReconState(image=reconstructor.initial_image())
         loaded = checkpointer.load() if checkpointer is not None else None
         if loaded is not None:
             iteration, saved = loaded
             state = ReconState(image=np.asarray(saved["image"], np.float32), iteration=iteration,
                                log_likelihood=list(np.asarray(saved["log_likelihood"])))
-            self.run.log.info(f"resuming from iteration {iteration} ({self.checkpoint_path})")
-        return reconstructor.run_iterations(state, checkpointer, progress=self.run.log.progress)
+            (self.run.log.debug if quiet else self.run.log.info)(
+                f"resuming from iteration {iteration} ({checkpointer.path})")
+        return reconstructor.run_iterations(state, checkpointer,
+                                            progress=None if quiet else self.run.log.progress)
 
     def _reconstruct_views(self):
         scanner = self.layout.scanner
@@ -324,21 +330,50 @@ class Reconstruction:
         history = list(np.sum(np.asarray(histories, dtype=np.float64), axis=0))
         return np.concatenate(slabs, axis=0), history
 
+    def frame_checkpoint_path(self, frame: int) -> Path:
+        """Where frame ``frame`` keeps its iteration state, and its result once finished."""
+        return self.checkpoint_path.with_name(f"{_stem(self.out)}.checkpoint.frame{frame:04d}.h5")
+
     def _reconstruct_frames(self):
+        """Frames dealt to the ranks as they finish; each frame checkpoints on its own (every
+        ``--checkpoint-every`` iterations, on a stop signal, and when finished), so
+        ``--resume`` redoes neither the finished frames nor the finished iterations."""
         alone = self.world.split(self.world.rank)
         n_views = self.layout.scanner.n_views
         views = decomposition.views_of_rank(n_views, self.settings.n_subsets, 1, 0)
+        frames = list(range(self.layout.frames))
 
         def reconstruct_frame(frame):
+            if signals.received:  # stopping: start no other frame
+                raise CheckpointStop(signals.received, 0, self.frame_checkpoint_path(frame))
             shares = self.view_shares(views, alone, frame=frame)
             reconstructor = OsemReconstructor(self.run, shares, self.grid.shape,
                                               self.voxel_mm, self.settings, reduce=alone)
-            state = reconstructor.run_iterations(ReconState(image=reconstructor.initial_image()))
+            with signals.at_once_until_busy(), self._checkpointer(
+                    alone, self.frame_checkpoint_path(frame), {"frame": frame},
+                    signals=signals, quiet=True) as checkpointer:
+                state = self._iterate(reconstructor, checkpointer, quiet=True)
+                if checkpointer.saved_iteration != state.iteration:
+                    with self.run.stage("checkpoint", "io"):  # a finished frame is kept
+                        checkpointer.save(state.iteration, reconstructor.checkpoint_state(state))
             self.run.log.debug(f"frame {frame} done")
             return reconstructor.postfilter(state.image, self.voxel_mm), state.log_likelihood
 
-        results = map_items(self.world, list(range(self.layout.frames)), reconstruct_frame,
-                            schedule="dynamic", gather_to="root")
+        with StopSignals(raise_while_idle=False) as signals:
+            try:
+                results = map_items(self.world, frames, reconstruct_frame, schedule="dynamic",
+                                    gather_to="root")
+            except (CheckpointStop, StoppedBeforeFirstIteration) as stop:
+                kept = self.world.agree(lambda: sum(
+                    self.frame_checkpoint_path(f).exists() for f in frames))
+                raise CheckpointStop(stop.signum, getattr(stop, "iteration", 0),
+                                     self.checkpoint_path.parent, message=(
+                    f"{signal.Signals(stop.signum).name} received: stopped with {kept} of "
+                    f"{len(frames)} frame(s) checkpointed (finished or part-way) in "
+                    f"{self.checkpoint_path.parent}; rerun with --resume to continue")) from None
+        if self.world.is_root:
+            for frame in frames:
+                self.frame_checkpoint_path(frame).unlink(missing_ok=True)
         if results is None:
             return None, None
         images = np.stack([image for image, _ in results])

@@ -28,6 +28,7 @@ import os
 import signal
 import threading
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +58,17 @@ class CheckpointStop(MedhpcError):
 
     exit_code = EXIT_CHECKPOINT_STOP
 
-    def __init__(self, signum: int, iteration: int, path: Path):
+    def __init__(self, signum: int, iteration: int, path: Path, message: str | None = None):
         self.signum = signum
         self.iteration = iteration
         self.path = path
         self.agreed = True
-        super().__init__(f"{signal.Signals(signum).name} received: stopped after iteration "
-                         f"{iteration}, checkpoint saved to {path}; rerun with --resume to continue")
+        super().__init__(message or f"{signal.Signals(signum).name} received: stopped after "
+                         f"iteration {iteration}, checkpoint saved to {path}; rerun with "
+                         f"--resume to continue")
+
+    def __reduce__(self):  # crosses ranks intact (the work queue sends failures to the root)
+        return type(self), (self.signum, self.iteration, self.path, str(self))
 
 
 class StoppedBeforeFirstIteration(MedhpcError):
@@ -77,6 +82,9 @@ class StoppedBeforeFirstIteration(MedhpcError):
         super().__init__(f"{signal.Signals(signum).name} received before the first iteration "
                          f"ended (kernels may still have been compiling): stopped with nothing "
                          f"to save; rerun to start again")
+
+    def __reduce__(self):
+        return type(self), (self.signum,)
 
 
 def rng_state(generator: np.random.Generator) -> dict:
@@ -136,6 +144,60 @@ def read_torch_document(path, expected: str) -> dict:
     return document
 
 
+class StopSignals:
+    """Catches ``SIGTERM`` and ``SIGUSR1`` on this rank while it is open.
+
+    A signal is recorded in :attr:`received`; while nothing could be saved yet
+    (``raise_while_idle`` and :meth:`busy` not called) it raises
+    :class:`StoppedBeforeFirstIteration` at once instead, so a run stops within
+    seconds also while its kernels compile. Handlers are installed only in the main
+    thread; :meth:`close` restores the previous ones. Several checkpointers of one run
+    (one per frame, say) share one instance, so no signal falls between them.
+    """
+
+    def __init__(self, raise_while_idle: bool = True):
+        self.received: int | None = None
+        self._raise = raise_while_idle
+        self._busy = False
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def __enter__(self) -> "StopSignals":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def busy(self) -> None:
+        """From now on a signal is recorded (there is state to save), not raised."""
+        self._busy = True
+        self._raise = False
+
+    @contextmanager
+    def at_once_until_busy(self):
+        """Inside the block, a signal raises at once until :meth:`busy` is called (work
+        that may compile kernels before it has anything to save); outside it, signals
+        are recorded."""
+        self._raise = not self._busy
+        try:
+            yield
+        finally:
+            self._raise = False
+
+    def close(self) -> None:
+        """Restore the signal handlers that were in place before."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._raise:
+            raise StoppedBeforeFirstIteration(signum)
+        self.received = signum
+
+
 class Checkpointer:
     """Saves and restores the state of an iterative run; stops cleanly on a signal.
 
@@ -162,10 +224,13 @@ class Checkpointer:
     fingerprint : dict, optional
         JSON-able parameters and input descriptions of the run; resuming from
         a checkpoint with a different fingerprint is refused.
+    signals : StopSignals, optional
+        The run's signal catcher, shared by several checkpointers (left open by
+        :meth:`close`); by default each checkpointer with a ``path`` has its own.
     """
 
     def __init__(self, world, path, every: int = 0, resume: bool = False,
-                 fingerprint: dict | None = None):
+                 fingerprint: dict | None = None, signals: StopSignals | None = None):
         if every < 0:
             raise ValueError(f"every must be >= 0, not {every}")
         self.world = world
@@ -176,13 +241,10 @@ class Checkpointer:
         self.every = every
         self.resume = resume
         self.fingerprint = _normalised(fingerprint or {})
-        self._received: int | None = None
         self._agreed_signal = 0
-        self._iterating = False
-        self._previous_handlers: dict[int, object] = {}
-        if self.path is not None and threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        self.saved_iteration: int | None = None
+        self._owns_signals = signals is None and self.path is not None
+        self.signals = StopSignals() if self._owns_signals else signals
 
     # -- context --------------------------------------------------------------------------
     def __enter__(self) -> "Checkpointer":
@@ -192,15 +254,13 @@ class Checkpointer:
         self.close()
 
     def close(self) -> None:
-        """Restore the signal handlers that were in place before."""
-        for signum, previous in self._previous_handlers.items():
-            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
-        self._previous_handlers = {}
+        """Restore the signal handlers that were in place before (its own catcher only)."""
+        if self._owns_signals:
+            self.signals.close()
 
-    def _on_signal(self, signum, frame) -> None:
-        if not self._iterating:
-            raise StoppedBeforeFirstIteration(signum)
-        self._received = signum
+    @property
+    def _received(self) -> int | None:
+        return self.signals.received if self.signals is not None else None
 
     # -- queries --------------------------------------------------------------------------
     @property
@@ -216,7 +276,8 @@ class Checkpointer:
         """
         if self.path is None:
             return False
-        self._iterating = True
+        if self.signals is not None:
+            self.signals.busy()
         self._agreed_signal = self.world.max(self._received or 0)
         if self._agreed_signal:
             return True
@@ -232,6 +293,7 @@ class Checkpointer:
         if self.path is None:
             return
         self.world.agree(lambda: self._write(iteration, state))
+        self.saved_iteration = iteration
         if self._agreed_signal:
             raise CheckpointStop(self._agreed_signal, iteration, self.path)
 

@@ -56,3 +56,44 @@ def test_auto_mode_and_errors():
     assert decomposition.choose_mode("auto", frames=2, ranks=4) == "views"
     with pytest.raises(Exception, match="frames"):
         decomposition.choose_mode("frames", frames=1, ranks=2)
+
+
+@pytest.mark.mpi
+def test_frames_stopped_by_sigterm_on_one_rank_resume_bit_identically(pet_case, monkeypatch):
+    import os
+    import signal
+
+    from medhpc.pet.recon import OsemReconstructor
+    from medhpc.runtime.checkpoint import CheckpointStop
+    from tests.parallel import shared_tmp_dir
+
+    world = get_world()
+    settings = ReconSettings(iterations=3, subsets=4)
+    original = OsemReconstructor.subiteration
+    calls = {"n": 0}
+
+    def interrupted(self, image, subset):
+        calls["n"] += 1
+        if world.rank == 1 and calls["n"] == 6:  # rank 1, iteration 2 of its first frame
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, image, subset)
+
+    with shared_tmp_dir(world) as folder:
+        run = start_run("pet-recon", device="cpu", verbosity=-1, world=world)
+        reference, reference_history = Reconstruction(  # never stopped, same ranks and threads
+            run, pet_case["dynamic"], folder / "ref.h5", settings, decomp="frames").compute()
+        monkeypatch.setattr(OsemReconstructor, "subiteration", interrupted)
+        run = start_run("pet-recon", device="cpu", verbosity=-1, world=world)
+        with pytest.raises(CheckpointStop, match="frame"):
+            Reconstruction(run, pet_case["dynamic"], folder / "x.h5", settings,
+                           decomp="frames").compute()
+        monkeypatch.setattr(OsemReconstructor, "subiteration", original)
+        run = start_run("pet-recon", device="cpu", verbosity=-1, world=world)
+        resumed = Reconstruction(run, pet_case["dynamic"], folder / "x.h5", settings,
+                                 decomp="frames", resume=True)
+        images, histories = resumed.compute()
+        world.barrier()
+        if world.is_root:
+            np.testing.assert_array_equal(images, reference)
+            assert [list(h) for h in histories] == [list(h) for h in reference_history]
+            assert not any(resumed.frame_checkpoint_path(f).exists() for f in (0, 1))

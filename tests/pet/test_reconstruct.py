@@ -170,3 +170,57 @@ def test_sensitivity_cache_is_written_reused_and_refreshed(pet_case, tmp_path):
     np.testing.assert_array_equal(first, second)
     _, stages = run_with_cache(2)  # other subsets: the cache is outdated and rewritten
     assert "sensitivity" in stages and "write sensitivity cache" in stages
+
+
+def test_frames_stop_on_sigterm_keep_finished_frames_and_resume_to_the_same_images(
+        pet_case, tmp_path, monkeypatch):
+    settings = dict(iterations=3, subsets=4)
+    reference, reference_history = reconstruct(pet_case["dynamic"], tmp_path / "ref.nii.gz",
+                                               decomp="frames", **settings)
+    original = OsemReconstructor.subiteration
+    calls = {"n": 0}
+
+    def interrupted(self, image, subset):
+        calls["n"] += 1
+        if calls["n"] == 12 + 6:  # frame 1, iteration 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, image, subset)
+
+    out = tmp_path / "stopped.h5"
+    monkeypatch.setattr(OsemReconstructor, "subiteration", interrupted)
+    stopped = Reconstruction(serial_run("pet-recon"), pet_case["dynamic"], out,
+                             ReconSettings(**settings), decomp="frames")
+    with pytest.raises(CheckpointStop, match="2 of 2 frame"):
+        stopped.compute()
+    assert stopped.frame_checkpoint_path(0).exists() and stopped.frame_checkpoint_path(1).exists()
+    monkeypatch.setattr(OsemReconstructor, "subiteration", original)
+    counted = {"n": 0}
+
+    def counting(self, image, subset):
+        counted["n"] += 1
+        return original(self, image, subset)
+
+    monkeypatch.setattr(OsemReconstructor, "subiteration", counting)
+    resumed = Reconstruction(serial_run("pet-recon"), pet_case["dynamic"], out,
+                             ReconSettings(**settings), decomp="frames", resume=True)
+    images, histories = resumed.compute()
+    assert counted["n"] == 4  # frame 0 was finished; frame 1 redoes its third iteration only
+    np.testing.assert_array_equal(images, reference)
+    assert [list(h) for h in histories] == [list(h) for h in reference_history]
+    assert not any(resumed.frame_checkpoint_path(f).exists() for f in (0, 1))
+
+
+def test_frames_checkpoint_every_k_iterations(pet_case, tmp_path, monkeypatch):
+    saved = []
+    from medhpc.runtime.checkpoint import Checkpointer
+
+    original = Checkpointer.save
+    monkeypatch.setattr(Checkpointer, "save",
+                        lambda self, i, state: (saved.append((self.path.name, i)),
+                                                original(self, i, state)))
+    recon = Reconstruction(serial_run("pet-recon"), pet_case["dynamic"], tmp_path / "e.h5",
+                           ReconSettings(iterations=2, subsets=2), decomp="frames",
+                           checkpoint_every=1)
+    recon.compute()
+    assert saved == [("e.checkpoint.frame0000.h5", 1), ("e.checkpoint.frame0000.h5", 2),
+                     ("e.checkpoint.frame0001.h5", 1), ("e.checkpoint.frame0001.h5", 2)]
