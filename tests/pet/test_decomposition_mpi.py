@@ -70,11 +70,18 @@ def test_frames_stopped_by_sigterm_on_one_rank_resume_bit_identically(pet_case, 
     world = get_world()
     settings = ReconSettings(iterations=3, subsets=4)
     original = OsemReconstructor.subiteration
-    calls = {"n": 0}
+    original_shares = Reconstruction.view_shares
+    calls = {"n": 0, "frame": None}
+
+    def shares_of_frame(self, views_per_subset, world, frame=None):
+        calls["frame"], calls["n"] = frame, 0
+        return original_shares(self, views_per_subset, world, frame=frame)
 
     def interrupted(self, image, subset):
         calls["n"] += 1
-        if world.rank == 1 and calls["n"] == 6:  # rank 1, iteration 2 of its first frame
+        # frames are dealt as ranks ask, so only the rank that drew frame 0 is signalled,
+        # at iteration 2 of that frame
+        if calls["frame"] == 0 and calls["n"] == 6:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, image, subset)
 
@@ -83,11 +90,13 @@ def test_frames_stopped_by_sigterm_on_one_rank_resume_bit_identically(pet_case, 
         reference, reference_history = Reconstruction(  # never stopped, same ranks and threads
             run, pet_case["dynamic"], folder / "ref.h5", settings, decomp="frames").compute()
         monkeypatch.setattr(OsemReconstructor, "subiteration", interrupted)
+        monkeypatch.setattr(Reconstruction, "view_shares", shares_of_frame)
         run = start_run("pet-recon", device="cpu", verbosity=-1, world=world)
         with pytest.raises(CheckpointStop, match="frame"):
             Reconstruction(run, pet_case["dynamic"], folder / "x.h5", settings,
                            decomp="frames").compute()
         monkeypatch.setattr(OsemReconstructor, "subiteration", original)
+        monkeypatch.setattr(Reconstruction, "view_shares", original_shares)
         run = start_run("pet-recon", device="cpu", verbosity=-1, world=world)
         resumed = Reconstruction(run, pet_case["dynamic"], folder / "x.h5", settings,
                                  decomp="frames", resume=True)
