@@ -17,7 +17,6 @@ import json
 import math
 import os
 import signal
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,8 +36,9 @@ from medhpc.ct.unet import UNet3D, UNetConfig
 from medhpc.errors import InputError
 from medhpc.io.atomic import atomic_path
 from medhpc.parallel.geometry import block_range
-from medhpc.runtime.checkpoint import (STOP_SIGNALS, CheckpointStop, plain_data,
-                                      read_torch_document)
+from medhpc.runtime.checkpoint import (CheckpointStop, StopSignals, plain_data,
+                                      read_torch_checkpoint,
+                                      write_torch_checkpoint)
 from medhpc.runtime.runlog import write_run_log
 
 # A test hook: the rank sends itself SIGTERM after this global step (exercises the stop path).
@@ -103,25 +103,6 @@ def split_folds(names: list[str], folds: int, fold: int) -> tuple[list[str], lis
 def poly_lr(base: float, step: int, total: int) -> float:
     """nnU-Net's polynomial decay: base * (1 - step / total) ** 0.9."""
     return base * (1 - min(step, total) / total) ** POLY_EXPONENT
-
-
-class StopSignals:
-    """Notes SIGTERM/SIGUSR1; the ranks agree on stopping after the current step."""
-
-    def __init__(self):
-        self.received = 0
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._note)
-
-    def _note(self, signum, frame):
-        self.received = signum
-
-    def close(self):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
-        self._previous = {}
 
 
 class Training:
@@ -223,11 +204,14 @@ class Training:
         with run.stage("rendezvous", "comm"):
             ranks = distributed.rendezvous(self.world, run.device)
         try:
-            return self._train(dataset, train_names, val_names, config, plan, ranks, summary)
+            # until the first step ends a stop signal ends the run at once (nothing to save)
+            with StopSignals(raise_while_idle=True) as signals:
+                return self._train(dataset, train_names, val_names, config, plan, ranks,
+                                   summary, signals)
         finally:
             distributed.shutdown(self.world, ranks)
 
-    def _train(self, dataset, train_names, val_names, config, plan, ranks, summary):
+    def _train(self, dataset, train_names, val_names, config, plan, ranks, summary, signals):
         run, s = self.run, self.settings
         device = self.torch_device()
         batch, patch = plan.batch, plan.patch
@@ -271,69 +255,66 @@ class Training:
             if ranks.launcher == "torchrun" and ranks.size > 1:
                 raise InputError("--grad-sync mpi needs an MPI launch (mpiexec/srun)")
         autocast_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        signals = StopSignals()
         self.out.mkdir(parents=True, exist_ok=True)
-        try:
-            for epoch in range(state["epoch"], s.epochs):
-                network.train()
-                started = time.perf_counter() - state["epoch_seconds"]
-                for step in range(state["step"], s.steps):
-                    global_step = epoch * s.steps + step
-                    with run.stage("sample and augment", "kernel"):
-                        images, labels = sampler.batch(global_step)
-                        x = torch.from_numpy(images).to(device)
-                        y = torch.from_numpy(labels).to(device)
-                    for group in optimizer.param_groups:
-                        group["lr"] = poly_lr(s.learning_rate, global_step, total_steps)
-                    with run.stage("forward and backward", "kernel"):
-                        optimizer.zero_grad(set_to_none=True)
-                        with torch.autocast(device.type, dtype=autocast_dtype, enabled=plan.amp):
-                            loss = deep_supervision_loss(network(x), y)
-                        scaler.scale(loss).backward()
-                    if sync is not None:
-                        with run.stage("gradient all-reduce", "comm"):
-                            sync()
-                    with run.stage("optimizer step", "kernel"):
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-                        scaler.step(optimizer)
-                        scaler.update()
-                    state["epoch_loss"] += float(loss.detach())
-                    if global_step + 1 == _signal_step():
-                        os.kill(os.getpid(), signal.SIGTERM)
-                    stop = distributed.reduce_max(self.world, ranks, signals.received)
-                    if stop:
-                        partial = distributed.reduce_sum(
-                            self.world, ranks, np.array([state["epoch_loss"]]))[0]
-                        state.update(epoch=epoch, step=step + 1, epoch_loss=float(partial),
-                                     epoch_seconds=time.perf_counter() - started)
-                        self.write_checkpoint(model, optimizer, scaler, state, fingerprint,
-                                              ranks)
-                        raise CheckpointStop(int(stop), global_step + 1,
-                                             self.out / CHECKPOINT_NAME)
-                seconds = time.perf_counter() - started
-                epoch_loss = distributed.reduce_sum(
-                    self.world, ranks, np.array([state["epoch_loss"]]))[0] / ranks.size
-                with run.stage("validation", "kernel"):
-                    dice = self.validate_epoch(model, val_cases, dataset, patch, device, plan.amp,
-                                               ranks)
-                record = {"epoch": epoch + 1, "loss": float(epoch_loss) / s.steps,
-                          "lr": poly_lr(s.learning_rate, (epoch + 1) * s.steps, total_steps),
-                          "patches_per_s": s.steps * global_batch / seconds,
-                          "seconds": seconds,
-                          "dice": {name: _finite(d) for name, d in zip(dataset.classes, dice)}}
-                if device.type == "cuda":
-                    record["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1024 ** 3
-                state["history"].append(record)
-                run.log.info(f"epoch {epoch + 1}/{s.epochs}: loss {record['loss']:.4f}, "
-                             f"{record['patches_per_s']:.2f} patches/s, Dice "
-                             + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -"
-                                         for k, v in record["dice"].items()))
-                state.update(epoch=epoch + 1, step=0, epoch_loss=0.0, epoch_seconds=0.0)
-                with run.stage("checkpoint", "io"):
-                    self.write_checkpoint(model, optimizer, scaler, state, fingerprint, ranks)
-        finally:
-            signals.close()
+        signals.busy()
+        for epoch in range(state["epoch"], s.epochs):
+            network.train()
+            started = time.perf_counter() - state["epoch_seconds"]
+            for step in range(state["step"], s.steps):
+                global_step = epoch * s.steps + step
+                with run.stage("sample and augment", "kernel"):
+                    images, labels = sampler.batch(global_step)
+                    x = torch.from_numpy(images).to(device)
+                    y = torch.from_numpy(labels).to(device)
+                for group in optimizer.param_groups:
+                    group["lr"] = poly_lr(s.learning_rate, global_step, total_steps)
+                with run.stage("forward and backward", "kernel"):
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=plan.amp):
+                        loss = deep_supervision_loss(network(x), y)
+                    scaler.scale(loss).backward()
+                if sync is not None:
+                    with run.stage("gradient all-reduce", "comm"):
+                        sync()
+                with run.stage("optimizer step", "kernel"):
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+                    scaler.step(optimizer)
+                    scaler.update()
+                state["epoch_loss"] += float(loss.detach())
+                if global_step + 1 == _signal_step():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                stop = distributed.reduce_max(self.world, ranks, signals.received or 0)
+                if stop:
+                    partial = distributed.reduce_sum(
+                        self.world, ranks, np.array([state["epoch_loss"]]))[0]
+                    state.update(epoch=epoch, step=step + 1, epoch_loss=float(partial),
+                                 epoch_seconds=time.perf_counter() - started)
+                    self.write_checkpoint(model, optimizer, scaler, state, fingerprint,
+                                          ranks)
+                    raise CheckpointStop(int(stop), global_step + 1,
+                                         self.out / CHECKPOINT_NAME)
+            seconds = time.perf_counter() - started
+            epoch_loss = distributed.reduce_sum(
+                self.world, ranks, np.array([state["epoch_loss"]]))[0] / ranks.size
+            with run.stage("validation", "kernel"):
+                dice = self.validate_epoch(model, val_cases, dataset, patch, device, plan.amp,
+                                           ranks)
+            record = {"epoch": epoch + 1, "loss": float(epoch_loss) / s.steps,
+                      "lr": poly_lr(s.learning_rate, (epoch + 1) * s.steps, total_steps),
+                      "patches_per_s": s.steps * global_batch / seconds,
+                      "seconds": seconds,
+                      "dice": {name: _finite(d) for name, d in zip(dataset.classes, dice)}}
+            if device.type == "cuda":
+                record["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1024 ** 3
+            state["history"].append(record)
+            run.log.info(f"epoch {epoch + 1}/{s.epochs}: loss {record['loss']:.4f}, "
+                         f"{record['patches_per_s']:.2f} patches/s, Dice "
+                         + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -"
+                                     for k, v in record["dice"].items()))
+            state.update(epoch=epoch + 1, step=0, epoch_loss=0.0, epoch_seconds=0.0)
+            with run.stage("checkpoint", "io"):
+                self.write_checkpoint(model, optimizer, scaler, state, fingerprint, ranks)
         with run.stage("write model and log", "io"):
             if ranks.rank == 0:
                 self.write_outputs(model, config, plan, dataset, state["history"], summary)
@@ -357,39 +338,25 @@ class Training:
     def write_checkpoint(self, model, optimizer, scaler, state, fingerprint, ranks):
         if ranks.rank != 0:
             return
-        document = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "state": plain_data(state),
-                    "fingerprint": plain_data(fingerprint),
-                    "sampler": {"seed": int(self.settings.seed), "next_step":
-                                int(state["epoch"] * self.settings.steps + state["step"])},
-                    "torch_rng": torch.get_rng_state()}
-        with atomic_path(self.out / CHECKPOINT_NAME, overwrite=True, now=True) as tmp:
-            torch.save(document, tmp)
+        step = state["epoch"] * self.settings.steps + state["step"]
+        write_torch_checkpoint(self.out / CHECKPOINT_NAME, step, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}, state,
+            fingerprint)
 
     def read_checkpoint(self, model, optimizer, scaler, fingerprint) -> dict:
-        path = self.out / CHECKPOINT_NAME
-
-        def read():
-            document = read_torch_document(
-                path, "the checkpoint.pt of an interrupted ct-train run (or run without --resume)")
-            if not {"fingerprint", "model", "optimizer", "scaler", "torch_rng", "state"} <= set(
-                    document):
-                raise InputError(f"{path}: not a ct-train checkpoint (entries missing); run "
-                                 f"without --resume")
-            current = plain_data(fingerprint)
-            if document["fingerprint"] != current:
-                changed = sorted(k for k in set(current) | set(document["fingerprint"])
-                                 if current.get(k) != document["fingerprint"].get(k))
-                raise InputError(f"{path}: checkpoint of a run with different settings "
-                                 f"({', '.join(changed)}); rerun with the same settings")
-            return document
-
-        document = self.world.agree(read)
-        model.load_state_dict(document["model"])
-        optimizer.load_state_dict(document["optimizer"])
-        scaler.load_state_dict(document["scaler"])
-        torch.set_rng_state(document["torch_rng"])
-        return document["state"]
+        _, tensors, state = self.world.agree(lambda: read_torch_checkpoint(
+            self.out / CHECKPOINT_NAME, fingerprint,
+            "the checkpoint.pt of an interrupted ct-train run (or run without --resume)"))
+        try:
+            model.load_state_dict(tensors["model"])
+            optimizer.load_state_dict(tensors["optimizer"])
+            scaler.load_state_dict(tensors["scaler"])
+            torch.set_rng_state(tensors["torch_rng"])
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise InputError(f"{self.out / CHECKPOINT_NAME}: not a checkpoint of this network "
+                             f"({type(error).__name__}); run without --resume") from None
+        return state
 
     def write_outputs(self, model, config, plan, dataset, history, summary):
         document = {"model": model.state_dict(), **plain_data({

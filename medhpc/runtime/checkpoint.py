@@ -144,6 +144,58 @@ def read_torch_document(path, expected: str) -> dict:
     return document
 
 
+def write_torch_checkpoint(path, iteration: int, tensors: dict, state: dict,
+                           fingerprint: dict) -> None:
+    """Write a checkpoint of torch state atomically, loadable with ``weights_only=True``.
+
+    Parameters
+    ----------
+    path : Path
+        The ``.pt`` file.
+    iteration : int
+        How far the run got (its own unit: optimisation steps for ct-train).
+    tensors : dict
+        Tensors and the ``state_dict()`` of models, optimizers and scalers.
+    state : dict
+        Plain, JSON-able data (counters, histories).
+    fingerprint : dict
+        The run's parameters; :func:`read_torch_checkpoint` refuses other ones.
+    """
+    import torch
+
+    document = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "iteration": int(iteration),
+                "fingerprint": _normalised(fingerprint), "state": _normalised(state),
+                "tensors": tensors}
+    with atomic_path(path, overwrite=True, now=True) as tmp:
+        torch.save(document, tmp)
+
+
+def read_torch_checkpoint(path, fingerprint: dict, expected: str) -> tuple[int, dict, dict]:
+    """Return ``(iteration, tensors, state)`` that :func:`write_torch_checkpoint` wrote.
+
+    Raises :class:`InputError` (one line naming ``path`` and what was ``expected``)
+    when the file is missing, holds objects other than tensors and plain data, is
+    not a medhpc checkpoint, or was written by a run with another ``fingerprint``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no checkpoint to resume from; run without --resume to "
+                         f"start afresh")
+    document = read_torch_document(path, expected)
+    missing = {"format", "version", "iteration", "fingerprint", "state", "tensors"} - set(document)
+    if missing or document["format"] != FORMAT_NAME:
+        raise InputError(f"{path}: not a medhpc checkpoint ({', '.join(sorted(missing)) or 'format'}"
+                         f" missing); expected {expected}")
+    if document["version"] != FORMAT_VERSION:
+        raise InputError(f"{path}: checkpoint format version {document['version']}, expected "
+                         f"{FORMAT_VERSION}; run without --resume")
+    difference = _describe_difference(document["fingerprint"], _normalised(fingerprint))
+    if difference:
+        raise InputError(f"{path}: checkpoint of a run with different parameters ({difference}); "
+                         f"rerun with the same parameters or without --resume")
+    return int(document["iteration"]), document["tensors"], document["state"]
+
+
 class StopSignals:
     """Catches ``SIGTERM`` and ``SIGUSR1`` on this rank while it is open.
 

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -37,7 +38,8 @@ from medhpc.tnr.matching import STATUS_NAMES, Matches, MatchSettings, grid_axes,
 from medhpc.tnr.preprocess import STAINS, WorkingSection, downsample, prepare_section
 from medhpc.tnr.sources import SectionStack, open_stack
 from medhpc.tnr.warpfield import SectionWarp, fitted_warp, rigid_warp
-from medhpc.runtime.checkpoint import plain_data
+from medhpc.runtime.checkpoint import (CheckpointStop, StopSignals, StoppedBeforeFirstIteration,
+                                      plain_data)
 from medhpc.runtime.runlog import write_run_log
 from medhpc.runtime.timing import peak_memory_mb
 from medhpc.tnr.wholeslide import (OutputSettings, memory_plan, output_tiles, region_cap_pixels,
@@ -353,6 +355,7 @@ class Reconstruction:
         self._cache: dict[int, WorkingSection] = {}
         self.intensity = IntensityMaps.identity()
         self._levels_read: dict[int, dict] = {}
+        self._signals: StopSignals | None = None
 
     def _validated(self, source) -> SectionStack:
         self.settings.check()
@@ -437,7 +440,16 @@ class Reconstruction:
                           f"{stack.shape[0]} px, working level {self.work_shape[1]}x"
                           f"{self.work_shape[0]}, mode {self.settings.mode}, "
                           f"{self.world.size} rank(s), device {self.run.device}")
+        with StopSignals(raise_while_idle=False) as self._signals:
+            try:
+                return self._reconstruct()
+            finally:
+                self._signals = None
+
+    def _reconstruct(self) -> None:
+        stack = self.stack
         pairs, flags, matched = self.match_stack()
+        self._stop_if_signalled("matching")
         with self.run.stage("trajectories", "other"):
             # every rank solves the (small) trajectory problem itself: nobody waits
             record = solve_trajectories(self.settings, stack.count, self.work_shape, pairs,
@@ -450,6 +462,7 @@ class Reconstruction:
             warps = fit_warps(self.settings, self.work_shape, record, range(start, stop))
         self.intensity = self.intensity_maps(pairs, flags)
         local, views, displacement = self.warp_sections(warps)
+        self._stop_if_signalled("warping")
         self.write_outputs(local, displacement)
         views = self.world.gather(views)
         if self.world.is_root:
@@ -487,6 +500,15 @@ class Reconstruction:
             write_run_log(self.log_path, "tnr-register", document, overwrite=self.run.overwrite)
             self.run.log.info(f"log written to {self.log_path}")
 
+    def _stop_if_signalled(self, stage: str) -> None:
+        """Stop (exit 143) when a rank received a stop signal, before anything is written;
+        the matched pairs stay for ``--resume``."""
+        signum = self.world.max(self._signals.received or 0)
+        if signum:
+            raise CheckpointStop(signum, 0, self.pairs_dir, message=(
+                f"{signal.Signals(signum).name} received: stopped after {stage}, before "
+                f"writing; the matched pairs are kept in {self.pairs_dir}; rerun with --resume to continue without matching again"))
+
     def _check_outputs(self) -> None:
         for path in (self.out, self.log_path, self.png, self.fields):
             if path is not None:
@@ -514,6 +536,17 @@ class Reconstruction:
         saved = self._load_pair(a, b)
         if saved is not None:
             return saved
+        signals = self._signals
+        if signals is not None and signals.received:  # stopping: match no other pair
+            raise CheckpointStop(signals.received, 0, self.pairs_dir)
+        if signals is None:
+            return self._matched_pair(a, b)
+        with signals.at_once_until_busy():  # until a pair is kept, a signal stops at once
+            result = self._matched_pair(a, b)
+            signals.busy()
+        return result
+
+    def _matched_pair(self, a: int, b: int) -> PairResult:
         fixed, moving = self.working_section(a), self.working_section(b)
         grid = self.settings.match.grid
         ys, xs = grid_axes(self.work_shape, grid)
@@ -576,12 +609,24 @@ class Reconstruction:
                             schedule=schedule)
         return {(r.a, r.b): r for chunk in results for r in chunk}
 
+    def _stoppable_match(self, pair_list) -> dict:
+        """:meth:`_match`, ending in one agreed :class:`CheckpointStop` on a stop signal."""
+        try:
+            return self._match(pair_list)
+        except (CheckpointStop, StoppedBeforeFirstIteration) as stop:
+            kept = self.world.agree(lambda: len(list(self.pairs_dir.glob("pair-*.h5")))
+                                    if self.pairs_dir.exists() else 0)
+            raise CheckpointStop(stop.signum, 0, self.pairs_dir, message=(
+                f"{signal.Signals(stop.signum).name} received: stopped while matching, "
+                f"{kept} of {self.stack.count - 1} pair(s) kept in {self.pairs_dir}; rerun "
+                f"with --resume to continue")) from None
+
     def match_stack(self):
         """Match every neighbouring pair, flag sections, bridge the unmatched ones."""
         n = self.stack.count
         if self.resume and self.world.is_root and self.pairs_dir.exists():
             self.run.log.info(f"--resume: reusing matched pairs in {self.pairs_dir}")
-        pairs = self._match([(i, i + 1) for i in range(n - 1)])
+        pairs = self._stoppable_match([(i, i + 1) for i in range(n - 1)])
         statistics = {}
         for result in pairs.values():
             statistics.update(result.sections)
@@ -595,7 +640,7 @@ class Reconstruction:
         if bridges:
             self.run.log.info(f"bridging {len(bridges)} pair(s) over doubtful sections: "
                               f"{bridges}")
-            pairs.update(self._match(bridges))
+            pairs.update(self._stoppable_match(bridges))
         return pairs, flags, matched
 
     # -- warping and writing ---------------------------------------------------------------

@@ -77,7 +77,8 @@ def test_resume_after_sigterm_mid_epoch_equals_an_uninterrupted_run(tiny_dataset
     assert [r["loss"] for r in parts] == pytest.approx([r["loss"] for r in whole], rel=1e-6)
     changed = train(tiny_dataset, tmp_path / "parts", "--epochs", "2", "--steps", "4",
                     "--batch", "2", "--optimizer", "adamw", "--resume")
-    assert changed.returncode == 2 and "different settings" in changed.stderr
+    assert changed.returncode == 2 and "different parameters" in changed.stderr
+    assert "steps: checkpoint 3, now 4" in changed.stderr
 
 
 @pytest.mark.timeout(900)

@@ -189,3 +189,30 @@ def test_a_stop_signal_before_the_first_iteration_stops_at_once(tmp_path):
         checkpointer.due(1)  # once iterating, a signal is deferred to the next save
         os.kill(os.getpid(), signal.SIGTERM)
         assert checkpointer.stop_requested
+
+
+def test_torch_checkpoint_round_trip_and_refusals(tmp_path):
+    torch = pytest.importorskip("torch")
+    from medhpc.runtime.checkpoint import read_torch_checkpoint, write_torch_checkpoint
+
+    path = tmp_path / "state.pt"
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    write_torch_checkpoint(path, 7, {"model": model.state_dict(),
+                                     "optimizer": optimizer.state_dict()},
+                           {"epoch": 1, "history": [{"loss": 0.5}]}, {"steps": 3, "seed": 0})
+    iteration, tensors, state = read_torch_checkpoint(path, {"steps": 3, "seed": 0}, "a test")
+    assert iteration == 7 and state == {"epoch": 1, "history": [{"loss": 0.5}]}
+    assert all(torch.equal(tensors["model"][k], v) for k, v in model.state_dict().items())
+    with pytest.raises(InputError, match="steps: checkpoint 3, now 4"):
+        read_torch_checkpoint(path, {"steps": 4, "seed": 0}, "a test")
+    with pytest.raises(InputError, match="no checkpoint to resume from"):
+        read_torch_checkpoint(tmp_path / "absent.pt", {}, "a test")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(InputError, match="foreign.pt: not a medhpc checkpoint"):
+        read_torch_checkpoint(tmp_path / "foreign.pt", {}, "a test")
+    torch.save({"object": threading.Lock}, tmp_path / "planted.pt")  # not loadable as weights
+    with pytest.raises(InputError, match="refused unread"):
+        read_torch_checkpoint(tmp_path / "planted.pt", {}, "a test")

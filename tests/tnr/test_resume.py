@@ -49,3 +49,41 @@ def test_planted_pickle_in_the_resume_store_is_never_run(phantom_folder, tmp_pat
     assert not marker.exists()
     fresh, _ = register(phantom_folder / "sections", tmp_path / "w.h5", SETTINGS)
     np.testing.assert_allclose(resumed, fresh, atol=1e-5)
+
+
+@pytest.mark.parametrize("signal_at_match, kept", [(5, 5), (1, 0)])
+def test_sigterm_while_matching_stops_cleanly_and_resume_continues(
+        phantom_folder, tmp_path, monkeypatch, signal_at_match, kept):
+    """A stop signal ends the run after the pair being matched is kept (exit 143), or at
+    once while nothing is kept yet (kernels compiling); nothing but the pair store is
+    left, and --resume matches only the rest."""
+    import os
+    import signal
+
+    from medhpc.runtime.checkpoint import CheckpointStop
+
+    source, out = phantom_folder / "sections", tmp_path / "v.h5"
+    original = register_module.match_sections
+    calls = []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == signal_at_match:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(register_module, "match_sections", signalled)
+        with pytest.raises(CheckpointStop, match=f"SIGTERM received: stopped while matching, "
+                                                 f"{kept} of 11"):
+            register(source, out, resume=False)
+    assert not out.exists() and not out.with_name("v-fields.h5").exists()
+    assert {p.name for p in tmp_path.iterdir()} <= {"v.tnr-pairs"}
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    calls.clear()
+    monkeypatch.setattr(register_module, "match_sections",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    resumed, _ = register(source, out, resume=True)
+    assert len(calls) == 11 - kept
+    fresh, _ = register(source, tmp_path / "w.h5", SETTINGS)
+    np.testing.assert_allclose(resumed, fresh, atol=1e-5)
