@@ -282,6 +282,8 @@ class Training:
                     scaler.step(optimizer)
                     scaler.update()
                 state["epoch_loss"] += float(loss.detach())
+                run.log.status(f"epoch {epoch + 1}/{s.epochs} step {step + 1}/{s.steps}: "
+                               f"loss {float(loss.detach()):.4f} (rank 0)")
                 if global_step + 1 == _signal_step():
                     os.kill(os.getpid(), signal.SIGTERM)
                 stop = distributed.reduce_max(self.world, ranks, signals.received or 0)
@@ -295,6 +297,7 @@ class Training:
                     raise CheckpointStop(int(stop), global_step + 1,
                                          self.out / CHECKPOINT_NAME)
             seconds = time.perf_counter() - started
+            run.log.end_status()
             epoch_loss = distributed.reduce_sum(
                 self.world, ranks, np.array([state["epoch_loss"]]))[0] / ranks.size
             with run.stage("validation", "kernel"):

@@ -175,7 +175,10 @@ def _publish(tmp: Path, path: Path, output: bool = True) -> None:
     if path.is_dir() and not path.is_symlink() and tmp.is_dir():
         shutil.rmtree(path)
     os.replace(tmp, path)
-    if output:
+    inside = [k for k, written in enumerate(_published) if tmp in written.parents]
+    for k in inside:  # files written inside a folder output now sit in the folder
+        _published[k] = path / _published[k].relative_to(tmp)
+    if output and not inside:
         record_output(path)
 
 

@@ -89,9 +89,10 @@ def register_pairs(run, settings: Settings, pairs_path, out, ranks_per_pair=1, d
 
     results = None
     if group.rank == 0:
-        outcomes = map_items(leaders, list(range(len(pairs))),
-                             lead, schedule="dynamic",
-                             gather_to="root")
+        show = run.log.counter("pairs registered")
+        outcomes = map_items(leaders, list(range(len(pairs))), lead, schedule="dynamic",
+                             gather_to="root", progress=show)
+        show.end()
         if ranks_per_pair > 1:
             group.bcast(None)
         results = outcomes

@@ -44,7 +44,8 @@ def static_items(world: World, n: int, schedule: str = "block") -> list[int]:
 
 
 def map_items(world: World, items: Sequence[Any], fn: Callable[[Any], Any],
-              schedule: str = "block", root: int = 0, gather_to: str = "all") -> list | None:
+              schedule: str = "block", root: int = 0, gather_to: str = "all",
+              progress: Callable[[int, int], None] | None = None) -> list | None:
     """Apply ``fn`` to every item, spread over the ranks; return the results in input order.
 
     Parameters
@@ -59,6 +60,9 @@ def map_items(world: World, items: Sequence[Any], fn: Callable[[Any], Any],
         The rank that hands out items (``"dynamic"``) and collects results.
     gather_to : {"all", "root"}
         Where the result list is returned; other ranks get ``None``.
+    progress : callable, optional
+        ``progress(done, total)`` after each item finished: on ``root`` over all items with
+        one rank or the dynamic schedule, on every rank over its own items otherwise.
 
     Returns
     -------
@@ -69,12 +73,18 @@ def map_items(world: World, items: Sequence[Any], fn: Callable[[Any], Any],
         raise ValueError(f"schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
     if gather_to not in ("all", "root"):
         raise ValueError(f"gather_to {gather_to!r}: expected 'all' or 'root'")
+    report = progress or (lambda done, total: None)
     if world.size == 1:
-        return [fn(item) for item in items]
+        results = []
+        for item in items:
+            results.append(fn(item))
+            report(len(results), len(items))
+        return results
     if schedule == "dynamic":
-        results, failure, own_error = _dynamic(world, items, fn, root)
+        results, failure, own_error = _dynamic(world, items, fn, root, report)
     else:
-        results, failure, own_error = _static(world, items, fn, schedule, root, gather_to)
+        results, failure, own_error = _static(world, items, fn, schedule, root, gather_to,
+                                              report)
     if failure is not None:
         index, exc = failure
         if own_error is not None and own_error[0] == index:
@@ -102,15 +112,17 @@ def _attempt(fn, item):
         return None, exc
 
 
-def _static(world: World, items, fn, schedule: str, root: int, gather_to: str):
+def _static(world: World, items, fn, schedule: str, root: int, gather_to: str, report):
     """Block or cyclic split; return (results, first failure, own failure)."""
     done, own_error = [], None
-    for index in static_items(world, len(items), schedule):
+    mine = static_items(world, len(items), schedule)
+    for index in mine:
         result, exc = _attempt(fn, items[index])
         if exc is not None:
             own_error = (index, exc)
             break
         done.append((index, result))
+        report(len(done), len(mine))
     failure = None if own_error is None else (own_error[0], portable_exception(own_error[1]))
 
     def unpicklable(exc):
@@ -135,10 +147,10 @@ def _static(world: World, items, fn, schedule: str, root: int, gather_to: str):
     return results, first_failure, own_error
 
 
-def _dynamic(world: World, items, fn, root: int):
+def _dynamic(world: World, items, fn, root: int, report):
     """Root hands out items on request; return (results, first failure, own failure)."""
     if world.rank == root:
-        results, failure, own_error = _serve(world, items, fn)
+        results, failure, own_error = _serve(world, items, fn, report)
         outcome = _pickled((results, failure), lambda exc: (None, (0, RuntimeError(
             f"results cannot be sent: {type(exc).__name__}: {exc}"))))
     else:
@@ -148,10 +160,14 @@ def _dynamic(world: World, items, fn, root: int):
     return results, failure, own_error
 
 
-def _serve(world: World, items, fn):
+def _serve(world: World, items, fn, report):
     """Root's side of the dynamic schedule."""
     results = [None] * len(items)
-    state = {"next": 0, "failure": None, "active": world.size - 1}
+    state = {"next": 0, "failure": None, "active": world.size - 1, "done": 0}
+
+    def finished_one():
+        state["done"] += 1
+        report(state["done"], len(items))
     own_error = None
     root_works = world.size == 2
 
@@ -166,6 +182,7 @@ def _serve(world: World, items, fn):
             index, ok, value = finished
             if ok:
                 results[index] = value
+                finished_one()
             else:
                 record_failure(index, value)
         if state["failure"] is None and state["next"] < len(items):
@@ -187,6 +204,7 @@ def _serve(world: World, items, fn):
             result, exc = _attempt(fn, items[index])
             if exc is None:
                 results[index] = result
+                finished_one()
             else:
                 own_error = (index, exc)
                 record_failure(index, portable_exception(exc))

@@ -361,8 +361,10 @@ class Reconstruction:
 
         with StopSignals(raise_while_idle=False) as signals:
             try:
+                show = self.run.log.counter("frames reconstructed")
                 results = map_items(self.world, frames, reconstruct_frame, schedule="dynamic",
-                                    gather_to="root")
+                                    gather_to="root", progress=show)
+                show.end()
             except (CheckpointStop, StoppedBeforeFirstIteration) as stop:
                 kept = self.world.agree(lambda: sum(
                     self.frame_checkpoint_path(f).exists() for f in frames))

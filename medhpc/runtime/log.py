@@ -88,22 +88,18 @@ class Log:
         """
         if total is None:
             total = len(iterable) if hasattr(iterable, "__len__") else None
-        show = self.rank == 0 and self.verbosity >= 0
-        interactive = show and hasattr(self.stream, "isatty") and self.stream.isatty()
-        started = last = time.perf_counter()
+        show = self.counter(desc)
         count = 0
         for item in iterable:
             yield item
             count += 1
-            if not show:
-                continue
-            now = time.perf_counter()
-            if interactive or now - last >= 10.0 or count == total:
-                last = now
-                self._draw(desc, count, total, now - started, interactive)
-        if interactive:
-            self.stream.write("\n")
-            self.stream.flush()
+            show(count, total)
+        show.end()
+
+    def counter(self, desc: str) -> "ProgressCounter":
+        """A callable ``show(done, total)`` for work counted elsewhere (a work queue, say),
+        drawn like :meth:`progress`; call its ``end()`` when the work is over."""
+        return ProgressCounter(self, desc)
 
     def _draw(self, desc, count, total, elapsed, interactive) -> None:
         if total:
@@ -118,3 +114,31 @@ class Log:
             self.stream.flush()
         else:
             self._write(text)
+
+
+class ProgressCounter:
+    """Draws ``done`` of ``total`` for :meth:`Log.counter` (rank 0, not with ``--quiet``)."""
+
+    def __init__(self, log: Log, desc: str):
+        self.log = log
+        self.desc = desc
+        self.show = log.rank == 0 and log.verbosity >= 0
+        self.interactive = self.show and hasattr(log.stream, "isatty") and log.stream.isatty()
+        self.started = self.last = time.perf_counter()
+        self.drawn = False
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if not self.show:
+            return
+        now = time.perf_counter()
+        if self.interactive or now - self.last >= 10.0 or done == total:
+            self.last = now
+            self.drawn = True
+            self.log._draw(self.desc, done, total, now - self.started, self.interactive)
+
+    def end(self) -> None:
+        """End the bar's line on a terminal."""
+        if self.interactive and self.drawn:
+            self.log.stream.write("\n")
+            self.log.stream.flush()
+            self.drawn = False

@@ -604,9 +604,11 @@ class Reconstruction:
             # (0, 1, 1, 0, 0, 1, ...), without a queue
             order = [order[k] for k in snake_order(len(order), 2)]
             schedule = "cyclic"
+        show = self.run.log.counter(f"matching {len(pair_list)} pairs in runs")
         results = map_items(self.world, [runs[r] for r in order],
                             lambda run: [self.match_pair(pair_list[i]) for i in run],
-                            schedule=schedule)
+                            schedule=schedule, progress=show)
+        show.end()
         return {(r.a, r.b): r for chunk in results for r in chunk}
 
     def _stoppable_match(self, pair_list) -> dict:

@@ -193,3 +193,18 @@ def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tmp_path):
             with atomic_path(small / "big.bin") as tmp:
                 tmp.write_bytes(b"\0" * 2**20)
         assert _leftovers(small) == []
+
+
+def test_files_written_inside_a_folder_output_are_reported_where_they_end_up(tmp_path):
+    from medhpc.io.atomic import published_outputs
+
+    folder = tmp_path / "phantom"
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        for name in ("activity.h5", "mu_map.h5"):
+            with atomic_path(tmp / name) as inner:
+                inner.write_bytes(b"x")
+    reported = published_outputs()
+    assert folder / "activity.h5" in reported and folder / "mu_map.h5" in reported
+    assert not any(".partial-" in str(path) for path in reported)
+    assert (folder / "mu_map.h5").read_bytes() == b"x"

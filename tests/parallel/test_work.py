@@ -40,6 +40,19 @@ def test_results_in_input_order(world, schedule, n):
         assert result == (expected if world.rank == root else None)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_progress_counts_every_finished_item(world, schedule):
+    seen = []
+    map_items(world, list(range(9)), lambda item: item, schedule,
+              progress=lambda done, total: seen.append((done, total)))
+    if schedule == "dynamic" or world.size == 1:
+        expected = [(k, 9) for k in range(1, 10)] if world.rank == 0 else []
+    else:
+        mine = len(static_items(world, 9, schedule))
+        expected = [(k, mine) for k in range(1, mine + 1)]
+    assert seen == expected
+
+
 def test_bad_options_are_rejected(world):
     with pytest.raises(ValueError, match="schedule"):
         map_items(world, [1], str, schedule="guided")
