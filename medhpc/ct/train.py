@@ -281,9 +281,10 @@ class Training:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
                     scaler.step(optimizer)
                     scaler.update()
-                state["epoch_loss"] += float(loss.detach())
+                step_loss = float(loss.detach())
+                state["epoch_loss"] += step_loss
                 run.log.status(f"epoch {epoch + 1}/{s.epochs} step {step + 1}/{s.steps}: "
-                               f"loss {float(loss.detach()):.4f} (rank 0)")
+                               f"loss {step_loss:.4f} (rank 0)")
                 if global_step + 1 == _signal_step():
                     os.kill(os.getpid(), signal.SIGTERM)
                 stop = distributed.reduce_max(self.world, ranks, signals.received or 0)

@@ -359,13 +359,13 @@ class Reconstruction:
             self.run.log.debug(f"frame {frame} done")
             return reconstructor.postfilter(state.image, self.voxel_mm), state.log_likelihood
 
+        show = self.run.log.counter("frames reconstructed")
         with StopSignals(raise_while_idle=False) as signals:
             try:
-                show = self.run.log.counter("frames reconstructed")
                 results = map_items(self.world, frames, reconstruct_frame, schedule="dynamic",
                                     gather_to="root", progress=show)
-                show.end()
             except (CheckpointStop, StoppedBeforeFirstIteration) as stop:
+                show.end()
                 kept = self.world.agree(lambda: sum(
                     self.frame_checkpoint_path(f).exists() for f in frames))
                 raise CheckpointStop(stop.signum, getattr(stop, "iteration", 0),
@@ -373,6 +373,7 @@ class Reconstruction:
                     f"{signal.Signals(stop.signum).name} received: stopped with {kept} of "
                     f"{len(frames)} frame(s) checkpointed (finished or part-way) in "
                     f"{self.checkpoint_path.parent}; rerun with --resume to continue")) from None
+        show.end()
         if self.world.is_root:
             for frame in frames:
                 self.frame_checkpoint_path(frame).unlink(missing_ok=True)

@@ -507,7 +507,8 @@ class Reconstruction:
         if signum:
             raise CheckpointStop(signum, 0, self.pairs_dir, message=(
                 f"{signal.Signals(signum).name} received: stopped after {stage}, before "
-                f"writing; the matched pairs are kept in {self.pairs_dir}; rerun with --resume to continue without matching again"))
+                f"writing; the matched pairs are kept in {self.pairs_dir}; rerun with "
+                f"--resume to continue without matching again"))
 
     def _check_outputs(self) -> None:
         for path in (self.out, self.log_path, self.png, self.fields):
@@ -604,11 +605,13 @@ class Reconstruction:
             # (0, 1, 1, 0, 0, 1, ...), without a queue
             order = [order[k] for k in snake_order(len(order), 2)]
             schedule = "cyclic"
-        show = self.run.log.counter(f"matching {len(pair_list)} pairs in runs")
-        results = map_items(self.world, [runs[r] for r in order],
-                            lambda run: [self.match_pair(pair_list[i]) for i in run],
-                            schedule=schedule, progress=show)
-        show.end()
+        show = self.run.log.counter(f"runs of pairs matched ({len(pair_list)} pairs)")
+        try:
+            results = map_items(self.world, [runs[r] for r in order],
+                                lambda run: [self.match_pair(pair_list[i]) for i in run],
+                                schedule=schedule, progress=show)
+        finally:
+            show.end()
         return {(r.a, r.b): r for chunk in results for r in chunk}
 
     def _stoppable_match(self, pair_list) -> dict:
