@@ -70,8 +70,8 @@ def worker_medhpc(data: Path, mode: str, iterations: int) -> dict:
 
     from medhpc.lddmm import kernels_cpu
     from medhpc.lddmm.flows import Flows
-    from medhpc.lddmm.job import read_inputs
-    from medhpc.lddmm.optimise import Settings
+    from medhpc.lddmm.run import read_inputs
+    from medhpc.lddmm.settings import Settings
     from medhpc.lddmm.register import Registration
     from medhpc.lddmm.transform import sample
     from medhpc.parallel import device
@@ -264,8 +264,8 @@ def time_to_accuracy(data: Path, repeats: int) -> list[dict]:
 
 
 def memory_per_rank(data: Path, folder: Path) -> list[dict]:
-    from medhpc.lddmm.job import plan
-    from medhpc.lddmm.optimise import Settings
+    from medhpc.lddmm.run import plan
+    from medhpc.lddmm.settings import Settings
 
     rows = []
     shape = None

@@ -56,7 +56,7 @@ def median_time(function, repeats: int) -> float:
 def dmi_subset_projector(tof: bool, lors_limit: int | None = None):
     from medhpc.io.geometry import ImageGeometry
     from medhpc.pet.projector import JosephProjector
-    from medhpc.pet.reconstruct import tof_spec
+    from medhpc.pet.projector import tof_spec
     from medhpc.pet.scanner import load_scanner, lor_endpoints, subset_views
 
     scanner = load_scanner("ge-dmi-4ring-tof" if tof else "ge-dmi-4ring")

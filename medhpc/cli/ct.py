@@ -8,11 +8,16 @@ from __future__ import annotations
 import click
 
 from medhpc.cli.help import command
-from medhpc.cli.options import pass_run
-from medhpc.errors import InputError
+from medhpc.cli.options import default_of, pass_run
 from medhpc.cli.parsing import NumberList
+from medhpc.ct.settings import DEFAULT_LR, GRAD_SYNCS, OPTIMIZERS, TrainSettings
+from medhpc.errors import InputError
 
 DEFAULT_CLASSES = "liver,spleen,kidneys"
+
+
+def _default(name):
+    return default_of(TrainSettings, name)
 
 
 def _class_names(text: str) -> list[str]:
@@ -91,7 +96,6 @@ def ct_prepare(run, images, labels, out, classes, spacing_mm, clip_hu):
     run.log.info(f"wrote {out}: {summary['cases']} case(s), {summary['labelled']} labelled; "
                  f"foreground HU {summary['intensity']['low']:.0f}..."
                  f"{summary['intensity']['high']:.0f}")
-    run.finish()
 
 
 def _require_torch(run, command: str) -> None:
@@ -111,31 +115,34 @@ mpiexec -n 4 medhpc ct-train --data ct/dataset.h5 --out ct/run --epochs 100 --pn
               help="Dataset written by ct-prepare.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder: model.pt, checkpoint.pt, log.json, log.csv (curves.png).")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=_default("epochs"), show_default=True,
               help="Passes of --steps optimiser steps each, validated after each.")
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1), default=_default("steps"), show_default=True,
               help="Optimisation steps per epoch.")
 @click.option("--patch", type=NumberList(3, int), default=None,
               help="Patch z,y,x [default: planned from --gpu-mem-gb].")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Patches per rank per step [default: planned].")
-@click.option("--widths", type=str, default="8,16,32,64", show_default=True,
+@click.option("--widths", type=str, default=",".join(map(str, _default("widths"))),
+              show_default=True,
               help="Channels per U-Net level (the count sets the depth).")
 @click.option("--deep-supervision", is_flag=True, help="Loss on every decoder level.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd",
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=_default("optimizer"),
               show_default=True, help="SGD Nesterov (momentum 0.99) or AdamW; poly LR decay.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Initial learning rate [default: 0.01 sgd, 3e-4 adamw].")
-@click.option("--grad-sync", type=click.Choice(["ddp", "mpi"]), default="ddp", show_default=True,
+              help="Initial learning rate [default: "
+                   + ", ".join(f"{rate:g} {name}" for name, rate in DEFAULT_LR.items()) + "].")
+@click.option("--grad-sync", type=click.Choice(GRAD_SYNCS), default=_default("grad_sync"),
+              show_default=True,
               help="Average gradients with DDP or one flat MPI all-reduce.")
 @click.option("--gpu-mem-gb", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Memory budget per GPU for the plan [default: 16 on GPU, 4 on CPU].")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision [default: planned].")
 @click.option("--checkpointing/--no-checkpointing", default=None,
               help="Activation checkpointing [default: planned].")
-@click.option("--folds", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--folds", type=click.IntRange(min=1), default=_default("folds"), show_default=True,
               help="Cross-validation folds the cases are split into (1: train on all).")
-@click.option("--fold", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--fold", type=click.IntRange(min=0), default=_default("fold"), show_default=True,
               help="Which fold is held out for validation (0 to --folds - 1).")
 @click.option("--no-augment", is_flag=True, help="Crop patches without augmentation.")
 @click.option("--resume", is_flag=True, help="Continue from RUN/checkpoint.pt.")
@@ -147,7 +154,7 @@ def ct_train(run, data, out, epochs, steps, patch, batch, widths, deep_supervisi
     """Train a 3-D U-Net for organ segmentation, data-parallel over the ranks (gloo on CPU,
     NCCL on GPU), with a memory plan, validation Dice per organ and checkpoints."""
     _require_torch(run, "ct-train")
-    from medhpc.ct.train import Training, TrainSettings
+    from medhpc.ct.run import Training
 
     try:
         width_list = tuple(int(w) for w in widths.split(","))
@@ -161,9 +168,7 @@ def ct_train(run, data, out, epochs, steps, patch, batch, widths, deep_supervisi
                              optimizer=optimizer, lr=lr, grad_sync=grad_sync, amp=amp,
                              checkpointing=checkpointing, gpu_mem_gb=gpu_mem_gb, folds=folds,
                              fold=fold, augment=not no_augment, seed=run.seed)
-    result = Training(run, data, out, settings, resume=resume, png=png).execute()
-    if result is not None:
-        run.finish()
+    Training(run, data, out, settings, resume=resume, png=png).execute()
 
 
 @command("ct-segment", example="""\
@@ -188,9 +193,7 @@ def ct_segment(run, model_path, images, out, labels, batch):
     from medhpc.ct.segment import Segmentation
 
     sources = images[0] if len(images) == 1 else list(images)
-    result = Segmentation(run, model_path, sources, out, labels, batch).execute()
-    if result is not None:
-        run.finish()
+    Segmentation(run, model_path, sources, out, labels, batch).execute()
 
 
 COMMANDS = [ct_prepare, ct_train, ct_segment]

@@ -5,33 +5,24 @@ from __future__ import annotations
 import click
 
 from medhpc.cli.help import command
-from medhpc.cli.options import pass_run
+from medhpc.cli.options import default_of, pass_run
 from medhpc.cli.parsing import NumberList
-
-
-_DEFAULTS = None
+from medhpc.lddmm.settings import (DEFAULT_SIGMA, DEFAULT_UPDATE_VOXELS, MAX_BINS, MIN_BINS,
+                                    Settings)
 
 
 def _default(name):
-    """The registration default of ``name`` (one place: :class:`Settings`)."""
-    global _DEFAULTS
-    if _DEFAULTS is None:
-        from medhpc.lddmm.optimise import Settings
-
-        _DEFAULTS = Settings()
-    return getattr(_DEFAULTS, name)
+    return default_of(Settings, name)
 
 
-def _bins_range() -> tuple[int, int]:
-    from medhpc.lddmm.optimise import MAX_BINS, MIN_BINS
+def _per_metric(table: dict) -> str:
+    """A per-metric defaults table as help text."""
+    return ", ".join(f"{value:g} for {metric}" for metric, value in table.items())
 
-    return MIN_BINS, MAX_BINS
 
-
-def _per_metric_update() -> str:
-    from medhpc.lddmm.optimise import DEFAULT_UPDATE_VOXELS
-
-    return ", ".join(f"{value:g} for {metric}" for metric, value in DEFAULT_UPDATE_VOXELS.items())
+def _iterations_default() -> str:
+    *coarse, finest = _default("iterations")
+    return ", ".join(str(count) for count in coarse) + f", then {finest} per finer level"
 
 
 @command("lddmm", example="""\
@@ -70,7 +61,7 @@ find subjects -name 't1.nii.gz' | sed 's|^|atlas.nii.gz,|' | \\
               help="Similarity: local NCC, mutual information (multimodal pairs, e.g. T1 to "
                    "T2 or CT to MR), global NCC or squared differences (symmetric takes lncc "
                    "or mi; beg takes lncc, ncc or ssd).")
-@click.option("--bins", type=click.IntRange(*_bins_range()), default=_default("bins"),
+@click.option("--bins", type=click.IntRange(MIN_BINS, MAX_BINS), default=_default("bins"),
               show_default=True,
               help="Histogram bins of the mutual information per image (--metric mi; the "
                    "normalised intensities [0, 1] span bins - 3 bin widths).")
@@ -84,7 +75,7 @@ find subjects -name 't1.nii.gz' | sed 's|^|atlas.nii.gz,|' | \\
 @click.option("--update-voxels", type=click.FloatRange(min=0, min_open=True),
               default=None,
               help="Longest update of one iteration (voxels of the level; symmetric) "
-                   f"[default: {_per_metric_update()}].")
+                   f"[default: {_per_metric(DEFAULT_UPDATE_VOXELS)}].")
 @click.option("--timesteps", type=click.IntRange(min=1), default=_default("timesteps"),
               show_default=True, help="Time points of the velocity (beg).")
 @click.option("--alpha", type=click.FloatRange(min=0), default=_default("alpha"),
@@ -95,8 +86,8 @@ find subjects -name 't1.nii.gz' | sed 's|^|atlas.nii.gz,|' | \\
 @click.option("--power", type=click.IntRange(min=1), default=_default("power"),
               show_default=True, help="Power of L (beg).")
 @click.option("--sigma", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Weight of the similarity: 1/sigma^2 (beg) [default: 0.02 for ssd and ncc, "
-                   "0.1 for lncc].")
+              help="Weight of the similarity: 1/sigma^2 (beg) "
+                   f"[default: {_per_metric(DEFAULT_SIGMA)}].")
 @click.option("--step", type=click.FloatRange(min=0, min_open=True), default=_default("step"),
               show_default=True, help="First step length of the gradient descent (beg).")
 @click.option("--levels", type=click.IntRange(min=0), default=_default("levels"),
@@ -104,7 +95,7 @@ find subjects -name 't1.nii.gz' | sed 's|^|atlas.nii.gz,|' | \\
               help="Pyramid levels (each halves the grid); 0: coarsest voxel about 8 mm.")
 @click.option("--iterations", type=NumberList(None, int, values="non-negative"),
               default=None, help="Iterations per level, coarsest first (the last repeats) "
-                                 "[default: 60, 40, then 30 per finer level].")
+                                 f"[default: {_iterations_default()}].")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=_default("tolerance"),
               show_default=True,
               help="Stop a level when the energy falls by less than this share (over 5 "
@@ -130,7 +121,6 @@ def lddmm(run, fixed, moving, pairs, out, initial_transform, fixed_mask, moving_
     time-varying LDDMM), spreading the fields over the ranks in z-slabs, or register many
     pairs."""
     from medhpc.errors import InputError
-    from medhpc.lddmm.optimise import Settings
     from medhpc.lddmm.pairs import register_one, register_pairs
 
     def check_inputs():

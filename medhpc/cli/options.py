@@ -8,6 +8,7 @@ flag > environment > ``default_map`` > default; ``--config`` is eager and fills
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -19,6 +20,20 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+
+
+def default_of(settings, name: str):
+    """The default of field ``name`` of the settings dataclass ``settings``.
+
+    Every default that decides a result lives in an application's ``settings.py``; the
+    command line reads it from there and never repeats it.
+    """
+    for item in dataclasses.fields(settings):
+        if item.name == name:
+            if item.default is not dataclasses.MISSING:
+                return item.default
+            return item.default_factory()
+    raise KeyError(f"{settings.__name__} has no setting {name!r}")
 
 
 def load_config_table(path, command: str) -> dict:
@@ -107,8 +122,9 @@ def pass_run(command_name: str):
     """Decorator: turn the shared options into a started :class:`~medhpc.runtime.context.Run`.
 
     The decorated function receives ``run`` as its first argument and the
-    subcommand's own options as keywords; the command returns the run, whose outputs
-    :func:`~medhpc.cli.main.run` reports on stdout once it has succeeded.
+    subcommand's own options as keywords. Every run that computed ends here the same
+    way: finished once (time breakdown and ``--timings``) unless the method already did,
+    and returned, so that :func:`~medhpc.cli.main.run` reports its outputs on stdout.
     """
     def decorate(function):
         @functools.wraps(function)
@@ -117,6 +133,8 @@ def pass_run(command_name: str):
 
             run = start_run(command_name, **run_settings(kwargs))
             function(run, **kwargs)
+            if not run.dry_run and not run.finished:
+                run.finish()
             return run
         return compute_options(wrapper)
     return decorate

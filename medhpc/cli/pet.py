@@ -5,8 +5,13 @@ from __future__ import annotations
 import click
 
 from medhpc.cli.help import command
-from medhpc.cli.options import pass_run
+from medhpc.cli.options import default_of, pass_run
 from medhpc.cli.parsing import NumberList
+from medhpc.pet.settings import ALGORITHMS, ReconSettings
+
+
+def _default(name):
+    return default_of(ReconSettings, name)
 
 
 @command("pet-geometry", example="""\
@@ -56,7 +61,7 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
     import numpy as np
 
     from medhpc.io.atomic import check_output_path
-    from medhpc.pet.reconstruct import axis_aligned_grid
+    from medhpc.pet.projector import axis_aligned_grid
     from medhpc.pet.scanner import load_scanner
     from medhpc.pet.simulate import Simulation, check_settings, read_inputs, write_simulation
 
@@ -88,7 +93,6 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
                                     "activity": str(activity)})
         run.log.info(f"wrote {out}: {geometry.name}, {data['frames']} frame(s), "
                      f"{float(np.sum(data['prompts'])):.4g} prompts")
-    run.finish()
 
 
 @command("pet-recon", example="""\
@@ -97,20 +101,26 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
 @click.option("--sinogram", required=True, type=click.Path(), help="Sinogram file (pet-simulate's layout).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Image to write: .nii/.nii.gz or .h5 (4-D for dynamic data).")
-@click.option("--algorithm", type=click.Choice(["osem", "mlem", "osem-rdp"]), default="osem",
+@click.option("--algorithm", type=click.Choice(ALGORITHMS), default=_default("algorithm"),
               show_default=True, help="osem: ordered subsets EM; mlem: all views per update; "
               "osem-rdp: OSEM with a relative difference prior (--beta).")
-@click.option("--iterations", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--iterations", type=click.IntRange(min=1), default=_default("iterations"),
+              show_default=True,
               help="Passes over all views (each of --subsets updates).")
-@click.option("--subsets", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--subsets", type=click.IntRange(min=1), default=_default("subsets"),
+              show_default=True,
               help="Ordered subsets of views (image updates per iteration; 1 for mlem).")
-@click.option("--psf-fwhm-mm", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--psf-fwhm-mm", type=click.FloatRange(min=0), default=_default("psf_fwhm_mm"),
+              show_default=True,
               help="Image-space Gaussian resolution model.")
-@click.option("--postfilter-fwhm-mm", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--postfilter-fwhm-mm", type=click.FloatRange(min=0),
+              default=_default("postfilter_fwhm_mm"), show_default=True,
               help="Gaussian filter of the final image (FWHM, mm; 0: none).")
-@click.option("--beta", type=click.FloatRange(min=0), default=0.1, show_default=True,
+@click.option("--beta", type=click.FloatRange(min=0), default=_default("rdp_beta"),
+              show_default=True,
               help="Weight of the relative difference prior (osem-rdp).")
-@click.option("--gamma", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@click.option("--gamma", type=click.FloatRange(min=0), default=_default("rdp_gamma"),
+              show_default=True,
               help="Edge preservation of the relative difference prior (osem-rdp).")
 @click.option("--decomp", type=click.Choice(["planes", "views", "frames", "auto"]), default="auto",
               show_default=True, help="How the work is spread over the ranks.")
@@ -134,15 +144,14 @@ def pet_recon(run, sinogram, out, algorithm, iterations, subsets, psf_fwhm_mm, p
               sensitivity_cache, png, log_path):
     """Reconstruct a PET image (OSEM, MLEM or OSEM with the relative difference prior) with the
     Joseph projector, spreading views, planes or frames over the ranks."""
-    from medhpc.pet.recon import ReconSettings
-    from medhpc.pet.reconstruct import Reconstruction
+    from medhpc.pet.run import PetRecon
 
     settings = ReconSettings(algorithm=algorithm, iterations=iterations, subsets=subsets,
                              psf_fwhm_mm=psf_fwhm_mm, postfilter_fwhm_mm=postfilter_fwhm_mm,
                              rdp_beta=beta if algorithm == "osem-rdp" else 0.0, rdp_gamma=gamma)
-    Reconstruction(run, sinogram, out, settings, decomp=decomp, image_shape=image_shape,
-                   voxel_size_mm=voxel_size_mm, resume=resume, checkpoint_every=checkpoint_every,
-                   png=png, log_path=log_path, sensitivity_cache=sensitivity_cache).execute()
+    PetRecon(run, sinogram, out, settings, decomp=decomp, image_shape=image_shape,
+             voxel_size_mm=voxel_size_mm, resume=resume, checkpoint_every=checkpoint_every,
+             png=png, log_path=log_path, sensitivity_cache=sensitivity_cache).execute()
 
 
 COMMANDS = [pet_geometry, pet_simulate, pet_recon]

@@ -6,6 +6,7 @@ import click
 
 from medhpc.cli.help import command
 
+
 @command(example="""\
 medhpc report run1/timings.json run2/timings.json --title '1 rank' --title '4 ranks' \\
     --png scaling.png""")
@@ -18,13 +19,19 @@ def report(timings, out_png, titles, overwrite):
     """Draw the stage breakdown of one TIMINGS.json (from --timings), or of two side by side
     (before and after) with the speed-up."""
     from medhpc.errors import InputError
+    from medhpc.io.atomic import check_output_path
     from medhpc.parallel.comm import get_world
     from medhpc.report import load_breakdown, plot_breakdown
 
-    if len(timings) > 2:
-        raise InputError(f"got {len(timings)} timing files; expected one, or two (before, after)")
-    if not get_world().is_root:
-        return
-    documents = [load_breakdown(path) for path in timings]
-    plot_breakdown(documents, out_png, titles=list(titles) or None, overwrite=overwrite)
-    click.echo(f"wrote {out_png}", err=True)
+    def read():
+        if len(timings) > 2:
+            raise InputError(f"got {len(timings)} timing files; expected one, or two "
+                             "(before, after)")
+        check_output_path(out_png, overwrite, (".png",))
+        return [load_breakdown(path) for path in timings]
+
+    world = get_world()
+    documents = world.agree(read)  # under mpiexec: one rank draws, every rank agrees
+    if world.is_root:
+        plot_breakdown(documents, out_png, titles=list(titles) or None, overwrite=overwrite)
+        click.echo(f"wrote {out_png}", err=True)

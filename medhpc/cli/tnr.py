@@ -5,7 +5,17 @@ from __future__ import annotations
 import click
 
 from medhpc.cli.help import command
-from medhpc.cli.options import pass_run
+from medhpc.cli.options import default_of, pass_run
+from medhpc.tnr.settings import (INTERPOLATION_ORDER, MODES, NORMALISATIONS, OUTPUT_COMPRESSIONS,
+                                 PLACEMENTS, STAINS, MatchSettings, OutputSettings, TnrSettings)
+
+
+def _default(name):
+    return default_of(TnrSettings, name)
+
+
+def _match_default(name):
+    return default_of(MatchSettings, name)
 
 
 @command("tnr-register", example="""\
@@ -22,48 +32,51 @@ ls slides/*.svs | medhpc tnr-register --input - --out volume.h5""")
               help="Registered stack: .ome.zarr or .ome.tif (pyramidal, written tile by tile "
                    "by every rank), .h5 (parts written by every rank), .tif or .nii/.nii.gz "
                    "(gathered on rank 0).")
-@click.option("--mode", type=click.Choice(["tnr", "pairwise", "none"]), default="tnr",
+@click.option("--mode", type=click.Choice(MODES), default=_default("mode"),
               show_default=True, help="tnr: smooth trajectories along z; pairwise: straight "
                                       "trajectories; none: rigid pre-alignment only.")
-@click.option("--sigma", type=float, default=3.0, show_default=True,
+@click.option("--sigma", type=float, default=_default("sigma"), show_default=True,
               help="Gaussian smoothing of the trajectories along z, in sections.")
-@click.option("--patch", type=int, default=64, show_default=True, help="Patch side (working px).")
-@click.option("--search", type=int, default=32, show_default=True,
+@click.option("--patch", type=int, default=_match_default("patch"), show_default=True,
+              help="Patch side (working px).")
+@click.option("--search", type=int, default=_match_default("search"), show_default=True,
               help="Search radius R: patches move by at most +/-R working px.")
-@click.option("--grid", type=int, default=64, show_default=True,
+@click.option("--grid", type=int, default=_match_default("grid"), show_default=True,
               help="Spacing of the patch grid (working px).")
 @click.option("--downsample", type=int, default=None,
-              help="Working level: this many input pixels per working pixel [default 1].")
+              help="Working level: this many input pixels per working pixel "
+                   f"[default {_default('downsample')}].")
 @click.option("--level", type=int, default=None,
               help="Working level as a pyramid level: --downsample 2**LEVEL.")
-@click.option("--stain", type=click.Choice(["gray", "od", "hematoxylin"]), default="hematoxylin",
+@click.option("--stain", type=click.Choice(STAINS), default=_default("stain"),
               show_default=True, help="Channel that sections of any stain share.")
-@click.option("--min-ncc", type=float, default=0.6, show_default=True,
+@click.option("--min-ncc", type=float, default=_match_default("min_ncc"), show_default=True,
               help="Matches with a lower NCC peak are rejected.")
-@click.option("--max-angle", type=float, default=180.0, show_default=True,
+@click.option("--max-angle", type=float, default=_default("max_angle_deg"), show_default=True,
               help="Largest rotation between neighbours searched by the rigid pre-alignment "
                    "(deg; 180 searches the whole circle).")
-@click.option("--mirror/--no-mirror", default=True, show_default=True,
+@click.option("--mirror/--no-mirror", default=_default("mirror"), show_default=True,
               help="Also detect sections laid face down (mirrored) in the rigid pre-alignment.")
-@click.option("--normalise", type=click.Choice(["histogram", "none"]), default="histogram",
+@click.option("--normalise", type=click.Choice(NORMALISATIONS), default=_default("normalise"),
               show_default=True,
               help="Output intensities: map each section's tissue quantiles onto the stack's "
                    "(histogram) or keep them (none).")
-@click.option("--placement", type=click.Choice(["rigid", "affine"]), default="rigid",
+@click.option("--placement", type=click.Choice(PLACEMENTS), default=_default("placement"),
               show_default=True,
               help="Model of each section's random placement removed before smoothing: rigid "
                    "(rotation and shift on the slide) or affine (also the cutting compression; "
                    "removes a real growth of the anatomy along z with it).")
-@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), default="bicubic",
+@click.option("--interpolation", type=click.Choice(list(INTERPOLATION_ORDER)),
+              default=_default("interpolation"),
               show_default=True, help="Resampling of the sections into the volume.")
 @click.option("--full-res", is_flag=True,
               help="Apply the warp to the input resolution, tile by tile (default: output at "
                    "the working level).")
-@click.option("--tile", type=int, default=1024, show_default=True,
+@click.option("--tile", type=int, default=default_of(OutputSettings, "tile"), show_default=True,
               help="Output tile side (px): the warp step, the zarr chunks and TIFF tiles; "
                    "bounds the memory per rank (see --dry-run).")
-@click.option("--compression", type=click.Choice(["auto", "jpeg", "zlib", "none"]),
-              default="auto", show_default=True,
+@click.option("--compression", type=click.Choice(OUTPUT_COMPRESSIONS),
+              default=default_of(OutputSettings, "compression"), show_default=True,
               help="Pyramidal outputs: auto is JPEG for 8-bit RGB JPEG slides, else zlib.")
 @click.option("--fields", type=click.Path(dir_okay=False), default=None,
               help="Also write the per-section displacement fields (output -> input, working "
@@ -85,10 +98,8 @@ def tnr_register(run, source, out, mode, sigma, patch, search, grid, downsample,
     along z, and each section is warped onto its smoothed trajectories."""
     from medhpc.errors import InputError
     from medhpc.io.lists import is_stdin
-    from medhpc.tnr.matching import MatchSettings
-    from medhpc.tnr.register import Reconstruction, TnrSettings
+    from medhpc.tnr.run import StackRegistration
     from medhpc.tnr.sources import input_files
-    from medhpc.tnr.wholeslide import OutputSettings
 
     def check_options():
         if downsample is not None and level is not None:
@@ -105,9 +116,9 @@ def tnr_register(run, source, out, mode, sigma, patch, search, grid, downsample,
                            max_angle_deg=max_angle, mirror=mirror, normalise=normalise,
                            placement=placement, interpolation=interpolation,
                            full_res=full_res)
-    Reconstruction(run, source[0] if len(source) == 1 else list(source), out, settings,
-                   fields=fields, log_path=log_path, png=png, resume=resume,
-                   output=OutputSettings(tile=tile, compression=compression)).execute()
+    StackRegistration(run, source[0] if len(source) == 1 else list(source), out, settings,
+                      fields=fields, log_path=log_path, png=png, resume=resume,
+                      output=OutputSettings(tile=tile, compression=compression)).execute()
 
 
 @command("tnr-apply", example="""\
@@ -127,7 +138,7 @@ mpiexec -n 4 medhpc tnr-apply --registration registration.h5 --input ihc_slides/
                    "volume].")
 @click.option("--downsample", type=float, default=None,
               help="Output at the resolution of --input divided by this factor.")
-@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), default=None,
+@click.option("--interpolation", type=click.Choice(list(INTERPOLATION_ORDER)), default=None,
               help="Resampling of the sections [default: the registration's].")
 @click.option("--points", type=click.Path(dir_okay=False), default=None,
               help="CSV of points with columns section (name or index), x, y in input-section "

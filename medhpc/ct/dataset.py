@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from medhpc.errors import InputError
-from medhpc.io.atomic import atomic_path, check_output_free
+from medhpc.io.atomic import atomic_path, check_output_path
 from medhpc.io.geometry import ImageGeometry
 from medhpc.io.nifti import NIFTI_SUFFIXES, is_nifti_path
 
@@ -293,7 +293,7 @@ def prepare_dataset(run, images, labels, out, classes, clip_hu=None, spacing_mm=
     world = run.world
 
     def check():
-        check_output_free(out, run.overwrite)
+        check_output_path(out, run.overwrite, (".h5", ".hdf5"))
         if clip_hu is not None and clip_hu[0] >= clip_hu[1]:
             raise InputError(f"--clip-hu {clip_hu[0]:g},{clip_hu[1]:g}: expected low < high")
         if spacing_mm is not None and min(spacing_mm) <= 0:

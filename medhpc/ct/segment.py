@@ -22,7 +22,7 @@ from medhpc.ct.inference import segment_volume
 from medhpc.ct.loss import confusion_counts, dice_from_counts
 from medhpc.ct.unet import UNet3D, UNetConfig
 from medhpc.errors import InputError, one_line
-from medhpc.io.atomic import atomic_path, check_output_free
+from medhpc.io.atomic import atomic_path, check_output_free, publish_together
 from medhpc.io.nifti import write_nifti
 from medhpc.parallel.work import static_items
 from medhpc.runtime.checkpoint import read_torch_document
@@ -81,16 +81,18 @@ class Segmentation:
         with run.stage("load model", "io"):
             model, document = load_model(self.model_path, device)
         mine = static_items(self.world, len(cases))
-        results = self.world.agree_all(
-            lambda: [self.segment_case(cases[i], model, document, device) for i in mine])
-        with run.stage("gather Dice counts", "comm"):
-            gathered = self.world.gather(results)
-        table = None
-        if self.world.is_root and self.labels is not None:
-            rows = [row for part in gathered for row in part]
-            table = self.write_table(rows, document["classes"])
-            self.run.summary.update(cases=len(rows), dice=dict(zip(table["classes"],
-                                                                   table["all"])))
+        with publish_together():  # every rank's label maps, the tables and --timings
+            results = self.world.agree_all(
+                lambda: [self.segment_case(cases[i], model, document, device) for i in mine])
+            with run.stage("gather Dice counts", "comm"):
+                gathered = self.world.gather(results)
+            table = None
+            if self.world.is_root and self.labels is not None:
+                rows = [row for part in gathered for row in part]
+                table = self.write_table(rows, document["classes"])
+                self.run.summary.update(cases=len(rows), dice=dict(zip(table["classes"],
+                                                                       table["all"])))
+            run.finish()
         return {"cases": len(cases), "dice": table}
 
     def segment_case(self, case, model, document, device) -> dict:

@@ -100,15 +100,15 @@ def publish_together():
         yield
     except BaseException:
         _pending = outer
-        for tmp, _ in mine:
-            _remove(tmp)
+        for move in mine:
+            _remove(move[0])
         raise
     _pending = outer
     if outer is not None:
         outer.extend(mine)
         return
-    for tmp, path in mine:
-        _publish(tmp, path)
+    for move in mine:
+        _publish(*move)
 
 
 @contextmanager
@@ -143,9 +143,36 @@ def atomic_path(path, overwrite: bool = False, now: bool = False):
         _remove(tmp)
         raise
     if _pending is not None and not now:
+        _pending[:] = [move for move in _pending if move[1] != path]  # written again
         _pending.append((tmp, path))
     else:
-        _publish(tmp, path, output=not now)
+        _publish(tmp, path, not now)
+
+
+def publish(*moves) -> None:
+    """Put staged outputs in place, for writers that stage outputs themselves.
+
+    Each move is ``(tmp, path)`` or ``(tmp, path, is_output)`` (``False``: a companion
+    such as a parts folder, not reported as an output). Inside :func:`publish_together`
+    the renames wait for the end of the block; otherwise they happen now, in order.
+    """
+    if _pending is not None:
+        paths = {move[1] for move in moves}
+        _pending[:] = [move for move in _pending if move[1] not in paths]
+        _pending.extend(tuple(move) for move in moves)
+        return
+    for move in moves:
+        _publish(*move)
+
+
+def pending_path(path) -> Path:
+    """Where ``path`` can be read and appended to now: its temporary name while its
+    publication waits for the end of a :func:`publish_together` block, else ``path``."""
+    path = Path(path)
+    for move in _pending or ():
+        if move[1] == path:
+            return move[0]
+    return path
 
 
 def remove_stale_partials(path) -> None:

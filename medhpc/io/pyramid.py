@@ -24,7 +24,6 @@ names and renamed at the end by one rank.
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medhpc.io.atomic import check_output_free, partial_name, record_output
+from medhpc.io.atomic import check_output_free, partial_name, publish
 
 ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 COMPRESSIONS = ("jpeg", "zlib", "none")
@@ -326,10 +325,9 @@ class PyramidOutput:
 
     def _publish(self) -> None:
         if not self.tiff:
-            if self.path.exists():
-                shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
-            os.replace(self.staging, self.path)
-            record_output(self.path)
+            if self.path.exists() and not self.path.is_dir():
+                self.path.unlink()
+            publish((self.staging, self.path))
             return
         nz = self.layout.shape[0]
         coarsest = len(self.layout.levels) - 1
@@ -341,13 +339,9 @@ class PyramidOutput:
         write_master_tiff(master, self.layout, [self.file_name(z) for z in range(nz)],
                           self.uuids[:-1], self.uuids[-1], np.ascontiguousarray(thumbnail))
         try:
-            if self.path.exists():
-                self.path.unlink()
-            if self.parts.exists():
-                shutil.rmtree(self.parts)
-            os.replace(self.staging, self.parts)
-            os.replace(master, self.path)
-            record_output(self.path)
+            if self.path.is_dir():
+                shutil.rmtree(self.path)
+            publish((self.staging, self.parts, False), (master, self.path))
         except BaseException:
             master.unlink(missing_ok=True)
             raise

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from medhpc.errors import InputError, MedhpcError
 from medhpc.io.atomic import publish_together
-from medhpc.lddmm.job import PairRegistration, plan, read_inputs, read_pairs, write_summary
-from medhpc.lddmm.optimise import Settings
+from medhpc.lddmm.run import PairRegistration, plan, read_inputs, read_pairs, write_summary
+from medhpc.lddmm.settings import Settings
 from medhpc.parallel.work import map_items
 from medhpc.runtime.memory import return_large_blocks
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from medhpc.lddmm.flows import ImageWindow
 from medhpc.lddmm.grid import LevelGrid, check_split, halo_for
-from medhpc.lddmm.optimise import LevelOptimiser, LevelState, Settings, resolved
+from medhpc.lddmm.optimise import LevelOptimiser, LevelState, resolved
+from medhpc.lddmm.settings import Settings
 from medhpc.lddmm.symmetric import SymmetricOptimiser, level_halo
 from medhpc.lddmm.transform import sample
 from medhpc.parallel.comm import World

@@ -27,7 +27,6 @@ from medhpc.lddmm.reductions import moments, squared_distance
 from medhpc.parallel.comm import World
 
 METRICS = ("ssd", "ncc", "lncc")
-DEFAULT_SIGMA = {"ssd": 0.02, "ncc": 0.02, "lncc": 0.1}
 LNCC_EPSILON = 1e-3
 
 

@@ -13,7 +13,6 @@ other end).
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -541,7 +540,7 @@ def _publish(path: Path, dataset: str, staging: Path, part_names: list[str], nz:
     """Write the virtual dataset over the parts, then move parts and file into place."""
     import h5py
 
-    from medhpc.io.atomic import partial_name, record_output
+    from medhpc.io.atomic import partial_name, publish
 
     other_axes, dtype, _ = layout
     global_shape = other_axes[:z_axis] + (nz,) + other_axes[z_axis:]
@@ -560,13 +559,9 @@ def _publish(path: Path, dataset: str, staging: Path, part_names: list[str], nz:
         for key, value in (attrs or {}).items():
             virtual_dataset.attrs[key] = value
     try:
-        if path.exists():  # checked free by the caller unless overwriting
-            path.unlink()
-        if parts.exists():
-            shutil.rmtree(parts)
-        os.replace(staging, parts)
-        os.replace(staged_file, path)
-        record_output(path)
+        if path.is_dir():  # checked free by the caller unless overwriting
+            shutil.rmtree(path)
+        publish((staging, parts, False), (staged_file, path))
     except BaseException:
         if staged_file.exists():
             staged_file.unlink()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from medhpc import backend
+from medhpc.errors import InputError
+from medhpc.io.geometry import ImageGeometry
 
 CUDA_CHUNK_LORS = 4 * 1024 * 1024
 
@@ -36,6 +38,22 @@ class TofSpec:
             raise ValueError(f"TOF needs bins >= 1, bin_mm > 0 and sigma_mm > 0, got {self}")
         if not (self.cutoff_sigmas > 0 and math.isfinite(self.cutoff_sigmas)):
             raise ValueError(f"TOF cutoff_sigmas must be finite and > 0, got {self.cutoff_sigmas}")
+
+
+def tof_spec(scanner) -> TofSpec:
+    """The TOF kernel of a TOF scanner."""
+    return TofSpec(bins=scanner.tof_bins, bin_mm=scanner.tof_bin_mm, sigma_mm=scanner.tof_sigma_mm)
+
+
+def axis_aligned_grid(geometry: ImageGeometry, source) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(origin_mm, voxel_mm)`` as (x, y, z) of an axis-aligned image grid."""
+    rotation = np.asarray(geometry.affine)[:3, :3]
+    spacing = np.diag(rotation)
+    if not np.allclose(rotation, np.diag(spacing), atol=1e-6) or np.any(spacing <= 0):
+        raise InputError(f"{source}: image grid is rotated or flipped (affine {rotation.tolist()}); "
+                         f"expected an axis-aligned grid with positive spacing")
+    return (np.asarray(geometry.origin_mm, dtype=np.float32),
+            np.asarray(spacing, dtype=np.float32))
 
 
 class JosephProjector:

@@ -21,8 +21,7 @@ from medhpc.errors import InputError
 from medhpc.io.geometry import ImageGeometry
 from medhpc.io.images import check_nonnegative, check_same_grid, read_image
 from medhpc.parallel.geometry import block_range
-from medhpc.pet.projector import JosephProjector
-from medhpc.pet.reconstruct import axis_aligned_grid, tof_spec
+from medhpc.pet.projector import JosephProjector, axis_aligned_grid, tof_spec
 from medhpc.pet.scanner import (ScannerGeometry, lor_endpoints, plane_ring_pairs,
                                 sinogram_crystals)
 from medhpc.pet.sinogram import write_sinogram

@@ -46,13 +46,19 @@ class Run:
     json_summary: bool = False
     summary: dict = field(default_factory=dict)
     breakdown: dict | None = None
+    finished: bool = False
 
     def stage(self, name: str, kind: str = "other"):
         """Time a block as a named stage (see :class:`StageTimer`)."""
         return self.timer.stage(name, kind)
 
     def finish(self, extra: dict | None = None) -> dict | None:
-        """Gather the breakdown; on rank 0 print the table and write ``--timings``."""
+        """Gather the breakdown; on rank 0 print the table and write ``--timings``.
+
+        A run whose method does not call this (to keep the breakdown in its own log) is
+        finished by :func:`~medhpc.cli.options.pass_run` when the subcommand returns.
+        """
+        self.finished = True
         info = {"device": self.device, "threads_per_rank": self.threads}
         info.update(extra or {})
         document = self.timer.breakdown(self.world, command=self.command, extra=info)

@@ -33,10 +33,9 @@ from medhpc.parallel.geometry import block_range, slab
 from medhpc.tnr.annotations import (SectionLookup, map_geojson, read_geojson, read_points_csv,
                                     section_stem, write_geojson, write_points_csv)
 from medhpc.tnr.preprocess import downsample
-from medhpc.tnr.intensity import METHODS as NORMALISATIONS
 from medhpc.tnr.intensity import IntensityMaps
-from medhpc.tnr.register import (INTERPOLATION_ORDER, TILE_ROWS, HostKernels, _cast,
-                                 write_section_volume)
+from medhpc.tnr.settings import INTERPOLATION_ORDER, NORMALISATIONS
+from medhpc.tnr.run import TILE_ROWS, HostKernels, _cast, write_section_volume
 from medhpc.tnr.registration_file import SavedRegistration, centred_offsets, load_registration
 from medhpc.tnr.sources import SectionStack, open_stack
 

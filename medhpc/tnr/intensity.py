@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 
-METHODS = ("histogram", "none")
 
 
 class IntensityMaps:

@@ -22,26 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from medhpc.tnr.settings import MatchSettings
+
 PEAK_EXCLUSION_PX = 3
 MIN_TISSUE_IN_PATCH = 0.5
 
 ACCEPTED, LOW_NCC, AMBIGUOUS, EDGE_LIKE, AT_BORDER, INCONSISTENT = range(6)
 STATUS_NAMES = ("accepted", "low_ncc", "ambiguous", "edge_like", "at_search_border",
                 "inconsistent")
-
-
-@dataclass(frozen=True)
-class MatchSettings:
-    """Patch size, search radius and grid step (working-level pixels) and rejection limits."""
-
-    patch: int = 64
-    search: int = 32
-    grid: int = 64
-    min_ncc: float = 0.6
-    max_second_ratio: float = 0.92
-    max_curvature_ratio: float = 10.0
-    max_deviation_px: float = 4.0
-    min_texture: float = 0.05
 
 
 @dataclass

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-STAINS = ("gray", "od", "hematoxylin")
+from medhpc.tnr.settings import STAINS
 
 # Ruifrok & Johnston (2001), rows: hematoxylin, eosin, DAB (optical density per RGB channel).
 _HED_VECTORS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])

@@ -20,52 +20,16 @@ and written to the JSON log beside the measured peak resident memory of every ra
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from medhpc.errors import InputError
-from medhpc.io.pyramid import COMPRESSIONS, pyramid_layout, tile_write_bytes
+from medhpc.io.pyramid import pyramid_layout, tile_write_bytes
 from medhpc.io.wholeslide import BAND_BYTES
 
 INTERPOLATION_MARGIN = 3       # input pixels beyond the box that bicubic resampling reads
 MIN_SPLIT_SIDE = 32            # tiles are not split below this side
 REGION_CAP_FACTOR = 4          # a region holds at most this many tile areas
 RUNTIME_BASE_BYTES = 400 << 20  # interpreter, numpy/numba/scipy/zarr/tifffile, MPI (measured)
-DEFAULT_TILE = 1024
-
-
-@dataclass(frozen=True)
-class OutputSettings:
-    """How the registered stack is written (does not change its values).
-
-    Attributes
-    ----------
-    tile : int
-        Side of the square output tiles (warp step, zarr chunks, TIFF tiles), a
-        multiple of 16.
-    compression : str
-        Pyramidal outputs: ``jpeg`` (uint8 only), ``zlib`` or ``none``; ``auto`` is
-        JPEG for 8-bit RGB inputs compressed with JPEG, zlib otherwise.
-    """
-
-    tile: int = DEFAULT_TILE
-    compression: str = "auto"
-
-    def check(self) -> None:
-        if self.tile < 64 or self.tile % 16:
-            raise InputError(f"--tile {self.tile}: expected a multiple of 16, at least 64 px")
-        if self.compression not in COMPRESSIONS + ("auto",):
-            raise InputError(f"--compression {self.compression}: expected one of auto, "
-                             f"{', '.join(COMPRESSIONS)}")
-
-    def resolved_compression(self, stack) -> str:
-        if self.compression != "auto":
-            return self.compression
-        jpeg_input = bool(stack.slides) and all(s.compression.startswith("JPEG")
-                                                for s in stack.slides)
-        return "jpeg" if (jpeg_input and stack.channels == 3 and stack.dtype == "uint8") \
-            else "zlib"
 
 
 def output_tiles(shape, tile: int):

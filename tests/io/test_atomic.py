@@ -208,3 +208,38 @@ def test_files_written_inside_a_folder_output_are_reported_where_they_end_up(tmp
     assert folder / "activity.h5" in reported and folder / "mu_map.h5" in reported
     assert not any(".partial-" in str(path) for path in reported)
     assert (folder / "mu_map.h5").read_bytes() == b"x"
+
+
+def test_staged_outputs_of_writers_wait_for_the_block_and_can_be_appended_meanwhile(tmp_path):
+    from medhpc.io.atomic import partial_name, pending_path, publish, publish_together
+
+    volume, parts = tmp_path / "v.h5", tmp_path / "v.h5.parts"
+    staged_file, staged_parts = partial_name(volume), partial_name(parts)
+    with publish_together():
+        staged_file.write_bytes(b"master")
+        staged_parts.mkdir()
+        publish((staged_parts, parts, False), (staged_file, volume))
+        assert not volume.exists() and not parts.exists()
+        assert pending_path(volume) == staged_file
+        with open(pending_path(volume), "ab") as stream:
+            stream.write(b" + trajectories")
+    assert volume.read_bytes() == b"master + trajectories" and parts.is_dir()
+    assert pending_path(volume) == volume
+    assert _leftovers(tmp_path) == ["v.h5", "v.h5.parts"]
+
+
+def test_a_failed_block_removes_staged_outputs_and_a_rewrite_keeps_only_the_last(tmp_path):
+    from medhpc.io.atomic import publish_together
+
+    log = tmp_path / "log.csv"
+    with publish_together():
+        for epoch in range(3):  # written again before the block ends
+            with atomic_path(log, overwrite=True) as tmp:
+                tmp.write_text(f"epoch {epoch}")
+    assert log.read_text() == "epoch 2"
+    with pytest.raises(RuntimeError):
+        with publish_together():
+            with atomic_path(tmp_path / "model.pt") as tmp:
+                tmp.write_bytes(b"weights")
+            raise RuntimeError("a later stage failed")
+    assert _leftovers(tmp_path) == ["log.csv"]

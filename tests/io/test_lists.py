@@ -6,7 +6,7 @@ import pytest
 
 from medhpc.errors import InputError
 from medhpc.io.lists import read_list_text
-from medhpc.lddmm.job import read_pairs
+from medhpc.lddmm.run import read_pairs
 from medhpc.tnr.sources import input_files
 
 

@@ -5,7 +5,7 @@ from contextlib import nullcontext
 import pytest
 
 from medhpc.lddmm import kernels_cpu
-from medhpc.lddmm.optimise import Settings
+from medhpc.lddmm.settings import Settings
 from medhpc.lddmm.register import Registration
 from medhpc.parallel.comm import World, _SerialComm
 from medhpc.phantoms.lddmm import make_phantom, write_lddmm_phantom

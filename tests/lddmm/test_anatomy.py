@@ -22,7 +22,7 @@ pytest.importorskip("scipy")
 from bench.lddmm import anatomy  # noqa: E402
 from medhpc.io.geometry import ImageGeometry  # noqa: E402
 from medhpc.lddmm import kernels_cpu  # noqa: E402
-from medhpc.lddmm.optimise import Settings  # noqa: E402
+from medhpc.lddmm.settings import Settings  # noqa: E402
 from medhpc.lddmm.register import Registration  # noqa: E402
 from tests.lddmm.conftest import no_stage, serial_world  # noqa: E402
 
@@ -36,7 +36,7 @@ SHARE_OF_IDENTITY = 0.35
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """The pair written as NIfTI and read back the way ``medhpc lddmm`` reads it."""
-    from medhpc.lddmm.job import read_inputs
+    from medhpc.lddmm.run import read_inputs
 
     made = anatomy.make_pair(family="composed", seed=0, downsample=2)
     folder = anatomy.write_pair(made, tmp_path_factory.mktemp("anatomy"))
@@ -106,7 +106,7 @@ MI_SHARE_OF_IDENTITY = 0.35
 def t2_pair(tmp_path_factory):
     """The CI pair with a T2-like moving image, read as ``medhpc lddmm --metric mi`` reads it
     (the affine start by mutual information)."""
-    from medhpc.lddmm.job import affine_metric, read_inputs
+    from medhpc.lddmm.run import affine_metric, read_inputs
 
     made = anatomy.make_pair(family="composed", seed=0, downsample=2, contrast="t2")
     folder = anatomy.write_pair(made, tmp_path_factory.mktemp("anatomy-t2"))

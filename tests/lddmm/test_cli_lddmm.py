@@ -11,8 +11,8 @@ import pytest
 from medhpc.errors import InputError
 from medhpc.io.geometry import ImageGeometry
 from medhpc.io.images import write_image
-from medhpc.lddmm.job import plan, read_inputs
-from medhpc.lddmm.optimise import Settings
+from medhpc.lddmm.run import plan, read_inputs
+from medhpc.lddmm.settings import Settings
 from tests.helpers import run_medhpc as run_medhpc_threads
 
 ONE_THREAD = {"NUMBA_NUM_THREADS": "1"}  # tiny grids: thread start-up would dominate
@@ -286,7 +286,7 @@ def test_every_output_at_2_and_3_ranks_equals_one_rank(phantom_files, tmp_path):
     (Settings(metric="cc"), "--metric cc"),
 ])
 def test_metric_settings_that_cannot_work_are_one_line_errors(settings, words):
-    from medhpc.lddmm.job import check_settings
+    from medhpc.lddmm.run import check_settings
 
     with pytest.raises(InputError) as error:
         check_settings(Settings(**{**settings.__dict__, "levels": 2}), (16, 16, 16))

@@ -6,7 +6,7 @@ import pytest
 from medhpc.lddmm import kernels_cpu
 from medhpc.lddmm.flows import Flows
 from medhpc.lddmm.grid import LevelGrid
-from medhpc.lddmm.optimise import Settings
+from medhpc.lddmm.settings import Settings
 from medhpc.parallel.comm import get_world
 from tests.lddmm.conftest import no_stage, register, serial_world
 

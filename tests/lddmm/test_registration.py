@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from medhpc.lddmm import optimise, similarity
-from medhpc.lddmm.optimise import LevelOptimiser, Settings
+from medhpc.lddmm.optimise import LevelOptimiser
+from medhpc.lddmm.settings import Settings
 from medhpc.lddmm.register import downsample, pyramid_shapes
 from medhpc.lddmm.transform import compose_error_voxels, sample
 from medhpc.runtime.checkpoint import Checkpointer, CheckpointStop

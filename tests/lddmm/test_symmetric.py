@@ -7,7 +7,8 @@ import pytest
 from medhpc.lddmm import kernels_cpu
 from medhpc.lddmm.flows import Flows
 from medhpc.lddmm.grid import LevelGrid
-from medhpc.lddmm.optimise import Settings, auto_levels
+from medhpc.lddmm.optimise import auto_levels
+from medhpc.lddmm.settings import Settings
 from medhpc.lddmm.symmetric import gaussian_taps, level_halo, level_sigmas_voxels
 from medhpc.lddmm.transform import compose_error_voxels, sample
 from tests.lddmm.conftest import no_stage, register, serial_world

@@ -5,8 +5,8 @@ import pytest
 
 from medhpc.parallel.comm import get_world
 from medhpc.pet import decomposition
-from medhpc.pet.recon import ReconSettings
-from medhpc.pet.reconstruct import Reconstruction
+from medhpc.pet.osem import ReconSettings
+from medhpc.pet.run import PetRecon
 from medhpc.runtime.context import start_run
 from tests.pet.conftest import serial_run
 
@@ -16,9 +16,9 @@ SETTINGS = ReconSettings(iterations=2, subsets=4, psf_fwhm_mm=3.0)
 def compare(case, tmp_path, decomp):
     world = get_world()
     run = start_run("pet-recon", device="cpu", verbosity=-1, world=world)
-    image, history = Reconstruction(run, case, tmp_path / "x.nii.gz", SETTINGS,
+    image, history = PetRecon(run, case, tmp_path / "x.nii.gz", SETTINGS,
                                     decomp=decomp).compute()
-    reference, reference_history = Reconstruction(serial_run(), case, tmp_path / "y.nii.gz",
+    reference, reference_history = PetRecon(serial_run(), case, tmp_path / "y.nii.gz",
                                                   SETTINGS, decomp=decomp).compute()
     if decomp != "views" and not world.is_root:
         assert image is None
@@ -63,14 +63,14 @@ def test_frames_stopped_by_sigterm_on_one_rank_resume_bit_identically(pet_case, 
     import os
     import signal
 
-    from medhpc.pet.recon import OsemReconstructor
+    from medhpc.pet.osem import OsemReconstructor
     from medhpc.runtime.checkpoint import CheckpointStop
     from tests.parallel import shared_tmp_dir
 
     world = get_world()
     settings = ReconSettings(iterations=3, subsets=4)
     original = OsemReconstructor.subiteration
-    original_shares = Reconstruction.view_shares
+    original_shares = PetRecon.view_shares
     calls = {"n": 0, "frame": None}
 
     def shares_of_frame(self, views_per_subset, world, frame=None):
@@ -87,18 +87,18 @@ def test_frames_stopped_by_sigterm_on_one_rank_resume_bit_identically(pet_case, 
 
     with shared_tmp_dir(world) as folder:
         run = start_run("pet-recon", device="cpu", verbosity=-1, world=world)
-        reference, reference_history = Reconstruction(  # never stopped, same ranks and threads
+        reference, reference_history = PetRecon(  # never stopped, same ranks and threads
             run, pet_case["dynamic"], folder / "ref.h5", settings, decomp="frames").compute()
         monkeypatch.setattr(OsemReconstructor, "subiteration", interrupted)
-        monkeypatch.setattr(Reconstruction, "view_shares", shares_of_frame)
+        monkeypatch.setattr(PetRecon, "view_shares", shares_of_frame)
         run = start_run("pet-recon", device="cpu", verbosity=-1, world=world)
         with pytest.raises(CheckpointStop, match="frame"):
-            Reconstruction(run, pet_case["dynamic"], folder / "x.h5", settings,
+            PetRecon(run, pet_case["dynamic"], folder / "x.h5", settings,
                            decomp="frames").compute()
         monkeypatch.setattr(OsemReconstructor, "subiteration", original)
-        monkeypatch.setattr(Reconstruction, "view_shares", original_shares)
+        monkeypatch.setattr(PetRecon, "view_shares", original_shares)
         run = start_run("pet-recon", device="cpu", verbosity=-1, world=world)
-        resumed = Reconstruction(run, pet_case["dynamic"], folder / "x.h5", settings,
+        resumed = PetRecon(run, pet_case["dynamic"], folder / "x.h5", settings,
                                  decomp="frames", resume=True)
         images, histories = resumed.compute()
         world.barrier()

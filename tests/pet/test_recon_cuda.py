@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from medhpc.io.geometry import ImageGeometry
-from medhpc.pet.recon import ReconSettings
-from medhpc.pet.reconstruct import Reconstruction
+from medhpc.pet.osem import ReconSettings
+from medhpc.pet.run import PetRecon
 from medhpc.pet.scanner import load_scanner
 from medhpc.pet.simulate import Simulation, write_simulation
 from tests.pet.conftest import serial_run
@@ -51,7 +51,7 @@ def test_cuda_reconstruction_matches_cpu(tiny_sinograms, tmp_path, tof):
     for device in ("cpu", "cuda"):
         run = serial_run()
         run.device = device
-        images[device], _ = Reconstruction(run, tiny_sinograms[tof], tmp_path / "x.nii.gz",
+        images[device], _ = PetRecon(run, tiny_sinograms[tof], tmp_path / "x.nii.gz",
                                            settings).compute()
     np.testing.assert_allclose(images["cuda"], images["cpu"], rtol=1e-4,
                                atol=1e-5 * images["cpu"].max())

@@ -6,8 +6,8 @@ import pytest
 from medhpc.parallel.comm import World, _SerialComm
 from medhpc.phantoms.tnr import TnrPhantomSettings, write_tnr_phantom
 from medhpc.runtime.context import start_run
-from medhpc.tnr.matching import MatchSettings
-from medhpc.tnr.register import Reconstruction, TnrSettings
+from medhpc.tnr.run import StackRegistration
+from medhpc.tnr.settings import MatchSettings, TnrSettings
 
 SETTINGS = TnrSettings(sigma=2.0, match=MatchSettings(patch=32, search=10, grid=16))
 PHANTOM = TnrPhantomSettings(sections=12, size=128, seed=0)
@@ -23,7 +23,7 @@ def register(source, out, settings=SETTINGS, run=None, **options):
     """Run tnr-register in this process; return the displacement fields (2, z, y, x) and the
     registered volume."""
     fields = out.with_name(out.name.replace(".h5", "-fields.h5"))
-    Reconstruction(run or serial_run(), source, out, settings, fields=fields,
+    StackRegistration(run or serial_run(), source, out, settings, fields=fields,
                    **options).execute()
     with h5py.File(fields, "r") as h5:
         displacement = h5["displacement"][()]

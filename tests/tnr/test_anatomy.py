@@ -9,8 +9,7 @@ import pytest
 
 from bench.tnr.realistic import make_stack, score, write_stack
 from medhpc.phantoms.tnr import read_truth
-from medhpc.tnr.matching import MatchSettings
-from medhpc.tnr.register import TnrSettings
+from medhpc.tnr.settings import MatchSettings, TnrSettings
 from tests.tnr.conftest import register
 
 # 12 sections of 256^2 (the benchmark's 36 of 1024^2, scaled down); working level = input

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medhpc.tnr import register as register_module
+from medhpc.tnr import run as run_module
 from tests.helpers import PlantedObject
 from tests.tnr.conftest import SETTINGS, register
 
@@ -17,15 +17,15 @@ def test_resume_skips_matched_pairs_and_gives_the_same_result(phantom_folder, tm
         raise KeyboardInterrupt("stopped after matching")
 
     with monkeypatch.context() as patch:
-        patch.setattr(register_module.Reconstruction, "warp_sections", interrupted)
+        patch.setattr(run_module.StackRegistration, "warp_sections", interrupted)
         with pytest.raises(KeyboardInterrupt):
             register(source, out, resume=True)
     saved = sorted((tmp_path / "v.tnr-pairs").glob("pair-*.h5"))
     assert len(saved) == 11
 
     calls = []
-    original = register_module.match_sections
-    monkeypatch.setattr(register_module, "match_sections",
+    original = run_module.match_sections
+    monkeypatch.setattr(run_module, "match_sections",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     resumed, _ = register(source, out, resume=True)
     assert calls == []
@@ -63,7 +63,7 @@ def test_sigterm_while_matching_stops_cleanly_and_resume_continues(
     from medhpc.runtime.checkpoint import CheckpointStop
 
     source, out = phantom_folder / "sections", tmp_path / "v.h5"
-    original = register_module.match_sections
+    original = run_module.match_sections
     calls = []
 
     def signalled(*args, **kwargs):
@@ -73,7 +73,7 @@ def test_sigterm_while_matching_stops_cleanly_and_resume_continues(
         return original(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(register_module, "match_sections", signalled)
+        patch.setattr(run_module, "match_sections", signalled)
         with pytest.raises(CheckpointStop, match=f"SIGTERM received: stopped while matching, "
                                                  f"{kept} of 11"):
             register(source, out, resume=False)
@@ -81,9 +81,23 @@ def test_sigterm_while_matching_stops_cleanly_and_resume_continues(
     assert {p.name for p in tmp_path.iterdir()} <= {"v.tnr-pairs"}
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
     calls.clear()
-    monkeypatch.setattr(register_module, "match_sections",
+    monkeypatch.setattr(run_module, "match_sections",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     resumed, _ = register(source, out, resume=True)
     assert len(calls) == 11 - kept
     fresh, _ = register(source, tmp_path / "w.h5", SETTINGS)
     np.testing.assert_allclose(resumed, fresh, atol=1e-5)
+
+
+def test_a_failure_after_the_volume_is_written_leaves_no_output_and_keeps_the_pairs(
+        phantom_folder, tmp_path, monkeypatch):
+    """The volume, fields, picture and log are published together: a failure while
+    drawing the picture leaves none of them (and no partial file), only the pair store."""
+    def broken_picture(self, views, record):
+        raise RuntimeError("picture failed")
+
+    monkeypatch.setattr(run_module.StackRegistration, "_picture", broken_picture)
+    out = tmp_path / "v.h5"
+    with pytest.raises(RuntimeError, match="picture failed"):
+        register(phantom_folder / "sections", out, png=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["v.tnr-pairs"]

@@ -13,9 +13,9 @@ from medhpc.phantoms.wholeslide import SlideStackSettings
 from tests.helpers import run_medhpc
 from tests.tnr.conftest import serial_run
 from tests.tnr.wholeslide_helpers import (FACTOR, FAST, OME, SVS, WSI_SETTINGS,
-                                          CapturingReconstruction, make_stack, whole_image_warp,
+                                          CapturingRegistration, make_stack, whole_image_warp,
                                           zarr_level)
-from medhpc.tnr.wholeslide import OutputSettings
+from medhpc.tnr.settings import OutputSettings
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +85,7 @@ def test_svs_run_writes_a_multifile_pyramidal_ome_tiff(svs_stack, tmp_path):
 
 def test_streamed_full_res_equals_whole_image_warp(ome_stack, tmp_path):
     out = tmp_path / "s.ome.zarr"
-    reconstruction = CapturingReconstruction(serial_run(), ome_stack, out, WSI_SETTINGS,
+    reconstruction = CapturingRegistration(serial_run(), ome_stack, out, WSI_SETTINGS,
                                              output=OutputSettings(tile=128))
     reconstruction.execute()
     streamed = zarr_level(out)

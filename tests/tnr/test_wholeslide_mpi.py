@@ -9,8 +9,8 @@ import tifffile
 
 from medhpc.parallel.comm import get_world
 from medhpc.runtime.context import start_run
-from medhpc.tnr.wholeslide import OutputSettings
-from tests.tnr.wholeslide_helpers import (FACTOR, OME, WSI_SETTINGS, CapturingReconstruction,
+from medhpc.tnr.settings import OutputSettings
+from tests.tnr.wholeslide_helpers import (FACTOR, OME, WSI_SETTINGS, CapturingRegistration,
                                           make_stack, whole_image_warp, zarr_level)
 
 
@@ -24,7 +24,7 @@ def test_streamed_warp_equals_whole_image_warp(tmp_path, suffix):
     world.barrier()
     run = start_run("tnr-register", device="cpu", verbosity=-1, overwrite=True, world=world)
     out = shared / f"ranks{suffix}"
-    reconstruction = CapturingReconstruction(run, shared / "slides", out, WSI_SETTINGS,
+    reconstruction = CapturingRegistration(run, shared / "slides", out, WSI_SETTINGS,
                                              output=OutputSettings(tile=128,
                                                                    compression="zlib"))
     reconstruction.execute()

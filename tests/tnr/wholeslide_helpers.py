@@ -6,8 +6,8 @@ import zarr
 
 from medhpc.phantoms.wholeslide import SlideStackSettings, write_slide_stack
 from medhpc.tnr import kernels_cpu
-from medhpc.tnr.matching import MatchSettings
-from medhpc.tnr.register import Reconstruction, TnrSettings
+from medhpc.tnr.run import StackRegistration
+from medhpc.tnr.settings import MatchSettings, TnrSettings
 
 FACTOR = 4
 WSI_SETTINGS = TnrSettings(sigma=2.0, downsample=FACTOR, full_res=True, normalise="none",
@@ -22,7 +22,7 @@ def make_stack(folder, settings):
     return write_slide_stack(folder, settings)
 
 
-class CapturingReconstruction(Reconstruction):
+class CapturingRegistration(StackRegistration):
     """Keeps the warps every rank applied, on every rank (for the whole-image reference)."""
 
     def warp_sections(self, warps):

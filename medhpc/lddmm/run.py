@@ -29,7 +29,8 @@ from medhpc.io.lists import is_stdin, list_stream, read_list_text
 from medhpc.lddmm import outputs
 from medhpc.lddmm import transform as transforms
 from medhpc.lddmm.grid import memory_per_rank
-from medhpc.lddmm.optimise import Settings, resolved
+from medhpc.lddmm.optimise import resolved
+from medhpc.lddmm.settings import Settings
 from medhpc.lddmm.register import (Registration, check_level_split, level_halos, pyramid_shapes,
                                    scatter_pyramids, settings_record)
 from medhpc.parallel.comm import World
@@ -146,7 +147,7 @@ def affine_metric(settings: Settings) -> str:
 
 def check_settings(settings: Settings, shape) -> None:
     """Reject settings that cannot work, naming the option."""
-    from medhpc.lddmm.optimise import MAX_BINS, METHODS, METRICS, MIN_BINS
+    from medhpc.lddmm.settings import MAX_BINS, METHODS, METRICS, MIN_BINS
 
     if settings.method not in METHODS:
         raise InputError(f"--method {settings.method}: expected one of {', '.join(METHODS)}")

@@ -18,7 +18,6 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +31,10 @@ from medhpc.ct.inference import segment_volume
 from medhpc.ct.loss import confusion_counts, deep_supervision_loss, dice_from_counts
 from medhpc.ct.planner import given_plan, plan_training
 from medhpc.ct.sampler import PatchSampler, TrainingCase, rank_slots
+from medhpc.ct.settings import TrainSettings
 from medhpc.ct.unet import UNet3D, UNetConfig
 from medhpc.errors import InputError
-from medhpc.io.atomic import atomic_path
+from medhpc.io.atomic import atomic_path, publish_together
 from medhpc.parallel.geometry import block_range
 from medhpc.runtime.checkpoint import (CheckpointStop, StopSignals, plain_data,
                                       read_torch_checkpoint,
@@ -46,40 +46,6 @@ STOP_AFTER_STEP_VARIABLE = "MEDHPC_CT_SIGTERM_AFTER_STEP"
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
 POLY_EXPONENT = 0.9
-
-
-@dataclass
-class TrainSettings:
-    """Everything that defines a training run (its fingerprint for --resume)."""
-
-    epochs: int = 10
-    steps: int = 50
-    batch: int | None = None
-    patch: tuple | None = None
-    widths: tuple = (8, 16, 32, 64)
-    deep_supervision: bool = False
-    optimizer: str = "sgd"
-    lr: float | None = None
-    weight_decay: float = 3e-5
-    grad_sync: str = "ddp"
-    amp: bool | None = None
-    checkpointing: bool | None = None
-    gpu_mem_gb: float | None = None
-    folds: int = 5
-    fold: int = 0
-    augment: bool = True
-    foreground_fraction: float = 1 / 3
-    seed: int = 0
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (0.01 if self.optimizer == "sgd" else 3e-4)
-
-    def fingerprint(self, ranks: int) -> dict:
-        values = asdict(self)
-        values["global_batch"] = None if self.batch is None else self.batch * ranks
-        values.pop("batch")
-        return json.loads(json.dumps(values, default=list))
 
 
 def split_folds(names: list[str], folds: int, fold: int) -> tuple[list[str], list[str]]:
@@ -319,13 +285,15 @@ class Training:
             state.update(epoch=epoch + 1, step=0, epoch_loss=0.0, epoch_seconds=0.0)
             with run.stage("checkpoint", "io"):
                 self.write_checkpoint(model, optimizer, scaler, state, fingerprint, ranks)
-        with run.stage("write model and log", "io"):
-            if ranks.rank == 0:
-                self.write_outputs(model, config, plan, dataset, state["history"], summary)
-        if state["history"]:
-            last = state["history"][-1]
-            run.summary.update(epochs=len(state["history"]), loss=last["loss"],
-                               dice=last["dice"])
+        with publish_together():  # model, logs, picture and --timings, or none of them
+            with run.stage("write model and log", "io"):
+                if ranks.rank == 0:
+                    self.write_outputs(model, config, plan, dataset, state["history"], summary)
+            if state["history"]:
+                last = state["history"][-1]
+                run.summary.update(epochs=len(state["history"]), loss=last["loss"],
+                                   dice=last["dice"])
+            run.finish()
         return {"history": state["history"]}
 
     # -- validation -----------------------------------------------------------------------

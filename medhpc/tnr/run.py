@@ -19,74 +19,34 @@ from __future__ import annotations
 
 import json
 import signal
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from medhpc import backend
 from medhpc.errors import InputError
-from medhpc.io.atomic import atomic_path, check_output_free
+from medhpc.io.atomic import atomic_path, check_output_free, pending_path, publish_together
 from medhpc.io.geometry import ImageGeometry
 from medhpc.parallel.geometry import block_range, slab
 from medhpc.parallel.work import map_items
 from medhpc.tnr import rigid, trajectories
 from medhpc.tnr.flags import SectionFlags, flag_sections, flag_strain, local_strain
-from medhpc.tnr.intensity import METHODS as NORMALISATIONS
 from medhpc.tnr.intensity import IntensityMaps
-from medhpc.tnr.matching import STATUS_NAMES, Matches, MatchSettings, grid_axes, match_sections
-from medhpc.tnr.preprocess import STAINS, WorkingSection, downsample, prepare_section
+from medhpc.tnr.matching import STATUS_NAMES, Matches, grid_axes, match_sections
+from medhpc.tnr.preprocess import WorkingSection, downsample, prepare_section
 from medhpc.tnr.sources import SectionStack, open_stack
 from medhpc.tnr.warpfield import SectionWarp, fitted_warp, rigid_warp
 from medhpc.runtime.checkpoint import (CheckpointStop, StopSignals, StoppedBeforeFirstIteration,
                                       plain_data)
 from medhpc.runtime.runlog import write_run_log
 from medhpc.runtime.timing import peak_memory_mb
-from medhpc.tnr.wholeslide import (OutputSettings, memory_plan, output_tiles, region_cap_pixels,
+from medhpc.tnr.settings import INTERPOLATION_ORDER, OutputSettings, TnrSettings
+from medhpc.tnr.wholeslide import (memory_plan, output_tiles, region_cap_pixels,
                                    source_boxes, warp_tile_channels)
 
-MODES = ("tnr", "pairwise", "none")
-INTERPOLATION_ORDER = {"bilinear": 1, "bicubic": 3}
 TILE_ROWS = 512
 NCC_BINS = np.linspace(-1.0, 1.0, 41)
-
-
-@dataclass(frozen=True)
-class TnrSettings:
-    """Everything that decides the result (the fingerprint of ``--resume``)."""
-
-    mode: str = "tnr"
-    sigma: float = 3.0
-    stain: str = "hematoxylin"
-    downsample: int = 1
-    match: MatchSettings = field(default_factory=MatchSettings)
-    max_angle_deg: float = 180.0
-    mirror: bool = True
-    tps_smoothing: float = 0.1
-    min_accepted_fraction: float = 0.2
-    interpolation: str = "bicubic"
-    full_res: bool = False
-    normalise: str = "histogram"
-    placement: str = "rigid"
-
-    def check(self) -> None:
-        if self.mode not in MODES:
-            raise InputError(f"--mode {self.mode}: expected one of {', '.join(MODES)}")
-        if self.stain not in STAINS:
-            raise InputError(f"--stain {self.stain}: expected one of {', '.join(STAINS)}")
-        if self.sigma <= 0 and self.mode == "tnr":
-            raise InputError(f"--sigma {self.sigma}: expected a positive number of sections")
-        m = self.match
-        if m.patch < 8 or m.search < 1 or m.grid < 4:
-            raise InputError(f"--patch {m.patch} --search {m.search} --grid {m.grid}: expected "
-                             "patch >= 8, search >= 1, grid >= 4 pixels")
-        if self.downsample < 1:
-            raise InputError(f"--downsample {self.downsample}: expected an integer >= 1")
-        if self.placement not in ("affine", "rigid"):
-            raise InputError(f"placement {self.placement}: expected affine or rigid")
-        if self.normalise not in NORMALISATIONS:
-            raise InputError(f"--normalise {self.normalise}: expected one of "
-                             f"{', '.join(NORMALISATIONS)}")
 
 
 @dataclass
@@ -333,7 +293,7 @@ def pairs_tissue(pairs: dict, section: int):
     return None
 
 
-class Reconstruction:
+class StackRegistration:
     """One tnr-register run on every rank (see the module notes for the steps)."""
 
     def __init__(self, run, source, out, settings: TnrSettings, fields=None, log_path=None,
@@ -463,42 +423,47 @@ class Reconstruction:
         self.intensity = self.intensity_maps(pairs, flags)
         local, views, displacement = self.warp_sections(warps)
         self._stop_if_signalled("warping")
-        self.write_outputs(local, displacement)
-        views = self.world.gather(views)
+        # the volume, fields, picture, log and --timings appear together or not at all
+        with publish_together():
+            self.write_outputs(local, displacement)
+            views = self.world.gather(views)
+            if self.world.is_root:
+                self._document = self._log_document(pairs, flags, matched, record)
+            if self.fields is not None:
+                with self.run.stage("write fields", "io"):
+                    gathered = self.world.gather(warps)
+                    every = ({i: w for part in gathered for i, w in part.items()}
+                             if self.world.is_root else {})
+                    self.world.agree(lambda: self._append_trajectories(
+                        record, [every[i] for i in range(stack.count)]))
+            if self.png is not None:
+                with self.run.stage("picture", "io"):
+                    self.world.agree(lambda: self._picture(views, record))
+            timings = self.run.finish({"mode": self.settings.mode})
+            flagged = np.flatnonzero(record["weights"] < 1) if "weights" in record else []
+            self.run.summary.update(sections=stack.count, mode=self.settings.mode,
+                                    flagged=[int(i) for i in flagged])
+            levels_read = self.world.gather(self._levels_read)
+            peaks = self.world.gather(peak_memory_mb())
+            if self.world.is_root:
+                read = {}
+                for part in levels_read:
+                    read.update(part)
+                plan_mb = [round(r["memory"]["total_bytes"] / 2**20, 1)
+                           for r in self.plan()["ranks_detail"]]
+                document = dict(self._document, timings=timings,
+                                pixel_size_um=self.stack.pixel_size_um,
+                                output_pixel_size_um=self.output_pixel_size_um(),
+                                levels_read={self.stack.names[i]: read[i] for i in sorted(read)},
+                                memory={"peak_rss_mb_per_rank": [round(p, 1) for p in peaks],
+                                        "plan_mb_per_rank": plan_mb,
+                                        "tile": self.output_settings.tile})
+                write_run_log(self.log_path, "tnr-register", document,
+                              overwrite=self.run.overwrite)
+                self.run.log.info(f"log written to {self.log_path}")
         if self.world.is_root:
-            _remove_tree(self.pairs_dir)
-            self._document = self._log_document(pairs, flags, matched, record)
-        if self.fields is not None:
-            with self.run.stage("write fields", "io"):
-                gathered = self.world.gather(warps)
-                every = ({i: w for part in gathered for i, w in part.items()}
-                         if self.world.is_root else {})
-                self.world.agree(lambda: self._append_trajectories(
-                    record, [every[i] for i in range(stack.count)]))
-        if self.png is not None:
-            with self.run.stage("picture", "io"):
-                self.world.agree(lambda: self._picture(views, record))
-        timings = self.run.finish({"mode": self.settings.mode})
-        self.run.summary.update(sections=stack.count, mode=self.settings.mode,
-                                flagged=[int(i) for i in np.flatnonzero(record["weights"] < 1)]
-                                if "weights" in record else [])
-        levels_read = self.world.gather(self._levels_read)
-        peaks = self.world.gather(peak_memory_mb())
-        if self.world.is_root:
-            read = {}
-            for part in levels_read:
-                read.update(part)
-            plan = self.plan()
-            document = dict(self._document, timings=timings,
-                            pixel_size_um=self.stack.pixel_size_um,
-                            output_pixel_size_um=self.output_pixel_size_um(),
-                            levels_read={self.stack.names[i]: read[i] for i in sorted(read)},
-                            memory={"peak_rss_mb_per_rank": [round(p, 1) for p in peaks],
-                                    "plan_mb_per_rank": [round(r["memory"]["total_bytes"] / 2**20, 1)
-                                                         for r in plan["ranks_detail"]],
-                                    "tile": self.output_settings.tile})
-            write_run_log(self.log_path, "tnr-register", document, overwrite=self.run.overwrite)
-            self.run.log.info(f"log written to {self.log_path}")
+            _remove_tree(self.pairs_dir)  # the pairs matter only until the outputs exist
+        self.world.barrier()  # every rank returns once rank 0 has published
 
     def _stop_if_signalled(self, stage: str) -> None:
         """Stop (exit 143) when a rank received a stop signal, before anything is written;
@@ -800,7 +765,7 @@ class Reconstruction:
 
         from medhpc.tnr.registration_file import append_registration
 
-        with h5py.File(self.fields, "a") as h5:
+        with h5py.File(pending_path(self.fields), "a") as h5:
             append_registration(h5, warps, self.stack, self.settings, self.output_shape(),
                                 record.get("weights"))
             h5.create_dataset("rigid", data=record["rigid"])

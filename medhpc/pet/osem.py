@@ -24,25 +24,7 @@ import numpy as np
 
 from medhpc import backend
 from medhpc.filters.gaussian import GaussianFilter
-
-
-@dataclass(frozen=True)
-class ReconSettings:
-    """What to reconstruct and how."""
-
-    algorithm: str = "osem"
-    iterations: int = 4
-    subsets: int = 8
-    psf_fwhm_mm: float = 0.0
-    postfilter_fwhm_mm: float = 0.0
-    rdp_beta: float = 0.0
-    rdp_gamma: float = 2.0
-    rdp_epsilon: float = 1e-3
-
-    @property
-    def n_subsets(self) -> int:
-        """Subsets actually used (MLEM: one)."""
-        return 1 if self.algorithm == "mlem" else self.subsets
+from medhpc.pet.settings import ReconSettings
 
 
 @dataclass

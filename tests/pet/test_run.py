@@ -6,8 +6,8 @@ import signal
 import numpy as np
 import pytest
 
-from medhpc.pet.recon import OsemReconstructor, ReconSettings
-from medhpc.pet.reconstruct import Reconstruction
+from medhpc.pet.osem import OsemReconstructor, ReconSettings
+from medhpc.pet.run import PetRecon
 from medhpc.runtime.checkpoint import CheckpointStop
 from medhpc.phantoms.pet import nema_iq_phantom
 from tests.pet.conftest import SHAPE, VOXEL_MM, serial_run
@@ -15,7 +15,7 @@ from tests.pet.conftest import SHAPE, VOXEL_MM, serial_run
 
 def reconstruct(sinogram, out, decomp="views", run=None, **settings):
     run = run or serial_run("pet-recon")
-    recon = Reconstruction(run, sinogram, out, ReconSettings(**settings), decomp=decomp)
+    recon = PetRecon(run, sinogram, out, ReconSettings(**settings), decomp=decomp)
     return recon.compute()
 
 
@@ -106,12 +106,12 @@ def test_checkpoint_on_sigterm_then_resume_gives_the_same_image(pet_case, tmp_pa
     out = tmp_path / "stopped.nii.gz"
     monkeypatch.setattr(OsemReconstructor, "subiteration", interrupted)
     run = serial_run("pet-recon")
-    recon = Reconstruction(run, pet_case["noisy"], out, ReconSettings(**settings))
+    recon = PetRecon(run, pet_case["noisy"], out, ReconSettings(**settings))
     with pytest.raises(CheckpointStop):
         recon.compute()
     assert recon.checkpoint_path.exists()
     monkeypatch.setattr(OsemReconstructor, "subiteration", original)
-    resumed = Reconstruction(serial_run("pet-recon"), pet_case["noisy"], out,
+    resumed = PetRecon(serial_run("pet-recon"), pet_case["noisy"], out,
                              ReconSettings(**settings), resume=True)
     image, history = resumed.compute()
     np.testing.assert_array_equal(image, reference)
@@ -157,7 +157,7 @@ def test_sensitivity_cache_is_written_reused_and_refreshed(pet_case, tmp_path):
 
     def run_with_cache(subsets):
         run = serial_run("pet-recon")
-        recon = Reconstruction(run, pet_case["noisy"], tmp_path / "x.nii.gz",
+        recon = PetRecon(run, pet_case["noisy"], tmp_path / "x.nii.gz",
                                ReconSettings(iterations=1, subsets=subsets),
                                sensitivity_cache=cache)
         image, _ = recon.compute()
@@ -188,7 +188,7 @@ def test_frames_stop_on_sigterm_keep_finished_frames_and_resume_to_the_same_imag
 
     out = tmp_path / "stopped.h5"
     monkeypatch.setattr(OsemReconstructor, "subiteration", interrupted)
-    stopped = Reconstruction(serial_run("pet-recon"), pet_case["dynamic"], out,
+    stopped = PetRecon(serial_run("pet-recon"), pet_case["dynamic"], out,
                              ReconSettings(**settings), decomp="frames")
     with pytest.raises(CheckpointStop, match="2 of 2 frame"):
         stopped.compute()
@@ -201,7 +201,7 @@ def test_frames_stop_on_sigterm_keep_finished_frames_and_resume_to_the_same_imag
         return original(self, image, subset)
 
     monkeypatch.setattr(OsemReconstructor, "subiteration", counting)
-    resumed = Reconstruction(serial_run("pet-recon"), pet_case["dynamic"], out,
+    resumed = PetRecon(serial_run("pet-recon"), pet_case["dynamic"], out,
                              ReconSettings(**settings), decomp="frames", resume=True)
     images, histories = resumed.compute()
     assert counted["n"] == 4  # frame 0 was finished; frame 1 redoes its third iteration only
@@ -218,7 +218,7 @@ def test_frames_checkpoint_every_k_iterations(pet_case, tmp_path, monkeypatch):
     monkeypatch.setattr(Checkpointer, "save",
                         lambda self, i, state: (saved.append((self.path.name, i)),
                                                 original(self, i, state)))
-    recon = Reconstruction(serial_run("pet-recon"), pet_case["dynamic"], tmp_path / "e.h5",
+    recon = PetRecon(serial_run("pet-recon"), pet_case["dynamic"], tmp_path / "e.h5",
                            ReconSettings(iterations=2, subsets=2), decomp="frames",
                            checkpoint_every=1)
     recon.compute()

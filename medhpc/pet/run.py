@@ -3,7 +3,7 @@
 1. Read and check the sinogram's layout once; choose the decomposition.
 2. Each rank reads only its share (a block of every subset's views, a block of
    rebinned planes, or whole frames from a queue) and builds the projectors.
-3. Sensitivity images, then OSEM sub-iterations (:mod:`medhpc.pet.recon`),
+3. Sensitivity images, then OSEM sub-iterations (:mod:`medhpc.pet.osem`),
    checkpointing when due.
 4. Post-filter, collect the image on rank 0, write image, JSON log and picture.
 """
@@ -24,24 +24,13 @@ from medhpc.io.images import check_image_output, write_image
 from medhpc.parallel.comm import World
 from medhpc.parallel.work import map_items
 from medhpc.pet import decomposition, sensitivity_cache
-from medhpc.pet.projector import JosephProjector, TofSpec
-from medhpc.pet.recon import OsemReconstructor, ReconSettings, ReconState, SubsetShare
+from medhpc.pet.projector import JosephProjector, axis_aligned_grid, tof_spec
+from medhpc.pet.osem import OsemReconstructor, ReconSettings, ReconState, SubsetShare
 from medhpc.pet.scanner import direct_planes, lor_endpoints, plane_ring_pairs
 from medhpc.pet.sinogram import SinogramLayout, read_block, read_layout
 from medhpc.runtime.checkpoint import (Checkpointer, CheckpointStop, StopSignals,
                                        StoppedBeforeFirstIteration)
 from medhpc.runtime.runlog import write_run_log
-
-
-def axis_aligned_grid(geometry: ImageGeometry, source) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(origin_mm, voxel_mm)`` as (x, y, z) of an axis-aligned image grid."""
-    rotation = np.asarray(geometry.affine)[:3, :3]
-    spacing = np.diag(rotation)
-    if not np.allclose(rotation, np.diag(spacing), atol=1e-6) or np.any(spacing <= 0):
-        raise InputError(f"{source}: image grid is rotated or flipped (affine {rotation.tolist()}); "
-                         f"expected an axis-aligned grid with positive spacing")
-    return (np.asarray(geometry.origin_mm, dtype=np.float32),
-            np.asarray(spacing, dtype=np.float32))
 
 
 def output_grid(layout: SinogramLayout, image_shape=None, voxel_size_mm=None) -> ImageGeometry:
@@ -51,11 +40,6 @@ def output_grid(layout: SinogramLayout, image_shape=None, voxel_size_mm=None) ->
     shape = tuple(image_shape) if image_shape else layout.image.shape
     spacing = tuple(voxel_size_mm) if voxel_size_mm else layout.image.spacing_mm
     return ImageGeometry.from_spacing(shape, spacing)
-
-
-def tof_spec(scanner) -> TofSpec:
-    """The TOF kernel of a TOF scanner."""
-    return TofSpec(bins=scanner.tof_bins, bin_mm=scanner.tof_bin_mm, sigma_mm=scanner.tof_sigma_mm)
 
 
 def check_planes_grid(layout: SinogramLayout, grid: ImageGeometry, origin_mm, voxel_mm) -> None:
@@ -73,7 +57,7 @@ def check_planes_grid(layout: SinogramLayout, grid: ImageGeometry, origin_mm, vo
             f"use --decomp views or pass --image-shape/--voxel-size-mm accordingly")
 
 
-class Reconstruction:
+class PetRecon:
     """One pet-recon run on every rank (see the module notes for the steps)."""
 
     def __init__(self, run, sinogram, out, settings: ReconSettings, decomp="auto",

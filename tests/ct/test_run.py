@@ -118,6 +118,6 @@ def test_phantom_training_on_two_ranks_reaches_dice_and_segments(tmp_path):
 
 def _training_cases(dataset):
     from medhpc.ct.dataset import CtDataset
-    from medhpc.ct.train import split_folds
+    from medhpc.ct.run import split_folds
 
     return split_folds(CtDataset(dataset).names, 4, 0)[0]

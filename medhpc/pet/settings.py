@@ -1,0 +1,29 @@
+"""pet-recon's settings: every default of a reconstruction, in one place.
+
+Light on purpose (no numpy or numba): the command line reads its defaults from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALGORITHMS = ("osem", "mlem", "osem-rdp")
+
+
+@dataclass(frozen=True)
+class ReconSettings:
+    """What to reconstruct and how."""
+
+    algorithm: str = "osem"  # one of ALGORITHMS
+    iterations: int = 4
+    subsets: int = 8
+    psf_fwhm_mm: float = 0.0
+    postfilter_fwhm_mm: float = 0.0
+    rdp_beta: float = 0.1
+    rdp_gamma: float = 2.0
+    rdp_epsilon: float = 1e-3
+
+    @property
+    def n_subsets(self) -> int:
+        """Subsets actually used (MLEM: one)."""
+        return 1 if self.algorithm == "mlem" else self.subsets
