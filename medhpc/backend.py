@@ -60,6 +60,59 @@ def kernels(package: str, device: str, stem: str = "kernels"):
     return importlib.import_module(f"{package}.{stem}_{device}")
 
 
+def host_kernels(package: str, device: str, stem: str = "kernels"):
+    """The kernels of ``{package}.{stem}_{device}``, callable with host (NumPy) arrays.
+
+    On the CPU this is the module itself; with CUDA each call is staged by
+    :class:`HostStaged`. The one place where whole arrays cross PCIe per kernel call.
+    """
+    module = kernels(package, device, stem)
+    return module if device == "cpu" else HostStaged(module)
+
+
+class HostStaged:
+    """The launchers of a CUDA kernel module, callable with NumPy arrays.
+
+    Each call copies its array arguments to the GPU (C-contiguous; floating arrays cast to
+    the module's ``HOST_DTYPE`` when it names one), launches, and copies back the arrays
+    it writes: ``out``, and for kernels with more than one output the parameters the
+    module's ``WRITTEN`` table names. Correct on any GPU, but bound by the copies.
+    """
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        import inspect
+
+        launcher = getattr(self._module, name)
+        parameters = list(inspect.signature(launcher).parameters)
+        written = getattr(self._module, "WRITTEN", {}).get(name, ("out",))
+        positions = [parameters.index(parameter) for parameter in written]
+        dtype = getattr(self._module, "HOST_DTYPE", None)
+
+        def staged(*args):
+            from numba import cuda
+
+            device_args = [cuda.to_device(_staged_copy(a, dtype)) if isinstance(a, np.ndarray)
+                           else a for a in args]
+            launcher(*device_args)
+            for position in positions:
+                host = args[position]
+                if host.flags.c_contiguous and host.dtype == device_args[position].dtype:
+                    device_args[position].copy_to_host(host)
+                else:
+                    host[...] = device_args[position].copy_to_host()
+
+        return staged
+
+
+def _staged_copy(array: np.ndarray, dtype) -> np.ndarray:
+    if dtype is not None and array.dtype.kind == "f":
+        return np.ascontiguousarray(array, dtype=dtype)
+    return np.ascontiguousarray(array)
+
+
 def to_device(array: np.ndarray, device: str):
     """Copy a host array to ``device`` (a no-op on the CPU)."""
     if device == "cpu":

@@ -426,7 +426,7 @@ def _launch(kernel, items, *args):
     kernel[blocks, threads](*args)
 
 
-#: Kernels that write more than ``out`` (what :class:`~medhpc.lddmm.staging.HostStaged`
+#: Kernels that write more than ``out`` (what :class:`~medhpc.backend.HostStaged`
 #: copies back).
 WRITTEN = {"correlation_force": ("out", "correlation")}
 

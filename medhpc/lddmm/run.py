@@ -303,11 +303,7 @@ class PairRegistration:
                             resume=resume, fingerprint=fingerprint)
 
     def _register(self, world: World, inputs: Inputs, mode: str) -> dict | None:
-        kernels = backend.kernels("medhpc.lddmm", self.run.device, "kernels")
-        if self.run.device == "cuda":
-            from medhpc.lddmm.staging import HostStaged
-
-            kernels = HostStaged(kernels)
+        kernels = backend.host_kernels("medhpc.lddmm", self.run.device)
         spacing_zyx = tuple(inputs.fixed_geometry.spacing_mm[::-1])
         with self.run.stage("hand out images", "comm"):
             images = scatter_pyramids(world, self.settings.levels, inputs.fixed, inputs.moving,

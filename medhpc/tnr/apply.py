@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medhpc import backend
 from medhpc.errors import InputError
 from medhpc.io.atomic import check_output_free
 from medhpc.io.geometry import ImageGeometry
@@ -35,7 +36,7 @@ from medhpc.tnr.annotations import (SectionLookup, map_geojson, read_geojson, re
 from medhpc.tnr.preprocess import downsample
 from medhpc.tnr.intensity import IntensityMaps
 from medhpc.tnr.settings import INTERPOLATION_ORDER, NORMALISATIONS
-from medhpc.tnr.run import TILE_ROWS, HostKernels, _cast, write_section_volume
+from medhpc.tnr.run import TILE_ROWS, _cast, write_section_volume
 from medhpc.tnr.registration_file import SavedRegistration, centred_offsets, load_registration
 from medhpc.tnr.sources import SectionStack, open_stack
 
@@ -292,7 +293,8 @@ class Application:
         self._geojson = None
         self.registration, self.stack, self.placement, self.grid = self.world.agree(
             lambda: self._validated(registration_path))
-        self.kernels = HostKernels(run.device) if self.stack is not None else None
+        self.kernels = (backend.host_kernels("medhpc.tnr", run.device)
+                        if self.stack is not None else None)
 
     # -- checking ------------------------------------------------------------------------
     def _validated(self, registration_path):

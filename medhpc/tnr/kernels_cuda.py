@@ -125,6 +125,9 @@ def _remap(image, coord_y, coord_x, order, fill, out):
 _zncc_kernel = cuda.jit(_zncc)
 _remap_kernel = cuda.jit(_remap)
 
+#: The kernels compute in float32: :class:`~medhpc.backend.HostStaged` casts host arrays.
+HOST_DTYPE = np.float32
+
 PTX_SIGNATURES = {
     "zncc_scores": (_zncc, "void(float32[:, :, ::1], float32[:, :, ::1], float32[:, :, ::1])"),
     "remap": (_remap, "void(float32[:, ::1], float32[:, ::1], float32[:, ::1], int64, float32, "

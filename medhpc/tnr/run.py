@@ -98,32 +98,6 @@ def read_pair(path, a: int, b: int, fingerprint: str) -> PairResult | None:
     return PairResult(a, b, transform, matches, sections, nodes)
 
 
-class HostKernels:
-    """The kernel twins behind host-array calls (device copies made here for CUDA)."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.module = backend.kernels("medhpc.tnr", device, "kernels")
-
-    def zncc_scores(self, templates, windows, out):
-        if self.device == "cpu":
-            self.module.zncc_scores(templates, windows, out)
-            return
-        scores = backend.empty(out.shape, np.float32, self.device)
-        self.module.zncc_scores(backend.to_device(templates, self.device),
-                                backend.to_device(windows, self.device), scores)
-        out[...] = backend.to_host(scores)
-
-    def remap(self, image, coord_y, coord_x, order, fill, out):
-        if self.device == "cpu":
-            self.module.remap(image, coord_y, coord_x, order, fill, out)
-            return
-        warped = backend.empty(out.shape, np.float32, self.device)
-        self.module.remap(*(backend.to_device(np.ascontiguousarray(a, np.float32), self.device)
-                            for a in (image, coord_y, coord_x)), order, fill, warped)
-        out[...] = backend.to_host(warped)
-
-
 def section_statistics(section: WorkingSection) -> dict:
     return {"tissue_fraction": section.tissue_fraction, "texture": section.texture,
             "mean_colour": list(section.mean_colour),
@@ -309,7 +283,7 @@ class StackRegistration:
         self.png = self.out.with_name(stem + ".png") if png else None
         self.pairs_dir = self.out.with_name(stem + ".tnr-pairs")
         self.resume = resume
-        self.kernels = HostKernels(run.device)
+        self.kernels = backend.host_kernels("medhpc.tnr", run.device)
         self.stack: SectionStack = self.world.agree(lambda: self._validated(source))
         self.work_shape = tuple(n // settings.downsample for n in self.stack.shape)
         self._cache: dict[int, WorkingSection] = {}

@@ -100,7 +100,7 @@ def test_cuda_kernel_matches_cpu_twin(name):
 @pytest.mark.parametrize("name", ["compose_displacement", "joint_histogram", "mi_force",
                                   "correlation_force"])
 def test_host_staged_kernels_give_the_cpu_result(name):
-    from medhpc.lddmm.staging import HostStaged
+    from medhpc.backend import HostStaged
 
     staged = HostStaged(kernels_cuda())
     make, out_index = CALLS[name]
