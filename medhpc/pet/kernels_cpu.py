@@ -325,6 +325,47 @@ def _tof_gather(values_row, distance_mm, tof):
 
 
 @numba.njit(inline='always', **_JIT)
+def _tof_coverage(distance_mm, ntof, tof, full_mm):
+    """Sum over the bins of the TOF weights of an event at ``distance_mm``: 1 within
+    ``full_mm`` of the LOR midpoint (the bins hold the whole truncated kernel), else the
+    bin sums telescoped to the outer edges of the bins the kernel reaches."""
+    if abs(distance_mm) <= full_mm:
+        return 1.0
+    tof_bin_mm, inv_sigma_sqrt2, cutoff_sqrt2, reach_mm, norm = tof
+    first, last, middle = _tof_range(distance_mm, ntof, tof_bin_mm, reach_mm)
+    if last < first:
+        return 0.0
+    low = _tof_edge_erf((first - middle - 0.5) * tof_bin_mm, distance_mm, inv_sigma_sqrt2,
+                        cutoff_sqrt2)
+    high = _tof_edge_erf((last - middle + 0.5) * tof_bin_mm, distance_mm, inv_sigma_sqrt2,
+                         cutoff_sqrt2)
+    return norm * (high - low)
+
+
+@numba.njit(inline='always', **_JIT)
+def _ray_scatter_every_bin(flat, value, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz,
+                           tof, ntof):
+    full_mm = 0.5 * ntof * tof[0] - tof[3]
+    ray = _ray(xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz)
+    first, last, end_count = _ends(ray)
+    start_p, inv_step_p, length_mm = ray[8], ray[9], ray[17]
+    for end in range(end_count):
+        weight_t, t_mid, base, next_a, next_b, frac_a, frac_b = _end_sample(
+            ray, first if end == 0 else last)
+        if weight_t > 0.0:
+            weight = (weight_t * length_mm * value
+                      * _tof_coverage((t_mid - 0.5) * length_mm, ntof, tof, full_mm))
+            _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight)
+    line = _inner_line(ray)
+    inner_mm = 2.0 * ray[10] * length_mm
+    for plane in range(first + 1, last):
+        t_mid = (plane - start_p) * inv_step_p
+        weight = inner_mm * value * _tof_coverage((t_mid - 0.5) * length_mm, ntof, tof, full_mm)
+        base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
+        _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight)
+
+
+@numba.njit(inline='always', **_JIT)
 def _ray_integral_tof(flat, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz, tof, out_row):
     for k in range(out_row.shape[0]):
         out_row[k] = 0.0
@@ -469,4 +510,33 @@ def _back_tof(values, xstart, xend, origin_mm, voxel_mm, tof_bin_mm, tof_sigma_m
         for lor in range(first, stop):
             _ray_scatter_tof(buffer, values[lor], xstart, xend, lor, origin, voxel, nx, ny, nz,
                              tof)
+    return buffers
+
+
+def joseph_back_tof_summed(values, xstart, xend, origin_mm, voxel_mm, tof_bins, tof_bin_mm,
+                           tof_sigma_mm, tof_cutoff_sigmas, image):
+    """image += sum over the TOF bins of A_k^T values, for one value per LOR (n,): the TOF
+    back projection of ``values`` repeated in every bin (a TOF sensitivity image) at the
+    cost of a non-TOF back projection."""
+    buffers = _back_tof_summed(values, xstart, xend, origin_mm, voxel_mm, tof_bins,
+                               tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas, image,
+                               _buffer_count(xstart.shape[0]))
+    _add_buffers(buffers, image)
+
+
+@numba.njit(parallel=True, **_JIT)
+def _back_tof_summed(values, xstart, xend, origin_mm, voxel_mm, tof_bins, tof_bin_mm,
+                     tof_sigma_mm, tof_cutoff_sigmas, image, blocks):
+    origin, voxel, nx, ny, nz = _geometry(image, origin_mm, voxel_mm)
+    flat = image.reshape(image.size)
+    tof = _tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas)
+    ntof = np.int64(tof_bins)
+    n = np.int64(xstart.shape[0])
+    buffers = np.zeros((blocks if blocks > 1 else 0, flat.shape[0]), dtype=np.float32)
+    for block in numba.prange(blocks):
+        first, stop = _block_range(block, blocks, n)
+        buffer = buffers[block] if blocks > 1 else flat
+        for lor in range(first, stop):
+            _ray_scatter_every_bin(buffer, values[lor], xstart, xend, lor, origin, voxel, nx,
+                                   ny, nz, tof, ntof)
     return buffers

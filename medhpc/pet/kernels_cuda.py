@@ -211,10 +211,40 @@ def _back_tof(values, nx, ny, nz, xstart, xend, origin_mm, voxel_mm, tof_bin_mm,
                          weight_t * length_mm * norm * tof_sum)
 
 
+def _back_tof_summed(values, nx, ny, nz, xstart, xend, origin_mm, voxel_mm, ntof, tof_bin_mm,
+                     inv_sigma_sqrt2, cutoff_sqrt2, reach_mm, norm, flat):
+    lor = np.int64(cuda.grid(1))
+    if lor >= xstart.shape[0]:
+        return
+    ray = _ray(xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz)
+    length_mm = ray[16]
+    value_mm = values[lor] * length_mm * norm
+    if value_mm == _F0:
+        return
+    full_mm = _HALF * np.float32(ntof) * tof_bin_mm - reach_mm
+    for plane in range(ray[0], ray[1] + 1):
+        weight_t, t_mid, base, next_a, next_b, frac_a, frac_b = _slab_sample(ray, plane)
+        if weight_t > _F0:
+            distance_mm = (t_mid - _HALF) * length_mm
+            if abs(distance_mm) <= full_mm:  # the bins hold the whole truncated kernel
+                coverage = _F1 / norm
+            else:  # the bins' sum telescopes to the outer edges of the bins reached
+                first, last, middle = _tof_range(distance_mm, ntof, tof_bin_mm, reach_mm)
+                coverage = _F0
+                if last >= first:
+                    coverage = (_tof_edge_cdf((np.float32(last) - middle + _HALF) * tof_bin_mm,
+                                              distance_mm, inv_sigma_sqrt2, cutoff_sqrt2)
+                                - _tof_edge_cdf((np.float32(first) - middle - _HALF)
+                                                * tof_bin_mm, distance_mm, inv_sigma_sqrt2,
+                                                cutoff_sqrt2))
+            _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight_t * value_mm * coverage)
+
+
 _forward_kernel = cuda.jit(_forward)
 _back_kernel = cuda.jit(_back)
 _forward_tof_kernel = cuda.jit(_forward_tof)
 _back_tof_kernel = cuda.jit(_back_tof)
+_back_tof_summed_kernel = cuda.jit(_back_tof_summed)
 
 _COMMON = "int64, int64, int64, float32[:, ::1], float32[:, ::1], float32[::1], float32[::1]"
 _TOF = "float32, float32, float32, float32, float32"
@@ -224,6 +254,8 @@ PTX_SIGNATURES = {
     "joseph_forward_tof": (_forward_tof,
                            f"void(float32[::1], {_COMMON}, {_TOF}, float32[:, ::1])"),
     "joseph_back_tof": (_back_tof, f"void(float32[:, ::1], {_COMMON}, {_TOF}, float32[::1])"),
+    "joseph_back_tof_summed": (_back_tof_summed,
+                               f"void(float32[::1], {_COMMON}, int64, {_TOF}, float32[::1])"),
 }
 
 
@@ -280,5 +312,15 @@ def joseph_back_tof(values, xstart, xend, origin_mm, voxel_mm, tof_bin_mm, tof_s
     nz, ny, nx = image.shape
     _launch(_back_tof_kernel, xstart.shape[0], values, nx, ny, nz, xstart, xend,
             _on_device(origin_mm), _on_device(voxel_mm),
+            *_tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas),
+            image.reshape(image.size))
+
+
+def joseph_back_tof_summed(values, xstart, xend, origin_mm, voxel_mm, tof_bins, tof_bin_mm,
+                           tof_sigma_mm, tof_cutoff_sigmas, image):
+    """image += sum over the TOF bins of A_k^T values for (n,) device ``values`` (atomic adds)."""
+    nz, ny, nx = image.shape
+    _launch(_back_tof_summed_kernel, xstart.shape[0], values, nx, ny, nz, xstart, xend,
+            _on_device(origin_mm), _on_device(voxel_mm), np.int64(tof_bins),
             *_tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas),
             image.reshape(image.size))

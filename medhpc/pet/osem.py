@@ -111,9 +111,12 @@ class OsemReconstructor:
         with self.run.stage("forward project", "kernel"):
             return share.projector.forward(blurred).reshape(-1)
 
-    def _back(self, share: SubsetShare, values, stage: str = "back project"):
+    def _back(self, share: SubsetShare, values, stage: str = "back project",
+              every_bin: bool = False):
+        projector = share.projector
         with self.run.stage(stage, "kernel"):
-            image = share.projector.back(values.reshape(share.projector.shape_out))
+            image = (projector.back_every_bin(values) if every_bin
+                     else projector.back(values.reshape(projector.shape_out)))
         with self.run.stage("resolution model", "kernel"):
             image = self.psf.apply(image)
         with self.run.stage("allreduce", "comm"):
@@ -121,12 +124,9 @@ class OsemReconstructor:
         return image
 
     def _sensitivity(self, share: SubsetShare):
-        """G^T A_s^T m for one subset, summed over the ranks."""
-        factors = share.multiplicative
-        if share.tof_bins > 1:
-            factors = backend.to_device(np.repeat(backend.to_host(factors), share.tof_bins),
-                                        self.device)
-        return self._back(share, factors, stage="sensitivity")
+        """G^T A_s^T m for one subset, summed over the ranks (with TOF, m is the same in
+        every bin: ``JosephProjector.back_every_bin``)."""
+        return self._back(share, share.multiplicative, stage="sensitivity", every_bin=True)
 
     # -- the algorithm -----------------------------------------------------------------
     def initial_image(self) -> np.ndarray:

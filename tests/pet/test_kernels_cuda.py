@@ -12,7 +12,8 @@ from medhpc.backend import cuda_simulator_active
 from medhpc.pet.projector import JosephProjector, TofSpec
 
 COMPUTE_CAPABILITIES = [(7, 5), (9, 0)]
-KERNEL_NAMES = ["joseph_forward", "joseph_back", "joseph_forward_tof", "joseph_back_tof"]
+KERNEL_NAMES = ["joseph_forward", "joseph_back", "joseph_forward_tof", "joseph_back_tof",
+                "joseph_back_tof_summed"]
 
 SHAPE = (5, 7, 6)  # (nz, ny, nx)
 ORIGIN_MM = np.array([-5.0, -4.5, -3.0], dtype=np.float32)
@@ -107,6 +108,29 @@ def test_launchers_match_cpu_twins(tof):
     getattr(module, "joseph_back" + suffix)(cuda.to_device(values), d_xstart, d_xend,
                                             d_origin, d_voxel, *tof_args, d_image)
     assert_close(d_image.copy_to_host(), expected_image)
+
+
+@pytest.mark.cudasim
+def test_summed_tof_back_projection_matches_its_cpu_twin():
+    from numba import cuda
+
+    from medhpc.pet import kernels_cpu
+
+    module = kernels_cuda()
+    rng = np.random.default_rng(11)
+    xstart, xend = tiny_lors(rng)
+    values = rng.random(xstart.shape[0], dtype=np.float32)
+    expected = np.ones(SHAPE, dtype=np.float32)
+    kernels_cpu.joseph_back_tof_summed(values, xstart, xend, ORIGIN_MM, VOXEL_MM, TOF_BINS,
+                                       *TOF_ARGS, expected)
+    d_image = cuda.to_device(np.ones(SHAPE, dtype=np.float32))
+    module.joseph_back_tof_summed(cuda.to_device(values), cuda.to_device(xstart),
+                                  cuda.to_device(xend), cuda.to_device(ORIGIN_MM),
+                                  cuda.to_device(VOXEL_MM), TOF_BINS, *TOF_ARGS, d_image)
+    assert_close(d_image.copy_to_host(), expected)
+    projector = JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM, device="cuda",
+                                tof=TofSpec(TOF_BINS, *TOF_ARGS), chunk_lors=20)
+    assert_close(projector.back_every_bin(values), expected - 1.0)
 
 
 @pytest.mark.cudasim
