@@ -71,6 +71,43 @@ def dmi_subset_projector(tof: bool, lors_limit: int | None = None):
     return projector, grid
 
 
+def tof_sensitivity(repeats: int, tof_lors: int) -> dict:
+    """The TOF sensitivity image of one DMI TOF subset, one thread: the factors repeated in
+    every bin and back-projected bin by bin, against one pass with the bins' weight sums
+    (``JosephProjector.back_every_bin``), beside the non-TOF back projection."""
+    import numba
+
+    from medhpc.pet.projector import JosephProjector
+
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    projector, _ = dmi_subset_projector(True, tof_lors)
+    plain = JosephProjector(projector.xstart, projector.xend, projector.image_shape,
+                            projector.origin_mm, projector.voxel_mm)
+    factors = np.random.default_rng(0).uniform(0.5, 1.0, projector.n_lors).astype(np.float32)
+    repeated = np.repeat(factors, projector.tof.bins).reshape(projector.shape_out)
+    projector.back(repeated), projector.back_every_bin(factors), plain.back(factors)  # compile
+    bin_by_bin = cpu_time(lambda: projector.back(repeated), repeats)
+    one_pass = cpu_time(lambda: projector.back_every_bin(factors), repeats)
+    non_tof = cpu_time(lambda: plain.back(factors), repeats)
+    reference, fast = projector.back(repeated), projector.back_every_bin(factors)
+    numba.set_num_threads(threads)
+    return {"lors": projector.n_lors, "tof_bins": projector.tof.bins,
+            "bin_by_bin_cpu_s": bin_by_bin, "one_pass_cpu_s": one_pass, "non_tof_cpu_s": non_tof,
+            "speedup": bin_by_bin / one_pass,
+            "max_relative_difference": float(np.abs(fast - reference).max() / reference.max())}
+
+
+def cpu_time(function, repeats: int) -> float:
+    """Median CPU-seconds of this process for ``function``."""
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        function()
+        times.append(time.process_time() - start)
+    return statistics.median(times)
+
+
 def projector_throughput(repeats: int, tof_lors: int) -> list[dict]:
     import numba
 
@@ -209,6 +246,15 @@ def markdown(results: dict) -> str:
         lines.append(f"| {row['direction']} | {'yes' if row['tof'] else 'no'} | {row['threads']} | "
                      f"{row['lors']:,} | {row['seconds']:.3f} | {row['mlors_per_s']:.3f} | "
                      f"{row['mlors_per_s_per_core']:.3f} | {bar} | {ratio} |")
+    sensitivity = results.get("tof_sensitivity")
+    if sensitivity:
+        lines += ["", f"### TOF sensitivity, one ge-dmi-4ring-tof subset ({sensitivity['lors']:,} "
+                      f"LORs, {sensitivity['tof_bins']} bins), 1 thread, median CPU-s", "",
+                  "| bin by bin | one pass | non-TOF back projection | speed-up | max rel. difference |",
+                  "| --- | --- | --- | --- | --- |",
+                  f"| {sensitivity['bin_by_bin_cpu_s']:.3f} | {sensitivity['one_pass_cpu_s']:.3f} | "
+                  f"{sensitivity['non_tof_cpu_s']:.3f} | {sensitivity['speedup']:.2f}x | "
+                  f"{sensitivity['max_relative_difference']:.1e} |"]
     radon = results.get("radon")
     if radon:
         lines += ["", "### Side by side with skimage.transform.radon (2-D, 215 x 215, 272 angles, 1 thread)",
@@ -236,7 +282,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tof-lors", type=int, default=100_000,
                         help="LORs of the subset used for the TOF timing (TOF is slower).")
-    parser.add_argument("--parts", default="projector,radon,osem",
+    parser.add_argument("--parts", default="projector,tof-sensitivity,radon,osem",
                         help="Comma-separated parts to run (default: all).")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
@@ -245,6 +291,9 @@ def main(argv=None) -> int:
     if "projector" in parts:
         print("projector throughput ...", file=sys.stderr)
         results["projector"] = projector_throughput(args.repeats, args.tof_lors)
+    if "tof-sensitivity" in parts:
+        print("TOF sensitivity ...", file=sys.stderr)
+        results["tof_sensitivity"] = tof_sensitivity(args.repeats, args.tof_lors)
     if "radon" in parts:
         print("skimage radon side by side ...", file=sys.stderr)
         results["radon"] = radon_side_by_side(args.repeats)
