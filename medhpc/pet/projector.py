@@ -17,6 +17,8 @@ from medhpc.errors import InputError
 from medhpc.io.geometry import ImageGeometry
 
 CUDA_CHUNK_LORS = 4 * 1024 * 1024
+#: Share of the GPU's memory that resident LOR end points leave free (images, sinograms, work).
+DEVICE_RESERVE = 0.3
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class JosephProjector:
         if chunk_lors is None:
             chunk_lors = CUDA_CHUNK_LORS if device == "cuda" else max(self.n_lors, 1)
         self.chunk_lors = int(chunk_lors)
-        self._resident = None
+        self._resident = []  # CUDA: chunks kept on the GPU between calls
 
     @property
     def n_lors(self) -> int:
@@ -115,17 +117,29 @@ class JosephProjector:
         return (self.tof.bin_mm, self.tof.sigma_mm, self.tof.cutoff_sigmas)
 
     def _chunks(self):
-        """Yield (slice, xstart, xend) per chunk, the end points on the kernels' device."""
-        if self._resident is not None:
-            yield self._resident
-            return
-        for start in range(0, self.n_lors, self.chunk_lors):
+        """Yield (slice, xstart, xend) per chunk, the end points on the kernels' device.
+
+        On CUDA the chunks uploaded by the first call stay on the GPU for every later
+        forward and back projection, as long as the card keeps :data:`DEVICE_RESERVE` of
+        its memory free; chunks beyond that are uploaded on every call.
+        """
+        for index, start in enumerate(range(0, self.n_lors, self.chunk_lors)):
+            if index < len(self._resident):
+                yield self._resident[index]
+                continue
             part = slice(start, min(start + self.chunk_lors, self.n_lors))
             chunk = (part, backend.to_device(self.xstart[part], self.device),
                      backend.to_device(self.xend[part], self.device))
-            if self.device == "cuda" and part.stop - part.start == self.n_lors:
-                self._resident = chunk  # a single chunk stays on the GPU between calls
+            if self.device == "cuda" and index == len(self._resident) and self._room_for(chunk):
+                self._resident.append(chunk)
             yield chunk
+
+    @staticmethod
+    def _room_for(chunk) -> bool:
+        from numba import cuda
+
+        free, total = cuda.current_context().get_memory_info()
+        return free - chunk[1].nbytes - chunk[2].nbytes >= DEVICE_RESERVE * total
 
     def forward(self, image):
         """Project ``image`` (nz, ny, nx) to float32 values of :attr:`shape_out`.

@@ -149,3 +149,39 @@ def test_cuda_projector_matches_cpu_projector(tof):
     resident = JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM, device="cuda", tof=tof)
     for _ in range(2):  # the second call reuses the end points kept on the device
         assert_close(resident.forward(image), cpu.forward(image))
+
+
+@pytest.mark.cudasim
+def test_end_points_stay_on_the_gpu_in_chunks_while_the_card_has_room(monkeypatch):
+    from medhpc import backend
+    from medhpc.pet import projector as projector_module
+
+    rng = np.random.default_rng(12)
+    xstart, xend = tiny_lors(rng)
+    tof = TofSpec(TOF_BINS, *TOF_ARGS)
+    cpu = JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM, tof=tof)
+    uploads = []
+    original = backend.to_device
+    monkeypatch.setattr(projector_module.backend, "to_device",
+                        lambda array, device: uploads.append(array.shape) or
+                        original(array, device))
+    for room in (None, 1):  # every chunk fits; room for one chunk only
+        if room is not None:
+            monkeypatch.setattr(JosephProjector, "_room_for",
+                                staticmethod(lambda chunk, kept=[]: kept.append(1) or
+                                             len(kept) <= room))
+        gpu = JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM, device="cuda",
+                              tof=tof, chunk_lors=7)
+        chunks = -(-gpu.n_lors // 7)
+        image = rng.random(SHAPE, dtype=np.float32)
+        from numba import cuda
+
+        device_image = cuda.to_device(image)
+        uploads.clear()
+        first = gpu.forward(device_image)
+        assert len(uploads) == 2 * chunks  # the end points, once
+        uploads.clear()
+        second = gpu.forward(device_image)
+        assert len(uploads) == (0 if room is None else 2 * (chunks - room))
+        assert_close(second.copy_to_host(), first.copy_to_host())
+        assert_close(second.copy_to_host(), cpu.forward(image))
