@@ -52,11 +52,20 @@ def read_dicom_series(paths) -> tuple[np.ndarray, ImageGeometry]:
         except Exception as error:  # pydicom raises several types for non-DICOM files
             raise InputError(f"{path}: not readable as DICOM ({type(error).__name__}); "
                              f"{_EXPECTED}") from None
+        if "DirectoryRecordSequence" in dataset:  # a DICOMDIR index beside the slices
+            continue
+        modality = str(getattr(dataset, "Modality", "CT") or "CT")
+        if modality != "CT":
+            raise InputError(f"{path}: DICOM Modality {modality}, not CT (ct-* reads CT in "
+                             f"Hounsfield units); {_EXPECTED}")
         for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
                         "PixelData"):
             if keyword not in dataset:
                 raise InputError(f"{path}: DICOM slice without {keyword}; {_EXPECTED}")
         slices.append((path, dataset))
+    if not slices:
+        raise InputError(f"{paths[0].parent}: no image slices; {_EXPECTED}")
+    _check_one_series(slices)
 
     orientation = np.array(slices[0][1].ImageOrientationPatient, dtype=np.float64)
     row_direction, column_direction = orientation[:3], orientation[3:]
@@ -100,6 +109,25 @@ def read_dicom_series(paths) -> tuple[np.ndarray, ImageGeometry]:
     affine_lps[:3, 2] = slice_step
     affine_lps[:3, 3] = positions[0]
     return volume, ImageGeometry(volume.shape, LPS_TO_RAS @ affine_lps)
+
+
+def _check_one_series(slices) -> None:
+    """Raise :class:`InputError` naming the series when the slices belong to several."""
+    series = {}
+    for path, dataset in slices:
+        series.setdefault(str(getattr(dataset, "SeriesInstanceUID", "")), []).append(dataset)
+    if len(series) < 2:
+        return
+    described = []
+    for uid, members in sorted(series.items(), key=lambda item: -len(item[1])):
+        description = str(getattr(members[0], "SeriesDescription", "") or "").strip()
+        number = getattr(members[0], "SeriesNumber", None)
+        label = f"series {number}" if number not in (None, "") else f"UID ...{uid[-12:]}"
+        described.append(f"{label}{f' ({description})' if description else ''}: "
+                         f"{len(members)} slice(s)")
+    raise InputError(f"{slices[0][0].parent}: slices of {len(series)} series "
+                     f"({'; '.join(described)}); expected one series per folder (put each "
+                     f"series in its own folder)")
 
 
 def is_dicom_series(path) -> bool:

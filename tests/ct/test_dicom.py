@@ -122,3 +122,44 @@ def test_ct_prepare_converts_a_dicom_series_with_nifti_labels(series, tmp_path):
         assert stored.same_grid(geometry, tol=1e-5)
         np.testing.assert_allclose(case.attrs["original_affine"], geometry.affine, atol=1e-5)
         assert case["image"].chunks is not None
+
+
+def _pydicom_test_folder(name):
+    from pathlib import Path
+
+    from pydicom.data import get_testdata_file
+
+    return Path(get_testdata_file("DICOMDIR")).parent / name
+
+
+def test_real_mr_is_refused_as_ct_naming_the_file_and_modality():
+    from pydicom.data import get_testdata_file
+
+    from medhpc.ct.dicom import read_dicom_series
+    from medhpc.errors import InputError
+
+    with pytest.raises(InputError, match="MR_small.dcm: DICOM Modality MR, not CT"):
+        read_dicom_series([get_testdata_file("MR_small.dcm")])
+    with pytest.raises(InputError, match="Modality MR, not CT"):  # three MR series, one folder
+        read_dicom_series(_pydicom_test_folder("98892003/MR2"))
+
+
+def test_slices_of_two_real_ct_series_in_one_folder_are_refused_listing_both(tmp_path):
+    import shutil
+
+    from medhpc.ct.dicom import read_dicom_series
+    from medhpc.errors import InputError
+
+    for name in ("77654033/CT2", "98892001/CT5N"):
+        for path in _pydicom_test_folder(name).iterdir():
+            shutil.copy(path, tmp_path / f"{name.replace('/', '_')}_{path.name}")
+    shutil.copy(_pydicom_test_folder("DICOMDIR"), tmp_path / "DICOMDIR")  # an index: skipped
+    with pytest.raises(InputError, match=r"slices of 2 series \(series 5 \(SmartScore - Gated "
+                                         r"0.5 sec\): 5 slice\(s\); series 2 \(Routine Brain\): "
+                                         r"4 slice\(s\)\); expected one series per folder"):
+        read_dicom_series(tmp_path)
+    for path in tmp_path.glob("77654033_CT2_*"):
+        path.unlink()
+    volume, geometry = read_dicom_series(tmp_path)  # one real series beside its DICOMDIR
+    assert volume.shape == (5, 16, 16)
+    assert geometry.spacing_mm == pytest.approx((0.488281, 0.488281, 2.5))
