@@ -33,6 +33,7 @@ install-test: $(VENV)/.installed-test
 
 demo: install
 	$(BIN)/medhpc info
+	$(BIN)/medhpc compile --app pet
 	$(BIN)/medhpc phantom pet --out $(DEMO)/phantom --overwrite
 	$(BIN)/medhpc pet-simulate --activity $(DEMO)/phantom/activity.nii.gz \
 	    --mu-map $(DEMO)/phantom/mu_map.nii.gz --scanner small-test --counts 2e7 \

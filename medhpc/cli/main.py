@@ -49,9 +49,11 @@ APPLICATION_MODULES = ("pet", "lddmm", "tnr", "ct")
 def _register():
     import importlib
 
+    from medhpc.cli import compile as compile_module
     from medhpc.cli import info, phantom, report
 
     cli.add_command(info.info)
+    cli.add_command(compile_module.compile_kernels)
     cli.add_command(phantom.phantom)
     cli.add_command(report.report)
     for name in APPLICATION_MODULES:

@@ -79,6 +79,16 @@ def record_output(path) -> None:
         _published.append(path)
 
 
+@contextmanager
+def unreported():
+    """Outputs put in place inside the block are scratch work: not reported on stdout."""
+    count = len(_published)
+    try:
+        yield
+    finally:
+        del _published[count:]
+
+
 def published_outputs() -> list[Path]:
     """The outputs this process has put in place so far, in order."""
     return list(_published)

@@ -203,6 +203,8 @@ CASES = [
                             "{d}/good.nii.gz", "--out", "{o}/seg"], ["missing.pt"]),
     ("ct-segment-garbage", ["ct-segment", "--model", "{d}/garbage.pt", "--images",
                             "{d}/good.nii.gz", "--out", "{o}/seg"], ["garbage.pt"]),
+    # compile (one rank only: later jobs share the cache)
+    ("compile-under-mpiexec", ["compile", "--app", "tnr"], ["one rank"]),
     # report
     ("report-garbage", ["report", "{d}/garbage.json", "--png", "{o}/t.png"], ["garbage.json"]),
     ("report-empty", ["report", "{d}/empty.json", "--png", "{o}/t.png"], ["empty.json"]),
@@ -243,7 +245,7 @@ def test_bad_input_is_one_line_exit_2_everywhere_and_leaves_nothing(inputs, caps
     world.barrier()
     before = sorted(path.name for path in inputs.iterdir())
     args = [part.format(d=inputs, o=out) for part in argv]
-    if args[0] not in ("lddmm-apply", "report"):
+    if args[0] not in ("lddmm-apply", "report", "compile"):
         args += ["--device", "cpu", "--threads", "1"] if "--threads" not in args else \
             ["--device", "cpu"]
     capsys.readouterr()
