@@ -147,6 +147,14 @@ def _lor_count(args):
     return args[1].shape[0]
 
 
+def _summed_tof_inputs(rng, size):
+    """joseph_back_tof_summed: one value per LOR, the TOF binning as for joseph_back_tof."""
+    values, xstart, xend, origin, voxel, image = _projector_inputs(rng, size, 1, back=True)
+    bins = 29 if size == "time" else 7
+    tof = _projector_inputs(rng, size, bins, back=True)[5:8]
+    return [values, xstart, xend, origin, voxel, bins, *tof, image]
+
+
 CHECKS = [
     Check("gaussian convolve_axis", "medhpc.filters", "kernels", "convolve_axis",
           lambda rng, size: [_image(rng, SIZES[size][0]),
@@ -182,6 +190,8 @@ CHECKS = [
     Check("joseph_back_tof", "medhpc.pet", "kernels", "joseph_back_tof",
           lambda rng, size: _projector_inputs(rng, size, 29 if size == "time" else 7, back=True),
           outputs=(8,), tolerance=1e-4, work=_lor_count, unit="LORs"),
+    Check("joseph_back_tof_summed", "medhpc.pet", "kernels", "joseph_back_tof_summed",
+          _summed_tof_inputs, outputs=(9,), tolerance=1e-4, work=_lor_count, unit="LORs"),
 ]
 
 
