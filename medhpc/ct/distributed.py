@@ -1,10 +1,12 @@
 """torch.distributed for ranks launched by mpiexec/srun (or torchrun), and gradient sync.
 
 Under MPI the rank layout comes from medhpc's :class:`~medhpc.parallel.comm.World`;
-rank 0 picks a free TCP port (on the loopback interface when every rank is on
-one node, else on its host name) and broadcasts ``host:port``; every rank then
-joins a process group, gloo on the CPU and NCCL on GPUs. The pip torch wheel
-has no MPI backend, hence this rendezvous. Under torchrun (``RANK``,
+rank 0 opens torch's TCP store on a port the system chooses (no probe-then-release race),
+on the loopback interface when every rank is on one node, else on every interface, and
+broadcasts its address: ``MEDHPC_MASTER_ADDR`` when set (the interface the site wants, e.g.
+the high-speed network's), else the address of rank 0's interface that routes to the other
+nodes. Every rank then joins a process group on that store, gloo on the CPU and NCCL on
+GPUs. The pip torch wheel has no MPI backend, hence this rendezvous. Under torchrun (``RANK``,
 ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set, one MPI rank) the
 environment is used as it is.
 
@@ -16,6 +18,7 @@ without the barrier, gloo under mpiexec sometimes aborts at exit.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -38,11 +41,27 @@ class Ranks:
     backend: str | None = None
 
 
-def free_port(host: str) -> int:
-    """A TCP port that is free on ``host`` now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+MASTER_ADDRESS_VARIABLE = "MEDHPC_MASTER_ADDR"
+RENDEZVOUS_TIMEOUT_S = 300
+
+
+def routed_address(peer_host: str) -> str:
+    """This host's address on the interface that routes to ``peer_host`` (no packet is sent:
+    a UDP socket's connect only picks the route)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((peer_host, 9))
+        return probe.getsockname()[0]
+
+
+def master_address(world) -> str:
+    """The address the other ranks reach rank 0's store at (called on rank 0)."""
+    if os.environ.get(MASTER_ADDRESS_VARIABLE):
+        return os.environ[MASTER_ADDRESS_VARIABLE]
+    if world.node_count == 1:
+        return "127.0.0.1"
+    hosts = world.hosts
+    other = next(host for host in hosts if host != hosts[0])
+    return routed_address(other)
 
 
 def torchrun_environment() -> bool:
@@ -60,14 +79,19 @@ def rendezvous(world, device: str) -> Ranks:
                      int(os.environ.get("LOCAL_RANK", 0)), "torchrun", backend)
     if world.size == 1:
         return Ranks(0, 1, 0, "single")
+    timeout = datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
+    store, address = None, None
     if world.is_root:
-        host = "127.0.0.1" if world.node_count == 1 else socket.gethostname()
-        address = (host, free_port(host if host == "127.0.0.1" else "0.0.0.0"))
-    else:
-        address = None
+        host = master_address(world)
+        bind = "127.0.0.1" if host.startswith("127.") else "0.0.0.0"
+        store = dist.TCPStore(bind, 0, world.size, True, timeout=timeout,
+                              wait_for_workers=False)
+        address = (host, store.port)
     host, port = world.bcast(address)
-    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=world.rank,
-                            world_size=world.size)
+    if store is None:
+        store = dist.TCPStore(host, port, world.size, False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.size,
+                            timeout=timeout)
     return Ranks(world.rank, world.size, world.local_rank, "mpi", backend)
 
 

@@ -102,7 +102,9 @@ class World:
         return self.MPI is not None and not isinstance(self.comm, _SerialComm)
 
     def _node_layout(self) -> tuple[int, int, int, int]:
-        """Return (node-local rank, ranks on this node, node index, number of nodes)."""
+        """Return (node-local rank, ranks on this node, node index, number of nodes); note
+        every rank's host name in :attr:`hosts`."""
+        self.hosts = [socket.gethostname()] * self.size
         if not self.has_mpi or self.size == 1:
             return 0, 1, 0, 1
         local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
@@ -110,7 +112,7 @@ class World:
             local_rank, local_size = local.Get_rank(), local.Get_size()
         finally:
             local.Free()
-        hosts = self.comm.allgather(socket.gethostname())
+        hosts = self.hosts = self.comm.allgather(socket.gethostname())
         nodes = list(dict.fromkeys(hosts))
         return local_rank, local_size, nodes.index(hosts[self.rank]), len(nodes)
 

@@ -113,3 +113,26 @@ def test_validation_dice_from_counts_summed_over_ranks():
     expected = sum(confusion_counts(p, t, 2) for p, t in zip(predictions, truths))
     np.testing.assert_array_equal(total, expected)
     np.testing.assert_allclose(dice_from_counts(total), dice_from_counts(expected))
+
+
+def test_the_store_address_is_the_override_the_loopback_or_the_routed_interface(monkeypatch):
+    from types import SimpleNamespace
+
+    from medhpc.ct import distributed
+
+    one_node = SimpleNamespace(node_count=1, hosts=["n1", "n1"])
+    two_nodes = SimpleNamespace(node_count=2, hosts=["n1", "n1", "n2"])
+    monkeypatch.delenv(distributed.MASTER_ADDRESS_VARIABLE, raising=False)
+    assert distributed.master_address(one_node) == "127.0.0.1"
+    asked = []
+    monkeypatch.setattr(distributed, "routed_address",
+                        lambda host: asked.append(host) or "10.1.2.3")
+    assert distributed.master_address(two_nodes) == "10.1.2.3" and asked == ["n2"]
+    monkeypatch.setenv(distributed.MASTER_ADDRESS_VARIABLE, "192.168.7.1")
+    assert distributed.master_address(two_nodes) == "192.168.7.1"
+
+
+def test_the_routed_address_towards_this_host_is_a_local_one():
+    from medhpc.ct import distributed
+
+    assert distributed.routed_address("127.0.0.1") == "127.0.0.1"
