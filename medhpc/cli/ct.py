@@ -174,8 +174,10 @@ def ct_train(run, data, out, epochs, steps, patch, batch, widths, deep_supervisi
 @command("ct-segment", example="""\
 mpiexec -n 4 medhpc ct-segment --model ct/run/model.pt --images new_scans/ \\
     --out segmentations/""")
-@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
-              help="RUN/model.pt written by ct-train.")
+@click.option("--model", "model_paths", required=True, multiple=True,
+              type=click.Path(dir_okay=False),
+              help="RUN/model.pt written by ct-train; repeat it for an ensemble of fold models "
+                   "(their probabilities are averaged).")
 @click.option("--images", required=True, multiple=True, type=click.Path(exists=True),
               help="A folder of images (NIfTI files, DICOM series folders), or image files; "
                    "repeatable.")
@@ -185,15 +187,17 @@ mpiexec -n 4 medhpc ct-segment --model ct/run/model.pt --images new_scans/ \\
               help="Reference label maps (<case>.nii.gz): print per-organ Dice.")
 @click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True,
               help="Windows per forward pass.")
+@click.option("--tta", is_flag=True,
+              help="Test-time mirroring: average every window over its 8 flips (8x the time).")
 @pass_run("ct-segment")
-def ct_segment(run, model_path, images, out, labels, batch):
+def ct_segment(run, model_paths, images, out, labels, batch, tta):
     """Segment CT volumes by sliding windows with Gaussian blending, cases over the ranks;
     label maps on each input's own grid."""
     _require_torch(run, "ct-segment")
     from medhpc.ct.segment import Segmentation
 
     sources = images[0] if len(images) == 1 else list(images)
-    Segmentation(run, model_path, sources, out, labels, batch).execute()
+    Segmentation(run, list(model_paths), sources, out, labels, batch, tta=tta).execute()
 
 
 COMMANDS = [ct_prepare, ct_train, ct_segment]

@@ -2,7 +2,8 @@
 
 Each rank segments its block of cases: read (NIfTI or DICOM series), resample
 to the model's voxel size when it was trained on resampled data, normalise as in
-training, blend windows (:mod:`medhpc.ct.inference`), bring the label map back
+training, blend windows (:mod:`medhpc.ct.inference`; with ``--tta`` averaged over
+mirrored copies, with several ``--model`` over the fold models), bring the label map back
 to the input's own grid and write it as NIfTI. With reference labels, TP/FP/FN
 counts per case and organ are gathered and rank 0 prints a Dice table (also
 written as ``dice.csv`` and ``dice.json``).
@@ -48,17 +49,26 @@ def load_model(path, device) -> tuple[torch.nn.Module, dict]:
 class Segmentation:
     """The ct-segment run on this rank (collective)."""
 
-    def __init__(self, run, model_path, images, out, labels=None, batch: int = 2):
+    def __init__(self, run, model_path, images, out, labels=None, batch: int = 2,
+                 tta: bool = False):
         self.run = run
         self.world = run.world
-        self.model_path = model_path
+        self.model_paths = [model_path] if isinstance(model_path, (str, Path)) else \
+            list(model_path)
+        self.mirror_axes = (0, 1, 2) if tta else ()
         self.images = images
         self.out = Path(out)
         self.labels = labels
         self.batch = batch
 
     def check(self):
-        _, document = load_model(self.model_path, torch.device("cpu"))
+        documents = [load_model(path, torch.device("cpu"))[1] for path in self.model_paths]
+        for path, document in zip(self.model_paths[1:], documents[1:]):
+            for key in ("classes", "spacing_mm", "intensity"):
+                if document.get(key) != documents[0].get(key):
+                    raise InputError(f"{path}: its {key} differ from {self.model_paths[0]}'s; "
+                                     f"expected fold models of one ct-train dataset")
+        document = documents[0]
         cases = find_cases(self.images, self.labels)
         for case in cases:
             check_output_free(self.out / f"{case.name}.nii.gz", self.run.overwrite)
@@ -79,7 +89,9 @@ class Segmentation:
             device = torch.device("cuda", run.gpu if run.gpu is not None else 0)
             torch.cuda.set_device(device)
         with run.stage("load model", "io"):
-            model, document = load_model(self.model_path, device)
+            loaded = [load_model(path, device) for path in self.model_paths]
+        document = loaded[0][1]
+        model = [(network, tuple(doc["patch"]), bool(doc.get("amp"))) for network, doc in loaded]
         mine = static_items(self.world, len(cases))
         with publish_together():  # every rank's label maps, the tables and --timings
             results = self.world.agree_all(
@@ -119,7 +131,7 @@ class Segmentation:
         with run.stage("inference", "kernel"):
             prediction = segment_volume(model, normalised, tuple(document["patch"]),
                                         len(document["classes"]) + 1, device, fill,
-                                        batch=self.batch, amp=bool(document.get("amp")))
+                                        batch=self.batch, mirror_axes=self.mirror_axes)
         if model_grid is not geometry:
             prediction = resample(prediction, model_grid, geometry, labels=True)
         with run.stage("write", "io"):
