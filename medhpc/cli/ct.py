@@ -189,15 +189,19 @@ mpiexec -n 4 medhpc ct-segment --model ct/run/model.pt --images new_scans/ \\
               help="Windows per forward pass.")
 @click.option("--tta", is_flag=True,
               help="Test-time mirroring: average every window over its 8 flips (8x the time).")
+@click.option("--postprocess/--no-postprocess", default=True, show_default=True,
+              help="Keep only the largest connected component of the classes where ct-train's "
+                   "validation showed it helps (stored in the model).")
 @pass_run("ct-segment")
-def ct_segment(run, model_paths, images, out, labels, batch, tta):
+def ct_segment(run, model_paths, images, out, labels, batch, tta, postprocess):
     """Segment CT volumes by sliding windows with Gaussian blending, cases over the ranks;
     label maps on each input's own grid."""
     _require_torch(run, "ct-segment")
     from medhpc.ct.segment import Segmentation
 
     sources = images[0] if len(images) == 1 else list(images)
-    Segmentation(run, list(model_paths), sources, out, labels, batch, tta=tta).execute()
+    Segmentation(run, list(model_paths), sources, out, labels, batch, tta=tta,
+                 postprocess=postprocess).execute()
 
 
 COMMANDS = [ct_prepare, ct_train, ct_segment]

@@ -30,6 +30,7 @@ from medhpc.ct.dataset import CtDataset
 from medhpc.ct.inference import segment_volume
 from medhpc.ct.loss import confusion_counts, deep_supervision_loss, dice_from_counts
 from medhpc.ct.planner import given_plan, plan_training
+from medhpc.ct.postprocess import helpful_classes, largest_component
 from medhpc.ct.sampler import PatchSampler, TrainingCase, rank_slots
 from medhpc.ct.settings import TrainSettings
 from medhpc.ct.unet import UNet3D, UNetConfig
@@ -268,13 +269,15 @@ class Training:
             epoch_loss = distributed.reduce_sum(
                 self.world, ranks, np.array([state["epoch_loss"]]))[0] / ranks.size
             with run.stage("validation", "kernel"):
-                dice = self.validate_epoch(model, val_cases, dataset, patch, device, plan.amp,
-                                           ranks)
+                dice, dice_largest = self.validate_epoch(model, val_cases, dataset, patch,
+                                                         device, plan.amp, ranks)
             record = {"epoch": epoch + 1, "loss": float(epoch_loss) / s.steps,
                       "lr": poly_lr(s.learning_rate, (epoch + 1) * s.steps, total_steps),
                       "patches_per_s": s.steps * global_batch / seconds,
                       "seconds": seconds,
-                      "dice": {name: _finite(d) for name, d in zip(dataset.classes, dice)}}
+                      "dice": {name: _finite(d) for name, d in zip(dataset.classes, dice)},
+                      "dice_largest_component": {name: _finite(d) for name, d in
+                                                 zip(dataset.classes, dice_largest)}}
             if device.type == "cuda":
                 record["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1024 ** 3
             state["history"].append(record)
@@ -298,13 +301,18 @@ class Training:
 
     # -- validation -----------------------------------------------------------------------
     def validate_epoch(self, model, val_cases: dict, dataset, patch, device, amp, ranks):
-        counts = np.zeros((dataset.n_classes, 3))
+        """Pooled Dice per class of the held-out cases, as predicted and with only the
+        largest connected component of each class kept."""
+        classes = range(1, dataset.n_classes + 1)
+        counts = np.zeros((2, dataset.n_classes, 3))
         for case in val_cases.values():
             prediction = segment_volume(model, case.image, patch, dataset.n_classes + 1, device,
                                         case.fill, amp=amp)
-            counts += confusion_counts(prediction, case.labels, dataset.n_classes)
+            counts[0] += confusion_counts(prediction, case.labels, dataset.n_classes)
+            counts[1] += confusion_counts(largest_component(prediction, classes), case.labels,
+                                          dataset.n_classes)
         counts = distributed.reduce_sum(self.world, ranks, counts)
-        return dice_from_counts(counts)
+        return dice_from_counts(counts[0]), dice_from_counts(counts[1])
 
     # -- state ----------------------------------------------------------------------------
     def write_checkpoint(self, model, optimizer, scaler, state, fingerprint, ranks):
@@ -334,7 +342,7 @@ class Training:
         document = {"model": model.state_dict(), **plain_data({
             "network": config.to_dict(), "patch": list(plan.patch), "classes": dataset.classes,
             "intensity": dataset.intensity, "spacing_mm": dataset.spacing_mm,
-            "amp": bool(plan.amp)})}
+            "amp": bool(plan.amp), "largest_component": largest_component_classes(history)})}
         with atomic_path(self.out / MODEL_NAME, overwrite=True) as tmp:
             torch.save(document, tmp)
         log = {**summary, "epochs_run": history}
@@ -353,6 +361,18 @@ class Training:
             from medhpc.ct.figures import plot_training_curves
 
             plot_training_curves(self.out / "curves.png", history, dataset.classes)
+
+
+def largest_component_classes(history: list[dict]) -> list[str]:
+    """The classes whose validation Dice of the last epoch rose with only their largest
+    connected component kept (none without validation)."""
+    if not history or "dice_largest_component" not in history[-1]:
+        return []
+    last = history[-1]
+    names = list(last["dice"])
+    as_array = lambda values: np.array([np.nan if v is None else v for v in values])  # noqa: E731
+    return helpful_classes(as_array(last["dice"].values()),
+                           as_array(last["dice_largest_component"][n] for n in names), names)
 
 
 def _signal_step() -> int | None:

@@ -4,7 +4,9 @@ Each rank segments its block of cases: read (NIfTI or DICOM series), resample
 to the model's voxel size when it was trained on resampled data, normalise as in
 training, blend windows (:mod:`medhpc.ct.inference`; with ``--tta`` averaged over
 mirrored copies, with several ``--model`` over the fold models), bring the label map back
-to the input's own grid and write it as NIfTI. With reference labels, TP/FP/FN
+to the input's own grid and write it as NIfTI. Classes for which ct-train's validation
+showed that keeping only the largest connected component helps get that postprocessing
+(:mod:`medhpc.ct.postprocess`; ``--no-postprocess`` turns it off). With reference labels, TP/FP/FN
 counts per case and organ are gathered and rank 0 prints a Dice table (also
 written as ``dice.csv`` and ``dice.json``).
 """
@@ -21,6 +23,7 @@ from medhpc import backend
 from medhpc.ct.dataset import find_cases, read_ct, read_labels, resample, resampled_geometry
 from medhpc.ct.inference import segment_volume
 from medhpc.ct.loss import confusion_counts, dice_from_counts
+from medhpc.ct.postprocess import largest_component
 from medhpc.ct.unet import UNet3D, UNetConfig
 from medhpc.errors import InputError, one_line
 from medhpc.io.atomic import atomic_path, check_output_free, publish_together
@@ -50,12 +53,13 @@ class Segmentation:
     """The ct-segment run on this rank (collective)."""
 
     def __init__(self, run, model_path, images, out, labels=None, batch: int = 2,
-                 tta: bool = False):
+                 tta: bool = False, postprocess: bool = True):
         self.run = run
         self.world = run.world
         self.model_paths = [model_path] if isinstance(model_path, (str, Path)) else \
             list(model_path)
         self.mirror_axes = (0, 1, 2) if tta else ()
+        self.postprocess = postprocess
         self.images = images
         self.out = Path(out)
         self.labels = labels
@@ -132,6 +136,11 @@ class Segmentation:
             prediction = segment_volume(model, normalised, tuple(document["patch"]),
                                         len(document["classes"]) + 1, device, fill,
                                         batch=self.batch, mirror_axes=self.mirror_axes)
+        if self.postprocess and document.get("largest_component"):
+            with run.stage("postprocess", "kernel"):
+                prediction = largest_component(prediction, [
+                    document["classes"].index(name) + 1
+                    for name in document["largest_component"]])
         if model_grid is not geometry:
             prediction = resample(prediction, model_grid, geometry, labels=True)
         with run.stage("write", "io"):
