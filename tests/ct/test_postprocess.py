@@ -9,7 +9,7 @@ def test_only_the_largest_component_of_the_listed_classes_is_kept():
     labels = np.zeros((6, 8, 8), np.uint8)
     labels[1:4, 1:4, 1:4] = 1          # the organ
     labels[5, 7, 7] = 1                # a stray voxel of class 1
-    labels[4, 4, 4] = 1                # touches the organ diagonally? no: 26-connected below
+    labels[4, 4, 4] = 1                # a corner neighbour of (3, 3, 3): part of the organ
     labels[1:3, 5:7, 5:7] = 2          # class 2 in two pieces
     labels[5, 0, 0] = 2
     kept = largest_component(labels, [1])
