@@ -274,6 +274,14 @@ class CtDataset:
         """Foreground classes (labels 1..n_classes)."""
         return len(self.classes)
 
+    def spacing_zyx(self, name: str) -> tuple:
+        """Voxel size (z, y, x) in mm of case ``name`` as stored."""
+        import h5py
+
+        with h5py.File(self.path, "r") as h5:
+            geometry = ImageGeometry.from_attrs(h5["cases"][name]["image"].attrs)
+        return tuple(float(v) for v in geometry.spacing_mm[::-1])
+
     def read(self, name: str) -> tuple[np.ndarray, np.ndarray | None, ImageGeometry]:
         """Return ``(image_hu, labels_or_None, geometry)`` of one case."""
         import h5py

@@ -89,31 +89,40 @@ def _fits(widths, classes, patch, batch, amp, checkpointing, optimizer, budget_b
 
 def plan_training(widths, classes: int, case_shape, budget_gb: float, amp: bool | None,
                   checkpointing: bool | None, optimizer: str = "sgd", max_batch: int = 4,
-                  max_patch: int = 192) -> MemoryPlan:
+                  max_patch: int = 192, spacing_zyx=None) -> MemoryPlan:
     """Choose the largest patch (then batch) that fits ``budget_gb``.
 
-    The patch starts at the median case shape rounded up to the network's
-    divisor (at most ``max_patch`` per axis) and its largest axis shrinks by one
-    divisor at a time until batch 2 fits. AMP is used unless ``amp`` is False;
-    activation checkpointing is added (unless ``checkpointing`` is False) when
-    the patch would otherwise fall below 96 voxels on an axis that is longer.
+    The patch starts as ``max_patch^3`` voxels shared out in proportion to ``1 / spacing``
+    (``spacing_zyx``, mm: the same length in mm on every axis, as nnU-Net starts; 2.5 x 0.8 x
+    0.8 mm voxels give 96 x 288 x 288), no longer than the median case shape, each axis
+    rounded up to the network's divisor; then the axis spanning the most mm shrinks by one
+    divisor at a time until batch 2 fits. AMP is used unless ``amp`` is
+    False; activation checkpointing is added (unless ``checkpointing`` is False) when the
+    patch would otherwise fall below 96 of the finest voxels (in mm) on an axis that is
+    longer. The plan depends only on its arguments, not on the node that computes it.
     """
     divisor = 2 ** (len(widths) - 1)
     budget = budget_gb * GIB
     use_amp = True if amp is None else amp
-    start = [int(min(max_patch, divisor * np.ceil(n / divisor))) for n in case_shape]
+    spacing = np.ones(3) if spacing_zyx is None else np.asarray(spacing_zyx, np.float64)
+    proportional = (1.0 / spacing) * (max_patch ** 3 * np.prod(spacing)) ** (1 / 3)
+    caps = [max(divisor, divisor * int(np.ceil(r / divisor - 1e-9))) for r in proportional]
+    start = [int(min(cap, divisor * np.ceil(n / divisor))) for n, cap in zip(case_shape, caps)]
     options = [False, True] if checkpointing is None else [checkpointing]
     for use_checkpointing in options:
         patch = list(start)
         while not _fits(widths, classes, patch, MIN_BATCH, use_amp, use_checkpointing,
                         optimizer, budget):
-            axis = int(np.argmax(patch))
-            if patch[axis] <= divisor:
+            extents = [p * s if p > divisor else 0.0 for p, s in zip(patch, spacing)]
+            axis = int(np.argmax(extents))
+            if extents[axis] == 0.0:
                 break
             patch[axis] -= divisor
         fits = _fits(widths, classes, patch, MIN_BATCH, use_amp, use_checkpointing, optimizer,
                      budget)
-        small = any(p < min(96, s) for p, s in zip(patch, start))
+        # "small": an axis shorter than 96 of the finest voxels (in mm), where it was longer
+        small = any(p * s < min(96 * spacing.min(), n * s)
+                    for p, n, s in zip(patch, start, spacing))
         if fits and (not small or use_checkpointing or len(options) == 1):
             break
     batch = MIN_BATCH

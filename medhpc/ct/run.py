@@ -116,15 +116,18 @@ class Training:
 
     def memory_plan(self, config: UNetConfig, dataset: CtDataset):
         s = self.settings
+        # a plan for a GPU (--gpu-mem-gb, or the run's device) uses AMP unless told not to;
+        # the same on a CPU login node's --dry-run as in the GPU job
+        for_gpu = self.run.device == "cuda" or s.gpu_mem_gb is not None
+        amp = s.amp if s.amp is not None else for_gpu
         if s.patch is not None:
-            amp = bool(s.amp) if s.amp is not None else False
             return given_plan(config.widths, config.classes, s.patch, s.batch or 2, amp,
                               bool(s.checkpointing), s.gpu_mem_gb, s.optimizer)
         budget = s.gpu_mem_gb or (16.0 if self.run.device == "cuda" else 4.0)
         median = np.median(np.array(list(dataset.shapes.values())), axis=0)
-        plan = plan_training(config.widths, config.classes, median, budget,
-                             s.amp if self.run.device == "cuda" or s.amp is not None else False,
-                             s.checkpointing, s.optimizer)
+        spacing = np.median(np.array([dataset.spacing_zyx(n) for n in dataset.names]), axis=0)
+        plan = plan_training(config.widths, config.classes, median, budget, amp,
+                             s.checkpointing, s.optimizer, spacing_zyx=spacing)
         if s.batch is not None:
             plan = given_plan(config.widths, config.classes, plan.patch, s.batch, plan.amp,
                               plan.checkpointing, budget, s.optimizer)

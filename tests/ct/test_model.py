@@ -91,6 +91,21 @@ def test_memory_plan_grows_with_the_budget_and_fits_it():
         estimate_bytes(widths, 4, (128,) * 3, 2, True, True)
 
 
+def test_the_patch_spans_the_same_mm_on_every_axis_of_anisotropic_voxels():
+    """200 x 512^2 at 2.5 x 0.8 x 0.8 mm: the patch is short in z (voxels) and about as long
+    in mm on every axis, at every budget."""
+    widths = (32, 64, 128, 256, 320, 320)
+    for budget in (8, 16, 32):
+        plan = plan_training(widths, 4, (200, 512, 512), budget, None, None,
+                             spacing_zyx=(2.5, 0.8, 0.8))
+        assert plan.fits and plan.patch[0] <= 96 and plan.patch[1] >= 2 * plan.patch[0]
+        extents = np.array(plan.patch) * (2.5, 0.8, 0.8)
+        assert extents.max() <= 1.5 * extents.min(), (budget, plan.patch)
+    isotropic = plan_training(widths, 4, (200, 512, 512), 16, None, None)
+    assert isotropic == plan_training(widths, 4, (200, 512, 512), 16, None, None,
+                                      spacing_zyx=(1.0, 1.0, 1.0))
+
+
 def test_windows_cover_the_volume_and_blend_an_exact_model_exactly():
     assert window_starts(10, 10) == [0] and window_starts(7, 10) == [0]
     starts = window_starts(50, 16)
