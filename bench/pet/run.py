@@ -42,14 +42,15 @@ def machine() -> dict:
     return bench_machine(("medhpc", "numpy", "numba", "scikit-image", "mpi4py", "mpich", "h5py"))
 
 
-def median_time(function, repeats: int) -> float:
-    """Median wall time of ``function()`` over ``repeats`` runs, after one warm-up."""
+def median_time(function, repeats: int, clock=time.perf_counter) -> float:
+    """Median time of ``function()`` by ``clock`` (wall; ``time.process_time``: this
+    process's CPU-seconds) over ``repeats`` runs, after one warm-up."""
     function()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         function()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -86,26 +87,16 @@ def tof_sensitivity(repeats: int, tof_lors: int) -> dict:
                             projector.origin_mm, projector.voxel_mm)
     factors = np.random.default_rng(0).uniform(0.5, 1.0, projector.n_lors).astype(np.float32)
     repeated = np.repeat(factors, projector.tof.bins).reshape(projector.shape_out)
-    projector.back(repeated), projector.back_every_bin(factors), plain.back(factors)  # compile
-    bin_by_bin = cpu_time(lambda: projector.back(repeated), repeats)
-    one_pass = cpu_time(lambda: projector.back_every_bin(factors), repeats)
-    non_tof = cpu_time(lambda: plain.back(factors), repeats)
+    cpu = time.process_time
+    bin_by_bin = median_time(lambda: projector.back(repeated), repeats, cpu)
+    one_pass = median_time(lambda: projector.back_every_bin(factors), repeats, cpu)
+    non_tof = median_time(lambda: plain.back(factors), repeats, cpu)
     reference, fast = projector.back(repeated), projector.back_every_bin(factors)
     numba.set_num_threads(threads)
     return {"lors": projector.n_lors, "tof_bins": projector.tof.bins,
             "bin_by_bin_cpu_s": bin_by_bin, "one_pass_cpu_s": one_pass, "non_tof_cpu_s": non_tof,
             "speedup": bin_by_bin / one_pass,
             "max_relative_difference": float(np.abs(fast - reference).max() / reference.max())}
-
-
-def cpu_time(function, repeats: int) -> float:
-    """Median CPU-seconds of this process for ``function``."""
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        function()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
 
 
 def projector_throughput(repeats: int, tof_lors: int) -> list[dict]:
