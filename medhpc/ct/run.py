@@ -345,7 +345,8 @@ class Training:
         document = {"model": model.state_dict(), **plain_data({
             "network": config.to_dict(), "patch": list(plan.patch), "classes": dataset.classes,
             "intensity": dataset.intensity, "spacing_mm": dataset.spacing_mm,
-            "amp": bool(plan.amp), "largest_component": largest_component_classes(history)})}
+            "amp": bool(plan.amp), "largest_component": largest_component_classes(history),
+            "mirrored": bool(self.settings.augment)})}
         with atomic_path(self.out / MODEL_NAME, overwrite=True) as tmp:
             torch.save(document, tmp)
         log = {**summary, "epochs_run": history}

@@ -72,6 +72,11 @@ class Segmentation:
                 if document.get(key) != documents[0].get(key):
                     raise InputError(f"{path}: its {key} differ from {self.model_paths[0]}'s; "
                                      f"expected fold models of one ct-train dataset")
+        if self.mirror_axes:
+            for path, document in zip(self.model_paths, documents):
+                if document.get("mirrored") is False:
+                    raise InputError(f"{path}: trained without mirroring (--no-augment); "
+                                     f"--tta would average views it never saw (drop --tta)")
         document = documents[0]
         cases = find_cases(self.images, self.labels)
         for case in cases:
