@@ -5,10 +5,11 @@ to the model's voxel size when it was trained on resampled data, normalise as in
 training, blend windows (:mod:`medhpc.ct.inference`; with ``--tta`` averaged over
 mirrored copies, with several ``--model`` over the fold models), bring the label map back
 to the input's own grid and write it as NIfTI. Classes for which ct-train's validation
-showed that keeping only the largest connected component helps get that postprocessing
-(:mod:`medhpc.ct.postprocess`; ``--no-postprocess`` turns it off). With reference labels, TP/FP/FN
-counts per case and organ are gathered and rank 0 prints a Dice table (also
-written as ``dice.csv`` and ``dice.json``).
+showed that keeping only the largest connected component helps (for an ensemble: every
+model's validation) get that postprocessing (:mod:`medhpc.ct.postprocess`;
+``--no-postprocess`` turns it off). With reference labels, TP/FP/FN counts per case and
+organ are gathered and rank 0 prints a Dice table (also written as ``dice.csv`` and
+``dice.json``).
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ class Segmentation:
             torch.cuda.set_device(device)
         with run.stage("load model", "io"):
             loaded = [load_model(path, device) for path in self.model_paths]
-        document = loaded[0][1]
+        document = dict(loaded[0][1], largest_component=[  # what every model's validation chose
+            name for name in loaded[0][1].get("largest_component", [])
+            if all(name in doc.get("largest_component", []) for _, doc in loaded)])
         model = [(network, tuple(doc["patch"]), bool(doc.get("amp"))) for network, doc in loaded]
         mine = static_items(self.world, len(cases))
         with publish_together():  # every rank's label maps, the tables and --timings
