@@ -262,6 +262,8 @@ class CtDataset:
                 self.intensity = json.loads(h5.attrs["intensity"])
                 self.spacing_mm = json.loads(h5.attrs["spacing_mm"])
                 self.shapes = {n: tuple(h5["cases"][n]["image"].shape) for n in self.names}
+                self.spacings_zyx = {n: tuple(float(v) for v in ImageGeometry.from_attrs(
+                    h5["cases"][n]["image"].attrs).spacing_mm[::-1]) for n in self.names}
                 self.labelled = {n: "labels" in h5["cases"][n] for n in self.names}
         except (OSError, KeyError, ValueError) as error:
             raise InputError(f"{self.path}: not a medhpc CT dataset ({error}); expected the "
@@ -273,14 +275,6 @@ class CtDataset:
     def n_classes(self) -> int:
         """Foreground classes (labels 1..n_classes)."""
         return len(self.classes)
-
-    def spacing_zyx(self, name: str) -> tuple:
-        """Voxel size (z, y, x) in mm of case ``name`` as stored."""
-        import h5py
-
-        with h5py.File(self.path, "r") as h5:
-            geometry = ImageGeometry.from_attrs(h5["cases"][name]["image"].attrs)
-        return tuple(float(v) for v in geometry.spacing_mm[::-1])
 
     def read(self, name: str) -> tuple[np.ndarray, np.ndarray | None, ImageGeometry]:
         """Return ``(image_hu, labels_or_None, geometry)`` of one case."""

@@ -32,7 +32,7 @@ from medhpc.ct.loss import confusion_counts, deep_supervision_loss, dice_from_co
 from medhpc.ct.planner import given_plan, plan_training
 from medhpc.ct.postprocess import helpful_classes, largest_component
 from medhpc.ct.sampler import PatchSampler, TrainingCase, rank_slots
-from medhpc.ct.settings import TrainSettings
+from medhpc.ct.settings import GRAD_SYNCS, OPTIMIZERS, TrainSettings
 from medhpc.ct.unet import UNet3D, UNetConfig
 from medhpc.errors import InputError
 from medhpc.io.atomic import atomic_path, publish_together
@@ -88,10 +88,10 @@ class Training:
     # -- setup ----------------------------------------------------------------------------
     def validate(self):
         s = self.settings
-        if s.optimizer not in ("sgd", "adamw"):
-            raise InputError(f"--optimizer {s.optimizer}: expected sgd or adamw")
-        if s.grad_sync not in ("ddp", "mpi"):
-            raise InputError(f"--grad-sync {s.grad_sync}: expected ddp or mpi")
+        if s.optimizer not in OPTIMIZERS:
+            raise InputError(f"--optimizer {s.optimizer}: expected {' or '.join(OPTIMIZERS)}")
+        if s.grad_sync not in GRAD_SYNCS:
+            raise InputError(f"--grad-sync {s.grad_sync}: expected {' or '.join(GRAD_SYNCS)}")
         dataset = CtDataset(self.data)
         unlabelled = [n for n in dataset.names if not dataset.labelled[n]]
         if unlabelled:
@@ -125,7 +125,7 @@ class Training:
                               bool(s.checkpointing), s.gpu_mem_gb, s.optimizer)
         budget = s.gpu_mem_gb or (16.0 if self.run.device == "cuda" else 4.0)
         median = np.median(np.array(list(dataset.shapes.values())), axis=0)
-        spacing = np.median(np.array([dataset.spacing_zyx(n) for n in dataset.names]), axis=0)
+        spacing = np.median(np.array(list(dataset.spacings_zyx.values())), axis=0)
         plan = plan_training(config.widths, config.classes, median, budget, amp,
                              s.checkpointing, s.optimizer, spacing_zyx=spacing)
         if s.batch is not None:

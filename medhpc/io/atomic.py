@@ -152,11 +152,10 @@ def atomic_path(path, overwrite: bool = False, now: bool = False):
     except BaseException:
         _remove(tmp)
         raise
-    if _pending is not None and not now:
-        _pending[:] = [move for move in _pending if move[1] != path]  # written again
-        _pending.append((tmp, path))
+    if now:
+        _publish(tmp, path, False)
     else:
-        _publish(tmp, path, not now)
+        publish((tmp, path))
 
 
 def publish(*moves) -> None:
@@ -167,8 +166,11 @@ def publish(*moves) -> None:
     the renames wait for the end of the block; otherwise they happen now, in order.
     """
     if _pending is not None:
-        paths = {move[1] for move in moves}
-        _pending[:] = [move for move in _pending if move[1] not in paths]
+        new = {move[1]: move[0] for move in moves}
+        for move in _pending:  # an output written again in the block: only the last counts
+            if move[1] in new and move[0] != new[move[1]]:
+                _remove(move[0])
+        _pending[:] = [move for move in _pending if move[1] not in new]
         _pending.extend(tuple(move) for move in moves)
         return
     for move in moves:
@@ -209,8 +211,10 @@ def _alive(pid: int) -> bool:
 
 
 def _publish(tmp: Path, path: Path, output: bool = True) -> None:
-    if path.is_dir() and not path.is_symlink() and tmp.is_dir():
+    if path.is_dir() and not path.is_symlink():  # a folder output, or one a file replaces
         shutil.rmtree(path)
+    elif tmp.is_dir() and (path.exists() or path.is_symlink()):  # a folder replaces a file
+        path.unlink()
     os.replace(tmp, path)
     inside = [k for k, written in enumerate(_published) if tmp in written.parents]
     for k in inside:  # files written inside a folder output now sit in the folder

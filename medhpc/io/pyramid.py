@@ -325,8 +325,6 @@ class PyramidOutput:
 
     def _publish(self) -> None:
         if not self.tiff:
-            if self.path.exists() and not self.path.is_dir():
-                self.path.unlink()
             publish((self.staging, self.path))
             return
         nz = self.layout.shape[0]
@@ -339,8 +337,6 @@ class PyramidOutput:
         write_master_tiff(master, self.layout, [self.file_name(z) for z in range(nz)],
                           self.uuids[:-1], self.uuids[-1], np.ascontiguousarray(thumbnail))
         try:
-            if self.path.is_dir():
-                shutil.rmtree(self.path)
             publish((self.staging, self.parts, False), (master, self.path))
         except BaseException:
             master.unlink(missing_ok=True)

@@ -558,9 +558,7 @@ def _publish(path: Path, dataset: str, staging: Path, part_names: list[str], nz:
         virtual_dataset = file.create_virtual_dataset(dataset, virtual, fillvalue=0)
         for key, value in (attrs or {}).items():
             virtual_dataset.attrs[key] = value
-    try:
-        if path.is_dir():  # checked free by the caller unless overwriting
-            shutil.rmtree(path)
+    try:  # path and parts are replaced when published (checked free unless overwriting)
         publish((staging, parts, False), (staged_file, path))
     except BaseException:
         if staged_file.exists():

@@ -169,15 +169,8 @@ class JosephProjector:
 
         Host values give a host image; on CUDA, device values give a device image.
         """
-        on_device = self.device == "cuda" and backend.is_device_array(values)
-        if not on_device:
-            values = self._checked(values, self.shape_out, "values")
-        image = backend.zeros(self.image_shape, np.float32, self.device)
         back = self._kernels.joseph_back if self.tof is None else self._kernels.joseph_back_tof
-        for part, xstart, xend in self._chunks():
-            chunk = values[part] if on_device else backend.to_device(values[part], self.device)
-            back(chunk, xstart, xend, self.origin_mm, self.voxel_mm, *self._tof_args(), image)
-        return image if on_device else backend.to_host(image)
+        return self._back_with(back, values, self.shape_out, self._tof_args())
 
     def back_every_bin(self, values):
         """Back-project per-LOR ``values`` (n_lors,) given alike to every TOF bin.
@@ -185,20 +178,21 @@ class JosephProjector:
         With TOF this is the TOF back projection of ``values`` repeated in each bin (the TOF
         sensitivity image), computed as one non-TOF back projection in which every sample
         carries the sum of its TOF weights over the bins (1 wherever the bins cover the
-        kernel): ``1 / tof.bins`` of the work. Without TOF it is :meth:`back`. Host values
-        give a host image; on CUDA, device values give a device image.
+        kernel): ``1 / tof.bins`` of the work. Without TOF it is :meth:`back`.
         """
         if self.tof is None:
             return self.back(values)
+        return self._back_with(self._kernels.joseph_back_tof_summed, values, (self.n_lors,),
+                               (self.tof.bins, *self._tof_args()))
+
+    def _back_with(self, kernel, values, shape, kernel_args):
         on_device = self.device == "cuda" and backend.is_device_array(values)
         if not on_device:
-            values = self._checked(values, (self.n_lors,), "values")
+            values = self._checked(values, shape, "values")
         image = backend.zeros(self.image_shape, np.float32, self.device)
         for part, xstart, xend in self._chunks():
             chunk = values[part] if on_device else backend.to_device(values[part], self.device)
-            self._kernels.joseph_back_tof_summed(chunk, xstart, xend, self.origin_mm,
-                                                 self.voxel_mm, self.tof.bins, *self._tof_args(),
-                                                 image)
+            kernel(chunk, xstart, xend, self.origin_mm, self.voxel_mm, *kernel_args, image)
         return image if on_device else backend.to_host(image)
 
     def adjointness_error(self, rng) -> float:

@@ -19,22 +19,18 @@ from pathlib import Path
 
 APPS = ("pet", "lddmm", "tnr", "ct")
 
-_SMALL_TOF = """[scanner]
-name = "small-test-tof"
-crystals_per_ring = 96
-rings = 8
-radius_mm = 120.0
-ring_spacing_mm = 4.0
-crystal_size_mm = 6.0
-radial_trim = 17
-max_ring_difference = 7
-tof_bins = 7
-tof_resolution_ps = 385.0
-"""
+
+def _small_tof_scanner() -> str:
+    """The small-test preset with 7 TOF bins, as a TOML scanner file's text."""
+    from importlib import resources
+
+    preset = (resources.files("medhpc.pet") / "presets" / "small-test.toml").read_text()
+    return (preset.replace('name = "small-test"', 'name = "small-test-tof"')
+            + "tof_bins = 7\ntof_resolution_ps = 385.0\n")
 
 
 def _pet(folder: Path, device: str) -> list[list[str]]:
-    (folder / "tof.toml").write_text(_SMALL_TOF)
+    (folder / "tof.toml").write_text(_small_tof_scanner())
     phantom = ["--activity", f"{folder}/phantom/activity.nii.gz",
                "--mu-map", f"{folder}/phantom/mu_map.nii.gz"]
     recon = ["--iterations", "1", "--subsets", "2", "--device", device]
