@@ -51,19 +51,26 @@ medhpc pet-simulate --activity phantom/activity.nii.gz --mu-map phantom/mu_map.n
 @click.option("--tof", is_flag=True, help="Time-of-flight data (the scanner must have TOF bins).")
 @click.option("--frames", type=int, default=None,
               help="With a 3-D activity: this many frames (independent noise realisations).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Sinogram file (HDF5).")
+@click.option("--listmode", is_flag=True,
+              help="Write the counts as list-mode events (crystal pairs, TOF bin, time) with the "
+                   "factors, instead of a sinogram.")
+@click.option("--duration-s", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True, help="With --listmode: acquisition time the events spread over.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Sinogram or list-mode file (HDF5).")
 @pass_run("pet-simulate")
 def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fraction, tof, frames,
-                 out):
+                 listmode, duration_s, out):
     """Forward-project an activity image with attenuation, normalisation, randoms and Poisson
-    noise; write a sinogram file holding the factors, the additive term, the image grid and
-    the scanner."""
+    noise; write a sinogram file (or, with --listmode, the events) holding the factors, the
+    additive term, the image grid and the scanner."""
     import numpy as np
 
     from medhpc.io.atomic import check_output_path
     from medhpc.pet.projector import axis_aligned_grid
     from medhpc.pet.scanner import load_scanner
-    from medhpc.pet.simulate import Simulation, check_settings, read_inputs, write_simulation
+    from medhpc.pet.simulate import (Simulation, check_settings, read_inputs,
+                                     write_simulated_listmode, write_simulation)
 
     def prepare():
         check_output_path(out, run.overwrite, (".h5", ".hdf5"))
@@ -75,6 +82,10 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
             if frames < 1 or image.shape[0] != 1:
                 raise click.BadParameter("--frames needs a 3-D activity and a count >= 1")
             image = np.repeat(image, frames, axis=0)
+        if listmode and (no_noise or image.shape[0] != 1):
+            raise click.BadParameter("--listmode needs Poisson counts of one acquisition: drop "
+                                     "--no-noise and --frames (pet-recon --time-windows selects "
+                                     "frames)")
         return geometry, image, mu, grid
 
     geometry, image, mu, grid = run.world.agree(prepare)
@@ -86,19 +97,39 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
         return
     data = simulation.execute(run.seed)
     if run.world.is_root:
+        attrs = {"counts": counts, "randoms_fraction": randoms_fraction, "noise": not no_noise,
+                 "seed": run.seed, "activity": str(activity)}
         with run.stage("write", "io"):
-            write_simulation(out, geometry, grid, data, tof, run.overwrite,
-                             attrs={"counts": counts, "randoms_fraction": randoms_fraction,
-                                    "noise": not no_noise, "seed": run.seed,
-                                    "activity": str(activity)})
-        run.log.info(f"wrote {out}: {geometry.name}, {data['frames']} frame(s), "
-                     f"{float(np.sum(data['prompts'])):.4g} prompts")
+            if listmode:
+                events = write_simulated_listmode(out, geometry, grid, data, duration_s, run.seed,
+                                                  run.overwrite, attrs)
+            else:
+                write_simulation(out, geometry, grid, data, tof, run.overwrite, attrs=attrs)
+        if listmode:
+            run.log.info(f"wrote {out}: {geometry.name}, {events:,} events over {duration_s:g} s")
+        else:
+            run.log.info(f"wrote {out}: {geometry.name}, {data['frames']} frame(s), "
+                         f"{float(np.sum(data['prompts'])):.4g} prompts")
 
 
 @command("pet-recon", example="""\
 mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
     --iterations 4 --subsets 8 --png --timings timings.json""")
-@click.option("--sinogram", required=True, type=click.Path(), help="Sinogram file (pet-simulate's layout).")
+@click.option("--sinogram", type=click.Path(), default=None,
+              help="Sinogram file (pet-simulate's layout).")
+@click.option("--listmode", type=click.Path(), default=None,
+              help="List-mode events instead of a sinogram: a medhpc list-mode file (HDF5) or "
+                   "CASToR list-mode data (.cdh header).")
+@click.option("--scanner", default=None,
+              help="With CASToR list-mode data: the scanner (preset or TOML) the crystal IDs "
+                   "refer to.")
+@click.option("--factors", type=click.Path(), default=None,
+              help="With --listmode: a sinogram file whose multiplicative and additive terms "
+                   "(for the whole acquisition) correct the events [default: the factors in "
+                   "the list-mode file].")
+@click.option("--time-windows", default=None,
+              help="With --listmode: START:STOP[,START:STOP...] in seconds; one frame per "
+                   "window [default: the whole acquisition].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Image to write: .nii/.nii.gz or .h5 (4-D for dynamic data).")
 @click.option("--algorithm", type=click.Choice(ALGORITHMS), default=_default("algorithm"),
@@ -139,16 +170,33 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None,
               help="JSON log [default: beside --out, .json].")
 @pass_run("pet-recon")
-def pet_recon(run, sinogram, out, algorithm, iterations, subsets, psf_fwhm_mm, postfilter_fwhm_mm,
-              beta, gamma, decomp, image_shape, voxel_size_mm, checkpoint_every, resume,
-              sensitivity_cache, png, log_path):
+def pet_recon(run, sinogram, listmode, scanner, factors, time_windows, out, algorithm, iterations,
+              subsets, psf_fwhm_mm, postfilter_fwhm_mm, beta, gamma, decomp, image_shape,
+              voxel_size_mm, checkpoint_every, resume, sensitivity_cache, png, log_path):
     """Reconstruct a PET image (OSEM, MLEM or OSEM with the relative difference prior) with the
-    Joseph projector, spreading views, planes or frames over the ranks."""
+    Joseph projector, spreading views, planes or frames over the ranks, or list-mode events."""
     from medhpc.pet.run import PetRecon
 
+    if (sinogram is None) == (listmode is None):
+        raise click.UsageError("give one of --sinogram and --listmode")
+    listmode_only = {"--scanner": scanner, "--factors": factors, "--time-windows": time_windows}
+    given = [name for name, value in listmode_only.items() if value is not None]
+    if sinogram is not None and given:
+        raise click.UsageError(f"{given[0]} goes with --listmode, not --sinogram")
+    if listmode is not None and (decomp != "auto" or sensitivity_cache):
+        raise click.UsageError("--listmode spreads events over the ranks: leave out --decomp "
+                               "and --sensitivity-cache")
     settings = ReconSettings(algorithm=algorithm, iterations=iterations, subsets=subsets,
                              psf_fwhm_mm=psf_fwhm_mm, postfilter_fwhm_mm=postfilter_fwhm_mm,
                              rdp_beta=beta if algorithm == "osem-rdp" else 0.0, rdp_gamma=gamma)
+    if listmode is not None:
+        from medhpc.pet.run_listmode import ListModeRecon
+
+        ListModeRecon(run, listmode, out, settings, scanner=scanner, factors=factors,
+                      time_windows=time_windows, image_shape=image_shape,
+                      voxel_size_mm=voxel_size_mm, resume=resume,
+                      checkpoint_every=checkpoint_every, png=png, log_path=log_path).execute()
+        return
     PetRecon(run, sinogram, out, settings, decomp=decomp, image_shape=image_shape,
              voxel_size_mm=voxel_size_mm, resume=resume, checkpoint_every=checkpoint_every,
              png=png, log_path=log_path, sensitivity_cache=sensitivity_cache).execute()

@@ -88,3 +88,24 @@ def osl_denominator(sensitivity, penalty_gradient, beta, out):
         value = flat_sens[i] + beta * flat_grad[i]
         floor = 0.01 * flat_sens[i]
         flat_out[i] = value if value > floor else floor
+
+
+@numba.njit(parallel=True, cache=True)
+def listmode_log_likelihood(projection, multiplicative, additive):
+    """Sum over events of log(m * projection + a); -1e30 for an event with expectation 0."""
+    total = 0.0
+    for i in numba.prange(projection.shape[0]):
+        expected = multiplicative[i] * projection[i] + additive[i]
+        total += math.log(expected) if expected > 0.0 else -1e30
+    return total
+
+
+@numba.njit(parallel=True, cache=True)
+def image_dot(first, second):
+    """Sum of first * second over all voxels (float64)."""
+    flat_first = first.reshape(-1)
+    flat_second = second.reshape(-1)
+    total = 0.0
+    for i in numba.prange(flat_first.shape[0]):
+        total += np.float64(flat_first[i]) * flat_second[i]
+    return total

@@ -71,11 +71,26 @@ def _osl_denominator(sensitivity, penalty_gradient, beta, out):
         out[i] = value if value > floor else floor
 
 
+def _listmode_log_likelihood(projection, multiplicative, additive, total):
+    i = cuda.grid(1)
+    if i < projection.shape[0]:
+        expected = multiplicative[i] * projection[i] + additive[i]
+        cuda.atomic.add(total, 0, math.log(expected) if expected > 0.0 else -1e30)
+
+
+def _image_dot(first, second, total):
+    i = cuda.grid(1)
+    if i < first.shape[0]:
+        cuda.atomic.add(total, 0, np.float64(first[i]) * second[i])
+
+
 em_ratio_kernel = cuda.jit(_em_ratio)
 poisson_log_likelihood_kernel = cuda.jit(_poisson_log_likelihood)
 em_update_kernel = cuda.jit(_em_update)
 rdp_gradient_kernel = cuda.jit(_rdp_gradient)
 osl_denominator_kernel = cuda.jit(_osl_denominator)
+listmode_log_likelihood_kernel = cuda.jit(_listmode_log_likelihood)
+image_dot_kernel = cuda.jit(_image_dot)
 
 _FLAT = "float32[::1]"
 PTX_SIGNATURES = {
@@ -85,6 +100,9 @@ PTX_SIGNATURES = {
     "em_update": (_em_update, f"({_FLAT}, {_FLAT}, {_FLAT})"),
     "rdp_gradient": (_rdp_gradient, "(float32[:, :, ::1], float64, float64, float32[:, :, ::1])"),
     "osl_denominator": (_osl_denominator, f"({_FLAT}, {_FLAT}, float64, {_FLAT})"),
+    "listmode_log_likelihood": (_listmode_log_likelihood,
+                                f"({_FLAT}, {_FLAT}, {_FLAT}, float64[::1])"),
+    "image_dot": (_image_dot, f"({_FLAT}, {_FLAT}, float64[::1])"),
 }
 
 
@@ -124,3 +142,19 @@ def osl_denominator(sensitivity, penalty_gradient, beta, out):
     blocks, threads = launch_config_1d(out.size)
     osl_denominator_kernel[blocks, threads](_flat(sensitivity), _flat(penalty_gradient), beta,
                                             _flat(out))
+
+
+def listmode_log_likelihood(projection, multiplicative, additive):
+    """Sum over events of log(m * projection + a); -1e30 for an event with expectation 0."""
+    total = cuda.to_device(np.zeros(1, dtype=np.float64))
+    blocks, threads = launch_config_1d(projection.shape[0])
+    listmode_log_likelihood_kernel[blocks, threads](projection, multiplicative, additive, total)
+    return float(total.copy_to_host()[0])
+
+
+def image_dot(first, second):
+    """Sum of first * second over all voxels (float64)."""
+    total = cuda.to_device(np.zeros(1, dtype=np.float64))
+    blocks, threads = launch_config_1d(first.size)
+    image_dot_kernel[blocks, threads](_flat(first), _flat(second), total)
+    return float(total.copy_to_host()[0])

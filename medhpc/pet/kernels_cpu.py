@@ -33,6 +33,8 @@ _ERF_RANGE = 4.0
 _ERF_POINTS = 8192
 _ERF_SCALE = (_ERF_POINTS - 1) / (2.0 * _ERF_RANGE)
 _ERF_TABLE = np.array([math.erf(-_ERF_RANGE + k / _ERF_SCALE) for k in range(_ERF_POINTS + 1)])
+#: Principal-axis ties within this relative margin go to the earlier axis (x, then y).
+_AXIS_TIE = 1.0 + 1e-5
 _MISS = (False, 0, -1, 0, 0, 0, 0, 0,
          0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
@@ -75,12 +77,14 @@ def _ray(xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz):
     if not (t_max > t_min and length_mm > 0.0):
         return _MISS
 
-    ax, ay, az = abs(dx), abs(dy), abs(dz)
+    # near-ties go to the earlier axis, so a LOR moved along itself (list-mode TOF
+    # events, float32 end points) keeps its principal axis
+    ax, ay, az = abs(dx) * _AXIS_TIE, abs(dy), abs(dz)
     if ax >= ay and ax >= az:
         size_p, stride_p, start_p, step_p = nx, 1, x0, dx
         size_a, stride_a, start_a, step_a = ny, nx, y0, dy
         size_b, stride_b, start_b, step_b = nz, nx * ny, z0, dz
-    elif ay >= az:
+    elif ay * _AXIS_TIE >= az:
         size_p, stride_p, start_p, step_p = ny, nx, y0, dy
         size_a, stride_a, start_a, step_a = nx, 1, x0, dx
         size_b, stride_b, start_b, step_b = nz, nx * ny, z0, dz

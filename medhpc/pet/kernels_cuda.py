@@ -17,6 +17,7 @@ from medhpc.backend import launch_config_1d
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 _HALF = np.float32(0.5)
+_AXIS_TIE = np.float32(1.0 + 1e-5)  # kernels_cpu._AXIS_TIE
 
 
 @cuda.jit(device=True, inline="always")
@@ -51,12 +52,12 @@ def _ray(xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz):
     length_mm = math.sqrt(dx_mm * dx_mm + dy_mm * dy_mm + dz_mm * dz_mm)
     hit = t_max > t_min and length_mm > _F0
 
-    ax, ay, az = abs(dx), abs(dy), abs(dz)
+    ax, ay, az = abs(dx) * _AXIS_TIE, abs(dy), abs(dz)  # near-ties: kernels_cpu._ray
     if ax >= ay and ax >= az:
         size_p, stride_p, start_p, step_p = nx, np.int64(1), x0, dx
         size_a, stride_a, start_a, step_a = ny, nx, y0, dy
         size_b, stride_b, start_b, step_b = nz, nx * ny, z0, dz
-    elif ay >= az:
+    elif ay * _AXIS_TIE >= az:
         size_p, stride_p, start_p, step_p = ny, nx, y0, dy
         size_a, stride_a, start_a, step_a = nx, np.int64(1), x0, dx
         size_b, stride_b, start_b, step_b = nz, nx * ny, z0, dz

@@ -142,9 +142,7 @@ class OsemReconstructor:
         share = self.shares[subset]
         projection = self._forward(share, image)
         with self.run.stage("likelihood", "kernel"):
-            likelihood = self.em.poisson_log_likelihood(share.prompts, projection,
-                                                        share.multiplicative, share.additive,
-                                                        share.tof_bins)
+            likelihood = self._likelihood(share, projection, image, subset)
         with self.run.stage("allreduce", "comm"):
             likelihood = self.reduce.sum(likelihood)
         with self.run.stage("ratio", "kernel"):
@@ -156,6 +154,11 @@ class OsemReconstructor:
             denominator = self._denominator(image, subset)
             self.em.em_update(image, backprojection, denominator)
         return likelihood
+
+    def _likelihood(self, share: SubsetShare, projection, image, subset: int) -> float:
+        """This rank's part of the subset's Poisson log-likelihood (constant dropped)."""
+        return self.em.poisson_log_likelihood(share.prompts, projection, share.multiplicative,
+                                              share.additive, share.tof_bins)
 
     def _denominator(self, image, subset: int):
         sensitivity = self.sensitivities[subset]
@@ -198,3 +201,31 @@ class OsemReconstructor:
             smooth = GaussianFilter(self.settings.postfilter_fwhm_mm, voxel_mm, self.device,
                                     self.transaxial_only)
             return backend.to_host(smooth.apply(backend.to_device(image, self.device)))
+
+
+class ListModeReconstructor(OsemReconstructor):
+    """OSEM over list-mode events: one measurement per event, subsets by event order.
+
+    Each share's ``prompts`` are ones (one count per event), its projector holds the
+    events' LORs (with TOF, each LOR centred on its event's TOF position and one bin
+    wide) and ``multiplicative`` / ``additive`` are the events' factors. Every subset's
+    sensitivity is ``1 / n_subsets`` of the scanner's, so ``sensitivity`` is given as
+    ``G^T A^T m / n_subsets`` over every LOR of the scanner (all ranks summed) and shared.
+
+    The log-likelihood of subset ``s`` is ``sum_e log ybar_e - <sensitivity, x> - a_s``
+    with ``a_s`` the expected additive counts of the window over ``n_subsets``
+    (``additive_total``); the subsets add up to the list-mode log-likelihood.
+    """
+
+    def __init__(self, run, shares, image_shape, voxel_mm, settings: ReconSettings, reduce,
+                 sensitivity, additive_total: float = 0.0):
+        super().__init__(run, shares, image_shape, voxel_mm, settings, reduce,
+                         sensitivities=[sensitivity] * settings.n_subsets)
+        self.additive_share = additive_total / settings.n_subsets
+
+    def _likelihood(self, share: SubsetShare, projection, image, subset: int) -> float:
+        events = self.em.listmode_log_likelihood(projection, share.multiplicative,
+                                                 share.additive) if share.n_values else 0.0
+        if self.reduce.rank != 0:  # the image terms once per image
+            return events
+        return events - self.em.image_dot(self.sensitivities[subset], image) - self.additive_share

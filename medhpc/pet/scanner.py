@@ -468,6 +468,50 @@ def lor_endpoints(scanner: ScannerGeometry, views=None, planes=None):
     return endpoints[0], endpoints[1]
 
 
+def crystal_ids(scanner: ScannerGeometry, crystal, ring) -> np.ndarray:
+    """Crystal ID of list-mode data: ``ring * crystals_per_ring + crystal`` (int64)."""
+    return np.asarray(ring, np.int64) * scanner.crystals_per_ring + np.asarray(crystal, np.int64)
+
+
+def crystal_pair_lors(scanner: ScannerGeometry, crystal1, crystal2):
+    """The sinogram LOR joining each pair of crystal IDs (see :func:`crystal_ids`).
+
+    Inverts the sinogram's crystal pairing (module notes): with ``a``, ``b`` the
+    transaxial crystals, ``d = (a - b) mod N`` and ``s = a + b + N [b > a]`` taken
+    modulo ``2 N``; the pair is the bin's own orientation when ``s < N``, else the
+    reversed one (crystal 2 is the bin's start).
+
+    Returns
+    -------
+    lor : ndarray, int64
+        Flat index into ``radial x view x plane`` (C order), -1 where the pair is not a
+        LOR of the sinogram (radial bin trimmed, ring difference not recorded, same
+        crystal, or an ID outside the scanner).
+    reversed_pair : ndarray, bool
+        True where the bin's LOR runs from crystal 2 to crystal 1.
+    """
+    n = scanner.crystals_per_ring
+    ids1 = np.asarray(crystal1, np.int64)
+    ids2 = np.asarray(crystal2, np.int64)
+    n_crystals = n * scanner.rings
+    inside = (ids1 >= 0) & (ids1 < n_crystals) & (ids2 >= 0) & (ids2 < n_crystals)
+    ring1, a = np.divmod(np.where(inside, ids1, 0), n)
+    ring2, b = np.divmod(np.where(inside, ids2, 0), n)
+    d = (a - b) % n
+    s = (a + b + n * (b > a)) % (2 * n)
+    reversed_pair = s >= n
+    d = np.where(reversed_pair, n - d, d)
+    s = np.where(reversed_pair, s - n, s)
+    start_ring = np.where(reversed_pair, ring2, ring1)
+    end_ring = np.where(reversed_pair, ring1, ring2)
+    radial = d - scanner.radial_trim
+    view = (s - d % 2) // 2
+    plane = ring_pair_to_plane(scanner)[start_ring, end_ring]
+    valid = inside & (d > 0) & (radial >= 0) & (radial < scanner.n_radial) & (plane >= 0)
+    lor = (radial * scanner.n_views + view) * scanner.n_planes + plane
+    return np.where(valid, lor, -1), reversed_pair
+
+
 def tof_bin_centres_mm(scanner: ScannerGeometry) -> np.ndarray:
     """Return TOF bin centres along the LOR from its midpoint, towards its end (float64)."""
     return (np.arange(scanner.tof_bins) - (scanner.tof_bins - 1) / 2.0) * scanner.tof_bin_mm

@@ -22,7 +22,8 @@ from medhpc.io.geometry import ImageGeometry
 from medhpc.io.images import check_nonnegative, check_same_grid, read_image
 from medhpc.parallel.geometry import block_range
 from medhpc.pet.projector import JosephProjector, axis_aligned_grid, tof_spec
-from medhpc.pet.scanner import (ScannerGeometry, lor_endpoints, plane_ring_pairs,
+from medhpc.pet.listmode import write_listmode
+from medhpc.pet.scanner import (ScannerGeometry, crystal_ids, lor_endpoints, plane_ring_pairs,
                                 sinogram_crystals)
 from medhpc.pet.sinogram import write_sinogram
 
@@ -172,3 +173,48 @@ def write_simulation(path, scanner, grid, data: dict, tof: bool, overwrite: bool
                    factors={"attenuation": data["attenuation"],
                             "normalisation": data["normalisation"]},
                    attrs=attrs)
+
+
+def listmode_events(scanner: ScannerGeometry, prompts: np.ndarray, duration_s: float,
+                    seed: int) -> dict:
+    """The events of a sinogram of counts, in time order.
+
+    Each count of a bin becomes one event of the bin's crystal pair, in a random
+    orientation (the TOF bin mirrored with it), at a uniform random time in
+    ``[0, duration_s)``.
+    """
+    counts = np.asarray(prompts)
+    if not np.array_equal(counts, np.rint(counts)):
+        raise InputError("list-mode events need whole counts: drop --no-noise")
+    tof = counts.ndim == 4
+    flat = counts.reshape(scanner.n_lors, -1).astype(np.int64)
+    lor, tof_bin = np.nonzero(flat)
+    repeats = flat[lor, tof_bin]
+    lor, tof_bin = np.repeat(lor, repeats), np.repeat(tof_bin, repeats)
+    radial, view, plane = np.unravel_index(lor, scanner.sinogram_shape[:3])
+    start_crystal, end_crystal = sinogram_crystals(scanner)
+    rings = plane_ring_pairs(scanner)
+    crystal1 = crystal_ids(scanner, start_crystal[radial, view], rings[plane, 0])
+    crystal2 = crystal_ids(scanner, end_crystal[radial, view], rings[plane, 1])
+    rng = np.random.default_rng([seed, 104729])
+    swap = rng.random(lor.size) < 0.5
+    crystal1, crystal2 = np.where(swap, crystal2, crystal1), np.where(swap, crystal1, crystal2)
+    time_ms = np.floor(rng.random(lor.size) * duration_s * 1000.0).astype(np.int64)
+    order = np.argsort(time_ms, kind="stable")
+    events = {"crystal1": crystal1[order], "crystal2": crystal2[order], "time_ms": time_ms[order]}
+    if tof:
+        tof_bin = np.where(swap, scanner.tof_bins - 1 - tof_bin, tof_bin)
+        events["tof_bin"] = tof_bin[order]
+    return events
+
+
+def write_simulated_listmode(path, scanner, grid, data: dict, duration_s: float, seed: int,
+                             overwrite: bool, attrs: dict) -> int:
+    """Write the simulated counts as a medhpc list-mode file (rank 0); return the events."""
+    if data["frames"] != 1:
+        raise InputError("--listmode writes one acquisition; drop --frames (time windows of "
+                         "pet-recon --time-windows select frames)")
+    events = listmode_events(scanner, data["prompts"], duration_s, seed)
+    write_listmode(path, scanner, grid, events, duration_s, multiplicative=data["multiplicative"],
+                   additive=data["additive"], overwrite=overwrite, attrs=attrs)
+    return len(events["crystal1"])
