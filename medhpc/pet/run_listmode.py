@@ -55,9 +55,6 @@ class ListModeRecon(PetRecon):
         layout = read_listmode_layout(listmode, scanner)
         grid = output_grid(layout, image_shape, voxel_size_mm)
         origin_mm, voxel_mm = axis_aligned_grid(grid, listmode)
-        if self.settings.n_subsets > max(layout.n_events, 1):
-            raise InputError(f"--subsets {self.settings.subsets}: {layout.path} holds only "
-                             f"{layout.n_events} events")
         return layout, grid, origin_mm, voxel_mm, "events"
 
     def _validated_listmode(self):
@@ -66,6 +63,12 @@ class ListModeRecon(PetRecon):
         if len(windows) > 1 and (self.resume or self.checkpoint_every):
             raise InputError("--resume and --checkpoint-every need one time window; "
                              "reconstruct the windows in separate runs to checkpoint them")
+        for window in windows:
+            first, last = window_events(layout, *window)
+            if last - first < self.settings.n_subsets:
+                raise InputError(f"{layout.path}: {last - first} events in the window "
+                                 f"{window[0]:g}-{window[1]:g} s; expected at least one per "
+                                 f"subset ({self.settings.n_subsets})")
         factor_path = None
         if self._factors_request:
             factors = read_layout(self._factors_request)

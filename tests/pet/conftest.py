@@ -6,7 +6,8 @@ import pytest
 from medhpc.io.images import read_image
 from medhpc.parallel.comm import World, _SerialComm
 from medhpc.pet.scanner import load_scanner
-from medhpc.pet.simulate import Simulation, read_inputs, write_simulation
+from medhpc.pet.simulate import (Simulation, read_inputs, write_simulated_listmode,
+                                 write_simulation)
 from medhpc.phantoms.pet_files import write_pet_phantom
 from medhpc.runtime.context import start_run
 
@@ -19,7 +20,25 @@ def serial_run(command="test", device="cpu"):
     return start_run(command, device=device, verbosity=-1, world=World(_SerialComm()))
 
 
-def simulate(folder, name, counts=2e6, noise=True, frames=1, tof=False, scanner="small-test"):
+SMALL_TOF_SCANNER = """[scanner]
+name = "small-tof"
+crystals_per_ring = 48
+rings = 4
+radius_mm = 100.0
+ring_spacing_mm = 4.0
+crystal_size_mm = 6.0
+radial_trim = 8
+max_ring_difference = 3
+tof_bins = 7
+tof_resolution_ps = 300.0
+"""
+LISTMODE_DURATION_S = 100.0
+
+
+def simulate(folder, name, counts=2e6, noise=True, frames=1, tof=False, scanner="small-test",
+             listmode=False):
+    """Simulate the phantom; write a sinogram file (and, with ``listmode``, the same counts
+    as list-mode events beside it: ``name.listmode.h5``)."""
     phantom = folder / "phantom"
     activity, mu_map, grid = read_inputs(phantom / "activity.nii.gz", phantom / "mu_map.nii.gz")
     if frames > 1:
@@ -30,6 +49,11 @@ def simulate(folder, name, counts=2e6, noise=True, frames=1, tof=False, scanner=
     data = simulation.execute(seed=3)
     path = folder / f"{name}.h5"
     write_simulation(path, geometry, grid, data, tof, overwrite=True, attrs={})
+    if listmode:
+        events = folder / f"{name}.listmode.h5"
+        write_simulated_listmode(events, geometry, grid, data, LISTMODE_DURATION_S, seed=3,
+                                 overwrite=True, attrs={})
+        return path, events
     return path
 
 
@@ -46,4 +70,5 @@ def pet_case(tmp_path_factory):
         "noise_free": simulate(folder, "noise_free", noise=False),
         "noisy": simulate(folder, "noisy", counts=5e6),
         "dynamic": simulate(folder, "dynamic", counts=2e6, frames=2),
+        "listmode": simulate(folder, "counts", counts=3e5, listmode=True),
     }

@@ -3,6 +3,7 @@
 import json
 
 import h5py
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -165,3 +166,62 @@ def test_planes_on_a_grid_without_the_rebinned_planes_is_rejected(tiny, tmp_path
                         "--image-shape", "10,32,32", "--device", "cpu", ranks=2)
     expect_input_error(result, "sino.h5", "--decomp planes", "rebinned")
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def events(tiny):
+    folder, phantom, _ = tiny
+    path = folder / "events.h5"
+    result = run_medhpc("pet-simulate", "--activity", phantom / "activity.nii.gz", "--mu-map",
+                        phantom / "mu_map.nii.gz", "--scanner", "small-test", "--counts", "2e5",
+                        "--listmode", "--duration-s", "60", "--out", path, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "events over 60 s" in result.stderr
+    return path
+
+
+def test_listmode_recon_at_two_ranks_writes_frames_picture_and_timings(tiny, events):
+    folder = tiny[0]
+    out = folder / "frames.nii.gz"
+    result = run_medhpc("pet-recon", "--listmode", events, "--out", out, "--iterations", "1",
+                        "--subsets", "2", "--time-windows", "0:30,30:60", "--png", "--timings",
+                        folder / "lm_timings.json", "--device", "cpu", ranks=2)
+    assert result.returncode == 0, result.stderr
+    image = nib.load(out)
+    assert image.shape == (32, 32, 15, 2)
+    assert (folder / "frames.png").exists()
+    names = {s["name"] for s in json.loads((folder / "lm_timings.json").read_text())["stages"]}
+    assert {"read events", "event geometry", "sensitivity", "forward project", "back project",
+            "allreduce"} <= names
+    plan = run_medhpc("pet-recon", "--listmode", events, "--out", folder / "p.nii.gz",
+                      "--time-windows", "0:30,30:60", "--dry-run", ranks=3)
+    document = json.loads(plan.stdout)
+    assert document["decomposition"] == "events" and len(document["ranks_detail"]) == 3
+    assert sum(document["events_per_window"]) == sum(
+        sum(rank["events_per_window"]) for rank in document["ranks_detail"])
+
+
+def test_listmode_bad_inputs_are_one_line_and_write_nothing(tiny, events, tmp_path):
+    folder, _, sinogram = tiny
+    out = tmp_path / "x.nii.gz"
+    header = tmp_path / "scan.cdh"
+    header.write_text("Data filename: scan.cdf\nNumber of events: 1\nData mode: list-mode\n"
+                      "Data type: PET\nDuration (s): 1\n")
+    (tmp_path / "scan.cdf").write_bytes(b"\0" * 12)
+    cases = [(("--listmode", header), ["scan.cdh", "--scanner"]),
+             (("--listmode", header, "--scanner", "small-test", "--factors", events),
+              ["events.h5", "not a medhpc sinogram"]),
+             (("--listmode", events, "--time-windows", "70:80"), ["starts after"]),
+             (("--listmode", header, "--scanner", "small-test", "--subsets", "2"),
+              ["1 events in the window", "one per subset"]),
+             (("--listmode", events, "--sinogram", sinogram), ["one of --sinogram and --listmode"]),
+             (("--sinogram", sinogram, "--time-windows", "0:1"), ["--time-windows goes with"])]
+    for arguments, words in cases:
+        result = run_medhpc("pet-recon", "--subsets", "1", *arguments, "--out", out,
+                            "--device", "cpu", ranks=2)
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if "rror" in line]
+        assert len(lines) == 1, result.stderr
+        for word in words:
+            assert word in lines[0], lines[0]
+        assert not out.exists()

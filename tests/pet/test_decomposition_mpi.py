@@ -106,3 +106,16 @@ def test_frames_stopped_by_sigterm_on_one_rank_resume_bit_identically(pet_case, 
             np.testing.assert_array_equal(images, reference)
             assert [list(h) for h in histories] == [list(h) for h in reference_history]
             assert not any(resumed.frame_checkpoint_path(f).exists() for f in (0, 1))
+
+
+@pytest.mark.mpi
+def test_listmode_events_over_the_ranks_equal_one_rank(pet_case, tmp_path):
+    from medhpc.pet.run_listmode import ListModeRecon
+
+    _, events = pet_case["listmode"]
+    run = start_run("pet-recon", device="cpu", verbosity=-1, world=get_world())
+    image, history = ListModeRecon(run, events, tmp_path / "x.nii.gz", SETTINGS).compute()
+    reference, reference_history = ListModeRecon(serial_run(), events, tmp_path / "y.nii.gz",
+                                                 SETTINGS).compute()
+    np.testing.assert_allclose(image, reference, rtol=2e-4, atol=2e-5 * reference.max())
+    np.testing.assert_allclose(history, reference_history, rtol=1e-5)

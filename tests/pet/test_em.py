@@ -75,6 +75,18 @@ def test_rdp_gradient_matches_finite_differences():
         assert np.isclose(gradient[index], numeric, rtol=2e-3, atol=1e-4)
 
 
+def test_listmode_log_likelihood_and_image_dot():
+    rng = np.random.default_rng(4)
+    _, projection, multiplicative, additive = random_measurements(rng, 30, 1)
+    expected = multiplicative.astype(np.float64) * projection + additive
+    value = em_cpu.listmode_log_likelihood(projection[1:], multiplicative[1:], additive[1:])
+    assert np.isclose(value, np.sum(np.log(expected[1:])), rtol=1e-6)
+    assert em_cpu.listmode_log_likelihood(projection, multiplicative, additive) < -1e29
+    image = rng.random((3, 4, 5), dtype=np.float32)
+    assert np.isclose(em_cpu.image_dot(image, image + 1),
+                      np.sum(image.astype(np.float64) * (image + 1)), rtol=1e-6)
+
+
 @pytest.mark.cudasim
 def test_cuda_twins_match_cpu():
     from numba import cuda
@@ -92,7 +104,12 @@ def test_cuda_twins_match_cpu():
         np.testing.assert_allclose(out_gpu.copy_to_host(), out_cpu, rtol=1e-6)
         assert np.isclose(em_cuda.poisson_log_likelihood(*device, tof_bins),
                           em_cpu.poisson_log_likelihood(*arrays, tof_bins), rtol=1e-6)
+    events = [a[1:] for a in random_measurements(rng, 40, 1)[1:]]
+    assert np.isclose(em_cuda.listmode_log_likelihood(*[cuda.to_device(a) for a in events]),
+                      em_cpu.listmode_log_likelihood(*events), rtol=1e-6)
     image = (rng.random((3, 4, 5)) + 0.5).astype(np.float32)
+    assert np.isclose(em_cuda.image_dot(cuda.to_device(image), cuda.to_device(image + 1)),
+                      em_cpu.image_dot(image, image + 1), rtol=1e-6)
     grad_cpu = np.empty_like(image)
     em_cpu.rdp_gradient(image, 2.0, 1e-3, grad_cpu)
     grad_gpu = cuda.to_device(np.zeros_like(image))

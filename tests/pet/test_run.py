@@ -10,7 +10,7 @@ from medhpc.pet.osem import OsemReconstructor, ReconSettings
 from medhpc.pet.run import PetRecon
 from medhpc.runtime.checkpoint import CheckpointStop
 from medhpc.phantoms.pet import nema_iq_phantom
-from tests.pet.conftest import SHAPE, VOXEL_MM, serial_run
+from tests.pet.conftest import SHAPE, SMALL_TOF_SCANNER, VOXEL_MM, serial_run
 
 
 def reconstruct(sinogram, out, decomp="views", run=None, **settings):
@@ -117,20 +117,6 @@ def test_checkpoint_on_sigterm_then_resume_gives_the_same_image(pet_case, tmp_pa
     np.testing.assert_array_equal(image, reference)
     assert len(history) == 3 * 4
     assert not resumed.checkpoint_path.exists()
-
-
-SMALL_TOF_SCANNER = """[scanner]
-name = "small-tof"
-crystals_per_ring = 48
-rings = 4
-radius_mm = 100.0
-ring_spacing_mm = 4.0
-crystal_size_mm = 6.0
-radial_trim = 8
-max_ring_difference = 3
-tof_bins = 7
-tof_resolution_ps = 300.0
-"""
 
 
 def test_tof_reconstruction_converges_faster_than_non_tof(tmp_path):
