@@ -12,6 +12,10 @@ One command (``make bench`` or ``python bench/pet/run.py``). Writes
    272 angles) in this run, with their agreement as an accuracy cross-check.
 3. One OSEM iteration (34 subsets) of a 4-ring slice of the DMI (1.8 M LORs, 215 x 215 x 7)
    at 1 and 2 ranks (views and planes), stage breakdown and peak memory per rank.
+4. List mode: the same slice's counts as events (``pet-simulate --listmode``); one list-mode
+   OSEM iteration (34 subsets by event order) at 1 rank x 1 thread and 2 ranks x 1 thread,
+   events/s per core of the iteration's kernels, beside the sinogram iteration of the same
+   counts in the same run.
 
 Every time is the median of ``--repeats`` runs after one warm-up run (JIT compilation).
 """
@@ -227,6 +231,51 @@ def osem_scaling(repeats: int, folder: Path) -> list[dict]:
     return rows
 
 
+def listmode_throughput(repeats: int, folder: Path, counts: float) -> dict:
+    scanner = folder / "dmi-4ring-slice.toml"
+    scanner.write_text(SLICE_SCANNER)
+    phantom = folder / "phantom"
+    medhpc("phantom", "pet", "--out", phantom, "--shape", "7,215,215", "--voxel-mm", "2.78",
+           "--overwrite")
+    inputs = ("--activity", phantom / "activity.nii.gz", "--mu-map", phantom / "mu_map.nii.gz",
+              "--scanner", scanner, "--counts", counts, "--overwrite", "--quiet")
+    events, sinogram = folder / "events.h5", folder / "sino.h5"
+    medhpc("pet-simulate", *inputs, "--listmode", "--duration-s", 60, "--out", events)
+    medhpc("pet-simulate", *inputs, "--out", sinogram)
+    import h5py
+
+    with h5py.File(events) as h5:
+        n_events = int(h5["events/crystal1"].shape[0])
+    kernels = ("forward project", "back project", "ratio", "likelihood", "update")
+    rows = []
+    for label, data, ranks in (("list mode", ("--listmode", events), 1),
+                               ("list mode", ("--listmode", events), 2),
+                               ("sinogram (views)", ("--sinogram", sinogram), 1)):
+        walls, documents = [], []
+        for attempt in range(repeats + 1):
+            timings = folder / f"lm-{ranks}-{attempt}.json"
+            medhpc("pet-recon", *data, "--out", folder / "r.nii.gz", "--iterations", 1,
+                   "--subsets", 34, "--threads", 1, "--timings", timings, "--overwrite",
+                   "--quiet", "--device", "cpu", ranks=ranks)
+            document = json.loads(timings.read_text())
+            if attempt > 0:  # the first run fills the JIT cache
+                walls.append(document["wall_seconds"])
+                documents.append(document)
+        middle = documents[int(np.argsort(walls)[len(walls) // 2])]
+        stages = {s["name"]: s["mean"] for s in middle["stages"]}
+        iteration_s = sum(stages.get(name, 0.0) for name in kernels)
+        rows.append({"data": label, "ranks": ranks, "threads_per_rank": 1,
+                     "wall_seconds_median": statistics.median(walls),
+                     "iteration_kernel_seconds": iteration_s,
+                     "sensitivity_seconds": stages.get("sensitivity", 0.0),
+                     "read_seconds": stages.get("read events", stages.get("read sinogram", 0.0)),
+                     "items": n_events if label == "list mode" else 1_806_080,
+                     "items_per_s_per_core": (n_events if label == "list mode" else 1_806_080)
+                     / iteration_s / ranks,
+                     "peak_memory_mb_per_rank": middle["peak_memory_mb_per_rank"]})
+    return {"events": n_events, "lors": 544 // 2 * (544 + 1 - 130) * 16, "rows": rows}
+
+
 def markdown(results: dict) -> str:
     lines = ["### Projector, one ge-dmi-4ring subset, 215 x 215 x 71 at 2.78 mm", "",
              "| direction | TOF | threads | LORs | median s | M LORs/s | per core | bar per core | ratio |",
@@ -265,6 +314,19 @@ def markdown(results: dict) -> str:
                          f"{row['wall_seconds_median']:.2f} | {row['speedup_vs_1_rank_1_thread']:.2f}x | "
                          f"{stages.get('forward project', 0):.2f} | {stages.get('back project', 0):.2f} | "
                          f"{stages.get('allreduce', 0):.3f} | {memory} |")
+    listmode = results.get("listmode")
+    if listmode:
+        lines += ["", f"### List-mode OSEM, one iteration (34 subsets), 4-ring DMI slice: "
+                      f"{listmode['events']:,} events ({listmode['lors']:,} LORs), 1 thread per rank",
+                  "", "| data | ranks | median wall s | iteration kernels s (mean per rank) | "
+                      "events or LORs /s per core | sensitivity s | read s | peak MiB per rank |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in listmode["rows"]:
+            memory = "/".join(f"{m:.0f}" for m in row["peak_memory_mb_per_rank"])
+            lines.append(f"| {row['data']} | {row['ranks']} | {row['wall_seconds_median']:.2f} | "
+                         f"{row['iteration_kernel_seconds']:.2f} | "
+                         f"{row['items_per_s_per_core'] / 1e6:.2f} M | "
+                         f"{row['sensitivity_seconds']:.2f} | {row['read_seconds']:.2f} | {memory} |")
     return "\n".join(lines)
 
 
@@ -273,7 +335,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tof-lors", type=int, default=100_000,
                         help="LORs of the subset used for the TOF timing (TOF is slower).")
-    parser.add_argument("--parts", default="projector,tof-sensitivity,radon,osem",
+    parser.add_argument("--listmode-counts", type=float, default=5e6,
+                        help="Counts (events) of the list-mode part.")
+    parser.add_argument("--parts", default="projector,tof-sensitivity,radon,osem,listmode",
                         help="Comma-separated parts to run (default: all).")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
@@ -292,6 +356,11 @@ def main(argv=None) -> int:
         print("OSEM strong scaling ...", file=sys.stderr)
         with tempfile.TemporaryDirectory() as folder:
             results["osem"] = osem_scaling(args.repeats, Path(folder))
+    if "listmode" in parts:
+        print("list-mode OSEM ...", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as folder:
+            results["listmode"] = listmode_throughput(args.repeats, Path(folder),
+                                                      args.listmode_counts)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"pet-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=2))

@@ -7,7 +7,7 @@ import click
 from medhpc.cli.help import command
 from medhpc.cli.options import default_of, pass_run
 from medhpc.cli.parsing import NumberList
-from medhpc.pet.settings import ALGORITHMS, ReconSettings
+from medhpc.pet.settings import ALGORITHMS, PENALISED, ReconSettings
 
 
 def _default(name):
@@ -134,7 +134,8 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
               help="Image to write: .nii/.nii.gz or .h5 (4-D for dynamic data).")
 @click.option("--algorithm", type=click.Choice(ALGORITHMS), default=_default("algorithm"),
               show_default=True, help="osem: ordered subsets EM; mlem: all views per update; "
-              "osem-rdp: OSEM with a relative difference prior (--beta).")
+              "osem-rdp: OSEM with a relative difference prior (--beta), one-step-late; "
+              "bsrem: relaxed block sequential regularised EM with the same prior, convergent.")
 @click.option("--iterations", type=click.IntRange(min=1), default=_default("iterations"),
               show_default=True,
               help="Passes over all views (each of --subsets updates).")
@@ -149,10 +150,13 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
               help="Gaussian filter of the final image (FWHM, mm; 0: none).")
 @click.option("--beta", type=click.FloatRange(min=0), default=_default("rdp_beta"),
               show_default=True,
-              help="Weight of the relative difference prior (osem-rdp).")
+              help="Weight of the relative difference prior (osem-rdp, bsrem).")
 @click.option("--gamma", type=click.FloatRange(min=0), default=_default("rdp_gamma"),
               show_default=True,
-              help="Edge preservation of the relative difference prior (osem-rdp).")
+              help="Edge preservation of the relative difference prior (osem-rdp, bsrem).")
+@click.option("--relaxation", type=click.FloatRange(min=0), default=_default("bsrem_relaxation"),
+              show_default=True,
+              help="bsrem: step 1 / (1 + relaxation x iteration).")
 @click.option("--decomp", type=click.Choice(["planes", "views", "frames", "auto"]), default="auto",
               show_default=True, help="How the work is spread over the ranks.")
 @click.option("--image-shape", type=NumberList(3, int), default=None,
@@ -171,10 +175,11 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
               help="JSON log [default: beside --out, .json].")
 @pass_run("pet-recon")
 def pet_recon(run, sinogram, listmode, scanner, factors, time_windows, out, algorithm, iterations,
-              subsets, psf_fwhm_mm, postfilter_fwhm_mm, beta, gamma, decomp, image_shape,
-              voxel_size_mm, checkpoint_every, resume, sensitivity_cache, png, log_path):
-    """Reconstruct a PET image (OSEM, MLEM or OSEM with the relative difference prior) with the
-    Joseph projector, spreading views, planes or frames over the ranks, or list-mode events."""
+              subsets, psf_fwhm_mm, postfilter_fwhm_mm, beta, gamma, relaxation, decomp,
+              image_shape, voxel_size_mm, checkpoint_every, resume, sensitivity_cache, png, log_path):
+    """Reconstruct a PET image (OSEM, MLEM, or OSEM-OSL or BSREM with the relative difference
+    prior) with the Joseph projector, spreading views, planes or frames over the ranks, or
+    list-mode events."""
     from medhpc.pet.run import PetRecon
 
     if (sinogram is None) == (listmode is None):
@@ -188,7 +193,8 @@ def pet_recon(run, sinogram, listmode, scanner, factors, time_windows, out, algo
                                "and --sensitivity-cache")
     settings = ReconSettings(algorithm=algorithm, iterations=iterations, subsets=subsets,
                              psf_fwhm_mm=psf_fwhm_mm, postfilter_fwhm_mm=postfilter_fwhm_mm,
-                             rdp_beta=beta if algorithm == "osem-rdp" else 0.0, rdp_gamma=gamma)
+                             rdp_beta=beta if algorithm in PENALISED else 0.0, rdp_gamma=gamma,
+                             bsrem_relaxation=relaxation)
     if listmode is not None:
         from medhpc.pet.run_listmode import ListModeRecon
 

@@ -109,3 +109,18 @@ def image_dot(first, second):
     for i in numba.prange(flat_first.shape[0]):
         total += np.float64(flat_first[i]) * flat_second[i]
     return total
+
+
+@numba.njit(parallel=True, cache=True)
+def bsrem_update(image, backprojection, sensitivity, penalty_gradient, beta, step):
+    """image += step * image / sensitivity * (backprojection - sensitivity - beta * gradient),
+    kept >= 0; unchanged where the sensitivity is 0 (BSREM's preconditioned ascent)."""
+    flat_image = image.reshape(-1)
+    flat_back = backprojection.reshape(-1)
+    flat_sens = sensitivity.reshape(-1)
+    flat_grad = penalty_gradient.reshape(-1)
+    for i in numba.prange(flat_image.shape[0]):
+        if flat_sens[i] > 0.0:
+            ascent = flat_back[i] - flat_sens[i] - beta * flat_grad[i]
+            value = flat_image[i] + step * flat_image[i] / flat_sens[i] * ascent
+            flat_image[i] = value if value > 0.0 else 0.0

@@ -84,6 +84,14 @@ def _image_dot(first, second, total):
         cuda.atomic.add(total, 0, np.float64(first[i]) * second[i])
 
 
+def _bsrem_update(image, backprojection, sensitivity, penalty_gradient, beta, step):
+    i = cuda.grid(1)
+    if i < image.shape[0] and sensitivity[i] > 0.0:
+        ascent = backprojection[i] - sensitivity[i] - beta * penalty_gradient[i]
+        value = image[i] + step * image[i] / sensitivity[i] * ascent
+        image[i] = value if value > 0.0 else 0.0
+
+
 em_ratio_kernel = cuda.jit(_em_ratio)
 poisson_log_likelihood_kernel = cuda.jit(_poisson_log_likelihood)
 em_update_kernel = cuda.jit(_em_update)
@@ -91,6 +99,7 @@ rdp_gradient_kernel = cuda.jit(_rdp_gradient)
 osl_denominator_kernel = cuda.jit(_osl_denominator)
 listmode_log_likelihood_kernel = cuda.jit(_listmode_log_likelihood)
 image_dot_kernel = cuda.jit(_image_dot)
+bsrem_update_kernel = cuda.jit(_bsrem_update)
 
 _FLAT = "float32[::1]"
 PTX_SIGNATURES = {
@@ -103,6 +112,7 @@ PTX_SIGNATURES = {
     "listmode_log_likelihood": (_listmode_log_likelihood,
                                 f"({_FLAT}, {_FLAT}, {_FLAT}, float64[::1])"),
     "image_dot": (_image_dot, f"({_FLAT}, {_FLAT}, float64[::1])"),
+    "bsrem_update": (_bsrem_update, f"({_FLAT}, {_FLAT}, {_FLAT}, {_FLAT}, float64, float64)"),
 }
 
 
@@ -158,3 +168,11 @@ def image_dot(first, second):
     blocks, threads = launch_config_1d(first.size)
     image_dot_kernel[blocks, threads](_flat(first), _flat(second), total)
     return float(total.copy_to_host()[0])
+
+
+def bsrem_update(image, backprojection, sensitivity, penalty_gradient, beta, step):
+    """image += step * image / sensitivity * (backprojection - sensitivity - beta * gradient),
+    kept >= 0; unchanged where the sensitivity is 0 (BSREM's preconditioned ascent)."""
+    blocks, threads = launch_config_1d(image.size)
+    bsrem_update_kernel[blocks, threads](_flat(image), _flat(backprojection), _flat(sensitivity),
+                                         _flat(penalty_gradient), beta, step)

@@ -1,4 +1,4 @@
-"""OSEM, MLEM and OSEM with the relative difference prior (one-step-late).
+"""OSEM, MLEM, OSEM with the relative difference prior (one-step-late) and BSREM.
 
 The forward model is ``y_bar = m * A(G x) + a``: ``A`` the Joseph projector, ``G``
 an optional image-space Gaussian resolution model, ``m`` the multiplicative
@@ -10,7 +10,13 @@ scatter). One OSEM sub-iteration over subset ``s``::
     b  = G^T A_s^T r                   back projection   (summed over ranks)
     x <- x * b / (G^T A_s^T m + beta dR/dx)
 
-MLEM is OSEM with one subset. Every rank holds a share of each subset's
+MLEM is OSEM with one subset. BSREM (block sequential regularised EM, relaxed, convergent
+for the penalised objective ``L(x) - beta R(x)``) replaces the last step by::
+
+    x <- max(0, x + a_k x / s_s (b - s_s - beta / S grad R(x))),  a_k = a_0 / (1 + g k)
+
+with ``s_s`` the subset's sensitivity and ``k`` the iteration; with ``a_k = 1`` and
+``beta = 0`` it is the OSEM step. Every rank holds a share of each subset's
 measurements (:class:`SubsetShare`); the back projections are summed over the
 ranks that share one image (``reduce``), so the result does not depend on how
 the measurements were split.
@@ -94,6 +100,7 @@ class OsemReconstructor:
         self.settings = settings
         self.reduce = reduce
         self.em = backend.kernels("medhpc.pet", self.device, "em")
+        self.iteration = 0
         self.transaxial_only = transaxial_only
         self.psf = GaussianFilter(settings.psf_fwhm_mm, voxel_mm, self.device, transaxial_only)
         if sensitivities is None:
@@ -151,9 +158,21 @@ class OsemReconstructor:
                              share.tof_bins, ratio)
         backprojection = self._back(share, ratio)
         with self.run.stage("update", "kernel"):
-            denominator = self._denominator(image, subset)
-            self.em.em_update(image, backprojection, denominator)
+            if self.settings.algorithm == "bsrem":
+                self._bsrem_update(image, backprojection, subset)
+            else:
+                self.em.em_update(image, backprojection, self._denominator(image, subset))
         return likelihood
+
+    def _bsrem_update(self, image, backprojection, subset: int) -> None:
+        """x += a_k x / s_s (A_s^T m y / ybar - s_s - beta / S grad R(x)), x >= 0."""
+        gradient = self._zeros_image()
+        if self.settings.rdp_beta > 0:
+            self.em.rdp_gradient(image, self.settings.rdp_gamma, self.settings.rdp_epsilon,
+                                 gradient)
+        self.em.bsrem_update(image, backprojection, self.sensitivities[subset], gradient,
+                             self.settings.rdp_beta / self.settings.n_subsets,
+                             self.settings.bsrem_step_at(self.iteration))
 
     def _likelihood(self, share: SubsetShare, projection, image, subset: int) -> float:
         """This rank's part of the subset's Poisson log-likelihood (constant dropped)."""
@@ -178,6 +197,7 @@ class OsemReconstructor:
         if progress is not None:
             iterations = progress(iterations, desc="OSEM iterations")
         for iteration in iterations:
+            self.iteration = iteration
             for subset in range(self.settings.n_subsets):
                 state.log_likelihood.append(self.subiteration(image, subset))
             state.iteration = iteration + 1

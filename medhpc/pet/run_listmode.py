@@ -235,6 +235,8 @@ class ListModeRecon(PetRecon):
         shares = []
         for subset in range(self.settings.n_subsets):
             chosen = np.flatnonzero(events["index"] % self.settings.n_subsets == subset)
+            # in LOR order the rays walk the image as a sinogram's do (the sum is the same)
+            chosen = chosen[np.argsort(events["lor"][chosen], kind="stable")]
             with self.run.stage("event geometry", "other"):
                 xstart = positions[events["crystal1"][chosen]]
                 xend = positions[events["crystal2"][chosen]]

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ALGORITHMS = ("osem", "mlem", "osem-rdp")
+ALGORITHMS = ("osem", "mlem", "osem-rdp", "bsrem")
+#: The algorithms with the relative difference prior.
+PENALISED = ("osem-rdp", "bsrem")
 
 
 @dataclass(frozen=True)
@@ -22,8 +24,15 @@ class ReconSettings:
     rdp_beta: float = 0.1
     rdp_gamma: float = 2.0
     rdp_epsilon: float = 1e-3
+    #: BSREM: sub-iteration step ``bsrem_step / (1 + bsrem_relaxation * iteration)``.
+    bsrem_step: float = 1.0
+    bsrem_relaxation: float = 0.1
 
     @property
     def n_subsets(self) -> int:
         """Subsets actually used (MLEM: one)."""
         return 1 if self.algorithm == "mlem" else self.subsets
+
+    def bsrem_step_at(self, iteration: int) -> float:
+        """BSREM's relaxed step in (0-based) iteration ``iteration``."""
+        return self.bsrem_step / (1.0 + self.bsrem_relaxation * iteration)
