@@ -75,6 +75,20 @@ def test_rdp_gradient_matches_finite_differences():
         assert np.isclose(gradient[index], numeric, rtol=2e-3, atol=1e-4)
 
 
+def test_bsrem_update_is_the_preconditioned_step_kept_positive():
+    image = np.array([[[1.0, 2.0, 0.5, 3.0]]], np.float32)
+    back = np.array([[[2.0, 1.0, 0.0, 9.0]]], np.float32)
+    sensitivity = np.array([[[1.0, 2.0, 1.0, 0.0]]], np.float32)
+    gradient = np.array([[[0.5, 0.0, 0.0, 0.0]]], np.float32)
+    em_cpu.bsrem_update(image, back, sensitivity, gradient, 2.0, 0.5)
+    # 1 + 0.5 * 1 / 1 * (2 - 1 - 1); 2 + 0.5 * 2 / 2 * (1 - 2); max(0, 0.5 - 0.25); unchanged
+    np.testing.assert_allclose(image.ravel(), [1.0, 1.5, 0.25, 3.0])
+    image = np.array([[[1.0]]], np.float32)
+    em_cpu.bsrem_update(image, np.zeros_like(image), np.ones_like(image), np.zeros_like(image),
+                        0.0, 2.0)
+    assert image[0, 0, 0] == 0.0  # a step past zero stops at the bound
+
+
 def test_listmode_log_likelihood_and_image_dot():
     rng = np.random.default_rng(4)
     _, projection, multiplicative, additive = random_measurements(rng, 30, 1)
@@ -121,6 +135,12 @@ def test_cuda_twins_match_cpu():
     den_gpu = cuda.to_device(np.zeros_like(image))
     em_cuda.osl_denominator(cuda.to_device(sens), cuda.to_device(grad_cpu), 0.3, den_gpu)
     np.testing.assert_allclose(den_gpu.copy_to_host(), den_cpu, rtol=1e-6)
+    step_cpu = image.copy()
+    em_cpu.bsrem_update(step_cpu, back, sens, grad_cpu, 0.3, 0.7)
+    step_gpu = cuda.to_device(image)
+    em_cuda.bsrem_update(step_gpu, cuda.to_device(back), cuda.to_device(sens),
+                         cuda.to_device(grad_cpu), 0.3, 0.7)
+    np.testing.assert_allclose(step_gpu.copy_to_host(), step_cpu, rtol=1e-5, atol=1e-7)
     img_cpu = image.copy()
     em_cpu.em_update(img_cpu, back, den_cpu)
     img_gpu = cuda.to_device(image)
