@@ -170,13 +170,17 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
               help="Keep the subsets' sensitivity images in this HDF5 file and reuse them in "
                    "later runs with the same sinogram, subsets, grid and resolution model "
                    "(views decomposition).")
+@click.option("--no-fov-mask", is_flag=True,
+              help="Let the image be non-zero outside the scanner's radial field of view "
+                   "[default: zero there].")
 @click.option("--png", is_flag=True, help="Also write a picture: central planes and convergence.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None,
               help="JSON log [default: beside --out, .json].")
 @pass_run("pet-recon")
 def pet_recon(run, sinogram, listmode, scanner, factors, time_windows, out, algorithm, iterations,
               subsets, psf_fwhm_mm, postfilter_fwhm_mm, beta, gamma, relaxation, decomp,
-              image_shape, voxel_size_mm, checkpoint_every, resume, sensitivity_cache, png, log_path):
+              image_shape, voxel_size_mm, checkpoint_every, resume, sensitivity_cache, no_fov_mask,
+              png, log_path):
     """Reconstruct a PET image (OSEM, MLEM, or OSEM-OSL or BSREM with the relative difference
     prior) with the Joseph projector, spreading views, planes or frames over the ranks, or
     list-mode events."""
@@ -201,11 +205,13 @@ def pet_recon(run, sinogram, listmode, scanner, factors, time_windows, out, algo
         ListModeRecon(run, listmode, out, settings, scanner=scanner, factors=factors,
                       time_windows=time_windows, image_shape=image_shape,
                       voxel_size_mm=voxel_size_mm, resume=resume,
-                      checkpoint_every=checkpoint_every, png=png, log_path=log_path).execute()
+                      checkpoint_every=checkpoint_every, png=png, log_path=log_path,
+                      fov_mask=not no_fov_mask).execute()
         return
     PetRecon(run, sinogram, out, settings, decomp=decomp, image_shape=image_shape,
              voxel_size_mm=voxel_size_mm, resume=resume, checkpoint_every=checkpoint_every,
-             png=png, log_path=log_path, sensitivity_cache=sensitivity_cache).execute()
+             png=png, log_path=log_path, sensitivity_cache=sensitivity_cache,
+             fov_mask=not no_fov_mask).execute()
 
 
 COMMANDS = [pet_geometry, pet_simulate, pet_recon]

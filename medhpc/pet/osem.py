@@ -89,10 +89,13 @@ class OsemReconstructor:
         Model resolution and post-filter within planes only (2-D multi-slice data).
     sensitivities : list of ndarray, optional
         The subsets' sensitivity images (from a cache); computed when not given.
+    support : (ny, nx) bool array, optional
+        Where the image may be non-zero in every plane (the scanner's field of view).
     """
 
     def __init__(self, run, shares, image_shape, voxel_mm, settings: ReconSettings, reduce,
-                 transaxial_only: bool = False, sensitivities=None):
+                 transaxial_only: bool = False, sensitivities=None, support=None):
+        self.support = support
         self.run = run
         self.device = run.device
         self.shares = shares
@@ -137,11 +140,15 @@ class OsemReconstructor:
 
     # -- the algorithm -----------------------------------------------------------------
     def initial_image(self) -> np.ndarray:
-        """A uniform image of ones where any subset is sensitive, zero elsewhere."""
+        """A uniform image of ones where any subset is sensitive (and inside the support),
+        zero elsewhere; the updates are multiplicative, so zeros stay zero."""
         total = np.zeros(self.image_shape, dtype=np.float32)
         for sensitivity in self.sensitivities:
             total += backend.to_host(sensitivity)
-        return (total > 0).astype(np.float32)
+        inside = total > 0
+        if self.support is not None:
+            inside &= self.support[None]
+        return inside.astype(np.float32)
 
     def subiteration(self, image, subset: int) -> float:
         """Update ``image`` (device array) in place with subset ``subset``; return the
@@ -238,9 +245,9 @@ class ListModeReconstructor(OsemReconstructor):
     """
 
     def __init__(self, run, shares, image_shape, voxel_mm, settings: ReconSettings, reduce,
-                 sensitivity, additive_total: float = 0.0):
+                 sensitivity, additive_total: float = 0.0, support=None):
         super().__init__(run, shares, image_shape, voxel_mm, settings, reduce,
-                         sensitivities=[sensitivity] * settings.n_subsets)
+                         sensitivities=[sensitivity] * settings.n_subsets, support=support)
         self.additive_share = additive_total / settings.n_subsets
 
     def _likelihood(self, share: SubsetShare, projection, image, subset: int) -> float:

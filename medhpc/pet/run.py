@@ -26,7 +26,8 @@ from medhpc.parallel.work import map_items
 from medhpc.pet import decomposition, sensitivity_cache
 from medhpc.pet.projector import JosephProjector, axis_aligned_grid, tof_spec
 from medhpc.pet.osem import OsemReconstructor, ReconSettings, ReconState, SubsetShare
-from medhpc.pet.scanner import direct_planes, lor_endpoints, plane_ring_pairs
+from medhpc.pet.scanner import (direct_planes, field_of_view_mask, lor_endpoints,
+                                plane_ring_pairs)
 from medhpc.pet.sinogram import SinogramLayout, read_block, read_layout
 from medhpc.runtime.checkpoint import (Checkpointer, CheckpointStop, StopSignals,
                                        StoppedBeforeFirstIteration)
@@ -62,7 +63,7 @@ class PetRecon:
 
     def __init__(self, run, sinogram, out, settings: ReconSettings, decomp="auto",
                  image_shape=None, voxel_size_mm=None, resume=False, checkpoint_every=0,
-                 png=False, log_path=None, sensitivity_cache=None):
+                 png=False, log_path=None, sensitivity_cache=None, fov_mask=True):
         self.run = run
         self.world: World = run.world
         self.settings = settings
@@ -76,6 +77,8 @@ class PetRecon:
         (self.layout, self.grid, self.origin_mm, self.voxel_mm, self.mode) = self.world.agree(
             lambda: self._validated_inputs(sinogram, decomp, image_shape, voxel_size_mm))
         self.tof = tof_spec(self.layout.scanner) if self.layout.tof else None
+        self.support = field_of_view_mask(self.layout.scanner, self.grid.shape, self.origin_mm,
+                                          self.voxel_mm) if fov_mask else None
 
     def _validated_inputs(self, sinogram, decomp, image_shape, voxel_size_mm):
         """Layout, image grid, (origin, voxel) and decomposition, checked once (rank 0)."""
@@ -258,7 +261,8 @@ class PetRecon:
         shares = self.view_shares(views, self.world)
         reconstructor = OsemReconstructor(self.run, shares, self.grid.shape, self.voxel_mm,
                                           self.settings, reduce=self.world,
-                                          sensitivities=self._cached_sensitivities())
+                                          sensitivities=self._cached_sensitivities(),
+                                          support=self.support)
         self._cache_sensitivities(reconstructor)
         with self._checkpointer(self.world, self.checkpoint_path) as checkpointer:
             state = self._iterate(reconstructor, checkpointer)
@@ -300,7 +304,8 @@ class PetRecon:
         shares = self.plane_shares(start, stop)
         slab_shape = (stop - start,) + tuple(self.grid.shape[1:])
         reconstructor = OsemReconstructor(self.run, shares, slab_shape, self.voxel_mm,
-                                          self.settings, reduce=alone, transaxial_only=True)
+                                          self.settings, reduce=alone, transaxial_only=True,
+                                          support=self.support)
         path = self.checkpoint_path.with_name(f"{_stem(self.out)}.checkpoint.rank{self.world.rank}.h5")
         with self._checkpointer(alone, path, {"rank": self.world.rank}) as checkpointer:
             state = self._iterate(reconstructor, checkpointer)
@@ -332,7 +337,8 @@ class PetRecon:
                 raise CheckpointStop(signals.received, 0, self.frame_checkpoint_path(frame))
             shares = self.view_shares(views, alone, frame=frame)
             reconstructor = OsemReconstructor(self.run, shares, self.grid.shape,
-                                              self.voxel_mm, self.settings, reduce=alone)
+                                              self.voxel_mm, self.settings, reduce=alone,
+                                              support=self.support)
             with signals.at_once_until_busy(), self._checkpointer(
                     alone, self.frame_checkpoint_path(frame), {"frame": frame},
                     signals=signals, quiet=True) as checkpointer:

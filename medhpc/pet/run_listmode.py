@@ -121,7 +121,8 @@ class ListModeRecon(PetRecon):
             shares = self.event_shares(first, last, window[1] - window[0])
             reconstructor = ListModeReconstructor(
                 self.run, shares, self.grid.shape, self.voxel_mm, self.settings, self.world,
-                sensitivity, additive_total=self._additive_total(window[1] - window[0]))
+                sensitivity, additive_total=self._additive_total(window[1] - window[0]),
+                support=self.support)
             if len(self.windows) == 1:
                 with self._checkpointer(self.world, self.checkpoint_path,
                                         {"windows": self.windows}) as checkpointer:

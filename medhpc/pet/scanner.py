@@ -561,3 +561,12 @@ def default_image_grid(scanner: ScannerGeometry) -> tuple[tuple[int, int, int], 
     voxel = scanner.ring_spacing_mm / 2.0
     across = int(2.0 * scanner.radial_fov_mm * 0.85 / voxel)
     return (2 * scanner.rings - 1, across, across), (voxel, voxel, voxel)
+
+
+def field_of_view_mask(scanner: ScannerGeometry, image_shape, origin_mm, voxel_mm) -> np.ndarray:
+    """Transaxial mask (ny, nx) of the voxels whose centre lies inside the radial field of
+    view (:attr:`ScannerGeometry.radial_fov_mm`), where every view measures."""
+    _, ny, nx = image_shape
+    x = origin_mm[0] + voxel_mm[0] * np.arange(nx)
+    y = origin_mm[1] + voxel_mm[1] * np.arange(ny)
+    return (x[None, :] ** 2 + y[:, None] ** 2) <= scanner.radial_fov_mm ** 2

@@ -258,3 +258,19 @@ def test_bsrem_smooths_the_background_like_osl(pet_case, tmp_path):
                             algorithm="bsrem", rdp_beta=2.0)
     body = pet_case["truth"] == 1.0
     assert np.std(smooth[body]) < np.std(plain[body])
+
+
+def test_the_image_is_zero_outside_the_field_of_view_unless_asked(pet_case, tmp_path):
+    from medhpc.pet.scanner import field_of_view_mask, load_scanner
+    from medhpc.pet.projector import axis_aligned_grid
+
+    scanner = load_scanner("small-test")
+    origin, voxel = axis_aligned_grid(pet_case["grid"], "phantom")
+    inside = field_of_view_mask(scanner, SHAPE, origin, voxel)
+    assert 0 < np.count_nonzero(~inside) < 0.2 * inside.size  # the grid's corners
+    masked, _ = reconstruct(pet_case["noisy"], tmp_path / "m.nii.gz", iterations=1, subsets=4)
+    assert np.all(masked[:, ~inside] == 0) and masked[:, inside].max() > 0
+    recon = PetRecon(serial_run("pet-recon"), pet_case["noisy"], tmp_path / "u.nii.gz",
+                     ReconSettings(iterations=1, subsets=4), fov_mask=False)
+    unmasked, _ = recon.compute()
+    assert unmasked[:, ~inside].max() > 0
