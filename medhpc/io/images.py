@@ -15,10 +15,11 @@ from medhpc.errors import InputError
 from medhpc.io.atomic import check_output_path
 from medhpc.io.geometry import ImageGeometry
 from medhpc.io.hdf5 import read_volume, write_volume
+from medhpc.io.interfile import data_path_for, is_interfile_path, read_interfile, write_interfile
 from medhpc.io.nifti import is_nifti_path, read_nifti, write_nifti
 from medhpc.io.tiff import is_tiff_path, read_tiff_stack, tiff_spacing_mm, write_tiff_stack
 
-SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".h5", ".hdf5", ".tif", ".tiff")
+SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".h5", ".hdf5", ".tif", ".tiff", ".hv")
 _SUFFIX_LIST = ", ".join(SUPPORTED_SUFFIXES)
 _HDF5_WITH_DATASET = re.compile(r"^(.*\.(?:h5|hdf5)):(.+)$", re.IGNORECASE)
 
@@ -35,7 +36,7 @@ def split_dataset(path, dataset: str = "volume") -> tuple[Path, str]:
 
 
 def image_format(path) -> str:
-    """Return ``"nifti"``, ``"hdf5"`` or ``"tiff"`` from the file name.
+    """Return ``"nifti"``, ``"hdf5"``, ``"tiff"`` or ``"interfile"`` from the file name.
 
     Raises
     ------
@@ -49,6 +50,8 @@ def image_format(path) -> str:
         return "hdf5"
     if is_tiff_path(name):
         return "tiff"
+    if is_interfile_path(name):
+        return "interfile"
     raise InputError(f"{path}: unknown image format '{''.join(Path(path).suffixes)}'; "
                      f"expected one of {_SUFFIX_LIST}")
 
@@ -61,7 +64,7 @@ def read_image(path, *, dataset: str = "volume", ndim=(3,), allow_4d: bool = Fal
     ----------
     path : str or Path
         ``.nii``, ``.nii.gz``, ``.h5``/``.hdf5`` (``file.h5:/dataset`` picks a
-        dataset), ``.tif``/``.tiff``.
+        dataset), ``.tif``/``.tiff``, Interfile ``.hv`` (with its data file).
     dataset : str
         HDF5 dataset when the path does not name one.
     ndim : int or sequence of int
@@ -92,6 +95,8 @@ def read_image(path, *, dataset: str = "volume", ndim=(3,), allow_4d: bool = Fal
         array, geometry = read_nifti(file_path)
     elif kind == "hdf5":
         array, geometry, _ = read_volume(file_path, dataset)
+    elif kind == "interfile":
+        array, geometry = read_interfile(file_path)
     else:
         array = read_tiff_stack(file_path)
         if array.ndim == 4:
@@ -109,7 +114,7 @@ def write_image(path, array, geometry: ImageGeometry, overwrite: bool = False,
     """Write a volume in the format its extension names, atomically.
 
     ``.nii``/``.nii.gz`` and ``.h5``/``.hdf5`` (``file.h5:/dataset`` allowed)
-    keep the whole affine; TIFF keeps only the spacing and takes ``[z, y, x]``
+    keep the whole affine; Interfile ``.hv`` (+ ``.v``) an axis-aligned grid; TIFF keeps only the spacing and takes ``[z, y, x]``
     or colour ``[c, z, y, x]`` with c = 3 or 4. ``units`` is stored in HDF5 only.
     """
     file_path, dataset = split_dataset(path)
@@ -119,6 +124,8 @@ def write_image(path, array, geometry: ImageGeometry, overwrite: bool = False,
     if kind == "hdf5":
         return write_volume(file_path, array, geometry, dataset=dataset, units=units,
                             overwrite=overwrite)
+    if kind == "interfile":
+        return write_interfile(file_path, array, geometry, overwrite=overwrite)
     array = np.asarray(array)
     if array.ndim == 4:
         if array.shape[0] not in (3, 4):
@@ -134,6 +141,8 @@ def check_image_output(path, overwrite: bool) -> None:
     :func:`~medhpc.io.atomic.check_output_path`)."""
     file_path, _ = split_dataset(path)
     check_output_path(file_path, overwrite, SUPPORTED_SUFFIXES)
+    if is_interfile_path(file_path):
+        check_output_path(data_path_for(file_path), overwrite)
 
 
 def check_ndim(path, array, allowed) -> None:
