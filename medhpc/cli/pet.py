@@ -127,6 +127,17 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
               help="With --listmode: a sinogram file whose multiplicative and additive terms "
                    "(for the whole acquisition) correct the events [default: the factors in "
                    "the list-mode file].")
+@click.option("--mu-map", type=click.Path(), default=None,
+              help="Attenuation from this linear-attenuation image (1/mm; NIfTI, HDF5 or "
+                   "Interfile) instead of the sinogram file's.")
+@click.option("--norm", type=click.Path(), default=None,
+              help="Normalisation sinogram (file.h5[:/dataset], radial x view x plane) instead "
+                   "of the sinogram file's.")
+@click.option("--randoms", type=click.Path(), default=None,
+              help="Expected randoms sinogram (file.h5[:/dataset]); with --scatter it replaces "
+                   "the stored additive term.")
+@click.option("--scatter", type=click.Path(), default=None,
+              help="Expected scatter sinogram (file.h5[:/dataset]); see --randoms.")
 @click.option("--time-windows", default=None,
               help="With --listmode: START:STOP[,START:STOP...] in seconds; one frame per "
                    "window [default: the whole acquisition].")
@@ -177,13 +188,15 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None,
               help="JSON log [default: beside --out, .json].")
 @pass_run("pet-recon")
-def pet_recon(run, sinogram, listmode, scanner, factors, time_windows, out, algorithm, iterations,
+def pet_recon(run, sinogram, listmode, scanner, factors, mu_map, norm, randoms, scatter,
+              time_windows, out, algorithm, iterations,
               subsets, psf_fwhm_mm, postfilter_fwhm_mm, beta, gamma, relaxation, decomp,
               image_shape, voxel_size_mm, checkpoint_every, resume, sensitivity_cache, no_fov_mask,
               png, log_path):
     """Reconstruct a PET image (OSEM, MLEM, or OSEM-OSL or BSREM with the relative difference
     prior) with the Joseph projector, spreading views, planes or frames over the ranks, or
     list-mode events."""
+    from medhpc.pet.corrections import CorrectionFiles
     from medhpc.pet.run import PetRecon
 
     if (sinogram is None) == (listmode is None):
@@ -192,6 +205,12 @@ def pet_recon(run, sinogram, listmode, scanner, factors, time_windows, out, algo
     given = [name for name, value in listmode_only.items() if value is not None]
     if sinogram is not None and given:
         raise click.UsageError(f"{given[0]} goes with --listmode, not --sinogram")
+    sinogram_only = {"--mu-map": mu_map, "--norm": norm, "--randoms": randoms,
+                     "--scatter": scatter}
+    given = [name for name, value in sinogram_only.items() if value is not None]
+    if listmode is not None and given:
+        raise click.UsageError(f"{given[0]} goes with --sinogram; list-mode data take their "
+                               f"factors from the file or --factors")
     if listmode is not None and (decomp != "auto" or sensitivity_cache):
         raise click.UsageError("--listmode spreads events over the ranks: leave out --decomp "
                                "and --sensitivity-cache")
@@ -206,12 +225,16 @@ def pet_recon(run, sinogram, listmode, scanner, factors, time_windows, out, algo
                       time_windows=time_windows, image_shape=image_shape,
                       voxel_size_mm=voxel_size_mm, resume=resume,
                       checkpoint_every=checkpoint_every, png=png, log_path=log_path,
-                      fov_mask=not no_fov_mask).execute()
+                      fov_mask=not no_fov_mask,
+             corrections=CorrectionFiles(mu_map=mu_map, norm=norm, randoms=randoms,
+                                         scatter=scatter)).execute()
         return
     PetRecon(run, sinogram, out, settings, decomp=decomp, image_shape=image_shape,
              voxel_size_mm=voxel_size_mm, resume=resume, checkpoint_every=checkpoint_every,
              png=png, log_path=log_path, sensitivity_cache=sensitivity_cache,
-             fov_mask=not no_fov_mask).execute()
+             fov_mask=not no_fov_mask,
+             corrections=CorrectionFiles(mu_map=mu_map, norm=norm, randoms=randoms,
+                                         scatter=scatter)).execute()
 
 
 COMMANDS = [pet_geometry, pet_simulate, pet_recon]

@@ -24,6 +24,8 @@ from medhpc.io.images import check_image_output, write_image
 from medhpc.parallel.comm import World
 from medhpc.parallel.work import map_items
 from medhpc.pet import decomposition, sensitivity_cache
+from medhpc.pet.corrections import (CorrectionFiles, check_corrections, corrected_block,
+                                    corrections_fingerprint)
 from medhpc.pet.projector import JosephProjector, axis_aligned_grid, tof_spec
 from medhpc.pet.osem import OsemReconstructor, ReconSettings, ReconState, SubsetShare
 from medhpc.pet.scanner import (direct_planes, field_of_view_mask, lor_endpoints,
@@ -63,7 +65,8 @@ class PetRecon:
 
     def __init__(self, run, sinogram, out, settings: ReconSettings, decomp="auto",
                  image_shape=None, voxel_size_mm=None, resume=False, checkpoint_every=0,
-                 png=False, log_path=None, sensitivity_cache=None, fov_mask=True):
+                 png=False, log_path=None, sensitivity_cache=None, fov_mask=True,
+                 corrections: CorrectionFiles | None = None):
         self.run = run
         self.world: World = run.world
         self.settings = settings
@@ -77,6 +80,8 @@ class PetRecon:
         (self.layout, self.grid, self.origin_mm, self.voxel_mm, self.mode) = self.world.agree(
             lambda: self._validated_inputs(sinogram, decomp, image_shape, voxel_size_mm))
         self.tof = tof_spec(self.layout.scanner) if self.layout.tof else None
+        self.corrections = self.world.agree(
+            lambda: check_corrections(corrections, self.layout)) if corrections else None
         self.support = field_of_view_mask(self.layout.scanner, self.grid.shape, self.origin_mm,
                                           self.voxel_mm) if fov_mask else None
 
@@ -137,7 +142,9 @@ class PetRecon:
         """
         wanted = np.unique(np.concatenate([np.asarray(v, np.int64) for v in views_per_subset]))
         with self.run.stage("read sinogram", "io"):
-            block = world.agree_all(lambda: read_block(self.layout, views=wanted, frame=frame))
+            block = world.agree_all(lambda: corrected_block(
+                self.corrections, self.layout, read_block(self.layout, views=wanted, frame=frame),
+                wanted, slice(None), self.run.device))
         shares = []
         for views in views_per_subset:
             columns = np.searchsorted(wanted, views)
@@ -157,8 +164,9 @@ class PetRecon:
         ring_sum = pairs[:, 0] + pairs[:, 1]
         wanted = np.flatnonzero((ring_sum >= start) & (ring_sum < stop))
         with self.run.stage("read sinogram", "io"):
-            block = self.world.agree_all(
-                lambda: read_block(self.layout, planes=wanted) if wanted.size else None)
+            block = self.world.agree_all(lambda: corrected_block(
+                self.corrections, self.layout, read_block(self.layout, planes=wanted),
+                slice(None), wanted, self.run.device) if wanted.size else None)
         with self.run.stage("rebin", "other"):
             shape = (scanner.n_radial, scanner.n_views, stop - start)
             tof_shape = shape + ((self.layout.tof_bins,) if self.layout.tof else ())
@@ -234,7 +242,9 @@ class PetRecon:
                       quiet: bool = False) -> Checkpointer:
         fingerprint = {"sinogram": str(self.layout.path.resolve()), "mode": self.mode,
                        "ranks": self.world.size, **asdict(self.settings),
-                       "image_shape": list(self.grid.shape), **(fingerprint_extra or {})}
+                       "image_shape": list(self.grid.shape),
+                       **corrections_fingerprint(getattr(self, "corrections", None)),
+                       **(fingerprint_extra or {})}
         resume = self.resume and world.agree(path.exists)
         if self.resume and not resume and not quiet:
             self.run.log.notice(f"--resume: no checkpoint at {path}; starting from the beginning")
@@ -276,6 +286,7 @@ class PetRecon:
             return None
         expected = sensitivity_cache.fingerprint(self.layout.path, self.settings, self.grid,
                                                  self.layout.tof)
+        expected.update(corrections_fingerprint(self.corrections))
         with self.run.stage("read sensitivity cache", "io"):
             images = self.world.agree_all(lambda: sensitivity_cache.load(self.sensitivity_cache,
                                                                          expected))

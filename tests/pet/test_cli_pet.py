@@ -215,7 +215,9 @@ def test_listmode_bad_inputs_are_one_line_and_write_nothing(tiny, events, tmp_pa
              (("--listmode", header, "--scanner", "small-test", "--subsets", "2"),
               ["1 events in the window", "one per subset"]),
              (("--listmode", events, "--sinogram", sinogram), ["one of --sinogram and --listmode"]),
-             (("--sinogram", sinogram, "--time-windows", "0:1"), ["--time-windows goes with"])]
+             (("--sinogram", sinogram, "--time-windows", "0:1"), ["--time-windows goes with"]),
+             (("--listmode", events, "--mu-map", sinogram), ["--mu-map goes with --sinogram"]),
+             (("--sinogram", sinogram, "--norm", events), ["events.h5", "--norm holds"])]
     for arguments, words in cases:
         result = run_medhpc("pet-recon", "--subsets", "1", *arguments, "--out", out,
                             "--device", "cpu", ranks=2)

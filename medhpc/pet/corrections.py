@@ -1,0 +1,180 @@
+"""Corrections given to pet-recon as separate files, in place of those in the sinogram file.
+
+- ``--mu-map IMAGE``: linear attenuation (1/mm) on any axis-aligned grid, in any image
+  format; the attenuation factor of a LOR is ``exp(-line integral)``.
+- ``--norm``, ``--randoms``, ``--scatter``: sinograms (HDF5 ``file.h5`` with one dataset,
+  or ``file.h5:/dataset``) of the data's shape: radial x view x plane for ``--norm``
+  (efficiencies, multiplying), radial x view x plane [x TOF] for the expected randoms and
+  scatter counts.
+
+The multiplicative term becomes normalisation x attenuation, each from its file or, when
+not given, from the sinogram file's ``normalisation`` / ``attenuation`` datasets (1 when
+absent). The additive term becomes randoms + scatter when either is given (a missing one
+counts 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from medhpc.errors import InputError
+from medhpc.io.images import check_nonnegative, read_image, split_dataset
+from medhpc.pet.projector import JosephProjector, axis_aligned_grid
+from medhpc.pet.scanner import lor_endpoints
+from medhpc.pet.sinogram import SinogramBlock, _read_views_planes
+
+
+@dataclass(frozen=True)
+class CorrectionFiles:
+    """What the command line gave (None: keep the sinogram file's)."""
+
+    mu_map: str | None = None
+    norm: str | None = None
+    randoms: str | None = None
+    scatter: str | None = None
+
+    @property
+    def any(self) -> bool:
+        """Whether any correction replaces the sinogram file's."""
+        return any(value is not None for value in (self.mu_map, self.norm, self.randoms,
+                                                   self.scatter))
+
+
+@dataclass
+class Corrections:
+    """Checked correction inputs, ready to apply to blocks of the sinogram."""
+
+    files: CorrectionFiles
+    datasets: dict  # option name -> (path, dataset name)
+    mu_map: np.ndarray | None = None
+    mu_origin_mm: np.ndarray | None = None
+    mu_voxel_mm: np.ndarray | None = None
+    mu_shape: tuple | None = None
+
+
+def _sinogram_dataset(option: str, value: str, expected: tuple, layout) -> tuple[Path, str]:
+    path, name = split_dataset(value, "")
+    if not path.is_file():
+        raise InputError(f"{path}: {option} file not found")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError:
+        raise InputError(f"{path}: {option} is not an HDF5 file; expected a sinogram "
+                         f"dataset (file.h5 or file.h5:/dataset)") from None
+    with h5:
+        if not name:
+            names = [key for key in h5 if isinstance(h5[key], h5py.Dataset)]
+            if len(names) != 1:
+                raise InputError(f"{path}: {option} holds {len(names)} datasets; name one as "
+                                 f"{path}:/dataset")
+            name = names[0]
+        if name not in h5 or not isinstance(h5[name], h5py.Dataset):
+            raise InputError(f"{path}: {option} has no dataset '{name}'")
+        shape = tuple(h5[name].shape)
+    if shape != expected:
+        raise InputError(f"{path}:{name}: {option} has shape {shape}, but the sinogram of "
+                         f"scanner '{layout.scanner.name}' needs {expected} (radial x view x "
+                         f"plane{' x TOF' if len(expected) == 4 else ''})")
+    return path, name
+
+
+def check_corrections(files: CorrectionFiles, layout) -> Corrections | None:
+    """Read and check the correction files against the sinogram's layout (rank 0)."""
+    if not files.any:
+        return None
+    lors_shape = tuple(layout.scanner.sinogram_shape[:3])
+    counts_shape = lors_shape + ((layout.scanner.tof_bins,) if layout.tof else ())
+    datasets = {}
+    for option, value, shape in (("--norm", files.norm, lors_shape),
+                                 ("--randoms", files.randoms, counts_shape),
+                                 ("--scatter", files.scatter, counts_shape)):
+        if value is not None:
+            datasets[option] = _sinogram_dataset(option, value, shape, layout)
+    corrections = Corrections(files=files, datasets=datasets)
+    if files.mu_map is not None:
+        mu, grid = read_image(files.mu_map, ndim=(3,))
+        check_nonnegative(files.mu_map, mu, "attenuation coefficients")
+        if mu.max() > 1.0:
+            raise InputError(f"{files.mu_map}: mu-map maximum {mu.max():g} looks like 1/cm or "
+                             f"HU; expected linear attenuation in 1/mm (water 0.0096)")
+        origin, voxel = axis_aligned_grid(grid, files.mu_map)
+        corrections = replace(corrections, mu_map=np.ascontiguousarray(mu, np.float32),
+                              mu_origin_mm=origin, mu_voxel_mm=voxel, mu_shape=mu.shape)
+    return corrections
+
+
+def _read(path_and_name, views, planes) -> np.ndarray:
+    path, name = path_and_name
+    with h5py.File(path, "r") as h5:
+        block = np.ascontiguousarray(_read_views_planes(h5[name], views, planes), np.float32)
+    if not np.all(np.isfinite(block) & (block >= 0)):
+        raise InputError(f"{path}:{name}: negative or non-finite values; expected factors and "
+                         f"counts >= 0")
+    return block
+
+
+def _stored(layout, name: str, views, planes):
+    with h5py.File(layout.path, "r") as h5:
+        if name not in h5:
+            return None
+        return np.ascontiguousarray(_read_views_planes(h5[name], views, planes), np.float32)
+
+
+def corrected_block(corrections: Corrections | None, layout, block: SinogramBlock, views,
+                    planes, device: str) -> SinogramBlock:
+    """``block`` with the factors the correction files replace (views/planes as read)."""
+    if corrections is None:
+        return block
+    files = corrections.files
+    multiplicative = block.multiplicative
+    if files.mu_map is not None or files.norm is not None:
+        if files.norm is not None:
+            normalisation = _read(corrections.datasets["--norm"], views, planes)
+        else:
+            normalisation = _stored(layout, "normalisation", views, planes)
+        if files.mu_map is not None:
+            attenuation = attenuation_factors(corrections, layout.scanner, views, planes, device)
+        else:
+            attenuation = _stored(layout, "attenuation", views, planes)
+        multiplicative = np.ones(block.multiplicative.shape, np.float32)
+        for factor in (normalisation, attenuation):
+            if factor is not None:
+                multiplicative *= factor
+    additive = block.additive
+    if files.randoms is not None or files.scatter is not None:
+        additive = np.zeros(block.additive.shape, np.float32)
+        for option in ("--randoms", "--scatter"):
+            if option in corrections.datasets:
+                additive += _read(corrections.datasets[option], views, planes)
+    return SinogramBlock(prompts=block.prompts, multiplicative=multiplicative, additive=additive)
+
+
+def attenuation_factors(corrections: Corrections, scanner, views, planes, device) -> np.ndarray:
+    """``exp(-line integral of mu)`` of the LORs at ``views`` x ``planes`` (radial x view x
+    plane)."""
+    view_index = None if isinstance(views, slice) else views
+    plane_index = None if isinstance(planes, slice) else planes
+    xstart, xend = lor_endpoints(scanner, views=view_index, planes=plane_index)
+    projector = JosephProjector(xstart.reshape(-1, 3), xend.reshape(-1, 3), corrections.mu_shape,
+                                corrections.mu_origin_mm, corrections.mu_voxel_mm, device=device)
+    integrals = projector.forward(corrections.mu_map)
+    return np.exp(-integrals).astype(np.float32).reshape(xstart.shape[:3])
+
+
+def corrections_fingerprint(corrections: Corrections | None) -> dict:
+    """What the correction files add to a checkpoint's or sensitivity cache's fingerprint."""
+    if corrections is None:
+        return {}
+    files = {}
+    for option, value in (("mu_map", corrections.files.mu_map), ("norm", corrections.files.norm),
+                          ("randoms", corrections.files.randoms),
+                          ("scatter", corrections.files.scatter)):
+        if value is not None:
+            path = split_dataset(value, "")[0].resolve()
+            status = path.stat()
+            files[option] = [str(value), status.st_size, status.st_mtime_ns]
+    return {"corrections": files}
