@@ -14,13 +14,14 @@ import signal
 from dataclasses import asdict
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from medhpc import backend
 from medhpc.errors import InputError
 from medhpc.io.atomic import check_output_path, publish_together
 from medhpc.io.geometry import ImageGeometry
-from medhpc.io.images import check_image_output, write_image
+from medhpc.io.images import check_image_output, check_same_grid, read_image, write_image
 from medhpc.parallel.comm import World
 from medhpc.parallel.work import map_items
 from medhpc.pet import decomposition, sensitivity_cache
@@ -66,7 +67,7 @@ class PetRecon:
     def __init__(self, run, sinogram, out, settings: ReconSettings, decomp="auto",
                  image_shape=None, voxel_size_mm=None, resume=False, checkpoint_every=0,
                  png=False, log_path=None, sensitivity_cache=None, fov_mask=True,
-                 corrections: CorrectionFiles | None = None):
+                 corrections: CorrectionFiles | None = None, truth=None):
         self.run = run
         self.world: World = run.world
         self.settings = settings
@@ -82,6 +83,7 @@ class PetRecon:
         self.tof = tof_spec(self.layout.scanner) if self.layout.tof else None
         self.corrections = self.world.agree(
             lambda: check_corrections(corrections, self.layout)) if corrections else None
+        self.truth_path = self.world.agree(lambda: self._truth_path(truth))
         self.support = field_of_view_mask(self.layout.scanner, self.grid.shape, self.origin_mm,
                                           self.voxel_mm) if fov_mask else None
 
@@ -97,6 +99,33 @@ class PetRecon:
         if mode == "planes":
             check_planes_grid(layout, grid, origin_mm, voxel_mm)
         return layout, grid, origin_mm, voxel_mm, mode
+
+    def _truth_path(self, truth):
+        """The known activity to compare with: ``--truth``, else (with ``--png``) the activity
+        the data were simulated from when it is still there on the output grid."""
+        if truth is not None:
+            _, grid = read_image(truth, ndim=(3,))
+            check_same_grid(truth, grid, self.out, self.grid, "truth")
+            return Path(truth)
+        if self.png is None:
+            return None
+        source = self._simulated_from()
+        if source is None or not source.is_file():
+            return None
+        try:
+            _, grid = read_image(source, ndim=(3,))
+            check_same_grid(source, grid, self.out, self.grid, "truth")
+        except InputError:
+            return None
+        return source
+
+    def _simulated_from(self) -> Path | None:
+        try:
+            with h5py.File(self.layout.path, "r") as h5:
+                activity = h5.attrs.get("activity")
+        except OSError:
+            return None
+        return Path(activity) if isinstance(activity, str) and activity else None
 
     # -- plan --------------------------------------------------------------------------
     def plan(self) -> dict:
@@ -393,11 +422,20 @@ class PetRecon:
             "settings": asdict(self.settings), "subsets": self.settings.n_subsets,
             "log_likelihood_per_subiteration": history,
         }
+        truth, comparison = None, None
+        if self.truth_path is not None:
+            from medhpc.pet.figures import compare_with_truth
+            from medhpc.phantoms.pet_files import phantom_of
+
+            truth, _ = read_image(self.truth_path, ndim=(3,))
+            comparison = compare_with_truth(image, truth, phantom_of(self.truth_path, truth))
+            self._log_document["truth"] = {"path": str(self.truth_path), **comparison}
+            self.run.log.info(f"against {self.truth_path}: NRMSE {comparison['nrmse']:.4f}")
         if self.png is not None:
             from medhpc.pet.figures import recon_figure
 
             recon_figure(image, self.grid, history, self.png, subsets=self.settings.n_subsets,
-                         overwrite=self.run.overwrite,
+                         overwrite=self.run.overwrite, truth=truth, comparison=comparison,
                          title=f"{self.settings.algorithm.upper()} {self.settings.iterations} it x "
                                f"{self.settings.n_subsets} subsets, {self.world.size} rank(s)")
             self.run.log.info(f"picture written to {self.png}")

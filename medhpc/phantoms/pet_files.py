@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +31,7 @@ def write_pet_phantom(out, scanner_name="small-test", shape=None, voxel_mm=None,
     description = {
         "scanner": scanner.name, "shape_zyx": list(shape), "voxel_mm": list(voxel_mm),
         "origin_mm": [float(v) for v in phantom["origin_mm"]], "scale": float(phantom["scale"]),
+        "seed": seed,
         "spheres": [{"centre_mm": [float(c) for c in s["centre_mm"]],
                      "diameter_mm": float(s["diameter_mm"]), "contrast": float(s["contrast"])}
                     for s in phantom["spheres"]],
@@ -41,3 +43,21 @@ def write_pet_phantom(out, scanner_name="small-test", shape=None, voxel_mm=None,
         write_nifti(folder / "mu_map.nii.gz", np.asarray(phantom["mu_map"], np.float32), geometry)
         (folder / "phantom.json").write_text(json.dumps(description, indent=2))
     return description
+
+
+def phantom_of(activity_path, activity: np.ndarray) -> dict | None:
+    """The NEMA-like phantom behind ``activity_path`` (its ``phantom.json`` beside it), or
+    None when there is none or it does not render to this activity."""
+    description_path = Path(activity_path).parent / "phantom.json"
+    if not description_path.is_file():
+        return None
+    try:
+        description = json.loads(description_path.read_text())
+        phantom = nema_iq_phantom(tuple(description["shape_zyx"]), tuple(description["voxel_mm"]),
+                                  seed=description.get("seed", 0))
+    except (ValueError, KeyError, TypeError):
+        return None
+    if phantom["activity"].shape != activity.shape or not np.allclose(phantom["activity"],
+                                                                     activity, atol=1e-5):
+        return None
+    return phantom

@@ -40,6 +40,10 @@ def test_recon_at_two_ranks_writes_image_log_picture_and_timings(tiny):
                                folder / "timings.json"))
     log = json.loads((folder / "recon.json").read_text())
     assert log["schema_version"] == 1 and log["command"] == "pet-recon"
+    # the data were simulated from the phantom: the picture and log compare with it
+    assert log["truth"]["path"] == str((folder / "phantom" / "activity.nii.gz").resolve())
+    assert 0 < log["truth"]["nrmse"] < 1
+    assert len(log["truth"]["nema"]["contrast_recovery"]) == 6
     assert len(log["log_likelihood_per_subiteration"]) == 8
     assert log["timings"]["ranks"] == 2
     timings = json.loads((folder / "timings.json").read_text())
@@ -227,3 +231,15 @@ def test_listmode_bad_inputs_are_one_line_and_write_nothing(tiny, events, tmp_pa
         for word in words:
             assert word in lines[0], lines[0]
         assert not out.exists()
+
+
+def test_a_truth_on_another_grid_is_refused_before_work(tiny, tmp_path):
+    _, _, sinogram = tiny
+    other = tmp_path / "truth.nii.gz"
+    write_nifti(other, np.zeros((15, 16, 16), np.float32),
+                ImageGeometry.from_spacing((15, 16, 16), (8.0, 8.0, 2.0)))
+    out = tmp_path / "r.nii.gz"
+    result = run_medhpc("pet-recon", "--sinogram", sinogram, "--out", out, "--truth", other,
+                        "--device", "cpu", ranks=2)
+    expect_input_error(result, "truth.nii.gz", "does not match")
+    assert not out.exists()
