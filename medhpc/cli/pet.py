@@ -51,6 +51,10 @@ medhpc pet-simulate --activity phantom/activity.nii.gz --mu-map phantom/mu_map.n
 @click.option("--tof", is_flag=True, help="Time-of-flight data (the scanner must have TOF bins).")
 @click.option("--frames", type=int, default=None,
               help="With a 3-D activity: this many frames (independent noise realisations).")
+@click.option("--rays", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Rays per crystal face and side: the trues average rays x rays lines between "
+                   "points spread over the two crystals (a detector response reconstructions "
+                   "with one ray per LOR do not model).")
 @click.option("--listmode", is_flag=True,
               help="Write the counts as list-mode events (crystal pairs, TOF bin, time) with the "
                    "factors, instead of a sinogram.")
@@ -60,7 +64,7 @@ medhpc pet-simulate --activity phantom/activity.nii.gz --mu-map phantom/mu_map.n
               help="Sinogram or list-mode file (HDF5).")
 @pass_run("pet-simulate")
 def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fraction, tof, frames,
-                 listmode, duration_s, out):
+                 rays, listmode, duration_s, out):
     """Forward-project an activity image with attenuation, normalisation, randoms and Poisson
     noise; write a sinogram file (or, with --listmode, the events) holding the factors, the
     additive term, the image grid and the scanner."""
@@ -92,7 +96,7 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
 
     geometry, image, mu, grid = run.world.agree(prepare)
     simulation = Simulation(run, geometry, image, mu, grid, counts, not no_noise,
-                            randoms_fraction, tof, source=activity)
+                            randoms_fraction, tof, source=activity, rays=rays)
     if run.dry_run:
         run.print_plan({"scanner": geometry.name, "lors": geometry.n_lors,
                         "frames": int(image.shape[0]), "tof": tof})
@@ -100,7 +104,7 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
     data = simulation.execute(run.seed)
     if run.world.is_root:
         attrs = {"counts": counts, "randoms_fraction": randoms_fraction, "noise": not no_noise,
-                 "seed": run.seed, "activity": str(Path(activity).resolve())}
+                 "seed": run.seed, "activity": str(Path(activity).resolve()), "rays": rays}
         with run.stage("write", "io"):
             if listmode:
                 events = write_simulated_listmode(out, geometry, grid, data, duration_s, run.seed,

@@ -9,6 +9,11 @@ For every sinogram bin::
     a             = randoms: flat, a share of the counts (randoms fraction)
     prompts       ~ Poisson(y_bar)                   (or y_bar with --no-noise)
 
+With ``--rays K`` the trues ``A x`` average K x K rays between points spread over the two
+crystals' faces (transaxially over ``crystal_size_mm``, axially over the ring spacing): a
+detector response that pet-recon's one ray per LOR does not model, so tests of contrast and
+bias meet model error as real data do.
+
 Views are split over the ranks; each view's noise comes from its own seeded
 stream, so the data do not depend on the number of ranks. Rank 0 writes.
 """
@@ -62,6 +67,19 @@ def normalisation_factors(scanner: ScannerGeometry, views, seed: int) -> np.ndar
             * efficiency[rings[None, None, :, 1], crystal_b[:, :, None]]).astype(np.float32)
 
 
+def on_crystal_face(scanner: ScannerGeometry, points: np.ndarray, across: float,
+                    along: float) -> np.ndarray:
+    """Crystal centres moved over the crystal's face: ``across`` x ``crystal_size_mm`` along
+    the ring's tangent and ``along`` x ``ring_spacing_mm`` along z (fractions in [-0.5, 0.5])."""
+    moved = np.array(points, dtype=np.float64)
+    radius = np.hypot(moved[..., 0], moved[..., 1])
+    tangent_x, tangent_y = -moved[..., 1] / radius, moved[..., 0] / radius
+    moved[..., 0] += across * scanner.crystal_size_mm * tangent_x
+    moved[..., 1] += across * scanner.crystal_size_mm * tangent_y
+    moved[..., 2] += along * scanner.ring_spacing_mm
+    return moved.astype(np.float32)
+
+
 def check_settings(scanner: ScannerGeometry, counts: float, randoms_fraction: float,
                    tof: bool) -> None:
     """Raise :class:`InputError` for counts, randoms fraction or TOF the scanner cannot take."""
@@ -78,8 +96,12 @@ class Simulation:
     """One pet-simulate run (see the module notes)."""
 
     def __init__(self, run, scanner: ScannerGeometry, activity: np.ndarray, mu_map, grid: ImageGeometry,
-                 counts: float, noise: bool, randoms_fraction: float, tof: bool, source="activity"):
+                 counts: float, noise: bool, randoms_fraction: float, tof: bool, source="activity",
+                 rays: int = 1):
         check_settings(scanner, counts, randoms_fraction, tof)
+        if rays < 1:
+            raise InputError(f"--rays {rays}: expected 1 (the LOR's centre) or more per side")
+        self.rays = int(rays)
         self.run = run
         self.scanner = scanner
         self.activity = activity
@@ -91,11 +113,24 @@ class Simulation:
         self.tof = tof
         self.origin_mm, self.voxel_mm = axis_aligned_grid(grid, source)
 
-    def _projector(self, views, tof: bool):
+    def _projector(self, views, tof: bool, offsets=None):
         xstart, xend = lor_endpoints(self.scanner, views=views)
+        if offsets is not None:
+            xstart = on_crystal_face(self.scanner, xstart, *offsets[0])
+            xend = on_crystal_face(self.scanner, xend, *offsets[1])
         return JosephProjector(xstart.reshape(-1, 3), xend.reshape(-1, 3), self.grid.shape,
                                self.origin_mm, self.voxel_mm, device=self.run.device,
                                tof=tof_spec(self.scanner) if tof else None)
+
+    def _trues_projectors(self, views):
+        """One projector per ray of a LOR: its centre, or ``rays x rays`` rays between points
+        spread over the two crystals' faces (the detector response the reconstruction does not
+        model)."""
+        if self.rays == 1:
+            return [self._projector(views, self.tof)]
+        steps = (np.arange(self.rays) + 0.5) / self.rays - 0.5
+        return [self._projector(views, self.tof, ((steps[i], steps[j]), (steps[j], steps[i])))
+                for i in range(self.rays) for j in range(self.rays)]
 
     def execute(self, seed: int) -> dict | None:
         """Simulate this rank's views; return the whole data on rank 0 (None elsewhere)."""
@@ -112,11 +147,12 @@ class Simulation:
             else:
                 attenuation = np.ones(shape, np.float32)
             multiplicative = attenuation * normalisation
-        projector = self._projector(views, self.tof)
+        projectors = self._trues_projectors(views)
         trues = []
         for frame in self.run.log.progress(range(len(self.activity)), desc="frames"):
             with self.run.stage("forward project", "kernel"):
-                projection = projector.forward(self.activity[frame])
+                projection = sum(projector.forward(self.activity[frame])
+                                 for projector in projectors) / len(projectors)
             values = projection.reshape(shape + ((tof_bins,) if self.tof else ()))
             factors = multiplicative[..., None] if self.tof else multiplicative
             trues.append((values * factors).astype(np.float32))

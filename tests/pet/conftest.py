@@ -36,7 +36,7 @@ LISTMODE_DURATION_S = 100.0
 
 
 def simulate(folder, name, counts=2e6, noise=True, frames=1, tof=False, scanner="small-test",
-             listmode=False):
+             listmode=False, rays=1):
     """Simulate the phantom; write a sinogram file (and, with ``listmode``, the same counts
     as list-mode events beside it: ``name.listmode.h5``)."""
     phantom = folder / "phantom"
@@ -45,7 +45,8 @@ def simulate(folder, name, counts=2e6, noise=True, frames=1, tof=False, scanner=
         activity = np.concatenate([activity * (1.0 + 0.5 * k) for k in range(frames)])
     geometry = load_scanner(scanner)
     run = serial_run("pet-simulate")
-    simulation = Simulation(run, geometry, activity, mu_map, grid, counts, noise, 0.2, tof)
+    simulation = Simulation(run, geometry, activity, mu_map, grid, counts, noise, 0.2, tof,
+                            rays=rays)
     data = simulation.execute(seed=3)
     path = folder / f"{name}.h5"
     write_simulation(path, geometry, grid, data, tof, overwrite=True, attrs={})
