@@ -49,6 +49,10 @@ def output_grid(layout: SinogramLayout, image_shape=None, voxel_size_mm=None) ->
 def check_planes_grid(layout: SinogramLayout, grid: ImageGeometry, origin_mm, voxel_mm) -> None:
     """Raise :class:`InputError` unless the image planes sit at the rebinned plane positions."""
     scanner = layout.scanner
+    if scanner.has_ring_gaps:
+        raise InputError(f"{layout.path}: --decomp planes rebins onto evenly spaced planes, but "
+                         f"scanner '{scanner.name}' has gaps between its ring blocks; use "
+                         f"--decomp views")
     nz = decomposition.rebinned_planes(scanner.rings)
     ring_z = scanner.ring_z_mm
     expected_z = ring_z[0] + 0.5 * scanner.ring_spacing_mm * np.arange(nz)

@@ -5,9 +5,12 @@ centre at the origin.
 
 Crystals
     Crystal ``c`` of a ring sits on a circle of radius ``radius_mm`` at the angle
-    ``phi_c = 2 pi c / crystals_per_ring`` from +x towards +y (a circle, not the
-    polygon of detector modules). Ring ``k`` sits at
-    ``z_k = (k - (rings - 1) / 2) * ring_spacing_mm``.
+    ``phi_c = 2 pi c / crystals_per_ring`` from +x towards +y, or, with
+    ``modules_per_ring``, on the face of module ``c // crystals_per_module``: a regular
+    polygon whose faces are ``radius_mm`` from the axis, each face centred on its crystals'
+    mean angle. The LOR end point is ``doi_mm`` behind the face. Ring ``k`` sits at
+    ``z_k = k * ring_spacing_mm`` plus ``ring_gap_mm`` per axial block before it, centred
+    on 0.
 
 Sinogram (radial, view, plane[, tof]), "interleaved" views
     With ``N = crystals_per_ring``, radial index ``r`` and view ``v``, let
@@ -55,9 +58,9 @@ SPEED_OF_LIGHT_MM_PER_PS = 0.299792458
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
 
 _INT_FIELDS = ("crystals_per_ring", "rings", "radial_trim", "max_ring_difference", "span",
-               "tof_bins")
+               "tof_bins", "modules_per_ring", "rings_per_module")
 _FLOAT_FIELDS = ("radius_mm", "ring_spacing_mm", "crystal_size_mm", "tof_resolution_ps",
-                 "tof_bin_mm")
+                 "tof_bin_mm", "module_crystal_pitch_mm", "doi_mm", "ring_gap_mm")
 _REQUIRED_KEYS = ("crystals_per_ring", "rings", "radius_mm", "ring_spacing_mm",
                   "crystal_size_mm", "radial_trim", "max_ring_difference")
 
@@ -93,6 +96,16 @@ class ScannerGeometry:
     tof_bin_mm : float or None
         TOF bin width along the LOR. None: the bins together span the ring
         diameter (``2 radius_mm / tof_bins``). Set to 0 for non-TOF scanners.
+    modules_per_ring : int
+        0: crystals on a circle of ``radius_mm``. Else the crystals sit in this many flat
+        modules on a regular polygon whose faces are ``radius_mm`` from the axis, a module's
+        crystals ``module_crystal_pitch_mm`` apart along its face (0: the face evenly filled).
+    doi_mm : float
+        Effective depth of interaction: LOR end points this far behind the crystal face,
+        along the module's normal (the circle's radius).
+    rings_per_module, ring_gap_mm : int, float
+        Rings in axial blocks of ``rings_per_module`` with ``ring_gap_mm`` more between
+        blocks (0: evenly spaced rings).
     """
 
     name: str
@@ -107,6 +120,11 @@ class ScannerGeometry:
     tof_bins: int = 0
     tof_resolution_ps: float = 0.0
     tof_bin_mm: float | None = field(default=None)
+    modules_per_ring: int = 0
+    module_crystal_pitch_mm: float = 0.0
+    doi_mm: float = 0.0
+    rings_per_module: int = 0
+    ring_gap_mm: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -141,6 +159,7 @@ class ScannerGeometry:
             fail(f"radius_mm = {self.radius_mm}: expected > 0")
         if self.ring_spacing_mm <= 0:
             fail(f"ring_spacing_mm = {self.ring_spacing_mm}: expected > 0")
+        self._validate_layout(fail)
         pitch = self.crystal_pitch_mm
         if not 0 < self.crystal_size_mm <= pitch * (1 + 1e-6):
             fail(f"crystal_size_mm = {self.crystal_size_mm}: expected > 0 and at most the "
@@ -163,10 +182,51 @@ class ScannerGeometry:
         elif self.tof_resolution_ps < 0 or self.tof_bin_mm < 0:
             fail("tof_resolution_ps and tof_bin_mm must be >= 0")
 
+    def _validate_layout(self, fail) -> None:
+        modules = self.modules_per_ring
+        if modules < 0 or (modules and (modules < 3 or self.crystals_per_ring % modules)):
+            fail(f"modules_per_ring = {modules}: expected 0 (a circle) or a divisor >= 3 of "
+                 f"crystals_per_ring = {self.crystals_per_ring}")
+        if modules and self.module_crystal_pitch_mm < 0:
+            fail("module_crystal_pitch_mm must be >= 0 (0: the module face evenly filled)")
+        if modules and self.module_crystal_pitch_mm * self.crystals_per_module > \
+                self.module_face_mm * (1 + 1e-6):
+            fail(f"{self.crystals_per_module} crystals at {self.module_crystal_pitch_mm} mm do "
+                 f"not fit on a module face of {self.module_face_mm:.4g} mm")
+        if not 0 <= self.doi_mm < self.radius_mm:
+            fail(f"doi_mm = {self.doi_mm}: expected 0 <= doi_mm < radius_mm")
+        if self.rings_per_module < 0 or (self.rings_per_module
+                                         and self.rings % self.rings_per_module):
+            fail(f"rings_per_module = {self.rings_per_module}: expected 0 or a divisor of "
+                 f"rings = {self.rings}")
+        if self.ring_gap_mm < 0 or (self.ring_gap_mm and not self.rings_per_module):
+            fail(f"ring_gap_mm = {self.ring_gap_mm}: expected >= 0, and rings_per_module with "
+                 f"a gap")
+
+    @property
+    def crystals_per_module(self) -> int:
+        """Crystals of a ring in one module (all of them on a circle)."""
+        return self.crystals_per_ring // self.modules_per_ring if self.modules_per_ring \
+            else self.crystals_per_ring
+
+    @property
+    def module_face_mm(self) -> float:
+        """Width of a module's face on the polygon (0 on a circle)."""
+        if not self.modules_per_ring:
+            return 0.0
+        return 2.0 * self.radius_mm * math.tan(math.pi / self.modules_per_ring)
+
     @property
     def crystal_pitch_mm(self) -> float:
-        """Arc length between neighbouring crystals of a ring."""
+        """Distance between neighbouring crystals of a ring (of a module on a polygon)."""
+        if self.modules_per_ring:
+            return self.module_crystal_pitch_mm or self.module_face_mm / self.crystals_per_module
         return 2.0 * math.pi * self.radius_mm / self.crystals_per_ring
+
+    @property
+    def has_ring_gaps(self) -> bool:
+        """Whether the rings are not evenly spaced."""
+        return self.ring_gap_mm > 0
 
     @property
     def is_tof(self) -> bool:
@@ -218,7 +278,11 @@ class ScannerGeometry:
     @property
     def ring_z_mm(self) -> np.ndarray:
         """Axial positions of the rings, centred on 0 (float64)."""
-        return (np.arange(self.rings) - (self.rings - 1) / 2.0) * self.ring_spacing_mm
+        ring = np.arange(self.rings)
+        z = ring * self.ring_spacing_mm
+        if self.rings_per_module:
+            z = z + (ring // self.rings_per_module) * self.ring_gap_mm
+        return z - 0.5 * (z[0] + z[-1])
 
 
 def _is_int(value) -> bool:
@@ -352,18 +416,38 @@ def scanner_from_dict(mapping, source: str = "scanner", key_prefix: str = "") ->
 
 # ---------------------------------------------------------------- crystals and planes
 
+def crystal_xy(scanner: ScannerGeometry) -> np.ndarray:
+    """Transaxial ``(x, y)`` mm of the LOR end point on each crystal of a ring (float64,
+    shape (crystals_per_ring, 2)): on the circle, or on the module faces of the polygon,
+    moved ``doi_mm`` outwards (see :class:`ScannerGeometry`)."""
+    n = scanner.crystals_per_ring
+    if not scanner.modules_per_ring:
+        angle = 2.0 * np.pi * np.arange(n) / n
+        radius = scanner.radius_mm + scanner.doi_mm
+        return np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1)
+    per_module = scanner.crystals_per_module
+    crystal = np.arange(n)
+    module, index = np.divmod(crystal, per_module)
+    # module m is centred on its crystals' angles, as the circle's crystals sit
+    angle = 2.0 * np.pi * module / scanner.modules_per_ring + np.pi * (per_module - 1) / n
+    normal = np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    tangent = np.stack([-np.sin(angle), np.cos(angle)], axis=1)
+    along = (index - (per_module - 1) / 2.0) * scanner.crystal_pitch_mm
+    return ((scanner.radius_mm + scanner.doi_mm) * normal + along[:, None] * tangent)
+
+
 def crystal_positions(scanner: ScannerGeometry) -> np.ndarray:
-    """Return crystal centres on the detector cylinder.
+    """Return crystal centres (LOR end points) on the detector.
 
     Returns
     -------
     ndarray, float32, shape (crystals_per_ring, rings, 3)
         ``(x, y, z)`` in mm of crystal ``c`` of ring ``k`` (see the module notes).
     """
-    angle = 2.0 * np.pi * np.arange(scanner.crystals_per_ring) / scanner.crystals_per_ring
+    xy = crystal_xy(scanner)
     positions = np.empty((scanner.crystals_per_ring, scanner.rings, 3), dtype=np.float32)
-    positions[:, :, 0] = (scanner.radius_mm * np.cos(angle))[:, None]
-    positions[:, :, 1] = (scanner.radius_mm * np.sin(angle))[:, None]
+    positions[:, :, 0] = xy[:, 0, None]
+    positions[:, :, 1] = xy[:, 1, None]
     positions[:, :, 2] = scanner.ring_z_mm[None, :]
     return positions
 
@@ -454,9 +538,9 @@ def lor_endpoints(scanner: ScannerGeometry, views=None, planes=None):
     start_crystal, end_crystal = sinogram_crystals(scanner, views)
     ring_pairs = plane_ring_pairs(scanner)[plane_index]
     ring_z = scanner.ring_z_mm.astype(np.float32)
-    angle = (2.0 * np.pi / scanner.crystals_per_ring) * np.arange(scanner.crystals_per_ring)
-    ring_x = (scanner.radius_mm * np.cos(angle)).astype(np.float32)
-    ring_y = (scanner.radius_mm * np.sin(angle)).astype(np.float32)
+    xy = crystal_xy(scanner)
+    ring_x = xy[:, 0].astype(np.float32)
+    ring_y = xy[:, 1].astype(np.float32)
     shape = start_crystal.shape + (len(plane_index), 3)
     endpoints = []
     for crystal, ring in ((start_crystal, ring_pairs[:, 0]), (end_crystal, ring_pairs[:, 1])):
@@ -560,7 +644,9 @@ def default_image_grid(scanner: ScannerGeometry) -> tuple[tuple[int, int, int], 
     """
     voxel = scanner.ring_spacing_mm / 2.0
     across = int(2.0 * scanner.radial_fov_mm * 0.85 / voxel)
-    return (2 * scanner.rings - 1, across, across), (voxel, voxel, voxel)
+    extent = scanner.ring_z_mm[-1] - scanner.ring_z_mm[0]
+    planes = int(round(extent / voxel)) + 1  # 2 * rings - 1 without ring gaps
+    return (planes, across, across), (voxel, voxel, voxel)
 
 
 def field_of_view_mask(scanner: ScannerGeometry, image_shape, origin_mm, voxel_mm) -> np.ndarray:

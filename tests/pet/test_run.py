@@ -274,3 +274,22 @@ def test_the_image_is_zero_outside_the_field_of_view_unless_asked(pet_case, tmp_
                      ReconSettings(iterations=1, subsets=4), fov_mask=False)
     unmasked, _ = recon.compute()
     assert unmasked[:, ~inside].max() > 0
+
+
+def test_a_modular_scanner_with_ring_gaps_reconstructs_and_refuses_planes(tmp_path):
+    from medhpc.errors import InputError
+    from medhpc.io.images import read_image
+    from medhpc.phantoms.pet_files import write_pet_phantom
+    from tests.pet.conftest import simulate
+    from tests.pet.test_scanner import MODULAR
+
+    scanner = tmp_path / "modular.toml"
+    scanner.write_text(MODULAR)
+    write_pet_phantom(tmp_path / "phantom", str(scanner), shape=(15, 40, 40),
+                      voxel_mm=(4.0, 4.0, 2.0))
+    truth, _ = read_image(tmp_path / "phantom" / "activity.nii.gz")
+    sinogram = simulate(tmp_path, "modular", noise=False, scanner=str(scanner))
+    image, _ = reconstruct(sinogram, tmp_path / "x.nii.gz", iterations=4, subsets=4)
+    assert nrmse(image, truth) < 0.35
+    with pytest.raises(InputError, match="gaps between its ring blocks"):
+        reconstruct(sinogram, tmp_path / "y.nii.gz", decomp="planes", iterations=1, subsets=1)

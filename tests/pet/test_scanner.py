@@ -7,9 +7,10 @@ import pytest
 
 from medhpc.errors import InputError
 from medhpc.pet.scanner import (ScannerGeometry, available_presets, crystal_positions,
-                                direct_planes, load_scanner, lor_endpoints, plane_ring_pairs,
-                                ring_pair_to_plane, scanner_from_dict, scanner_to_dict,
-                                sinogram_crystals, subset_views, tof_bin_centres_mm)
+                                default_image_grid, direct_planes, load_scanner, lor_endpoints,
+                                plane_ring_pairs, ring_pair_to_plane, scanner_from_dict,
+                                scanner_to_dict, sinogram_crystals, subset_views,
+                                tof_bin_centres_mm)
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +212,88 @@ def test_direct_construction_validates():
     scanner = ScannerGeometry("x", np.int64(96), 8, 120, 4.0, 6.0, 17, 7)
     assert isinstance(scanner.radius_mm, float) and isinstance(scanner.crystals_per_ring, int)
     assert math.isclose(scanner.radial_fov_mm, 120 * math.cos(math.pi * 17 / 96))
+
+
+# ---------------------------------------------------------------- modules, gaps, depth
+
+MODULAR = """[scanner]
+name = "small-modular"
+crystals_per_ring = 96
+rings = 8
+radius_mm = 115.0
+doi_mm = 5.0
+modules_per_ring = 8
+module_crystal_pitch_mm = 6.5
+ring_spacing_mm = 4.0
+rings_per_module = 4
+ring_gap_mm = 2.0
+crystal_size_mm = 6.0
+radial_trim = 17
+max_ring_difference = 7
+"""
+
+
+def modular_scanner(tmp_path, text=MODULAR):
+    path = tmp_path / "modular.toml"
+    path.write_text(text)
+    return load_scanner(path)
+
+
+def test_circle_crystals_are_where_they_always_were():
+    from medhpc.pet.scanner import crystal_xy
+
+    scanner = load_scanner("small-test")
+    angle = 2 * np.pi * np.arange(96) / 96
+    np.testing.assert_allclose(crystal_xy(scanner),
+                               np.stack([120 * np.cos(angle), 120 * np.sin(angle)], 1), atol=1e-9)
+
+
+def test_module_crystals_lie_on_flat_faces_at_the_pitch(tmp_path):
+    from medhpc.pet.scanner import crystal_xy
+
+    scanner = modular_scanner(tmp_path)
+    xy = crystal_xy(scanner).reshape(8, 12, 2)
+    for module in range(8):
+        points = xy[module]
+        steps = np.diff(points, axis=0)
+        np.testing.assert_allclose(np.linalg.norm(steps, axis=1), 6.5, rtol=1e-9)
+        direction = steps[0] / np.linalg.norm(steps[0])
+        normal = np.array([direction[1], -direction[0]])
+        distances = points @ normal
+        np.testing.assert_allclose(np.abs(distances), 120.0, rtol=1e-9)  # face + depth
+    centre_angles = np.arctan2(*xy.mean(axis=1)[:, ::-1].T)
+    crystal_angles = 2 * np.pi * (np.arange(8) * 12 + 5.5) / 96
+    np.testing.assert_allclose(np.angle(np.exp(1j * (centre_angles - crystal_angles))), 0,
+                               atol=1e-9)
+
+
+def test_ring_blocks_have_gaps_and_are_centred(tmp_path):
+    scanner = modular_scanner(tmp_path)
+    z = scanner.ring_z_mm
+    np.testing.assert_allclose(np.diff(z), [4, 4, 4, 6, 4, 4, 4])
+    assert z[0] == pytest.approx(-z[-1])
+    shape, voxel = default_image_grid(scanner)
+    assert shape[0] == 16 and voxel == (2.0, 2.0, 2.0)  # 30 mm extent at 2 mm
+
+
+@pytest.mark.parametrize("change, message", [
+    (("modules_per_ring = 8", "modules_per_ring = 7"), "modules_per_ring = 7"),
+    (("module_crystal_pitch_mm = 6.5", "module_crystal_pitch_mm = 9.0"), "do not fit"),
+    (("rings_per_module = 4", "rings_per_module = 3"), "rings_per_module = 3"),
+    (("rings_per_module = 4\n", ""), "ring_gap_mm = 2.0"),
+    (("doi_mm = 5.0", "doi_mm = -1.0"), "doi_mm"),
+])
+def test_bad_layouts_are_named(tmp_path, change, message):
+    with pytest.raises(InputError, match=message):
+        modular_scanner(tmp_path, MODULAR.replace(*change))
+
+
+def test_modular_scanner_keeps_its_sinogram_and_an_adjoint_projector(tmp_path):
+    from medhpc.pet.projector import JosephProjector
+
+    scanner = modular_scanner(tmp_path)
+    assert scanner.sinogram_shape == load_scanner("small-test").sinogram_shape
+    xstart, xend = lor_endpoints(scanner, views=[0, 7])
+    projector = JosephProjector(xstart.reshape(-1, 3), xend.reshape(-1, 3), (15, 40, 40),
+                                np.array([-78.0, -78.0, -14.0]), np.array([4.0, 4.0, 2.0]))
+    assert projector.adjointness_error(np.random.default_rng(0)) < 1e-5
