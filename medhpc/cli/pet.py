@@ -140,10 +140,11 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
               help="Normalisation sinogram (file.h5[:/dataset], radial x view x plane) instead "
                    "of the sinogram file's.")
 @click.option("--randoms", type=click.Path(), default=None,
-              help="Expected randoms sinogram (file.h5[:/dataset]); with --scatter it replaces "
-                   "the stored additive term.")
+              help="Expected randoms sinogram (file.h5[:/dataset]) in place of the stored "
+                   "additive term.")
 @click.option("--scatter", type=click.Path(), default=None,
-              help="Expected scatter sinogram (file.h5[:/dataset]); see --randoms.")
+              help="Expected scatter sinogram (file.h5[:/dataset], e.g. from pet-scatter), added "
+                   "to the additive term.")
 @click.option("--time-windows", default=None,
               help="With --listmode: START:STOP[,START:STOP...] in seconds; one frame per "
                    "window [default: the whole acquisition].")

@@ -9,8 +9,7 @@
 
 The multiplicative term becomes normalisation x attenuation, each from its file or, when
 not given, from the sinogram file's ``normalisation`` / ``attenuation`` datasets (1 when
-absent). The additive term becomes randoms + scatter when either is given (a missing one
-counts 0).
+absent). ``--randoms`` replaces the stored additive term; ``--scatter`` is added to it.
 """
 
 from __future__ import annotations
@@ -145,11 +144,10 @@ def corrected_block(corrections: Corrections | None, layout, block: SinogramBloc
             if factor is not None:
                 multiplicative *= factor
     additive = block.additive
-    if files.randoms is not None or files.scatter is not None:
-        additive = np.zeros(block.additive.shape, np.float32)
-        for option in ("--randoms", "--scatter"):
-            if option in corrections.datasets:
-                additive += _read(corrections.datasets[option], views, planes)
+    if files.randoms is not None:
+        additive = _read(corrections.datasets["--randoms"], views, planes)
+    if files.scatter is not None:
+        additive = additive + _read(corrections.datasets["--scatter"], views, planes)
     return SinogramBlock(prompts=block.prompts, multiplicative=multiplicative, additive=additive)
 
 
