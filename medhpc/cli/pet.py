@@ -7,11 +7,15 @@ import click
 from medhpc.cli.help import command
 from medhpc.cli.options import default_of, pass_run
 from medhpc.cli.parsing import NumberList
-from medhpc.pet.settings import ALGORITHMS, PENALISED, ReconSettings
+from medhpc.pet.settings import ALGORITHMS, PENALISED, ReconSettings, ScatterSettings
 
 
 def _default(name):
     return default_of(ReconSettings, name)
+
+
+def _scatter_default(name):
+    return default_of(ScatterSettings, name)
 
 
 @command("pet-geometry", example="""\
@@ -51,6 +55,9 @@ medhpc pet-simulate --activity phantom/activity.nii.gz --mu-map phantom/mu_map.n
 @click.option("--tof", is_flag=True, help="Time-of-flight data (the scanner must have TOF bins).")
 @click.option("--frames", type=int, default=None,
               help="With a 3-D activity: this many frames (independent noise realisations).")
+@click.option("--scatter", is_flag=True,
+              help="Add single-scatter coincidences (needs --mu-map); kept as 'true_scatter', "
+                   "not in the additive term.")
 @click.option("--rays", type=click.IntRange(min=1), default=1, show_default=True,
               help="Rays per crystal face and side: the trues average rays x rays lines between "
                    "points spread over the two crystals (a detector response reconstructions "
@@ -64,7 +71,7 @@ medhpc pet-simulate --activity phantom/activity.nii.gz --mu-map phantom/mu_map.n
               help="Sinogram or list-mode file (HDF5).")
 @pass_run("pet-simulate")
 def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fraction, tof, frames,
-                 rays, listmode, duration_s, out):
+                 scatter, rays, listmode, duration_s, out):
     """Forward-project an activity image with attenuation, normalisation, randoms and Poisson
     noise; write a sinogram file (or, with --listmode, the events) holding the factors, the
     additive term, the image grid and the scanner."""
@@ -96,7 +103,7 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
 
     geometry, image, mu, grid = run.world.agree(prepare)
     simulation = Simulation(run, geometry, image, mu, grid, counts, not no_noise,
-                            randoms_fraction, tof, source=activity, rays=rays)
+                            randoms_fraction, tof, source=activity, rays=rays, scatter=scatter)
     if run.dry_run:
         run.print_plan({"scanner": geometry.name, "lors": geometry.n_lors,
                         "frames": int(image.shape[0]), "tof": tof})
@@ -104,7 +111,8 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
     data = simulation.execute(run.seed)
     if run.world.is_root:
         attrs = {"counts": counts, "randoms_fraction": randoms_fraction, "noise": not no_noise,
-                 "seed": run.seed, "activity": str(Path(activity).resolve()), "rays": rays}
+                 "seed": run.seed, "activity": str(Path(activity).resolve()), "rays": rays,
+                 "scatter": scatter}
         with run.stage("write", "io"):
             if listmode:
                 events = write_simulated_listmode(out, geometry, grid, data, duration_s, run.seed,
@@ -249,4 +257,41 @@ def pet_recon(run, sinogram, listmode, scanner, factors, mu_map, norm, randoms, 
                                          scatter=scatter)).execute()
 
 
-COMMANDS = [pet_geometry, pet_simulate, pet_recon]
+@command("pet-scatter", example="""\
+medhpc pet-recon --sinogram sino.h5 --out first.nii.gz --iterations 2
+mpiexec -n 4 medhpc pet-scatter --sinogram sino.h5 --activity first.nii.gz \\
+    --mu-map phantom/mu_map.nii.gz --out scatter.h5
+medhpc pet-recon --sinogram sino.h5 --scatter scatter.h5 --out recon.nii.gz""")
+@click.option("--sinogram", required=True, type=click.Path(), help="Sinogram file (prompts, "
+              "additive randoms, normalisation).")
+@click.option("--activity", required=True, type=click.Path(),
+              help="Activity image: a reconstruction of these data (any image format).")
+@click.option("--mu-map", required=True, type=click.Path(),
+              help="Linear attenuation (1/mm) on any axis-aligned grid (any image format).")
+@click.option("--window-kev", type=NumberList(2), default=_scatter_default("window_kev"),
+              show_default=True, help="Energy window low,high in keV.")
+@click.option("--energy-resolution", type=click.FloatRange(min=0, min_open=True),
+              default=_scatter_default("energy_resolution"), show_default=True,
+              help="Energy resolution (FWHM / energy) at 511 keV.")
+@click.option("--scatter-point-mm", type=click.FloatRange(min=0, min_open=True),
+              default=_scatter_default("scatter_point_mm"), show_default=True,
+              help="Spacing of the scatter points.")
+@click.option("--no-tail-fit", is_flag=True,
+              help="Keep the model's own scale instead of fitting the tails of the prompts.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="HDF5 file with dataset 'scatter' (for pet-recon --scatter).")
+@pass_run("pet-scatter")
+def pet_scatter(run, sinogram, activity, mu_map, window_kev, energy_resolution, scatter_point_mm,
+                no_tail_fit, out):
+    """Estimate the scattered coincidences of a sinogram by single-scatter simulation from an
+    activity and a mu-map, scaled to the prompts outside the body."""
+    from medhpc.pet.run_scatter import ScatterEstimate
+    from medhpc.pet.settings import ScatterSettings
+
+    settings = ScatterSettings(window_kev=tuple(window_kev), energy_resolution=energy_resolution,
+                               scatter_point_mm=scatter_point_mm)
+    ScatterEstimate(run, sinogram, activity, mu_map, out, settings,
+                    fit_tails=not no_tail_fit).execute()
+
+
+COMMANDS = [pet_geometry, pet_simulate, pet_recon, pet_scatter]

@@ -36,3 +36,21 @@ class ReconSettings:
     def bsrem_step_at(self, iteration: int) -> float:
         """BSREM's relaxed step in (0-based) iteration ``iteration``."""
         return self.bsrem_step / (1.0 + self.bsrem_relaxation * iteration)
+
+
+@dataclass(frozen=True)
+class ScatterSettings:
+    """Energy window and resolution, and how finely SSS samples.
+
+    Defaults: a 425-650 keV window and 12% FWHM energy resolution at 511 keV (a
+    LYSO/LSO scanner), scatter points every 20 mm where mu > 0.003/mm, every 4th radial bin
+    and view, and 3 of the rings (first, middle, last) at each end of a LOR.
+    """
+
+    window_kev: tuple = (425.0, 650.0)
+    energy_resolution: float = 0.12
+    scatter_point_mm: float = 20.0
+    mu_threshold_per_mm: float = 0.003
+    radial_step: int = 4
+    view_step: int = 4
+    rings_sampled: int = 3

@@ -9,6 +9,10 @@ For every sinogram bin::
     a             = randoms: flat, a share of the counts (randoms fraction)
     prompts       ~ Poisson(y_bar)                   (or y_bar with --no-noise)
 
+With ``--scatter`` single scatter (:mod:`medhpc.pet.scatter`, default settings) of the
+activity in the mu-map is added to the expected counts, normalised like the trues; it is
+stored as ``true_scatter``, not in the additive term.
+
 With ``--rays K`` the trues ``A x`` average K x K rays between points spread over the two
 crystals' faces (transaxially over ``crystal_size_mm``, axially over the ring spacing): a
 detector response that pet-recon's one ray per LOR does not model, so tests of contrast and
@@ -30,6 +34,7 @@ from medhpc.pet.projector import JosephProjector, axis_aligned_grid, tof_spec
 from medhpc.pet.listmode import write_listmode
 from medhpc.pet.scanner import (ScannerGeometry, crystal_ids, lor_endpoints, plane_ring_pairs,
                                 sinogram_crystals)
+from medhpc.pet.settings import ScatterSettings
 from medhpc.pet.sinogram import write_sinogram
 
 EFFICIENCY_SPREAD = 0.08
@@ -97,8 +102,11 @@ class Simulation:
 
     def __init__(self, run, scanner: ScannerGeometry, activity: np.ndarray, mu_map, grid: ImageGeometry,
                  counts: float, noise: bool, randoms_fraction: float, tof: bool, source="activity",
-                 rays: int = 1):
+                 rays: int = 1, scatter: bool = False):
         check_settings(scanner, counts, randoms_fraction, tof)
+        if scatter and mu_map is None:
+            raise InputError("--scatter needs --mu-map: scatter happens in the attenuating body")
+        self.scatter = bool(scatter)
         if rays < 1:
             raise InputError(f"--rays {rays}: expected 1 (the LOR's centre) or more per side")
         self.rays = int(rays)
@@ -165,18 +173,37 @@ class Simulation:
         scale = (1 - self.randoms_fraction) * self.counts * len(trues) / total_trues
         randoms_per_bin = self.randoms_fraction * self.counts / (scanner.n_lors * tof_bins)
         prompts, additive = [], []
+        scatter = []
         for frame, frame_trues in enumerate(trues):
             expected = frame_trues * scale + randoms_per_bin
+            if self.scatter:
+                with self.run.stage("single scatter", "kernel"):
+                    frame_scatter = scale * normalisation * self._scatter(self.activity[frame],
+                                                                         views)
+                if self.tof:
+                    frame_scatter = np.repeat(frame_scatter[..., None] / tof_bins, tof_bins, -1)
+                expected = expected + frame_scatter
+                scatter.append(frame_scatter.astype(np.float32))
             additive.append(np.full(expected.shape, randoms_per_bin, np.float32))
             with self.run.stage("noise", "other"):
                 prompts.append(self._noisy(expected, views, frame, seed))
         with self.run.stage("gather", "comm"):
-            blocks = world.gather({"prompts": prompts, "additive": additive,
+            blocks = world.gather({"prompts": prompts, "additive": additive, "scatter": scatter,
                                    "multiplicative": multiplicative, "attenuation": attenuation,
                                    "normalisation": normalisation})
         if blocks is None:
             return None
         return self._assemble(blocks)
+
+    def _scatter(self, activity, views) -> np.ndarray:
+        """Single-scatter estimate of the activity on this rank's views, in the units of ``A x``
+        (no normalisation), with the default :class:`ScatterSettings`."""
+        from medhpc.pet.scatter import interpolate_to_sinogram, single_scatter
+
+        bins, values = single_scatter(self.scanner, activity, self.origin_mm, self.voxel_mm,
+                                      self.mu_map, self.origin_mm, self.voxel_mm,
+                                      ScatterSettings(), self.run.device)
+        return interpolate_to_sinogram(self.scanner, bins, values, views).astype(np.float32)
 
     def _noisy(self, expected: np.ndarray, views, frame: int, seed: int) -> np.ndarray:
         if not self.noise:
@@ -195,7 +222,7 @@ class Simulation:
             return np.concatenate(parts, axis=1)
 
         data = {name: joined(name) for name in ("multiplicative", "attenuation", "normalisation")}
-        for name in ("prompts", "additive"):
+        for name in ("prompts", "additive") + (("scatter",) if self.scatter else ()):
             per_frame = [joined(name, frame) for frame in range(frames)]
             data[name] = per_frame[0] if frames == 1 else np.stack(per_frame, axis=-1)
         data["frames"] = frames
@@ -203,11 +230,13 @@ class Simulation:
 
 
 def write_simulation(path, scanner, grid, data: dict, tof: bool, overwrite: bool, attrs: dict):
-    """Write the simulated data as a sinogram file (rank 0)."""
+    """Write the simulated data as a sinogram file (rank 0); simulated scatter is kept as
+    ``true_scatter`` (not in the additive term: a reconstruction must estimate it)."""
+    factors = {"attenuation": data["attenuation"], "normalisation": data["normalisation"]}
+    if "scatter" in data:
+        factors["true_scatter"] = data["scatter"]
     write_sinogram(path, scanner, grid, data["prompts"], data["multiplicative"], data["additive"],
-                   tof=tof, frames=data["frames"], overwrite=overwrite,
-                   factors={"attenuation": data["attenuation"],
-                            "normalisation": data["normalisation"]},
+                   tof=tof, frames=data["frames"], overwrite=overwrite, factors=factors,
                    attrs=attrs)
 
 

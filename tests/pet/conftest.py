@@ -36,7 +36,7 @@ LISTMODE_DURATION_S = 100.0
 
 
 def simulate(folder, name, counts=2e6, noise=True, frames=1, tof=False, scanner="small-test",
-             listmode=False, rays=1):
+             listmode=False, rays=1, scatter=False):
     """Simulate the phantom; write a sinogram file (and, with ``listmode``, the same counts
     as list-mode events beside it: ``name.listmode.h5``)."""
     phantom = folder / "phantom"
@@ -46,7 +46,7 @@ def simulate(folder, name, counts=2e6, noise=True, frames=1, tof=False, scanner=
     geometry = load_scanner(scanner)
     run = serial_run("pet-simulate")
     simulation = Simulation(run, geometry, activity, mu_map, grid, counts, noise, 0.2, tof,
-                            rays=rays)
+                            rays=rays, scatter=scatter)
     data = simulation.execute(seed=3)
     path = folder / f"{name}.h5"
     write_simulation(path, geometry, grid, data, tof, overwrite=True, attrs={})

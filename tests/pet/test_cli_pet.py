@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from medhpc.io.geometry import ImageGeometry
+from medhpc.io.images import read_image
 from medhpc.io.nifti import write_nifti
 from tests.helpers import run_medhpc
 
@@ -243,3 +244,30 @@ def test_a_truth_on_another_grid_is_refused_before_work(tiny, tmp_path):
                         "--device", "cpu", ranks=2)
     expect_input_error(result, "truth.nii.gz", "does not match")
     assert not out.exists()
+
+
+def test_pet_scatter_at_two_ranks_and_its_bad_inputs(tiny, tmp_path):
+    folder, phantom, sinogram = tiny
+    out = tmp_path / "scatter.h5"
+    result = run_medhpc("pet-scatter", "--sinogram", sinogram, "--activity",
+                        phantom / "activity.nii.gz", "--mu-map", phantom / "mu_map.nii.gz",
+                        "--out", out, "--device", "cpu", ranks=2)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(out) as h5:
+        assert h5["scatter"].shape == (63, 48, 64) and h5.attrs["tail_bins"] > 0
+    recon = tmp_path / "r.nii.gz"
+    result = run_medhpc("pet-recon", "--sinogram", sinogram, "--scatter", out, "--out", recon,
+                        "--iterations", "1", "--subsets", "2", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    hu = tmp_path / "hu.nii.gz"
+    mu, grid = read_image(phantom / "mu_map.nii.gz")
+    write_nifti(hu, mu * 1e5, grid)
+    for arguments, words in [(("--mu-map", hu), ["hu.nii.gz", "1/cm or HU"]),
+                             (("--mu-map", phantom / "mu_map.nii.gz", "--window-kev", "520,650"),
+                              ["--window-kev", "low < 511 < high (keV)"])]:
+        bad = tmp_path / "bad.h5"
+        result = run_medhpc("pet-scatter", "--sinogram", sinogram, "--activity",
+                            phantom / "activity.nii.gz", *arguments, "--out", bad,
+                            "--device", "cpu", ranks=2)
+        expect_input_error(result, *words)
+        assert not bad.exists()

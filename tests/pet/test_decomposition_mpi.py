@@ -119,3 +119,21 @@ def test_listmode_events_over_the_ranks_equal_one_rank(pet_case, tmp_path):
                                                  SETTINGS).compute()
     np.testing.assert_allclose(image, reference, rtol=2e-4, atol=2e-5 * reference.max())
     np.testing.assert_allclose(history, reference_history, rtol=1e-5)
+
+
+@pytest.mark.mpi
+def test_scatter_estimate_over_the_ranks_equals_one_rank(pet_case, tmp_path):
+    from medhpc.pet.run_scatter import ScatterEstimate
+    from medhpc.pet.settings import ScatterSettings
+
+    phantom = pet_case["folder"] / "phantom"
+    inputs = (pet_case["noise_free"], phantom / "activity.nii.gz", phantom / "mu_map.nii.gz")
+    run = start_run("pet-scatter", device="cpu", verbosity=-1, world=get_world())
+    scatter, document = ScatterEstimate(run, *inputs, tmp_path / "s.h5", ScatterSettings(),
+                                        fit_tails=False).compute()
+    reference, reference_document = ScatterEstimate(serial_run(), *inputs, tmp_path / "t.h5",
+                                                    ScatterSettings(), fit_tails=False).compute()
+    assert document["scatter_fraction"] == pytest.approx(reference_document["scatter_fraction"],
+                                                         rel=1e-6)
+    if get_world().is_root:
+        np.testing.assert_allclose(scatter, reference, rtol=1e-5, atol=1e-7 * reference.max())

@@ -1,0 +1,154 @@
+"""pet-scatter: a single-scatter estimate for a sinogram, tail-fitted, as a sinogram file.
+
+1. Check the sinogram's layout, the activity (a reconstruction of the data, counts per mm)
+   and the mu-map (1/mm), once.
+2. Rank 0 runs SSS on the sampled bins (:mod:`medhpc.pet.scatter`) and shares them.
+3. Each rank interpolates its block of views to every bin, applies the normalisation and
+   sums its tails (LORs that miss the body); the sums give one scale for all.
+4. Rank 0 gathers the blocks and writes ``scatter`` (expected counts, the prompts' shape
+   without frames) with the scale and settings as attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from medhpc.errors import InputError
+from medhpc.io.atomic import atomic_path, check_output_path
+from medhpc.io.images import check_nonnegative, read_image
+from medhpc.parallel.geometry import block_range
+from medhpc.pet.projector import JosephProjector, axis_aligned_grid
+from medhpc.pet.scanner import lor_endpoints
+from medhpc.pet.scatter import (interpolate_to_sinogram, single_scatter, tail_scale,
+                                tail_sums)
+from medhpc.pet.settings import ScatterSettings
+from medhpc.pet.sinogram import _read_views_planes, read_block, read_layout
+
+
+class ScatterEstimate:
+    """One pet-scatter run on every rank (see the module notes)."""
+
+    def __init__(self, run, sinogram, activity, mu_map, out, settings: ScatterSettings,
+                 fit_tails: bool = True):
+        self.run = run
+        self.world = run.world
+        self.settings = settings
+        self.fit_tails = fit_tails
+        self.out = Path(out)
+        (self.layout, self.activity, self.activity_grid, self.mu, self.mu_grid) = \
+            self.world.agree(lambda: self._validated(sinogram, activity, mu_map))
+
+    def _validated(self, sinogram, activity_path, mu_path):
+        low, high = self.settings.window_kev
+        if not 0 < low < 511 < high:
+            raise InputError(f"--window-kev {low:g},{high:g}: expected 0 < low < 511 < high (keV)")
+        check_output_path(self.out, self.run.overwrite, (".h5", ".hdf5"))
+        layout = read_layout(sinogram)
+        if layout.frames > 1:
+            raise InputError(f"{layout.path}: {layout.frames} frames; pet-scatter estimates one "
+                             f"static acquisition")
+        activity, activity_grid = read_image(activity_path, ndim=(3,))
+        check_nonnegative(activity_path, activity, "activity")
+        mu, mu_grid = read_image(mu_path, ndim=(3,))
+        check_nonnegative(mu_path, mu, "attenuation coefficients")
+        if mu.max() > 1.0:
+            raise InputError(f"{mu_path}: mu-map maximum {mu.max():g} looks like 1/cm or HU; "
+                             f"expected linear attenuation in 1/mm (water 0.0096)")
+        axis_aligned_grid(activity_grid, activity_path)
+        axis_aligned_grid(mu_grid, mu_path)
+        return layout, activity.astype(np.float32), activity_grid, mu.astype(np.float32), mu_grid
+
+    def execute(self) -> None:
+        """Estimate, fit and write (rank 0 writes)."""
+        if self.run.dry_run:
+            self.run.print_plan({"sinogram": str(self.layout.path), "settings": asdict(self.settings),
+                                 "lors": self.layout.scanner.n_lors})
+            return
+        scatter, document = self.compute()
+        if self.world.is_root:
+            with self.run.stage("write", "io"):
+                self._write(scatter, document)
+            self.run.log.info(f"scatter written to {self.out}: scale {document['scale']:.4g}, "
+                              f"scatter fraction {document['scatter_fraction']:.3f}")
+        self.run.finish({"scale": document["scale"]})
+        self.run.summary.update(scale=document["scale"],
+                                scatter_fraction=document["scatter_fraction"])
+
+    def compute(self):
+        """``(scatter on rank 0 or None, document)``."""
+        scanner = self.layout.scanner
+        activity_origin, activity_voxel = axis_aligned_grid(self.activity_grid, "activity")
+        mu_origin, mu_voxel = axis_aligned_grid(self.mu_grid, "mu-map")
+        with self.run.stage("single scatter", "kernel"):
+            bins, values = self.world.agree(lambda: single_scatter(
+                scanner, self.activity, activity_origin, activity_voxel, self.mu, mu_origin,
+                mu_voxel, self.settings, self.run.device))
+        views = np.arange(*block_range(scanner.n_views, self.world.size, self.world.rank))
+        with self.run.stage("interpolate", "other"):
+            scatter = interpolate_to_sinogram(scanner, bins, values, views).astype(np.float32)
+        with self.run.stage("read sinogram", "io"):
+            block = self.world.agree_all(lambda: read_block(self.layout, views=views)
+                                         if views.size else None)
+            normalisation = self._stored("normalisation", views)
+            attenuation = self._stored("attenuation", views)
+        if normalisation is not None:
+            scatter *= normalisation
+        if attenuation is None and views.size:
+            with self.run.stage("attenuation", "kernel"):
+                attenuation = self._attenuation(views, mu_origin, mu_voxel)
+        numerator = denominator = tails = 0
+        prompts_sum = additive_sum = 0.0
+        if views.size:
+            numerator, denominator, tails = tail_sums(scatter, block.prompts, block.additive,
+                                                      attenuation)
+            prompts_sum = float(np.sum(block.prompts, dtype=np.float64))
+            additive_sum = float(np.sum(block.additive, dtype=np.float64))
+        with self.run.stage("allreduce", "comm"):
+            numerator, denominator = self.world.sum(numerator), self.world.sum(denominator)
+            tails, prompts_sum = self.world.sum(tails), self.world.sum(prompts_sum)
+            additive_sum = self.world.sum(additive_sum)
+            unscaled_sum = self.world.sum(float(np.sum(scatter, dtype=np.float64)))
+        scale = tail_scale(numerator, denominator) if self.fit_tails else 1.0
+        if self.fit_tails and tails == 0:
+            self.run.log.notice("no LOR misses the body: the scatter estimate is not tail-fitted")
+        scatter *= np.float32(scale)
+        if self.layout.tof:  # spread evenly over the TOF bins
+            scatter = np.repeat(scatter[..., None] / self.layout.tof_bins, self.layout.tof_bins,
+                                axis=-1)
+        with self.run.stage("gather", "comm"):
+            blocks = self.world.gather(scatter)
+        document = {"scale": scale, "tail_bins": int(tails), "fitted": bool(self.fit_tails),
+                    "scatter_fraction": scale * unscaled_sum / max(prompts_sum - additive_sum,
+                                                                   1e-30),
+                    "settings": asdict(self.settings)}
+        if blocks is None:
+            return None, document
+        return np.concatenate(blocks, axis=1), document
+
+    def _stored(self, name, views):
+        if not views.size:
+            return None
+        with h5py.File(self.layout.path, "r") as h5:
+            if name not in h5:
+                return None
+            return np.asarray(_read_views_planes(h5[name], views, slice(None)), np.float32)
+
+    def _attenuation(self, views, mu_origin, mu_voxel):
+        xstart, xend = lor_endpoints(self.layout.scanner, views=views)
+        projector = JosephProjector(xstart.reshape(-1, 3), xend.reshape(-1, 3), self.mu.shape,
+                                    mu_origin, mu_voxel, device=self.run.device)
+        return np.exp(-projector.forward(self.mu)).reshape(xstart.shape[:3])
+
+    def _write(self, scatter, document) -> None:
+        with atomic_path(self.out, overwrite=self.run.overwrite) as tmp:
+            with h5py.File(tmp, "w") as h5:
+                h5.create_dataset("scatter", data=scatter, compression="gzip", compression_opts=1,
+                                  shuffle=True)
+                h5.attrs["format"] = "medhpc-scatter"
+                h5.attrs["sinogram"] = str(self.layout.path)
+                for key in ("scale", "tail_bins", "fitted", "scatter_fraction"):
+                    h5.attrs[key] = document[key]
