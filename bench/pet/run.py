@@ -16,6 +16,9 @@ One command (``make bench`` or ``python bench/pet/run.py``). Writes
    OSEM iteration (34 subsets by event order) at 1 rank x 1 thread and 2 ranks x 1 thread,
    events/s per core of the iteration's kernels, beside the sinogram iteration of the same
    counts in the same run.
+5. Scatter: single-scatter simulation on the ge-dmi-4ring with the NEMA-like phantom on its
+   default grid (215 x 215 x 71 at 2.78 mm): the SSS samples, and their interpolation to 8
+   views (scaled to all 272), CPU-seconds with 1 thread.
 
 Every time is the median of ``--repeats`` runs after one warm-up run (JIT compilation).
 """
@@ -276,6 +279,47 @@ def listmode_throughput(repeats: int, folder: Path, counts: float) -> dict:
     return {"events": n_events, "lors": 544 // 2 * (544 + 1 - 130) * 16, "rows": rows}
 
 
+def scatter_timing(repeats: int) -> dict:
+    import numba
+
+    from medhpc.pet.projector import axis_aligned_grid
+    from medhpc.pet.scanner import default_image_grid, load_scanner
+    from medhpc.pet.scatter import (interpolate_to_sinogram, sampled_bins, scatter_points,
+                                    single_scatter)
+    from medhpc.pet.settings import ScatterSettings
+    from medhpc.io.geometry import ImageGeometry
+    from medhpc.phantoms.pet import nema_iq_phantom
+
+    scanner = load_scanner("ge-dmi-4ring")
+    shape, voxel = default_image_grid(scanner)
+    phantom = nema_iq_phantom(shape, voxel)
+    grid = ImageGeometry.from_spacing(shape, voxel, origin_mm=phantom["origin_mm"])
+    origin, spacing = axis_aligned_grid(grid, "phantom")
+    activity = phantom["activity"].astype(np.float32)
+    mu = phantom["mu_map"].astype(np.float32)
+    settings = ScatterSettings()
+    numba.set_num_threads(1)
+    result = {}
+
+    def estimate():
+        result["samples"] = single_scatter(scanner, activity, origin, spacing, mu, origin,
+                                           spacing, settings)
+
+    sss = median_time(estimate, repeats, clock=time.process_time)
+    bins, values = result["samples"]
+    views = np.arange(8)
+    interpolation = median_time(lambda: interpolate_to_sinogram(scanner, bins, values, views),
+                                repeats, clock=time.process_time)
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    sampled = sampled_bins(scanner, settings)
+    points = len(scatter_points(mu, origin, spacing, settings)[0])
+    return {"scatter_points": points,
+            "sampled_lors": int(len(sampled.radial) * len(sampled.views) * len(sampled.rings) ** 2),
+            "sss_cpu_s": sss, "interpolation_8_views_cpu_s": interpolation,
+            "interpolation_all_views_cpu_s": interpolation * scanner.n_views / 8,
+            "lors": scanner.n_lors}
+
+
 def markdown(results: dict) -> str:
     lines = ["### Projector, one ge-dmi-4ring subset, 215 x 215 x 71 at 2.78 mm", "",
              "| direction | TOF | threads | LORs | median s | M LORs/s | per core | bar per core | ratio |",
@@ -327,6 +371,15 @@ def markdown(results: dict) -> str:
                          f"{row['iteration_kernel_seconds']:.2f} | "
                          f"{row['items_per_s_per_core'] / 1e6:.2f} M | "
                          f"{row['sensitivity_seconds']:.2f} | {row['read_seconds']:.2f} | {memory} |")
+    scatter = results.get("scatter")
+    if scatter:
+        lines += ["", "### Single-scatter simulation, ge-dmi-4ring, NEMA-like phantom 215 x 215 x 71, "
+                      "1 thread, median CPU-s", "",
+                  "| scatter points | sampled LORs | SSS s | interpolation to 8 views s | "
+                  "interpolation to all 146 M LORs s (scaled) |", "| --- | --- | --- | --- | --- |",
+                  f"| {scatter['scatter_points']:,} | {scatter['sampled_lors']:,} | "
+                  f"{scatter['sss_cpu_s']:.2f} | {scatter['interpolation_8_views_cpu_s']:.2f} | "
+                  f"{scatter['interpolation_all_views_cpu_s']:.1f} |"]
     return "\n".join(lines)
 
 
@@ -337,7 +390,7 @@ def main(argv=None) -> int:
                         help="LORs of the subset used for the TOF timing (TOF is slower).")
     parser.add_argument("--listmode-counts", type=float, default=5e6,
                         help="Counts (events) of the list-mode part.")
-    parser.add_argument("--parts", default="projector,tof-sensitivity,radon,osem,listmode",
+    parser.add_argument("--parts", default="projector,tof-sensitivity,radon,osem,listmode,scatter",
                         help="Comma-separated parts to run (default: all).")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
@@ -361,6 +414,9 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as folder:
             results["listmode"] = listmode_throughput(args.repeats, Path(folder),
                                                       args.listmode_counts)
+    if "scatter" in parts:
+        print("single-scatter simulation ...", file=sys.stderr)
+        results["scatter"] = scatter_timing(args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"pet-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=2))
