@@ -153,6 +153,10 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
 @click.option("--scatter", type=click.Path(), default=None,
               help="Expected scatter sinogram (file.h5[:/dataset], e.g. from pet-scatter), added "
                    "to the additive term.")
+@click.option("--scatter-iterations", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Reconstruct, estimate the scatter from that image and --mu-map "
+                   "(pet-scatter), reconstruct with it: this many times, then the final "
+                   "reconstruction; the last estimate is kept beside --out (.scatter.h5).")
 @click.option("--time-windows", default=None,
               help="With --listmode: START:STOP[,START:STOP...] in seconds; one frame per "
                    "window [default: the whole acquisition].")
@@ -209,7 +213,7 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
               help="JSON log [default: beside --out, .json].")
 @pass_run("pet-recon")
 def pet_recon(run, sinogram, listmode, scanner, factors, mu_map, norm, randoms, scatter,
-              time_windows, out, algorithm, iterations,
+              scatter_iterations, time_windows, out, algorithm, iterations,
               subsets, psf_fwhm_mm, postfilter_fwhm_mm, beta, gamma, relaxation, decomp,
               image_shape, voxel_size_mm, checkpoint_every, resume, sensitivity_cache, no_fov_mask,
               truth, png, log_path):
@@ -226,7 +230,7 @@ def pet_recon(run, sinogram, listmode, scanner, factors, mu_map, norm, randoms, 
     if sinogram is not None and given:
         raise click.UsageError(f"{given[0]} goes with --listmode, not --sinogram")
     sinogram_only = {"--mu-map": mu_map, "--norm": norm, "--randoms": randoms,
-                     "--scatter": scatter}
+                     "--scatter": scatter, "--scatter-iterations": scatter_iterations or None}
     given = [name for name, value in sinogram_only.items() if value is not None]
     if listmode is not None and given:
         raise click.UsageError(f"{given[0]} goes with --sinogram; list-mode data take their "
@@ -245,16 +249,28 @@ def pet_recon(run, sinogram, listmode, scanner, factors, mu_map, norm, randoms, 
                       time_windows=time_windows, image_shape=image_shape,
                       voxel_size_mm=voxel_size_mm, resume=resume,
                       checkpoint_every=checkpoint_every, png=png, log_path=log_path,
-                      fov_mask=not no_fov_mask, truth=truth,
-             corrections=CorrectionFiles(mu_map=mu_map, norm=norm, randoms=randoms,
-                                         scatter=scatter)).execute()
+                      fov_mask=not no_fov_mask, truth=truth).execute()
         return
-    PetRecon(run, sinogram, out, settings, decomp=decomp, image_shape=image_shape,
-             voxel_size_mm=voxel_size_mm, resume=resume, checkpoint_every=checkpoint_every,
-             png=png, log_path=log_path, sensitivity_cache=sensitivity_cache,
-             fov_mask=not no_fov_mask, truth=truth,
-             corrections=CorrectionFiles(mu_map=mu_map, norm=norm, randoms=randoms,
-                                         scatter=scatter)).execute()
+
+    def recon(scatter_file=scatter, target=out, **overrides):
+        options = dict(decomp=decomp, image_shape=image_shape, voxel_size_mm=voxel_size_mm,
+                       resume=resume, checkpoint_every=checkpoint_every, png=png,
+                       log_path=log_path, sensitivity_cache=sensitivity_cache,
+                       fov_mask=not no_fov_mask, truth=truth,
+                       corrections=CorrectionFiles(mu_map=mu_map, norm=norm, randoms=randoms,
+                                                   scatter=scatter_file))
+        options.update(overrides)
+        return PetRecon(run, sinogram, target, settings, **options)
+
+    if scatter_iterations:
+        from medhpc.pet.run_scatter import ScatterLoop
+
+        if mu_map is None or scatter is not None:
+            raise click.UsageError("--scatter-iterations estimates the scatter from --mu-map: "
+                                   "give --mu-map, and no --scatter file")
+        ScatterLoop(run, recon, sinogram, mu_map, out, scatter_iterations).execute()
+        return
+    recon().execute()
 
 
 @command("pet-scatter", example="""\

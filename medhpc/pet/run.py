@@ -88,6 +88,7 @@ class PetRecon:
         self.corrections = self.world.agree(
             lambda: check_corrections(corrections, self.layout)) if corrections else None
         self.truth_path = self.world.agree(lambda: self._truth_path(truth))
+        self.log_extra = {}  # what a caller adds to the JSON log
         self.support = field_of_view_mask(self.layout.scanner, self.grid.shape, self.origin_mm,
                                           self.voxel_mm) if fov_mask else None
 
@@ -424,7 +425,7 @@ class PetRecon:
             "sinogram": str(self.layout.path), "image": str(self.out),
             "decomposition": self.mode, "ranks": self.world.size, "device": self.run.device,
             "settings": asdict(self.settings), "subsets": self.settings.n_subsets,
-            "log_likelihood_per_subiteration": history,
+            "log_likelihood_per_subiteration": history, **self.log_extra,
         }
         truth, comparison = None, None
         if self.truth_path is not None:

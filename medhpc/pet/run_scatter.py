@@ -33,12 +33,13 @@ class ScatterEstimate:
     """One pet-scatter run on every rank (see the module notes)."""
 
     def __init__(self, run, sinogram, activity, mu_map, out, settings: ScatterSettings,
-                 fit_tails: bool = True):
+                 fit_tails: bool = True, overwrite: bool | None = None):
         self.run = run
         self.world = run.world
         self.settings = settings
         self.fit_tails = fit_tails
         self.out = Path(out)
+        self.overwrite = run.overwrite if overwrite is None else overwrite
         (self.layout, self.activity, self.activity_grid, self.mu, self.mu_grid) = \
             self.world.agree(lambda: self._validated(sinogram, activity, mu_map))
 
@@ -46,7 +47,7 @@ class ScatterEstimate:
         low, high = self.settings.window_kev
         if not 0 < low < 511 < high:
             raise InputError(f"--window-kev {low:g},{high:g}: expected 0 < low < 511 < high (keV)")
-        check_output_path(self.out, self.run.overwrite, (".h5", ".hdf5"))
+        check_output_path(self.out, self.overwrite, (".h5", ".hdf5"))
         layout = read_layout(sinogram)
         if layout.frames > 1:
             raise InputError(f"{layout.path}: {layout.frames} frames; pet-scatter estimates one "
@@ -144,7 +145,7 @@ class ScatterEstimate:
         return np.exp(-projector.forward(self.mu)).reshape(xstart.shape[:3])
 
     def _write(self, scatter, document) -> None:
-        with atomic_path(self.out, overwrite=self.run.overwrite) as tmp:
+        with atomic_path(self.out, overwrite=self.overwrite) as tmp:
             with h5py.File(tmp, "w") as h5:
                 h5.create_dataset("scatter", data=scatter, compression="gzip", compression_opts=1,
                                   shuffle=True)
@@ -152,3 +153,62 @@ class ScatterEstimate:
                 h5.attrs["sinogram"] = str(self.layout.path)
                 for key in ("scale", "tail_bins", "fitted", "scatter_fraction"):
                     h5.attrs[key] = document[key]
+
+
+class ScatterLoop:
+    """pet-recon --scatter-iterations K: reconstruct, estimate the scatter from that image,
+    and again with the estimate, K times; then the final reconstruction with the last
+    estimate, which is kept beside the image (``<stem>.scatter.h5``).
+
+    ``make_recon(scatter_file, target, **overrides)`` builds the :class:`PetRecon` of the
+    command line with that scatter file.
+    """
+
+    def __init__(self, run, make_recon, sinogram, mu_map, out, loops: int,
+                 settings: ScatterSettings = ScatterSettings()):
+        from medhpc.pet.run import _stem
+
+        self.run, self.world = run, run.world
+        self.make_recon, self.sinogram, self.mu_map = make_recon, sinogram, mu_map
+        self.loops, self.settings = int(loops), settings
+        out = Path(out)
+        self.scatter_path = out.with_name(_stem(out) + ".scatter.h5")
+        self.image_path = out.with_name(_stem(out) + ".scatter-loop.h5")
+        self.world.agree(lambda: check_output_path(self.scatter_path, run.overwrite,
+                                                   (".h5",)))
+
+    def execute(self) -> None:
+        """Loop, then run the final reconstruction (which writes every output)."""
+        from medhpc.io.images import write_image
+
+        if self.run.dry_run:
+            self.make_recon().execute()
+            return
+        self.world.agree(self.make_recon()._check_outputs)  # before any work
+        history, current = [], None
+        for loop in range(self.loops):
+            recon = self.make_recon(current, self.image_path, png=False, truth=None,
+                                    checkpoint_every=0, resume=False)
+            image, _ = recon.compute()
+            if self.world.is_root:
+                with self.run.stage("write", "io"):
+                    write_image(self.image_path, image, recon.grid, overwrite=True)
+            self.world.barrier()
+            estimate = ScatterEstimate(self.run, self.sinogram, self.image_path, self.mu_map,
+                                       self.scatter_path, self.settings, overwrite=True)
+            scatter, document = estimate.compute()
+            if self.world.is_root:
+                with self.run.stage("write", "io"):
+                    estimate._write(scatter, document)
+            self.world.barrier()
+            self.run.log.info(f"scatter loop {loop + 1}/{self.loops}: scale "
+                              f"{document['scale']:.4g}, scatter fraction "
+                              f"{document['scatter_fraction']:.3f}")
+            history.append({key: document[key] for key in ("scale", "scatter_fraction",
+                                                            "tail_bins")})
+            current = str(self.scatter_path)
+        if self.world.is_root:
+            self.image_path.unlink(missing_ok=True)
+        final = self.make_recon(current)
+        final.log_extra["scatter_loops"] = history
+        final.execute()

@@ -271,3 +271,20 @@ def test_pet_scatter_at_two_ranks_and_its_bad_inputs(tiny, tmp_path):
                             "--device", "cpu", ranks=2)
         expect_input_error(result, *words)
         assert not bad.exists()
+
+
+def test_scatter_iterations_loop_and_keep_the_estimate(tiny, tmp_path):
+    folder, phantom, sinogram = tiny
+    out = tmp_path / "loop.nii.gz"
+    result = run_medhpc("pet-recon", "--sinogram", sinogram, "--mu-map", phantom / "mu_map.nii.gz",
+                        "--scatter-iterations", "2", "--out", out, "--iterations", "1",
+                        "--subsets", "2", "--device", "cpu", ranks=2)
+    assert result.returncode == 0, result.stderr
+    assert "scatter loop 2/2" in result.stderr
+    log = json.loads((tmp_path / "loop.json").read_text())
+    assert len(log["scatter_loops"]) == 2
+    assert (tmp_path / "loop.scatter.h5").exists()
+    assert not (tmp_path / "loop.scatter-loop.h5").exists()
+    result = run_medhpc("pet-recon", "--sinogram", sinogram, "--scatter-iterations", "1",
+                        "--out", tmp_path / "x.nii.gz", "--device", "cpu")
+    assert result.returncode == 2 and "--mu-map" in result.stderr
