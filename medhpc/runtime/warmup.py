@@ -40,11 +40,19 @@ def _pet(folder: Path, device: str) -> list[list[str]]:
         ["pet-simulate", *phantom, "--scanner", "small-test", "--counts", "1e5",
          "--out", f"{folder}/s.h5", "--device", device],
         ["pet-simulate", *phantom, "--scanner", f"{folder}/tof.toml", "--counts", "1e5",
-         "--out", f"{folder}/tof.h5", "--device", device],
+         "--tof", "--out", f"{folder}/tof.h5", "--device", device],
         ["pet-recon", "--sinogram", f"{folder}/s.h5", "--out", f"{folder}/r.nii.gz", *recon],
         ["pet-recon", "--sinogram", f"{folder}/s.h5", "--out", f"{folder}/rdp.nii.gz",
          "--algorithm", "osem-rdp", "--psf-fwhm-mm", "4", "--postfilter-fwhm-mm", "4", *recon],
         ["pet-recon", "--sinogram", f"{folder}/tof.h5", "--out", f"{folder}/t.nii.gz", *recon],
+        ["pet-recon", "--sinogram", f"{folder}/s.h5", "--out", f"{folder}/b.nii.gz",
+         "--algorithm", "bsrem", *recon],
+        ["pet-simulate", *phantom, "--scanner", f"{folder}/tof.toml", "--counts", "1e4", "--tof",
+         "--listmode", "--out", f"{folder}/events.h5", "--device", device],
+        ["pet-recon", "--listmode", f"{folder}/events.h5", "--out", f"{folder}/l.nii.gz", *recon],
+        ["pet-scatter", "--sinogram", f"{folder}/s.h5", "--activity",
+         f"{folder}/phantom/activity.nii.gz", "--mu-map", f"{folder}/phantom/mu_map.nii.gz",
+         "--out", f"{folder}/scatter.h5", "--device", device],
     ]
 
 
