@@ -165,7 +165,9 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
 @click.option("--algorithm", type=click.Choice(ALGORITHMS), default=_default("algorithm"),
               show_default=True, help="osem: ordered subsets EM; mlem: all views per update; "
               "osem-rdp: OSEM with a relative difference prior (--beta), one-step-late; "
-              "bsrem: relaxed block sequential regularised EM with the same prior, convergent.")
+              "bsrem: relaxed block sequential regularised EM with the same prior, convergent; "
+              "nmf: dynamic data as a low-rank product of --components spatial factors and "
+              "time-activity curves, frames over the ranks.")
 @click.option("--iterations", type=click.IntRange(min=1), default=_default("iterations"),
               show_default=True,
               help="Passes over all views (each of --subsets updates).")
@@ -187,6 +189,8 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
 @click.option("--relaxation", type=click.FloatRange(min=0), default=_default("bsrem_relaxation"),
               show_default=True,
               help="bsrem: step 1 / (1 + relaxation x iteration).")
+@click.option("--components", type=click.IntRange(min=1), default=_default("components"),
+              show_default=True, help="nmf: spatial factors (kinetic components) of the model.")
 @click.option("--decomp", type=click.Choice(["planes", "views", "frames", "auto"]), default="auto",
               show_default=True, help="How the work is spread over the ranks.")
 @click.option("--image-shape", type=NumberList(3, int), default=None,
@@ -214,7 +218,8 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
 @pass_run("pet-recon")
 def pet_recon(run, sinogram, listmode, scanner, factors, mu_map, norm, randoms, scatter,
               scatter_iterations, time_windows, out, algorithm, iterations,
-              subsets, psf_fwhm_mm, postfilter_fwhm_mm, beta, gamma, relaxation, decomp,
+              subsets, psf_fwhm_mm, postfilter_fwhm_mm, beta, gamma, relaxation, components,
+              decomp,
               image_shape, voxel_size_mm, checkpoint_every, resume, sensitivity_cache, no_fov_mask,
               truth, png, log_path):
     """Reconstruct a PET image (OSEM, MLEM, or OSEM-OSL or BSREM with the relative difference
@@ -241,7 +246,7 @@ def pet_recon(run, sinogram, listmode, scanner, factors, mu_map, norm, randoms, 
     settings = ReconSettings(algorithm=algorithm, iterations=iterations, subsets=subsets,
                              psf_fwhm_mm=psf_fwhm_mm, postfilter_fwhm_mm=postfilter_fwhm_mm,
                              rdp_beta=beta if algorithm in PENALISED else 0.0, rdp_gamma=gamma,
-                             bsrem_relaxation=relaxation)
+                             bsrem_relaxation=relaxation, components=components)
     if listmode is not None:
         from medhpc.pet.run_listmode import ListModeRecon
 

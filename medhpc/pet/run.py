@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import signal
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import h5py
@@ -19,10 +19,11 @@ import numpy as np
 
 from medhpc import backend
 from medhpc.errors import InputError
-from medhpc.io.atomic import check_output_path, publish_together
+from medhpc.io.atomic import atomic_path, check_output_path, publish_together
 from medhpc.io.geometry import ImageGeometry
 from medhpc.io.images import check_image_output, check_same_grid, read_image, write_image
 from medhpc.parallel.comm import World
+from medhpc.parallel.geometry import block_range
 from medhpc.parallel.work import map_items
 from medhpc.pet import decomposition, sensitivity_cache
 from medhpc.pet.corrections import (CorrectionFiles, check_corrections, corrected_block,
@@ -101,9 +102,29 @@ class PetRecon:
         grid = output_grid(layout, image_shape, voxel_size_mm)
         origin_mm, voxel_mm = axis_aligned_grid(grid, sinogram)
         mode = decomposition.choose_mode(decomp, layout.frames, self.world.size)
+        if self.settings.algorithm == "nmf":
+            mode = self._check_nmf(layout, decomp)
         if mode == "planes":
             check_planes_grid(layout, grid, origin_mm, voxel_mm)
         return layout, grid, origin_mm, voxel_mm, mode
+
+    def _check_nmf(self, layout, decomp) -> str:
+        """NMF spreads frames over the ranks; it needs dynamic data with a frame per rank."""
+        if layout.frames < 2:
+            raise InputError(f"{layout.path}: --algorithm nmf models dynamic data, but the "
+                             f"sinogram has one frame")
+        if layout.frames < self.world.size:
+            raise InputError(f"{layout.path}: {layout.frames} frames for {self.world.size} ranks; "
+                             f"--algorithm nmf needs at least one frame per rank")
+        if decomp not in ("auto", "frames"):
+            raise InputError(f"--decomp {decomp}: --algorithm nmf spreads frames over the ranks")
+        if self.resume or self.checkpoint_every:
+            raise InputError("--algorithm nmf does not checkpoint: leave out --resume and "
+                             "--checkpoint-every")
+        if not 1 <= self.settings.components <= layout.frames:
+            raise InputError(f"--components {self.settings.components}: expected 1 to the "
+                             f"{layout.frames} frames")
+        return "frames"
 
     def _truth_path(self, truth):
         """The known activity to compare with: ``--truth``, else (with ``--png``) the activity
@@ -167,12 +188,14 @@ class PetRecon:
                       for a in (prompts, multiplicative, additive)]
         return SubsetShare(projector, *arrays, tof_bins=self.layout.tof_bins)
 
-    def view_shares(self, views_per_subset, world: World, frame=None) -> list[SubsetShare]:
+    def view_shares(self, views_per_subset, world: World, frame=None,
+                    projectors=None) -> list[SubsetShare]:
         """Shares of every subset's given views, all planes (fully 3-D).
 
         The rank's views of all subsets are read in one pass: subsets interleave
         views, so reading subset by subset would decompress every chunk (8 views)
         once per subset. Bad values found by any rank of ``world`` stop all of them.
+        ``projectors``: shares of the same views whose projectors these reuse (other frames).
         """
         wanted = np.unique(np.concatenate([np.asarray(v, np.int64) for v in views_per_subset]))
         with self.run.stage("read sinogram", "io"):
@@ -180,11 +203,14 @@ class PetRecon:
                 self.corrections, self.layout, read_block(self.layout, views=wanted, frame=frame),
                 wanted, slice(None), self.run.device))
         shares = []
-        for views in views_per_subset:
+        for index, views in enumerate(views_per_subset):
             columns = np.searchsorted(wanted, views)
-            with self.run.stage("LOR geometry", "other"):
-                xstart, xend = lor_endpoints(self.layout.scanner, views=views)
-                projector = self._projector(xstart, xend, self.grid.shape, self.origin_mm)
+            if projectors is not None:
+                projector = projectors[index].projector
+            else:
+                with self.run.stage("LOR geometry", "other"):
+                    xstart, xend = lor_endpoints(self.layout.scanner, views=views)
+                    projector = self._projector(xstart, xend, self.grid.shape, self.origin_mm)
             shares.append(self._share(projector, block.prompts[:, columns],
                                       block.multiplicative[:, columns],
                                       block.additive[:, columns]))
@@ -260,6 +286,8 @@ class PetRecon:
     def compute(self):
         """Reconstruct; return ``(image, log-likelihood history)`` on rank 0, ``(None, None)``
         elsewhere (views: the image on every rank)."""
+        if self.settings.algorithm == "nmf":
+            return self._reconstruct_nmf()
         if self.mode == "frames":
             return self._reconstruct_frames()
         if self.mode == "planes":
@@ -268,6 +296,8 @@ class PetRecon:
 
     def _check_outputs(self) -> None:
         check_image_output(self.out, self.run.overwrite)
+        if self.settings.algorithm == "nmf":
+            check_output_path(self.factors_path(), self.run.overwrite, (".h5",))
         for path, suffixes in ((self.log_path, (".json",)), (self.png, (".png",))):
             if path is not None:
                 check_output_path(path, self.run.overwrite, suffixes)
@@ -364,6 +394,50 @@ class PetRecon:
         history = list(np.sum(np.asarray(histories, dtype=np.float64), axis=0))
         return np.concatenate(slabs, axis=0), history
 
+    def _reconstruct_nmf(self):
+        """Frames in blocks over the ranks, one low-rank model (:mod:`medhpc.pet.nmf`)."""
+        from medhpc.pet.nmf import NmfReconstructor
+
+        alone = self.world.split(self.world.rank)
+        start, stop = block_range(self.layout.frames, self.world.size, self.world.rank)
+        views = decomposition.views_of_rank(self.layout.scanner.n_views, self.settings.n_subsets,
+                                            1, 0)
+        first = self.view_shares(views, alone, frame=start)
+        frame_shares = [first]
+        for frame in range(start + 1, stop):
+            shares = self.view_shares(views, alone, frame=frame, projectors=first)
+            frame_shares.append(shares)
+        with self.run.stage("initial frames", "other"):
+            starts = []
+            for shares in frame_shares:  # one OSEM iteration per frame
+                osem = OsemReconstructor(self.run, shares, self.grid.shape, self.voxel_mm,
+                                         replace(self.settings, algorithm="osem", iterations=1),
+                                         reduce=alone, support=self.support)
+                starts.append(osem.run_iterations(ReconState(image=osem.initial_image())).image)
+        reconstructor = NmfReconstructor(self.run, frame_shares, range(start, stop),
+                                         self.layout.frames, self.grid.shape, self.voxel_mm,
+                                         self.settings, self.world, support=self.support,
+                                         initial_frames=starts)
+        history = reconstructor.run_iterations(progress=self.run.log.progress)
+        images = [self._postfiltered(image) for image in reconstructor.frame_images()]
+        with self.run.stage("gather", "comm"):
+            blocks = self.world.gather(images)
+        self._nmf = {"factors": reconstructor.factors.astype(np.float32),
+                     "curves": reconstructor.curves}
+        if not self.world.is_root:
+            return None, None
+        return np.stack([image for block in blocks for image in block]), history
+
+    def _postfiltered(self, image):
+        if self.settings.postfilter_fwhm_mm <= 0:
+            return image
+        from medhpc.filters.gaussian import GaussianFilter
+
+        with self.run.stage("post-filter", "kernel"):
+            smooth = GaussianFilter(self.settings.postfilter_fwhm_mm, self.voxel_mm,
+                                    self.run.device, False)
+            return backend.to_host(smooth.apply(backend.to_device(image, self.run.device)))
+
     def frame_checkpoint_path(self, frame: int) -> Path:
         """Where frame ``frame`` keeps its iteration state, and its result once finished."""
         return self.checkpoint_path.with_name(f"{_stem(self.out)}.checkpoint.frame{frame:04d}.h5")
@@ -427,6 +501,8 @@ class PetRecon:
             "settings": asdict(self.settings), "subsets": self.settings.n_subsets,
             "log_likelihood_per_subiteration": history, **self.log_extra,
         }
+        if getattr(self, "_nmf", None) is not None:
+            self._write_factors()
         truth, comparison = None, None
         if self.truth_path is not None:
             from medhpc.pet.figures import compare_with_truth
@@ -444,6 +520,21 @@ class PetRecon:
                          title=f"{self.settings.algorithm.upper()} {self.settings.iterations} it x "
                                f"{self.settings.n_subsets} subsets, {self.world.size} rank(s)")
             self.run.log.info(f"picture written to {self.png}")
+
+    def factors_path(self) -> Path:
+        """Where --algorithm nmf keeps its factors: ``<stem>.factors.h5`` beside --out."""
+        return self.out.with_name(_stem(self.out) + ".factors.h5")
+
+    def _write_factors(self) -> None:
+        path = self.factors_path()
+        with atomic_path(path, overwrite=self.run.overwrite) as tmp:
+            with h5py.File(tmp, "w") as h5:
+                h5.create_dataset("spatial_factors", data=self._nmf["factors"],
+                                  compression="gzip", compression_opts=1)
+                h5["time_activity_curves"] = self._nmf["curves"]
+                h5.attrs["image_affine"] = np.asarray(self.grid.affine)
+        self._log_document["time_activity_curves"] = np.asarray(self._nmf["curves"]).tolist()
+        self.run.log.info(f"factors written to {path}")
 
     def _append_timings(self, timings: dict) -> None:
         write_run_log(self.log_path, "pet-recon", self._log_document, timings,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ALGORITHMS = ("osem", "mlem", "osem-rdp", "bsrem")
+ALGORITHMS = ("osem", "mlem", "osem-rdp", "bsrem", "nmf")
 #: The algorithms with the relative difference prior.
 PENALISED = ("osem-rdp", "bsrem")
 
@@ -27,6 +27,8 @@ class ReconSettings:
     #: BSREM: sub-iteration step ``bsrem_step / (1 + bsrem_relaxation * iteration)``.
     bsrem_step: float = 1.0
     bsrem_relaxation: float = 0.1
+    #: NMF (dynamic data): spatial factors of the low-rank model.
+    components: int = 3
 
     @property
     def n_subsets(self) -> int:

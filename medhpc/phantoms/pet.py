@@ -334,3 +334,22 @@ def _roi_mean(slice_2d, centre_xy, diameter_mm, origin_mm, voxel_mm):
         column = min(max(int(round(columns)), 0), nx - 1)
         return float(slice_2d[row, column])
     return float(window[inside].mean(dtype=np.float64))
+
+
+def dynamic_phantom(phantom: dict, frames: int) -> tuple[np.ndarray, dict]:
+    """Frames of the NEMA-like phantom with a time-activity curve per region.
+
+    The spheres take up tracer, ``4 (1 - exp(-t / 2))``, the warm background washes out,
+    ``0.5 + 1.5 exp(-t / 4)``, the lung stays cold (t = frame index): two kinetic
+    components. Returns ``(activity [t, z, y, x] float32, {"spheres": curve,
+    "background": curve})``.
+    """
+    time = np.arange(frames, dtype=np.float64)
+    curves = {"spheres": 4.0 * (1.0 - np.exp(-(time + 0.5) / 2.0)),
+              "background": 0.5 + 1.5 * np.exp(-time / 4.0)}
+    activity = np.asarray(phantom["activity"], np.float64)
+    spheres = np.clip(activity - 1.0, 0.0, None) / 3.0  # sphere fraction (contrast 4 on 1)
+    background = np.where(activity > 0, np.minimum(activity, 1.0), 0.0) * (1.0 - spheres)
+    frames_out = (spheres[None] * curves["spheres"][:, None, None, None]
+                  + background[None] * curves["background"][:, None, None, None])
+    return frames_out.astype(np.float32), curves

@@ -137,3 +137,20 @@ def test_scatter_estimate_over_the_ranks_equals_one_rank(pet_case, tmp_path):
                                                          rel=1e-6)
     if get_world().is_root:
         np.testing.assert_allclose(scatter, reference, rtol=1e-5, atol=1e-7 * reference.max())
+
+
+@pytest.mark.mpi
+def test_nmf_frames_over_the_ranks_equal_one_rank(tmp_path):
+    from tests.pet.test_nmf import dynamic_sinogram
+
+    sinogram, _ = dynamic_sinogram(tmp_path, frames=4, counts=1e5)
+    settings = ReconSettings(algorithm="nmf", iterations=1, subsets=2, components=2)
+    run = start_run("pet-recon", device="cpu", verbosity=-1, world=get_world())
+    image, history = PetRecon(run, sinogram, tmp_path / "x.nii.gz", settings).compute()
+    reference, reference_history = PetRecon(serial_run(), sinogram, tmp_path / "y.nii.gz",
+                                            settings).compute()
+    if get_world().is_root:
+        np.testing.assert_allclose(history, reference_history, rtol=1e-6)
+        np.testing.assert_allclose(image, reference, rtol=1e-4, atol=1e-5 * reference.max())
+    else:
+        assert image is None
