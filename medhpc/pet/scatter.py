@@ -209,25 +209,65 @@ def _sss_sum(points, weights, detectors, normals, mu_integrals, activity_integra
 
 
 def interpolate_to_sinogram(scanner: ScannerGeometry, bins: SampledBins, values,
-                            views=None, chunk_views: int = 8) -> np.ndarray:
+                            views=None) -> np.ndarray:
     """The sampled SSS on every (radial, view, plane) bin of the given views (all: None):
-    linear in radial bin, view and the two rings, ``chunk_views`` views at a time."""
-    from scipy.interpolate import RegularGridInterpolator
-
+    linear in radial bin, view and the two rings (clamped at the sampled ends)."""
     views = np.arange(scanner.n_views) if views is None else np.asarray(views)
-    interpolate = RegularGridInterpolator(
-        (bins.radial.astype(float), bins.views.astype(float), bins.rings.astype(float),
-         bins.rings.astype(float)), values, method="linear", bounds_error=False, fill_value=None)
-    pairs = plane_ring_pairs(scanner).astype(float)
-    out = np.empty((scanner.n_radial, len(views), len(pairs)), np.float32)
-    for first in range(0, len(views), chunk_views):
-        chunk = views[first:first + chunk_views].astype(float)
-        radial, view, plane = np.meshgrid(np.arange(scanner.n_radial, dtype=float), chunk,
-                                          np.arange(len(pairs)), indexing="ij")
-        coordinates = np.stack([radial, view, pairs[plane, 0], pairs[plane, 1]], axis=-1)
-        out[:, first:first + len(chunk)] = np.maximum(
-            interpolate(coordinates.reshape(-1, 4)), 0.0).reshape(radial.shape)
+    radial = _linear_lookup(bins.radial, np.arange(scanner.n_radial))
+    view = _linear_lookup(bins.views, views)
+    rings = _linear_lookup(bins.rings, np.arange(scanner.rings))
+    out = np.empty((scanner.n_radial, len(views), scanner.n_planes), np.float32)
+    _interpolate(np.ascontiguousarray(values, np.float64), *radial, *view, *rings,
+                 plane_ring_pairs(scanner), out)
     return out
+
+
+def _linear_lookup(samples, targets):
+    """For each target index: the lower sample's position and the weight of the upper one."""
+    samples = np.asarray(samples, np.float64)
+    targets = np.asarray(targets, np.float64)
+    if len(samples) == 1:
+        return np.zeros(len(targets), np.int64), np.zeros(len(targets))
+    lower = np.clip(np.searchsorted(samples, targets, side="right") - 1, 0, len(samples) - 2)
+    weight = (targets - samples[lower]) / (samples[lower + 1] - samples[lower])
+    return lower.astype(np.int64), np.clip(weight, 0.0, 1.0)
+
+
+@numba.njit(parallel=True, cache=True)
+def _interpolate(values, radial_index, radial_weight, view_index, view_weight, ring_index,
+                 ring_weight, pairs, out):
+    """out[r, v, p] = multilinear interpolation of values[radial, view, ring1, ring2]."""
+    n_radial, n_views, n_planes = out.shape
+    single_radial = values.shape[0] == 1
+    single_view = values.shape[1] == 1
+    single_ring = values.shape[2] == 1
+    for r in numba.prange(n_radial):
+        i0, wi = radial_index[r], radial_weight[r]
+        for v in range(n_views):
+            j0, wj = view_index[v], view_weight[v]
+            for plane in range(n_planes):
+                k0, wk = ring_index[pairs[plane, 0]], ring_weight[pairs[plane, 0]]
+                l0, wl = ring_index[pairs[plane, 1]], ring_weight[pairs[plane, 1]]
+                total = 0.0
+                for di in range(2):
+                    a = (1.0 - wi) if di == 0 else wi
+                    if a == 0.0 or (di == 1 and single_radial):
+                        continue
+                    for dj in range(2):
+                        b = (1.0 - wj) if dj == 0 else wj
+                        if b == 0.0 or (dj == 1 and single_view):
+                            continue
+                        for dk in range(2):
+                            c = (1.0 - wk) if dk == 0 else wk
+                            if c == 0.0 or (dk == 1 and single_ring):
+                                continue
+                            for dl in range(2):
+                                d = (1.0 - wl) if dl == 0 else wl
+                                if d == 0.0 or (dl == 1 and single_ring):
+                                    continue
+                                total += a * b * c * d * values[i0 + di, j0 + dj, k0 + dk,
+                                                                l0 + dl]
+                out[r, v, plane] = total if total > 0.0 else 0.0
 
 
 def tail_sums(scatter, prompts, randoms, attenuation, threshold: float = TAIL_ATTENUATION):

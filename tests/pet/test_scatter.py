@@ -193,3 +193,23 @@ def test_data_without_scatter_fit_almost_none(pet_case):
                          mu_map, "unused.h5")
     _, document = estimator.compute()
     assert document["scale"] < 0.1 and document["tail_bins"] > 1000
+
+
+def test_interpolation_equals_scipy_multilinear():
+    from scipy.interpolate import RegularGridInterpolator
+
+    from medhpc.pet.scanner import load_scanner, plane_ring_pairs
+    from medhpc.pet.scatter import SampledBins
+
+    scanner = load_scanner("small-test")
+    bins = SampledBins(np.array([0, 4, 9, 30, 62]), np.array([0, 5, 20, 47]),
+                       np.array([0, 3, 7]))
+    values = np.random.default_rng(2).random((5, 4, 3, 3))
+    got = interpolate_to_sinogram(scanner, bins, values, views=np.arange(0, 48, 5))
+    reference = RegularGridInterpolator((bins.radial, bins.views, bins.rings, bins.rings),
+                                        values)
+    pairs = plane_ring_pairs(scanner)
+    r, v, p = np.meshgrid(np.arange(63), np.arange(0, 48, 5), np.arange(len(pairs)),
+                          indexing="ij")
+    expected = reference(np.stack([r, v, pairs[p, 0], pairs[p, 1]], -1).reshape(-1, 4))
+    np.testing.assert_allclose(got.ravel(), expected, rtol=1e-6)
