@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import machine as bench_machine  # noqa: E402
 
 OSEM = [(1, 0.0), (2, 0.0), (4, 0.0), (8, 0.0), (2, 6.0), (4, 6.0)]
-NMF = [(2, 2), (2, 4), (2, 8), (3, 4)]  # (components, iterations)
+NMF = [(2, 2, 0.0), (2, 4, 0.0), (2, 8, 0.0), (3, 4, 0.0), (2, 2, 6.0), (3, 4, 6.0)]
+# (components, iterations, post-filter mm)
 
 
 def main(argv=None) -> int:
@@ -76,9 +77,9 @@ def main(argv=None) -> int:
             cases = [(f"OSEM {it} it x 8, post-filter {post:g} mm", ReconSettings(
                 iterations=it, subsets=8, postfilter_fwhm_mm=post), "frames")
                 for it, post in OSEM]
-            cases += [(f"NMF K={k}, {it} it x 8", ReconSettings(
-                algorithm="nmf", iterations=it, subsets=8, components=k), "auto")
-                for k, it in NMF]
+            cases += [(f"NMF K={k}, {it} it x 8, post-filter {post:g} mm", ReconSettings(
+                algorithm="nmf", iterations=it, subsets=8, components=k,
+                postfilter_fwhm_mm=post), "auto") for k, it, post in NMF]
             for label, settings, decomp in cases:
                 start = time.process_time()
                 frames, _ = PetRecon(run(), sinogram, Path(folder) / "x.nii.gz", settings,
