@@ -143,7 +143,7 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
                    "the list-mode file].")
 @click.option("--mu-map", type=click.Path(), default=None,
               help="Attenuation from this linear-attenuation image (1/mm; NIfTI, HDF5 or "
-                   "Interfile) instead of the sinogram file's.")
+                   "Interfile) instead of the sinogram's or list-mode factors'.")
 @click.option("--norm", type=click.Path(), default=None,
               help="Normalisation sinogram (file.h5[:/dataset], radial x view x plane) instead "
                    "of the sinogram file's.")
@@ -234,8 +234,8 @@ def pet_recon(run, sinogram, listmode, scanner, factors, mu_map, norm, randoms, 
     given = [name for name, value in listmode_only.items() if value is not None]
     if sinogram is not None and given:
         raise click.UsageError(f"{given[0]} goes with --listmode, not --sinogram")
-    sinogram_only = {"--mu-map": mu_map, "--norm": norm, "--randoms": randoms,
-                     "--scatter": scatter, "--scatter-iterations": scatter_iterations or None}
+    sinogram_only = {"--norm": norm, "--randoms": randoms, "--scatter": scatter,
+                     "--scatter-iterations": scatter_iterations or None}
     given = [name for name, value in sinogram_only.items() if value is not None]
     if listmode is not None and given:
         raise click.UsageError(f"{given[0]} goes with --sinogram; list-mode data take their "
@@ -254,7 +254,7 @@ def pet_recon(run, sinogram, listmode, scanner, factors, mu_map, norm, randoms, 
                       time_windows=time_windows, image_shape=image_shape,
                       voxel_size_mm=voxel_size_mm, resume=resume,
                       checkpoint_every=checkpoint_every, png=png, log_path=log_path,
-                      fov_mask=not no_fov_mask, truth=truth).execute()
+                      fov_mask=not no_fov_mask, truth=truth, mu_map=mu_map).execute()
         return
 
     def recon(scatter_file=scatter, target=out, **overrides):

@@ -11,7 +11,8 @@ medhpc list-mode file (HDF5, ``format = "medhpc-listmode"``, version 1)
       ``(k - (tof_bins - 1) / 2) * tof_bin_mm`` from the LOR's midpoint);
     - ``multiplicative`` (radial x view x plane) and ``additive`` (the sinogram's
       prompts shape), optional: attenuation x normalisation of every LOR and the
-      expected randoms + scatter counts over the whole acquisition;
+      expected randoms + scatter counts over the whole acquisition; optionally
+      ``attenuation`` and ``normalisation``, the two parts of ``multiplicative``;
     - attributes: ``scanner`` (JSON), ``image_shape``, ``image_affine``, ``duration_s``
       and ``tof``.
 
@@ -129,7 +130,8 @@ class EventBlock:
 
 def write_listmode(path, scanner: ScannerGeometry, image: ImageGeometry, events: dict,
                    duration_s: float, multiplicative=None, additive=None,
-                   overwrite: bool = False, attrs: dict | None = None) -> None:
+                   overwrite: bool = False, attrs: dict | None = None,
+                   factors: dict | None = None) -> None:
     """Write a medhpc list-mode file atomically.
 
     ``events`` maps ``crystal1``, ``crystal2``, ``time_ms`` and optionally ``tof_bin`` to
@@ -154,7 +156,8 @@ def write_listmode(path, scanner: ScannerGeometry, image: ImageGeometry, events:
                     data = np.asarray(events[name], dtype=dtype)
                     group.create_dataset(name, data=data, chunks=(min(max(len(data), 1), 1 << 20),),
                                          compression="gzip", compression_opts=1, shuffle=True)
-            for name, array in (("multiplicative", multiplicative), ("additive", additive)):
+            arrays = {"multiplicative": multiplicative, "additive": additive, **(factors or {})}
+            for name, array in arrays.items():
                 if array is not None:
                     h5.create_dataset(name, data=np.asarray(array, np.float32),
                                       compression="gzip", compression_opts=1, shuffle=True)

@@ -21,6 +21,7 @@ import numpy as np
 from medhpc import backend
 from medhpc.errors import InputError
 from medhpc.parallel.geometry import block_range
+from medhpc.pet.corrections import CorrectionFiles, attenuation_factors, check_corrections
 from medhpc.pet.listmode import (ListModeLayout, check_factor_shapes, parse_time_windows,
                                  read_events, read_listmode_layout, window_events)
 from medhpc.pet.osem import ListModeReconstructor, SubsetShare
@@ -40,13 +41,16 @@ class ListModeRecon(PetRecon):
     """One list-mode pet-recon run on every rank (see the module notes)."""
 
     def __init__(self, run, listmode, out, settings, scanner=None, factors=None,
-                 time_windows=None, image_shape=None, voxel_size_mm=None, **options):
+                 time_windows=None, image_shape=None, voxel_size_mm=None, mu_map=None,
+                 **options):
         self._scanner_request = scanner
         self._factors_request = factors
         self._windows_request = time_windows
+        self._mu_map_request = mu_map
         super().__init__(run, listmode, out, settings, decomp="auto", image_shape=image_shape,
                          voxel_size_mm=voxel_size_mm, **options)
-        self.windows, self.factor_path = self.world.agree(self._validated_listmode)
+        self.windows, self.factor_path, self.attenuation = self.world.agree(
+            self._validated_listmode)
 
     def _validated_inputs(self, listmode, decomp, image_shape, voxel_size_mm):
         from medhpc.pet.scanner import load_scanner
@@ -90,7 +94,20 @@ class ListModeRecon(PetRecon):
                              f"{', '.join(layout.event_fields)}), but the sensitivity image needs "
                              f"them for every LOR; pass --factors SINOGRAM.h5 with its "
                              f"multiplicative and additive sinograms")
-        return windows, factor_path
+        attenuation = None
+        if self._mu_map_request is not None:
+            if layout.event_fields:
+                raise InputError(f"{layout.path}: the events carry their own corrections; "
+                                 f"--mu-map gives the attenuation of data without them")
+            if factor_path is not None:
+                with h5py.File(factor_path, "r") as h5:
+                    if "normalisation" not in h5:
+                        raise InputError(
+                            f"{factor_path}: holds 'multiplicative' (attenuation x "
+                            f"normalisation) but no 'normalisation'; with --mu-map the "
+                            f"normalisation is needed on its own")
+            attenuation = check_corrections(CorrectionFiles(mu_map=self._mu_map_request), layout)
+        return windows, factor_path, attenuation
 
     # -- plan ----------------------------------------------------------------------------
     def plan(self) -> dict:
@@ -137,6 +154,12 @@ class ListModeRecon(PetRecon):
             return images[0], histories[0]
         return np.stack(images), histories
 
+    @property
+    def _multiplicative_name(self) -> str:
+        """The factor dataset multiplying the projections: all of it, or only the
+        normalisation when --mu-map gives the attenuation."""
+        return "normalisation" if self.attenuation is not None else "multiplicative"
+
     def _factors(self, name: str, views):
         """The factor sinogram ``name`` at some views (None without factors)."""
         if self.factor_path is None:
@@ -171,9 +194,13 @@ class ListModeRecon(PetRecon):
             with self.run.stage("LOR geometry", "other"):
                 xstart, xend = lor_endpoints(scanner, views=views)
             with self.run.stage("read factors", "io"):
-                factors = self._factors("multiplicative", views)
+                factors = self._factors(self._multiplicative_name, views)
             weights = (np.ones(xstart.shape[:3], np.float32) if factors is None
                        else factors)
+            if self.attenuation is not None:
+                with self.run.stage("attenuation", "kernel"):
+                    weights = weights * attenuation_factors(self.attenuation, scanner, views,
+                                                            slice(None), self.run.device)
             weights = (weights / self.settings.n_subsets).reshape(-1)
             projector = JosephProjector(xstart.reshape(-1, 3), xend.reshape(-1, 3),
                                         self.grid.shape, self.origin_mm, self.voxel_mm,
@@ -232,6 +259,10 @@ class ListModeRecon(PetRecon):
                                 f"(radial trim or ring difference); they are skipped")
         multiplicative, additive = self._event_factors(events, window_s)
         positions = crystal_positions(scanner).transpose(1, 0, 2).reshape(-1, 3)
+        if self.attenuation is not None and len(multiplicative):
+            with self.run.stage("attenuation", "kernel"):
+                multiplicative = multiplicative * self._event_attenuation(
+                    positions[events["crystal1"]], positions[events["crystal2"]])
         tof = self._event_tof()
         shares = []
         for subset in range(self.settings.n_subsets):
@@ -251,6 +282,13 @@ class ListModeRecon(PetRecon):
                                     additive[chosen])]
             shares.append(SubsetShare(projector, *arrays, tof_bins=1))
         return shares
+
+    def _event_attenuation(self, xstart, xend) -> np.ndarray:
+        """``exp(-line integral of mu)`` along each event's LOR."""
+        corrections = self.attenuation
+        projector = JosephProjector(xstart, xend, corrections.mu_shape, corrections.mu_origin_mm,
+                                    corrections.mu_voxel_mm, device=self.run.device)
+        return np.exp(-projector.forward(corrections.mu_map)).astype(np.float32)
 
     def _event_tof(self) -> TofSpec | None:
         """One TOF bin per event, centred on it: the scanner's bin, or the CASToR step."""
@@ -310,7 +348,7 @@ class ListModeRecon(PetRecon):
                 picked = order[low:high]
                 views = slice(8 * window, 8 * window + 8)
                 index = (radial[picked], view[picked] - 8 * window, plane[picked])
-                multiplicative[picked] = h5["multiplicative"][:, views][index]
+                multiplicative[picked] = h5[self._multiplicative_name][:, views][index]
                 block = h5["additive"][:, views]
                 additive[picked] = block[index + ((tof_bin[picked],) if tof_bin is not None
                                                   else ())]

@@ -281,5 +281,7 @@ def write_simulated_listmode(path, scanner, grid, data: dict, duration_s: float,
                          "pet-recon --time-windows select frames)")
     events = listmode_events(scanner, data["prompts"], duration_s, seed)
     write_listmode(path, scanner, grid, events, duration_s, multiplicative=data["multiplicative"],
-                   additive=data["additive"], overwrite=overwrite, attrs=attrs)
+                   additive=data["additive"], overwrite=overwrite, attrs=attrs,
+                   factors={"attenuation": data["attenuation"],
+                            "normalisation": data["normalisation"]})
     return len(events["crystal1"])

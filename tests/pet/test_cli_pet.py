@@ -221,7 +221,7 @@ def test_listmode_bad_inputs_are_one_line_and_write_nothing(tiny, events, tmp_pa
               ["1 events in the window", "one per subset"]),
              (("--listmode", events, "--sinogram", sinogram), ["one of --sinogram and --listmode"]),
              (("--sinogram", sinogram, "--time-windows", "0:1"), ["--time-windows goes with"]),
-             (("--listmode", events, "--mu-map", sinogram), ["--mu-map goes with --sinogram"]),
+             (("--listmode", events, "--norm", sinogram), ["--norm goes with --sinogram"]),
              (("--sinogram", sinogram, "--norm", events), ["events.h5", "--norm holds"])]
     for arguments, words in cases:
         result = run_medhpc("pet-recon", "--subsets", "1", *arguments, "--out", out,

@@ -290,3 +290,18 @@ def test_events_outside_the_sinogram_are_skipped_with_a_notice(pet_case, tmp_pat
     recon = ListModeRecon(serial_run(), path, tmp_path / "o.nii.gz", MLEM)
     shares = recon.event_shares(0, recon.layout.n_events, LISTMODE_DURATION_S)
     assert sum(share.n_values for share in shares) == recon.layout.n_events - 5
+
+
+def test_a_mu_map_gives_the_attenuation_of_events_and_sensitivity(pet_case, tmp_path):
+    _, events = pet_case["listmode"]
+    reference, _ = ListModeRecon(serial_run(), events, tmp_path / "l.nii.gz", MLEM).compute()
+    mu_map = pet_case["folder"] / "phantom" / "mu_map.nii.gz"
+    image, _ = ListModeRecon(serial_run(), events, tmp_path / "m.nii.gz", MLEM,
+                             mu_map=str(mu_map)).compute()
+    np.testing.assert_allclose(image, reference, rtol=1e-3, atol=2e-5 * reference.max())
+    arrays, multiplicative, additive, grid = read_listmode_file(events)
+    bare = tmp_path / "bare.h5"  # factors without their normalisation part
+    write_listmode(bare, load_scanner("small-test"), grid, arrays, LISTMODE_DURATION_S,
+                   multiplicative, additive)
+    with pytest.raises(InputError, match="no 'normalisation'"):
+        ListModeRecon(serial_run(), bare, tmp_path / "b.nii.gz", MLEM, mu_map=str(mu_map))
