@@ -144,7 +144,7 @@ def test_nmf_frames_over_the_ranks_equal_one_rank(tmp_path):
     from tests.pet.test_nmf import dynamic_sinogram
 
     sinogram, _ = dynamic_sinogram(tmp_path, frames=4, counts=1e5)
-    settings = ReconSettings(algorithm="nmf", iterations=1, subsets=2, components=2)
+    settings = ReconSettings(algorithm="nmf", iterations=1, subsets=1, components=2)
     run = start_run("pet-recon", device="cpu", verbosity=-1, world=get_world())
     image, history = PetRecon(run, sinogram, tmp_path / "x.nii.gz", settings).compute()
     reference, reference_history = PetRecon(serial_run(), sinogram, tmp_path / "y.nii.gz",
