@@ -221,12 +221,18 @@ class ListModeRecon(PetRecon):
         layout, scanner = self.layout, self.layout.scanner
         start, stop = block_range(last - first, self.world.size, self.world.rank)
         parts = []
+        # every rank takes part in the same number of checked reads (agree_all is collective)
+        reads = max(1, max(-(-(b - a) // READ_EVENTS) for a, b in
+                           (block_range(last - first, self.world.size, rank)
+                            for rank in range(self.world.size))))
         with self.run.stage("read events", "io"):
-            for begin in range(first + start, first + stop, READ_EVENTS):
-                parts.append((begin, self.world.agree_all(lambda b=begin: read_events(
-                    layout, b, min(b + READ_EVENTS, first + stop)))))
-            if not parts:
-                self.world.agree_all(lambda: None)
+            for read in range(reads):
+                begin = first + start + read * READ_EVENTS
+                end = min(begin + READ_EVENTS, first + stop)
+                block = self.world.agree_all(lambda b=begin, e=end: read_events(layout, b, e)
+                                             if e > b else None)
+                if block is not None:
+                    parts.append((begin, block))
         skipped = 0
         pieces = {name: [] for name in ("index", "crystal1", "crystal2", "lor", "reversed",
                                         "tof_mm", "tof_bin", "multiplicative", "additive")}
