@@ -222,12 +222,18 @@ class OsemReconstructor:
 
     def postfilter(self, image: np.ndarray, voxel_mm) -> np.ndarray:
         """Apply the post-reconstruction Gaussian (host in, host out)."""
-        if self.settings.postfilter_fwhm_mm <= 0:
-            return image
-        with self.run.stage("post-filter", "kernel"):
-            smooth = GaussianFilter(self.settings.postfilter_fwhm_mm, voxel_mm, self.device,
-                                    self.transaxial_only)
-            return backend.to_host(smooth.apply(backend.to_device(image, self.device)))
+        return postfiltered(self.run, image, self.settings, voxel_mm, self.transaxial_only)
+
+
+def postfiltered(run, image: np.ndarray, settings: ReconSettings, voxel_mm,
+                 transaxial_only: bool = False) -> np.ndarray:
+    """``image`` (host) smoothed by the post-reconstruction Gaussian of ``settings``."""
+    if settings.postfilter_fwhm_mm <= 0:
+        return image
+    with run.stage("post-filter", "kernel"):
+        smooth = GaussianFilter(settings.postfilter_fwhm_mm, voxel_mm, run.device,
+                                transaxial_only)
+        return backend.to_host(smooth.apply(backend.to_device(image, run.device)))
 
 
 class ListModeReconstructor(OsemReconstructor):

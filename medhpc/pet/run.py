@@ -29,7 +29,8 @@ from medhpc.pet import decomposition, sensitivity_cache
 from medhpc.pet.corrections import (CorrectionFiles, check_corrections, corrected_block,
                                     corrections_fingerprint)
 from medhpc.pet.projector import JosephProjector, axis_aligned_grid, tof_spec
-from medhpc.pet.osem import OsemReconstructor, ReconSettings, ReconState, SubsetShare
+from medhpc.pet.osem import (OsemReconstructor, ReconSettings, ReconState, SubsetShare,
+                             postfiltered)
 from medhpc.pet.scanner import (direct_planes, field_of_view_mask, lor_endpoints,
                                 plane_ring_pairs)
 from medhpc.pet.sinogram import SinogramLayout, read_block, read_layout
@@ -419,7 +420,8 @@ class PetRecon:
                                          self.settings, self.world, support=self.support,
                                          initial_frames=starts)
         history = reconstructor.run_iterations(progress=self.run.log.progress)
-        images = [self._postfiltered(image) for image in reconstructor.frame_images()]
+        images = [postfiltered(self.run, image, self.settings, self.voxel_mm)
+                  for image in reconstructor.frame_images()]
         with self.run.stage("gather", "comm"):
             blocks = self.world.gather(images)
         self._nmf = {"factors": reconstructor.factors.astype(np.float32),
@@ -427,16 +429,6 @@ class PetRecon:
         if not self.world.is_root:
             return None, None
         return np.stack([image for block in blocks for image in block]), history
-
-    def _postfiltered(self, image):
-        if self.settings.postfilter_fwhm_mm <= 0:
-            return image
-        from medhpc.filters.gaussian import GaussianFilter
-
-        with self.run.stage("post-filter", "kernel"):
-            smooth = GaussianFilter(self.settings.postfilter_fwhm_mm, self.voxel_mm,
-                                    self.run.device, False)
-            return backend.to_host(smooth.apply(backend.to_device(image, self.run.device)))
 
     def frame_checkpoint_path(self, frame: int) -> Path:
         """Where frame ``frame`` keeps its iteration state, and its result once finished."""
