@@ -32,11 +32,12 @@ def compare_with_truth(image: np.ndarray, truth: np.ndarray, phantom: dict | Non
 
 def recon_figure(image: np.ndarray, grid, log_likelihood, out_png, subsets: int = 1,
                  overwrite: bool = False, title: str = "", truth: np.ndarray | None = None,
-                 comparison: dict | None = None) -> None:
+                 comparison: dict | None = None, curves: np.ndarray | None = None) -> None:
     """Write a PNG: transaxial, coronal and sagittal central planes, and the
     log-likelihood per iteration (the sum over its subsets; first frame of a dynamic image).
     With ``truth``: a second row with the truth's planes and a profile along x through the
-    centre of the transaxial plane, and the NEMA table of ``comparison`` when it has one."""
+    centre of the transaxial plane, and the NEMA table of ``comparison`` when it has one.
+    With ``curves`` (components x frames, NMF): the factors' time-activity curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,13 +49,17 @@ def recon_figure(image: np.ndarray, grid, log_likelihood, out_png, subsets: int 
     planes = _central_planes(volume, grid)
     rows = 1 if truth is None else 2
     nema = (comparison or {}).get("nema")
-    widths = [1, 1, 1, 1.2] + ([0.8] if nema else [])
-    figure = Figure(figsize=(13 + 3 * bool(nema), 3.6 * rows), layout="constrained")
+    extra = bool(nema) or curves is not None
+    widths = [1, 1, 1, 1.2] + ([1.0] if extra else [])
+    figure = Figure(figsize=(13 + 3 * extra, 3.6 * rows), layout="constrained")
     grid_axes = figure.subplots(rows, len(widths), gridspec_kw={"width_ratios": widths},
                                 squeeze=False)
-    if nema:
+    if extra:
         grid_axes[0][4].set_axis_off()
-        _nema_table(grid_axes[1][4], nema)
+        if curves is not None:
+            _curves(grid_axes[0][4], curves)
+        if nema:
+            _nema_table(grid_axes[1][4], nema)
     axes = grid_axes[0]
     scale = 1.0 if truth is None else (comparison or {}).get("scale_to_truth", 1.0)
     top = float(np.percentile(volume * scale, 99.9)) or 1.0
@@ -125,3 +130,16 @@ def _nema_table(axis, nema):
     table.set_fontsize(9)
     table.scale(1.0, 1.4)
     axis.set_title("NEMA-style CR and BV", fontsize=10)
+
+
+def _curves(axis, curves):
+    """The time-activity curves of the NMF factors (each factor's weight per frame)."""
+    axis.set_axis_on()
+    for index, curve in enumerate(np.asarray(curves)):
+        axis.plot(np.arange(1, len(curve) + 1), curve, marker="o", lw=1,
+                  label=f"factor {index + 1}")
+    axis.set_xlabel("frame")
+    axis.set_ylabel("weight")
+    axis.set_title("time-activity curves", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)

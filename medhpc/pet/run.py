@@ -509,6 +509,8 @@ class PetRecon:
 
             recon_figure(image, self.grid, history, self.png, subsets=self.settings.n_subsets,
                          overwrite=self.run.overwrite, truth=truth, comparison=comparison,
+                         curves=None if getattr(self, "_nmf", None) is None
+                         else self._nmf["curves"],
                          title=f"{self.settings.algorithm.upper()} {self.settings.iterations} it x "
                                f"{self.settings.n_subsets} subsets, {self.world.size} rank(s)")
             self.run.log.info(f"picture written to {self.png}")

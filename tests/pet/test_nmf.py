@@ -66,3 +66,21 @@ def test_nmf_needs_dynamic_data(pet_case, tmp_path):
     with pytest.raises(InputError, match="does not checkpoint"):
         PetRecon(serial_run(), pet_case["dynamic"], tmp_path / "x.nii.gz",
                  ReconSettings(algorithm="nmf", components=2), checkpoint_every=1)
+
+
+def test_nmf_writes_frames_factors_log_and_a_picture_with_the_curves(dynamic, tmp_path):
+    import json
+
+    import h5py
+
+    sinogram, truth = dynamic
+    out = tmp_path / "nmf.nii.gz"
+    recon = PetRecon(serial_run(), sinogram, out, ReconSettings(
+        algorithm="nmf", iterations=1, subsets=2, components=2), png=True)
+    recon.execute()
+    with h5py.File(tmp_path / "nmf.factors.h5") as h5:
+        assert h5["spatial_factors"].shape == (2,) + truth.shape[1:]
+        assert h5["time_activity_curves"].shape == (2, len(truth))
+    log = json.loads((tmp_path / "nmf.json").read_text())
+    assert np.asarray(log["time_activity_curves"]).shape == (2, len(truth))
+    assert (tmp_path / "nmf.png").read_bytes()[:4] == b"\x89PNG"
