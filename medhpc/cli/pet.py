@@ -307,7 +307,6 @@ def pet_scatter(run, sinogram, activity, mu_map, window_kev, energy_resolution, 
     """Estimate the scattered coincidences of a sinogram by single-scatter simulation from an
     activity and a mu-map, scaled to the prompts outside the body."""
     from medhpc.pet.run_scatter import ScatterEstimate
-    from medhpc.pet.settings import ScatterSettings
 
     settings = ScatterSettings(window_kev=tuple(window_kev), energy_resolution=energy_resolution,
                                scatter_point_mm=scatter_point_mm)

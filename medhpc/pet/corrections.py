@@ -95,15 +95,22 @@ def check_corrections(files: CorrectionFiles, layout) -> Corrections | None:
             datasets[option] = _sinogram_dataset(option, value, shape, layout)
     corrections = Corrections(files=files, datasets=datasets)
     if files.mu_map is not None:
-        mu, grid = read_image(files.mu_map, ndim=(3,))
-        check_nonnegative(files.mu_map, mu, "attenuation coefficients")
-        if mu.max() > 1.0:
-            raise InputError(f"{files.mu_map}: mu-map maximum {mu.max():g} looks like 1/cm or "
-                             f"HU; expected linear attenuation in 1/mm (water 0.0096)")
+        mu, grid = read_mu_map(files.mu_map)
         origin, voxel = axis_aligned_grid(grid, files.mu_map)
-        corrections = replace(corrections, mu_map=np.ascontiguousarray(mu, np.float32),
-                              mu_origin_mm=origin, mu_voxel_mm=voxel, mu_shape=mu.shape)
+        corrections = replace(corrections, mu_map=mu, mu_origin_mm=origin, mu_voxel_mm=voxel,
+                              mu_shape=mu.shape)
     return corrections
+
+
+def read_mu_map(path):
+    """Read and check a linear-attenuation image: ``(mu float32 [z, y, x], grid)``; one
+    :class:`InputError` line for negative values or units that are not 1/mm."""
+    mu, grid = read_image(path, ndim=(3,))
+    check_nonnegative(path, mu, "attenuation coefficients")
+    if mu.max() > 1.0:
+        raise InputError(f"{path}: mu-map maximum {mu.max():g} looks like 1/cm or HU; "
+                         f"expected linear attenuation in 1/mm (water 0.0096)")
+    return np.ascontiguousarray(mu, np.float32), grid
 
 
 def _read(path_and_name, views, planes) -> np.ndarray:
@@ -157,10 +164,15 @@ def attenuation_factors(corrections: Corrections, scanner, views, planes, device
     view_index = None if isinstance(views, slice) else views
     plane_index = None if isinstance(planes, slice) else planes
     xstart, xend = lor_endpoints(scanner, views=view_index, planes=plane_index)
-    projector = JosephProjector(xstart.reshape(-1, 3), xend.reshape(-1, 3), corrections.mu_shape,
-                                corrections.mu_origin_mm, corrections.mu_voxel_mm, device=device)
-    integrals = projector.forward(corrections.mu_map)
-    return np.exp(-integrals).astype(np.float32).reshape(xstart.shape[:3])
+    return line_attenuation(corrections, xstart.reshape(-1, 3), xend.reshape(-1, 3),
+                            device).reshape(xstart.shape[:3])
+
+
+def line_attenuation(corrections: Corrections, xstart, xend, device) -> np.ndarray:
+    """``exp(-line integral of mu)`` between the (n, 3) end points (float32, (n,))."""
+    projector = JosephProjector(xstart, xend, corrections.mu_shape, corrections.mu_origin_mm,
+                                corrections.mu_voxel_mm, device=device)
+    return np.exp(-projector.forward(corrections.mu_map)).astype(np.float32)
 
 
 def corrections_fingerprint(corrections: Corrections | None) -> dict:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import numpy as np
 
 from medhpc import backend
-from medhpc.filters.gaussian import GaussianFilter
-from medhpc.pet.osem import SubsetShare
 from medhpc.pet.settings import ReconSettings
 
 
@@ -41,32 +39,34 @@ class NmfReconstructor:
     Parameters
     ----------
     run : medhpc.runtime.context.Run
-    frame_shares : list of list of SubsetShare
-        For each of this rank's frames, its share of every subset (all views).
+    models : list of medhpc.pet.osem.OsemReconstructor
+        One per frame of this rank (its subset shares, all views, and the subsets'
+        sensitivities, the same for every frame), each reducing over this rank alone.
     frame_indices : sequence of int
         The frames' indices in the acquisition.
     frames : int
         Frames in the acquisition.
-    image_shape, voxel_mm, settings
-        As for :class:`medhpc.pet.osem.OsemReconstructor`; ``settings.components`` is ``K``.
+    settings : ReconSettings
+        ``settings.components`` is ``K``.
     reduce : medhpc.parallel.comm.World
         The ranks that share the frames.
     support : (ny, nx) bool array, optional
         Where the factors may be non-zero.
+    initial_frames : list of ndarray, optional
+        Reconstructed frames (this rank's) to start from (:meth:`factorise_images`).
     """
 
-    def __init__(self, run, frame_shares, frame_indices, frames: int, image_shape, voxel_mm,
-                 settings: ReconSettings, reduce, support=None, initial_frames=None):
+    def __init__(self, run, models, frame_indices, frames: int, settings: ReconSettings,
+                 reduce, support=None, initial_frames=None):
         self.run, self.device = run, run.device
-        self.frame_shares = frame_shares
+        self.models = models
         self.frame_indices = list(frame_indices)
         self.frames = int(frames)
-        self.image_shape = tuple(image_shape)
         self.settings = settings
         self.reduce = reduce
-        self.em = backend.kernels("medhpc.pet", self.device, "em")
-        self.psf = GaussianFilter(settings.psf_fwhm_mm, voxel_mm, self.device, False)
-        self.sensitivities = self._sensitivities()
+        self.sensitivities = [np.asarray(backend.to_host(image), np.float64)
+                              for image in models[0].sensitivities]
+        self.image_shape = self.sensitivities[0].shape
         inside = self.sensitivities[0] > 0
         if support is not None:
             inside &= support[None]
@@ -110,50 +110,15 @@ class NmfReconstructor:
             self.reduce.allreduce_(curves)
             self.curves = curves
 
-    # -- the model ---------------------------------------------------------------------------
-    def _sensitivities(self) -> list[np.ndarray]:
-        """``G^T A_s^T m`` per subset (every rank has all views, so no sum over ranks); taken
-        from the first frame's shares: the factors are the same in every frame."""
-        reference = self._reference_shares()
-        images = []
-        for share in reference:
-            with self.run.stage("sensitivity", "kernel"):
-                image = share.projector.back_every_bin(share.multiplicative)
-            with self.run.stage("resolution model", "kernel"):
-                image = self.psf.apply(image)
-            images.append(np.asarray(backend.to_host(image), np.float64))
-        return images
-
-    def _reference_shares(self) -> list[SubsetShare]:
-        if self.frame_shares:
-            return self.frame_shares[0]
-        raise ValueError("a rank without frames needs reference shares")
-
     def frame_image(self, local: int) -> np.ndarray:
         """``x_t`` of this rank's ``local``-th frame (float64, host)."""
         curve = self.curves[:, self.frame_indices[local]]
         return np.tensordot(curve, self.factors, axes=1)
 
-    def _ratio_back(self, share: SubsetShare, image: np.ndarray):
-        """``(G^T A_s^T (m y / ybar), log-likelihood)`` of one frame's subset share."""
-        device_image = backend.to_device(image.astype(np.float32), self.device)
-        with self.run.stage("resolution model", "kernel"):
-            blurred = self.psf.apply(device_image)
-        with self.run.stage("forward project", "kernel"):
-            projection = share.projector.forward(blurred).reshape(-1)
-        with self.run.stage("likelihood", "kernel"):
-            likelihood = self.em.poisson_log_likelihood(share.prompts, projection,
-                                                        share.multiplicative, share.additive,
-                                                        share.tof_bins)
-        with self.run.stage("ratio", "kernel"):
-            ratio = backend.empty(share.n_values, np.float32, self.device)
-            self.em.em_ratio(share.prompts, projection, share.multiplicative, share.additive,
-                             share.tof_bins, ratio)
-        projector = share.projector
-        with self.run.stage("back project", "kernel"):
-            back = projector.back(ratio.reshape(projector.shape_out))
-        with self.run.stage("resolution model", "kernel"):
-            back = self.psf.apply(back)
+    def _ratio_back(self, local: int, subset: int):
+        """``(G^T A_s^T (m y / ybar), log-likelihood)`` of this rank's ``local``-th frame."""
+        image = backend.to_device(self.frame_image(local).astype(np.float32), self.device)
+        back, likelihood = self.models[local].ratio_back_projection(image, subset)
         return np.asarray(backend.to_host(back), np.float64), likelihood
 
     # -- the algorithm -----------------------------------------------------------------------
@@ -165,8 +130,8 @@ class NmfReconstructor:
         numerator = np.zeros((components,) + self.image_shape)
         curve_sums = np.zeros(components)
         likelihood = 0.0
-        for local, shares in enumerate(self.frame_shares):
-            back, frame_likelihood = self._ratio_back(shares[subset], self.frame_image(local))
+        for local in range(len(self.models)):
+            back, frame_likelihood = self._ratio_back(local, subset)
             likelihood += frame_likelihood
             curve = self.curves[:, self.frame_indices[local]]
             numerator += curve[:, None, None, None] * back[None]
@@ -182,8 +147,8 @@ class NmfReconstructor:
                                     self.factors * numerator / safe, 0.0)
         curves = np.zeros_like(self.curves)
         weights = np.array([np.vdot(factor, sensitivity) for factor in self.factors])
-        for local, shares in enumerate(self.frame_shares):
-            back, _ = self._ratio_back(shares[subset], self.frame_image(local))
+        for local in range(len(self.models)):
+            back, _ = self._ratio_back(local, subset)
             frame = self.frame_indices[local]
             with self.run.stage("update", "other"):
                 for k in range(components):
@@ -208,5 +173,4 @@ class NmfReconstructor:
 
     def frame_images(self) -> list[np.ndarray]:
         """This rank's frames as float32 images."""
-        return [self.frame_image(local).astype(np.float32)
-                for local in range(len(self.frame_shares))]
+        return [self.frame_image(local).astype(np.float32) for local in range(len(self.models))]

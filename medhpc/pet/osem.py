@@ -153,6 +153,17 @@ class OsemReconstructor:
     def subiteration(self, image, subset: int) -> float:
         """Update ``image`` (device array) in place with subset ``subset``; return the
         Poisson log-likelihood of the image before the update on this subset (all ranks)."""
+        backprojection, likelihood = self.ratio_back_projection(image, subset)
+        with self.run.stage("update", "kernel"):
+            if self.settings.algorithm == "bsrem":
+                self._bsrem_update(image, backprojection, subset)
+            else:
+                self.em.em_update(image, backprojection, self._denominator(image, subset))
+        return likelihood
+
+    def ratio_back_projection(self, image, subset: int):
+        """``(G^T A_s^T (m y / ybar), log-likelihood)`` of ``image`` (device) on subset
+        ``subset``, both summed over the ranks in ``reduce``."""
         share = self.shares[subset]
         projection = self._forward(share, image)
         with self.run.stage("likelihood", "kernel"):
@@ -163,13 +174,7 @@ class OsemReconstructor:
             ratio = backend.empty(share.n_values, np.float32, self.device)
             self.em.em_ratio(share.prompts, projection, share.multiplicative, share.additive,
                              share.tof_bins, ratio)
-        backprojection = self._back(share, ratio)
-        with self.run.stage("update", "kernel"):
-            if self.settings.algorithm == "bsrem":
-                self._bsrem_update(image, backprojection, subset)
-            else:
-                self.em.em_update(image, backprojection, self._denominator(image, subset))
-        return likelihood
+        return self._back(share, ratio), likelihood
 
     def _bsrem_update(self, image, backprojection, subset: int) -> None:
         """x += a_k x / s_s (A_s^T m y / ybar - s_s - beta / S grad R(x)), x >= 0."""

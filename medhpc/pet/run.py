@@ -408,15 +408,18 @@ class PetRecon:
         for frame in range(start + 1, stop):
             shares = self.view_shares(views, alone, frame=frame, projectors=first)
             frame_shares.append(shares)
-        with self.run.stage("initial frames", "other"):
-            starts = []
-            for shares in frame_shares:  # one OSEM iteration per frame
-                osem = OsemReconstructor(self.run, shares, self.grid.shape, self.voxel_mm,
-                                         replace(self.settings, algorithm="osem", iterations=1),
-                                         reduce=alone, support=self.support)
-                starts.append(osem.run_iterations(ReconState(image=osem.initial_image())).image)
-        reconstructor = NmfReconstructor(self.run, frame_shares, range(start, stop),
-                                         self.layout.frames, self.grid.shape, self.voxel_mm,
+        models, starts = [], []
+        for shares in frame_shares:  # the frames share the first's sensitivity images
+            sensitivities = ([backend.to_host(image) for image in models[0].sensitivities]
+                             if models else None)
+            models.append(OsemReconstructor(
+                self.run, shares, self.grid.shape, self.voxel_mm,
+                replace(self.settings, algorithm="osem", iterations=1), reduce=alone,
+                sensitivities=sensitivities, support=self.support))
+            with self.run.stage("initial frames", "other"):  # one OSEM iteration per frame
+                starts.append(models[-1].run_iterations(
+                    ReconState(image=models[-1].initial_image())).image)
+        reconstructor = NmfReconstructor(self.run, models, range(start, stop), self.layout.frames,
                                          self.settings, self.world, support=self.support,
                                          initial_frames=starts)
         history = reconstructor.run_iterations(progress=self.run.log.progress)

@@ -21,14 +21,15 @@ import numpy as np
 from medhpc import backend
 from medhpc.errors import InputError
 from medhpc.parallel.geometry import block_range
-from medhpc.pet.corrections import CorrectionFiles, attenuation_factors, check_corrections
+from medhpc.pet.corrections import (CorrectionFiles, attenuation_factors, check_corrections,
+                                    line_attenuation)
 from medhpc.pet.listmode import (ListModeLayout, check_factor_shapes, parse_time_windows,
                                  read_events, read_listmode_layout, window_events)
 from medhpc.pet.osem import ListModeReconstructor, SubsetShare
 from medhpc.pet.projector import JosephProjector, TofSpec, axis_aligned_grid, tof_spec
 from medhpc.pet.run import PetRecon, output_grid
 from medhpc.pet.scanner import (SPEED_OF_LIGHT_MM_PER_PS, crystal_pair_lors, crystal_positions,
-                                lor_endpoints)
+                                load_scanner, lor_endpoints)
 from medhpc.pet.sinogram import read_layout
 
 #: Views back-projected per call while computing the sensitivity (bounds the LOR memory).
@@ -53,8 +54,9 @@ class ListModeRecon(PetRecon):
             self._validated_listmode)
 
     def _validated_inputs(self, listmode, decomp, image_shape, voxel_size_mm):
-        from medhpc.pet.scanner import load_scanner
-
+        if self.settings.algorithm == "nmf":
+            raise InputError("--algorithm nmf models dynamic sinograms; list-mode data "
+                             "reconstruct frame by frame with --time-windows")
         scanner = load_scanner(self._scanner_request) if self._scanner_request else None
         layout = read_listmode_layout(listmode, scanner)
         grid = output_grid(layout, image_shape, voxel_size_mm)
@@ -267,8 +269,9 @@ class ListModeRecon(PetRecon):
         positions = crystal_positions(scanner).transpose(1, 0, 2).reshape(-1, 3)
         if self.attenuation is not None and len(multiplicative):
             with self.run.stage("attenuation", "kernel"):
-                multiplicative = multiplicative * self._event_attenuation(
-                    positions[events["crystal1"]], positions[events["crystal2"]])
+                multiplicative = multiplicative * line_attenuation(
+                    self.attenuation, positions[events["crystal1"]],
+                    positions[events["crystal2"]], self.run.device)
         tof = self._event_tof()
         shares = []
         for subset in range(self.settings.n_subsets):
@@ -288,13 +291,6 @@ class ListModeRecon(PetRecon):
                                     additive[chosen])]
             shares.append(SubsetShare(projector, *arrays, tof_bins=1))
         return shares
-
-    def _event_attenuation(self, xstart, xend) -> np.ndarray:
-        """``exp(-line integral of mu)`` along each event's LOR."""
-        corrections = self.attenuation
-        projector = JosephProjector(xstart, xend, corrections.mu_shape, corrections.mu_origin_mm,
-                                    corrections.mu_voxel_mm, device=self.run.device)
-        return np.exp(-projector.forward(corrections.mu_map)).astype(np.float32)
 
     def _event_tof(self) -> TofSpec | None:
         """One TOF bin per event, centred on it: the scanner's bin, or the CASToR step."""

@@ -21,7 +21,9 @@ from medhpc.errors import InputError
 from medhpc.io.atomic import atomic_path, check_output_path
 from medhpc.io.images import check_nonnegative, read_image
 from medhpc.parallel.geometry import block_range
-from medhpc.pet.projector import JosephProjector, axis_aligned_grid
+from medhpc.pet.corrections import (CorrectionFiles, Corrections, line_attenuation,
+                                    read_mu_map)
+from medhpc.pet.projector import axis_aligned_grid
 from medhpc.pet.scanner import lor_endpoints
 from medhpc.pet.scatter import (interpolate_to_sinogram, single_scatter, tail_scale,
                                 tail_sums)
@@ -54,11 +56,7 @@ class ScatterEstimate:
                              f"static acquisition")
         activity, activity_grid = read_image(activity_path, ndim=(3,))
         check_nonnegative(activity_path, activity, "activity")
-        mu, mu_grid = read_image(mu_path, ndim=(3,))
-        check_nonnegative(mu_path, mu, "attenuation coefficients")
-        if mu.max() > 1.0:
-            raise InputError(f"{mu_path}: mu-map maximum {mu.max():g} looks like 1/cm or HU; "
-                             f"expected linear attenuation in 1/mm (water 0.0096)")
+        mu, mu_grid = read_mu_map(mu_path)
         axis_aligned_grid(activity_grid, activity_path)
         axis_aligned_grid(mu_grid, mu_path)
         return layout, activity.astype(np.float32), activity_grid, mu.astype(np.float32), mu_grid
@@ -140,9 +138,10 @@ class ScatterEstimate:
 
     def _attenuation(self, views, mu_origin, mu_voxel):
         xstart, xend = lor_endpoints(self.layout.scanner, views=views)
-        projector = JosephProjector(xstart.reshape(-1, 3), xend.reshape(-1, 3), self.mu.shape,
-                                    mu_origin, mu_voxel, device=self.run.device)
-        return np.exp(-projector.forward(self.mu)).reshape(xstart.shape[:3])
+        mu = Corrections(files=CorrectionFiles(), datasets={}, mu_map=self.mu,
+                         mu_origin_mm=mu_origin, mu_voxel_mm=mu_voxel, mu_shape=self.mu.shape)
+        return line_attenuation(mu, xstart.reshape(-1, 3), xend.reshape(-1, 3),
+                                self.run.device).reshape(xstart.shape[:3])
 
     def _write(self, scatter, document) -> None:
         with atomic_path(self.out, overwrite=self.overwrite) as tmp:

@@ -31,6 +31,7 @@ from medhpc.io.geometry import ImageGeometry
 from medhpc.io.images import check_nonnegative, check_same_grid, read_image
 from medhpc.parallel.geometry import block_range
 from medhpc.pet.projector import JosephProjector, axis_aligned_grid, tof_spec
+from medhpc.pet.corrections import read_mu_map
 from medhpc.pet.listmode import write_listmode
 from medhpc.pet.scanner import (ScannerGeometry, crystal_ids, lor_endpoints, plane_ring_pairs,
                                 sinogram_crystals)
@@ -47,12 +48,8 @@ def read_inputs(activity_path, mu_map_path):
     frames = activity if activity.ndim == 4 else activity[None]
     mu_map = None
     if mu_map_path is not None:
-        mu_map, mu_grid = read_image(mu_map_path, ndim=(3,))
-        check_nonnegative(mu_map_path, mu_map, "attenuation coefficients")
+        mu_map, mu_grid = read_mu_map(mu_map_path)
         check_same_grid(mu_map_path, mu_grid, activity_path, grid, "mu-map")
-        if mu_map.max() > 1.0:
-            raise InputError(f"{mu_map_path}: mu-map maximum {mu_map.max():g} looks like 1/cm or "
-                             f"HU; expected linear attenuation in 1/mm (water 0.0096)")
     return np.ascontiguousarray(frames, np.float32), mu_map, grid
 
 
