@@ -305,3 +305,10 @@ def test_a_mu_map_gives_the_attenuation_of_events_and_sensitivity(pet_case, tmp_
                    multiplicative, additive)
     with pytest.raises(InputError, match="no 'normalisation'"):
         ListModeRecon(serial_run(), bare, tmp_path / "b.nii.gz", MLEM, mu_map=str(mu_map))
+
+
+def test_list_mode_refuses_nmf(pet_case, tmp_path):
+    _, events = pet_case["listmode"]
+    with pytest.raises(InputError, match="--algorithm nmf models dynamic sinograms"):
+        ListModeRecon(serial_run(), events, tmp_path / "n.nii.gz",
+                      ReconSettings(algorithm="nmf"))
