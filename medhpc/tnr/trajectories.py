@@ -25,6 +25,7 @@ FILL_SIGMA_NODES = 1.5
 PLACEMENT_ITERATIONS = 15
 DRIFT_RATIOS = np.concatenate([[0.0], np.logspace(-5, 5, 101)])
 DRIFT_EVIDENCE = 6.63   # chi-square, 1 degree of freedom, 1 % level
+END_WIDENINGS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)   # window widths tried at the ends of a run
 
 
 @dataclass
@@ -185,29 +186,65 @@ def smooth_along_z(positions: np.ndarray, valid: np.ndarray, sigma: float,
     ends the fitted line keeps a steadily drifting (oblique) trajectory straight
     instead of bending it towards the middle, while still averaging out each
     section's own distortion (mirroring the run would leave the end point
-    unsmoothed, or bend it). ``weights`` (count,) lowers the say of doubtful sections.
+    unsmoothed, or bend it). A one-sided window averages fewer sections, so within
+    ``2 sigma`` of a run's end the window may widen (:data:`END_WIDENINGS`): at each
+    distance from the end, the widening with the least leave-one-section-out
+    prediction error over all trajectories is used (a wider window averages more
+    sections' own distortion away but bends with the anatomy). ``weights`` (count,)
+    lowers the say of doubtful sections.
     """
     n, count, _ = positions.shape
     weights = np.ones(count) if weights is None else np.asarray(weights, np.float64)
     smoothed = np.full(positions.shape, np.nan)
     if sigma <= 0:
         return np.where(valid[..., None], positions, np.nan)
+    reach = int(np.ceil(2 * sigma))
+    kernels: dict = {}
+    fits, errors = [], np.zeros((len(END_WIDENINGS), reach))
     for k in range(n):
         index = np.flatnonzero(valid[k])
         if index.size == 0:
+            fits.append(None)
             continue
-        first, last = index[0], index[-1]
-        smoothed[k, first:last + 1] = local_linear(positions[k, first:last + 1], sigma,
-                                                   weights[first:last + 1])
+        first, last = int(index[0]), int(index[-1]) + 1
+        if (first, last) not in kernels:
+            kernels[first, last] = [local_linear_kernel(last - first, sigma * widening,
+                                                        weights[first:last])
+                                    for widening in END_WIDENINGS]
+        run = positions[k, first:last]
+        fitted = [kernel @ run for kernel in kernels[first, last]]
+        fits.append((first, last, fitted))
+        length = last - first
+        if length < 3:
+            continue
+        distance = np.minimum(np.arange(length), np.arange(length)[::-1])
+        near = distance < reach
+        for w, (kernel, fit) in enumerate(zip(kernels[first, last], fitted)):
+            own = np.clip(np.diag(kernel), None, 1.0 - 1e-6)
+            left_out = (fit - own[:, None] * run) / (1.0 - own[:, None])
+            miss = weights[first:last] * np.sum((run - left_out) ** 2, axis=1)
+            np.add.at(errors[w], distance[near], miss[near])
+    widening_at = np.zeros(reach, int)
+    for d in range(reach):
+        if errors[:, d].any():
+            widening_at[d] = int(np.argmin(errors[:, d]))
+    for k, fit in enumerate(fits):
+        if fit is None:
+            continue
+        first, last, fitted = fit
+        length = last - first
+        distance = np.minimum(np.arange(length), np.arange(length)[::-1])
+        choice = np.where(distance < reach, widening_at[np.minimum(distance, reach - 1)], 0)
+        smoothed[k, first:last] = np.stack(fitted)[choice, np.arange(length)]
     return smoothed
 
 
-def local_linear(run: np.ndarray, sigma: float, weights: np.ndarray | None = None) -> np.ndarray:
-    """Gaussian-weighted local linear regression of ``run`` (L, 2) at each of its samples
-    (``weights`` (L,) multiply the Gaussian of each sample)."""
-    length = len(run)
+def local_linear_kernel(length: int, sigma: float,
+                        weights: np.ndarray | None = None) -> np.ndarray:
+    """The (length, length) matrix of Gaussian-weighted local linear regression at each
+    sample of a run (``weights`` (length,) multiply the Gaussian of each sample)."""
     if length < 3:
-        return run.astype(np.float64)
+        return np.eye(length)
     z = np.arange(length, dtype=np.float64)
     offset = z[None, :] - z[:, None]                     # (at, from)
     weight = np.exp(-0.5 * (offset / sigma) ** 2)
@@ -215,13 +252,18 @@ def local_linear(run: np.ndarray, sigma: float, weights: np.ndarray | None = Non
     if weights is not None:
         weight = weight * np.asarray(weights, np.float64)[None, :]
     s0, s1, s2 = (np.sum(weight * offset ** p, axis=1) for p in (0, 1, 2))
-    t0 = weight @ run
-    t1 = (weight * offset) @ run
     determinant = s0 * s2 - s1 * s1
     safe = determinant > 1e-12 * np.maximum(s0 * s2, 1e-300)
-    fitted = np.where(safe[:, None], (s2[:, None] * t0 - s1[:, None] * t1)
-                      / np.where(safe, determinant, 1.0)[:, None], t0 / s0[:, None])
-    return fitted
+    return np.where(safe[:, None],
+                    weight * (s2[:, None] - s1[:, None] * offset)
+                    / np.where(safe, determinant, 1.0)[:, None],
+                    weight / s0[:, None])
+
+
+def local_linear(run: np.ndarray, sigma: float, weights: np.ndarray | None = None) -> np.ndarray:
+    """Gaussian-weighted local linear regression of ``run`` (L, 2) at each of its samples
+    (``weights`` (L,) multiply the Gaussian of each sample)."""
+    return local_linear_kernel(len(run), sigma, weights) @ run.astype(np.float64)
 
 
 def straight(positions: np.ndarray, valid: np.ndarray, reference: int) -> np.ndarray:
