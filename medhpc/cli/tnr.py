@@ -130,9 +130,10 @@ mpiexec -n 4 medhpc tnr-apply --registration registration.h5 --input ihc_slides/
               help="The other stain's sections, as tnr-register's --input; matched to the "
                    "registered sections by name (stacks: same count and order), at any one "
                    "scale of the registered size.")
-@click.option("--out", default=None, type=click.Path(dir_okay=False),
-              help="Warped stack of --input: .h5 (parts written by every rank), .ome.tif/.tif "
-                   "or .nii/.nii.gz (gathered on rank 0).")
+@click.option("--out", default=None, type=click.Path(),
+              help="Warped stack of --input: pyramidal .ome.tif or .ome.zarr (tile by tile, "
+                   "every rank its sections; whole slides are read by region), .h5 (parts "
+                   "written by every rank), .tif or .nii/.nii.gz (gathered on rank 0).")
 @click.option("--full-res", is_flag=True,
               help="Output at the resolution of --input [default: the grid of tnr-register's "
                    "volume].")
@@ -140,6 +141,12 @@ mpiexec -n 4 medhpc tnr-apply --registration registration.h5 --input ihc_slides/
               help="Output at the resolution of --input divided by this factor.")
 @click.option("--interpolation", type=click.Choice(list(INTERPOLATION_ORDER)), default=None,
               help="Resampling of the sections [default: the registration's].")
+@click.option("--tile", type=int, default=default_of(OutputSettings, "tile"), show_default=True,
+              help="Output tile side (px): the warp step, the zarr chunks and TIFF tiles; "
+                   "bounds the memory per rank (see --dry-run).")
+@click.option("--compression", type=click.Choice(OUTPUT_COMPRESSIONS),
+              default=default_of(OutputSettings, "compression"), show_default=True,
+              help="Pyramidal outputs: auto is JPEG for 8-bit RGB JPEG slides, else zlib.")
 @click.option("--points", type=click.Path(dir_okay=False), default=None,
               help="CSV of points with columns section (name or index), x, y in input-section "
                    "pixels (of --input, else of the registered sections).")
@@ -158,8 +165,8 @@ mpiexec -n 4 medhpc tnr-apply --registration registration.h5 --input ihc_slides/
               help="Output intensities: each section's tissue quantiles onto the stack's "
                    "(histogram) or kept (none) [default: as the registration].")
 @pass_run("tnr-apply")
-def tnr_apply(run, registration, source, out, full_res, downsample, interpolation, points,
-              points_out, geojson, geojson_out, origin, normalise):
+def tnr_apply(run, registration, source, out, full_res, downsample, interpolation, tile,
+              compression, points, points_out, geojson, geojson_out, origin, normalise):
     """Apply a saved tnr-register registration to another stain of the same sections and to
     point or GeoJSON annotations (mapped input -> output)."""
     from medhpc.tnr.apply import Annotations, ApplySettings, Application
@@ -168,7 +175,8 @@ def tnr_apply(run, registration, source, out, full_res, downsample, interpolatio
                              interpolation=interpolation, origin=origin,
                              normalise=normalise)
     Application(run, registration, source, out, settings,
-                Annotations(points, points_out, geojson, geojson_out)).execute()
+                Annotations(points, points_out, geojson, geojson_out),
+                OutputSettings(tile=tile, compression=compression)).execute()
 
 
 @command("tnr", example="""\

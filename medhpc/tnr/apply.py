@@ -21,6 +21,7 @@ registered section sat in the padded section.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,12 +37,18 @@ from medhpc.tnr.annotations import (SectionLookup, map_geojson, read_geojson, re
 from medhpc.tnr.preprocess import downsample
 from medhpc.tnr.intensity import IntensityMaps
 from medhpc.tnr.settings import INTERPOLATION_ORDER, NORMALISATIONS
-from medhpc.tnr.run import TILE_ROWS, _cast, write_section_volume
+from medhpc.io.wholeslide import _extend, block_mean
+from medhpc.tnr.run import _cast, write_section_volume
+from medhpc.tnr.settings import OutputSettings
+from medhpc.tnr.sources import _channels
+from medhpc.tnr.wholeslide import (memory_plan, output_tiles, region_cap_pixels, source_boxes,
+                                   warp_tile_channels)
+from medhpc.runtime.timing import peak_memory_mb
 from medhpc.tnr.registration_file import SavedRegistration, centred_offsets, load_registration
 from medhpc.tnr.sources import SectionStack, open_stack
 
 ORIGINS = ("pixel-centre", "pixel-corner")
-VOLUME_SUFFIXES = (".h5", ".hdf5", ".tif", ".tiff", ".nii", ".nii.gz")
+VOLUME_SUFFIXES = (".h5", ".hdf5", ".tif", ".tiff", ".nii", ".nii.gz", ".ome.zarr")
 NEWTON_ITERATIONS = 60
 NEWTON_TOLERANCE_PX = 1e-6
 CONVERGED_PX = 1e-3
@@ -276,16 +283,23 @@ class Application:
         The other stain's sections (as tnr-register's ``--input``); None maps only
         annotations, which are then in the registered sections' pixels.
     out : path-like or None
-        The warped stack (.h5, .ome.tif/.tif, .nii/.nii.gz); needs ``source``.
+        The warped stack; needs ``source``. ``.ome.tif`` and ``.ome.zarr`` are
+        pyramidal, written tile by tile by every rank; ``.h5`` parts by every rank;
+        ``.tif`` and ``.nii/.nii.gz`` gathered on rank 0.
     settings : ApplySettings
     annotations : Annotations
+    output : OutputSettings
+        Tile side and compression (as tnr-register's).
     """
 
     def __init__(self, run, registration_path, source, out, settings: ApplySettings,
-                 annotations: Annotations | None = None):
+                 annotations: Annotations | None = None, output: OutputSettings | None = None):
         self.run = run
         self.world = run.world
         self.settings = settings
+        self.output = output or OutputSettings()
+        self._levels_read = {}
+        self._pyramid_output = None
         self.source = source
         self.out = Path(out) if out else None
         self.annotations = annotations or Annotations()
@@ -300,6 +314,7 @@ class Application:
     def _validated(self, registration_path):
         """Check every input and output once (on rank 0); read the annotations there."""
         self.settings.check()
+        self.output.check()
         notes = self.annotations
         for given, wanted, name in ((notes.points, notes.points_out, "--points"),
                                     (notes.geojson, notes.geojson_out, "--geojson")):
@@ -313,8 +328,8 @@ class Application:
                              "--points-out, or --geojson and --geojson-out")
         if self.out is not None and not "".join(self.out.suffixes).lower().endswith(
                 VOLUME_SUFFIXES):
-            raise InputError(f"{self.out}: unknown output format; expected .h5, .ome.tif/.tif "
-                             "or .nii/.nii.gz")
+            raise InputError(f"{self.out}: unknown output format; expected .h5, .ome.tif/.tif, "
+                             ".ome.zarr or .nii/.nii.gz")
         registration = load_registration(registration_path)
         stack, placement = None, StainPlacement(1.0, tuple(range(registration.count)))
         names = {name: i for i, name in enumerate(registration.names)}
@@ -342,18 +357,47 @@ class Application:
         return registration, stack, placement, grid
 
     # -- plan ----------------------------------------------------------------------------
+    @property
+    def pyramid(self) -> bool:
+        """The output is a pyramidal OME-Zarr or OME-TIFF, written tile by tile."""
+        from medhpc.io.pyramid import is_zarr_path
+        from medhpc.io.tiff import is_ome_path
+
+        return self.out is not None and (is_zarr_path(self.out) or is_ome_path(self.out))
+
+    def output_pixel_size_um(self):
+        """Output pixel size (y, x) in um, from the other stain's; None when unknown."""
+        if self.stack is None or self.stack.pixel_size_um is None:
+            return None
+        ratio = self.registration.downsample * self.placement.scale / self.grid.factor
+        return tuple(float(size) * ratio for size in self.stack.pixel_size_um)
+
     def plan(self) -> dict:
-        """The decomposition and geometry, for ``--dry-run``."""
+        """The decomposition, geometry and memory per rank, for ``--dry-run``."""
         count = self.registration.count
+        ranks = []
+        if self.stack is not None:
+            stack = self.stack
+            input_tile_bytes = 0
+            if stack.slides:
+                ty, tx = stack.slides[0].tile_shape
+                input_tile_bytes = ty * tx * stack.channels * np.dtype(stack.dtype).itemsize
+            for r in range(self.world.size):
+                first, last = block_range(count, self.world.size, r)
+                memory = memory_plan(self.registration.working_shape, self.grid.shape,
+                                     stack.channels, stack.dtype, self.output.tile,
+                                     last - first, stack.kind == "slides", self.pyramid,
+                                     False, input_tile_bytes)
+                ranks.append({"rank": r, "sections_warped": [first, last], "memory": memory,
+                              "memory_mb": round(memory["total_bytes"] / 2**20)})
         return {"registration": self.registration.path, "sections": count,
                 "input": self.stack.source if self.stack else None,
                 "scale": self.placement.scale, "output_shape": list(self.grid.shape),
                 "output_per_working_px": self.grid.factor,
-                "settings": asdict(self.settings),
-                "ranks_detail": [{"rank": r, "sections_warped": list(block_range(count,
-                                                                                 self.world.size,
-                                                                                 r))}
-                                 for r in range(self.world.size)] if self.stack else []}
+                "output": {"path": str(self.out) if self.out else None,
+                           "pyramid": self.pyramid, "tile": self.output.tile,
+                           "pixel_size_um": self.output_pixel_size_um()},
+                "settings": asdict(self.settings), "ranks_detail": ranks}
 
     # -- running -------------------------------------------------------------------------
     def execute(self) -> None:
@@ -372,47 +416,126 @@ class Application:
         if self.annotations.points is not None or self.annotations.geojson is not None:
             with self.run.stage("annotations", "other"):
                 self.world.agree(self._write_annotations)
-        self.run.finish({"command": "tnr-apply"})
+        extra = {"command": "tnr-apply"}
+        if self.stack is not None:
+            plan = self.plan()["ranks_detail"]
+            peaks = self.world.gather(peak_memory_mb())
+            levels = self.world.gather(self._levels_read)
+            if self.world.is_root:
+                extra["memory"] = {"peak_rss_mb_per_rank": [round(p, 1) for p in peaks],
+                                   "plan_mb_per_rank": [round(r["memory"]["total_bytes"]
+                                                              / 2**20, 1) for r in plan]}
+                extra["levels_read"] = {k: v for part in levels for k, v in part.items()}
+        self.run.finish(extra)
 
-    def warp_sections(self) -> np.ndarray:
-        """This rank's block of warped sections, ``(c, z_local, y, x)`` in the input type."""
+    def warp_sections(self):
+        """Warp this rank's block of sections tile by tile (``--tile`` square).
+
+        Each output tile's coordinates are carried into the frame the other stain is
+        sampled in (its pixels block-averaged by the whole part of its pixels per output
+        pixel) and only the region they need is read: whole slides by region from the
+        stored level nearest that frame (never level 0 whole), other inputs from their
+        padded canvas. Pyramidal outputs (``.ome.tif``, ``.ome.zarr``) receive the
+        tiles as they are made; other outputs are held for this rank's sections
+        ``(c, z_local, y, x)`` and returned (None for pyramidal outputs).
+        """
         registration, stack, grid = self.registration, self.stack, self.grid
         start, stop = block_range(registration.count, self.world.size, self.world.rank)
         ny, nx = grid.shape
         dtype = np.dtype(stack.dtype)
-        local = np.zeros((stack.channels, stop - start, ny, nx), dtype)
+        pyramid = self._open_pyramid() if self.pyramid else None
+        local = None if pyramid else np.zeros((stack.channels, stop - start, ny, nx), dtype)
         interpolation = self.settings.interpolation or registration.interpolation
         order = INTERPOLATION_ORDER[interpolation]
-        scale = self.placement.scale
         # the other stain's pixels per output pixel; sections are block-averaged by its
         # whole part first (as tnr-register does at the working level)
-        ratio = registration.downsample * scale / grid.factor
+        ratio = registration.downsample * self.placement.scale / grid.factor
         block = max(1, int(math.floor(ratio + 1e-6)))
-        gain = ratio / block
+        gain = np.float32(ratio / block)
+        cap = region_cap_pixels(self.output.tile)
         intensity = self.intensity_maps(start, stop)
-        for row, index in enumerate(range(start, stop)):
-            canvas, residual = self.placed_section(index)
-            image = downsample(canvas, block)
-            if image.ndim == 2:
-                image = image[..., None]
-            planes = [np.ascontiguousarray(image[..., c]) for c in range(stack.channels)]
-            # canvas-block px = gain * c + (0.5 * ratio - residual) / block - 0.5
-            shift = (0.5 * ratio - residual) / block - 0.5
-            identity = abs(gain - 1.0) < 1e-12 and np.all(np.abs(shift) < 1e-9)
-            warp = registration.warp(index)
-            with self.run.stage("warp", "kernel"):
-                for first in range(0, ny, TILE_ROWS):
-                    rows = slice(first, min(ny, first + TILE_ROWS))
-                    coord_y, coord_x = warp.coordinates(rows, nx, grid.factor)
-                    if not identity:
-                        coord_y = (coord_y * gain + shift[0]).astype(np.float32)
-                        coord_x = (coord_x * gain + shift[1]).astype(np.float32)
-                    tile = np.empty(coord_y.shape, np.float32)
-                    for c, plane in enumerate(planes):
-                        self.kernels.remap(plane, coord_y, coord_x, order, stack.background,
-                                           tile)
-                        local[c, row, rows] = _cast(intensity(index, c, tile), dtype)
+
+        def warp_block():
+            for row, index in enumerate(range(start, stop)):
+                warp = registration.warp(index)
+                with self.sampled_frame(index, block) as (regions, frame_shape, offset):
+                    # frame px = gain * (c + 0.5) - offset / block - 0.5, c: output-scaled
+                    # coordinates of the registered padded section
+                    shift = (-np.asarray(offset) / block - 0.5 + 0.5 * ratio / block) \
+                        .astype(np.float32)
+                    for rows, columns in output_tiles((ny, nx), self.output.tile):
+                        with self.run.stage("warp", "kernel"):
+                            coord_y, coord_x = warp.coordinates(rows, nx, grid.factor, columns)
+                            coord_y = coord_y * gain + shift[0]
+                            coord_x = coord_x * gain + shift[1]
+                            tile = np.full((stack.channels,) + coord_y.shape, stack.background,
+                                           np.float32)
+                        for part, box in source_boxes(coord_y, coord_x, frame_shape, cap):
+                            if box is None:
+                                continue
+                            with self.run.stage("read sections", "io"):
+                                region = regions(*box)
+                            with self.run.stage("warp", "kernel"):
+                                warp_tile_channels(region, coord_y[part], coord_x[part],
+                                                   (box[0].start, box[1].start),
+                                                   self.kernels.remap, order,
+                                                   stack.background,
+                                                   tile[(slice(None),) + part])
+                        values = np.stack([_cast(intensity(index, c, tile[c]), dtype)
+                                           for c in range(stack.channels)])
+                        with self.run.stage("write volume", "io"):
+                            if pyramid is not None:
+                                pyramid.write_tile(index, rows, columns, values)
+                            else:
+                                local[:, row, rows, columns] = values
+
+        try:
+            self.world.agree_all(warp_block)
+        except BaseException:
+            if pyramid is not None:
+                pyramid.abort()
+            raise
+        self._pyramid_output = pyramid
         return local
+
+    @contextmanager
+    def sampled_frame(self, index: int, block: int):
+        """The other stain's section ``index`` as sampled: ``(regions, shape, offset)``.
+
+        ``regions(rows, columns)`` gives pixels of the frame (the section block-averaged
+        ``block`` times, float32 or input type); ``shape`` is the frame's (y, x);
+        ``offset`` is where, in the other stain's pixels, the frame's origin lies
+        relative to the registered padded section scaled (the section's placement).
+        Whole slides are read by region from the level :func:`choose_level` picks;
+        other inputs are placed on their padded canvas (:meth:`placed_section`).
+        """
+        registration, stack = self.registration, self.stack
+        other = self.placement.order[index]
+        exact = self.placement.scale * registration.section_offsets[index]
+        if stack.kind == "slides":
+            from medhpc.io.wholeslide import choose_level, open_slide
+
+            slide = stack.slides[other]
+            level, sub_block = choose_level(slide, block)
+            level_shape = slide.level_shapes[level]
+            shape = (stack.shape[0] // block, stack.shape[1] // block)
+            self._levels_read[stack.names[other]] = {"level": level, "block": sub_block}
+            with open_slide(slide) as reader:
+                def regions(rows, columns):
+                    wanted = ((rows.stop - rows.start) * sub_block,
+                              (columns.stop - columns.start) * sub_block)
+                    values = reader.region(
+                        level, slice(min(rows.start * sub_block, level_shape[0] - 1),
+                                     min(level_shape[0], rows.stop * sub_block)),
+                        slice(min(columns.start * sub_block, level_shape[1] - 1),
+                              min(level_shape[1], columns.stop * sub_block)))
+                    values = _channels(_extend(values, wanted), stack.channels)
+                    return block_mean(values, sub_block) if sub_block > 1 else values
+                yield regions, shape, exact
+            return
+        canvas, residual = self.placed_section(index)
+        image = downsample(canvas, block)
+        yield (lambda rows, columns: image[rows, columns]), image.shape[:2], residual
 
     def placed_section(self, index: int):
         """Registered section ``index`` of the other stain on its padded canvas, placed where
@@ -466,17 +589,36 @@ class Application:
             shape = np.maximum(shape, placed + np.asarray(self.stack.shapes[other]))
         return tuple(int(n) for n in shape)
 
-    def write_volume(self, local: np.ndarray) -> None:
-        """Write the warped stack as tnr-register writes its volume."""
+    def _open_pyramid(self):
+        from medhpc.io.pyramid import PyramidOutput, pyramid_layout
+
+        stack = self.stack
+        layout = pyramid_layout((self.registration.count,) + tuple(self.grid.shape),
+                                stack.channels, stack.dtype, self.output.tile,
+                                self.output_pixel_size_um(), stack.background)
+        return PyramidOutput(self.world, self.out, layout,
+                             self.output.resolved_compression(stack),
+                             overwrite=self.run.overwrite)
+
+    def write_volume(self, local) -> None:
+        """Write the warped stack as tnr-register writes its volume (``local`` None: the
+        pyramid's tiles are written; its levels and files are made here)."""
         count = self.registration.count
-        ny, nx = self.grid.shape
-        spacing = self.registration.downsample * self.placement.scale / self.grid.factor
-        geometry = ImageGeometry.from_spacing((count, ny, nx), (spacing, spacing, 1.0))
-        volume = local if self.stack.channels == 3 else local[0]
-        own = slab(count, self.world.size, self.world.rank)
         with self.run.stage("write volume", "io"):
-            write_section_volume(self.world, self.out, volume, own, geometry,
-                                 self.run.overwrite)
+            if local is None:
+                start, stop = block_range(count, self.world.size, self.world.rank)
+                self._pyramid_output.finish(range(start, stop))
+            else:
+                ny, nx = self.grid.shape
+                size_um = self.output_pixel_size_um()
+                spacing = ((size_um[1] * 1e-3, size_um[0] * 1e-3) if size_um is not None else
+                           (self.registration.downsample * self.placement.scale
+                            / self.grid.factor,) * 2)
+                geometry = ImageGeometry.from_spacing((count, ny, nx), spacing + (1.0,))
+                volume = local if self.stack.channels == 3 else local[0]
+                own = slab(count, self.world.size, self.world.rank)
+                write_section_volume(self.world, self.out, volume, own, geometry,
+                                     self.run.overwrite)
         self.run.log.info(f"volume written to {self.out}")
 
     # -- annotations ---------------------------------------------------------------------
