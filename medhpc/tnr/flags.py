@@ -11,7 +11,11 @@ Evidence per section (all measured at the working level while matching):
   section worse than the pairs around them);
 - the mean colour and the direction of the mean optical-density vector (the
   mix of stains) against the stack's robust spread: *stain differs*;
-- at most ``min_accepted`` of the patches of both pairs accepted: *unmatched*.
+- at most ``min_accepted`` of the patches of both pairs accepted: *unmatched*;
+- a compact piece of glass where both rigidly aligned neighbours have tissue
+  (:func:`uncovered_tissue`, per pair; a piece wider than :data:`PIECE_OPENING_PX`
+  and larger than the stack's robust spread): *missing tissue* (a piece fell off or
+  a fold moved it).
 
 Missing-tissue and damaged sections become *leaves*: they leave the chain (their
 neighbours are matched directly, so an error in them is not passed on along the
@@ -39,6 +43,9 @@ ROBUST_Z = 5.0
 DOUBTFUL_WEIGHT = 0.2
 STRAIN_MIN_PX = 1.0          # local distortion jump that is never a flag by itself (working px)
 STRAIN_QUANTILE = 90.0
+PIECE_BLOCK = 4              # uncovered-tissue maps are kept at 1/4 of the working level
+PIECE_OPENING_PX = 6         # working px: narrower glass (outline differences) is ignored
+PIECE_MIN_FRACTION = 0.015   # of the section's tissue, never a flag below this
 
 
 @dataclass
@@ -48,14 +55,31 @@ class SectionFlags:
     reasons: dict = field(default_factory=dict)   # {section: [reason, ...]}
     excluded: set = field(default_factory=set)    # out of the chain, no warp of their own
     leaves: set = field(default_factory=set)      # out of the chain, warped from a neighbour
+    pieces: dict = field(default_factory=dict)    # {section: bool map of its missing piece}
 
     def weights(self, count: int) -> np.ndarray:
-        """Weight of every section in the placement estimate and the smoothing."""
+        """Weight of every section in the placement estimate and the smoothing (a section
+        flagged only for a missing piece keeps 1: :meth:`point_weights` lowers the piece)."""
         weights = np.ones(count)
-        for index in self.reasons:
+        for index, reasons in self.reasons.items():
+            if index in self.pieces and len(reasons) == 1:
+                continue
             weights[index] = DOUBTFUL_WEIGHT
         for index in self.excluded:
             weights[index] = 0.0
+        return weights
+
+    def point_weights(self, positions: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """(N, count): :meth:`weights` per section, and :data:`DOUBTFUL_WEIGHT` for the
+        trajectories that lie in a section's missing piece (``positions`` (N, count, 2) in
+        the sections' working pixels)."""
+        weights = np.repeat(self.weights(positions.shape[1])[None, :], positions.shape[0], 0)
+        for index, piece in self.pieces.items():
+            cell = np.floor(positions[:, index] / PIECE_BLOCK).astype(np.int64)
+            inside = valid[:, index] & np.all((cell >= 0) & (cell < piece.shape), axis=1)
+            rows = np.flatnonzero(inside)
+            hit = piece[cell[rows, 0], cell[rows, 1]]
+            weights[rows[hit], index] = min(weights[0, index], DOUBTFUL_WEIGHT)
         return weights
 
     def chain(self, count: int) -> list[int]:
@@ -120,10 +144,71 @@ def flag_sections(count: int, statistics: dict, pairs: dict, min_accepted: float
             flags.reasons[i].append(f"missing tissue: area {100 * ratio[i]:.0f}% of what its "
                                     "neighbours predict")
             flags.leaves.add(int(i))
+    _flag_missing_pieces(flags, count, pairs, blank)
     _flag_stain(flags, statistics, colour, blank)
     _flag_matches(flags, count, pairs, min_accepted)
     flags.reasons = {i: r for i, r in flags.reasons.items() if r}
     return flags
+
+
+def uncovered_tissue(mask: np.ndarray, other_mask: np.ndarray, to_other: np.ndarray) -> np.ndarray:
+    """Where a section has glass but its rigidly aligned neighbour has tissue.
+
+    ``to_other`` maps the section's working pixels into the neighbour's
+    (``rigid.resample`` convention). The glass is opened by a disk of
+    :data:`PIECE_OPENING_PX` (outline differences between neighbours are thin) and
+    kept block-averaged by :data:`PIECE_BLOCK` (bool).
+    """
+    from scipy import ndimage
+
+    from medhpc.tnr import rigid
+
+    moved = rigid.resample(other_mask.astype(np.float32), to_other) > 0.5
+    uncovered = moved & ~mask
+    radius = PIECE_OPENING_PX
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    uncovered = ndimage.binary_opening(uncovered, structure=yy ** 2 + xx ** 2 <= radius ** 2)
+    ny, nx = (n // PIECE_BLOCK for n in mask.shape)
+    blocks = uncovered[:ny * PIECE_BLOCK, :nx * PIECE_BLOCK].reshape(ny, PIECE_BLOCK, nx,
+                                                                      PIECE_BLOCK)
+    return blocks.mean(axis=(1, 3)) > 0.5
+
+
+def missing_pieces(count: int, pairs: dict, blank) -> tuple[np.ndarray, dict]:
+    """Per section, the tissue fraction uncovered with respect to both neighbours (0 at the
+    ends of the stack and where a pair holds no map), and those maps (dilated by one
+    block)."""
+    from scipy import ndimage
+
+    fractions, pieces = np.zeros(count), {}
+    for i in range(1, count - 1):
+        before, after = pairs.get((i - 1, i)), pairs.get((i, i + 1))
+        if blank[i] or blank[i - 1] or blank[i + 1] or before is None or after is None:
+            continue
+        maps = [getattr(before, "uncovered", {}).get(i), getattr(after, "uncovered", {}).get(i)]
+        if any(m is None for m in maps) or maps[0].shape != maps[1].shape:
+            continue
+        tissue = float(after.sections[i]["tissue_fraction"]) * maps[0].size
+        both = maps[0] & maps[1]
+        fractions[i] = np.count_nonzero(both) / max(tissue, 1.0)
+        pieces[i] = ndimage.binary_dilation(both)
+    return fractions, pieces
+
+
+def _flag_missing_pieces(flags: SectionFlags, count: int, pairs: dict, blank) -> None:
+    fractions, pieces = missing_pieces(count, pairs, blank)
+    inner = [i for i in range(1, count - 1) if not blank[i]]
+    if len(inner) < 5:
+        return
+    values = fractions[inner]
+    median = float(np.median(values))
+    spread = 1.4826 * float(np.median(np.abs(values - median)))
+    limit = median + max(PIECE_MIN_FRACTION, ROBUST_Z * spread)
+    for i in inner:
+        if fractions[i] > limit and i not in flags.leaves:
+            flags.reasons[i].append(f"missing tissue: a piece of {100 * fractions[i]:.1f}% of "
+                                    "its tissue is glass where both neighbours have tissue")
+            flags.pieces[int(i)] = pieces[i]
 
 
 def _flag_stain(flags: SectionFlags, statistics: dict, colour: np.ndarray, blank) -> None:

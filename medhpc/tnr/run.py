@@ -31,7 +31,8 @@ from medhpc.io.geometry import ImageGeometry
 from medhpc.parallel.geometry import block_range, slab
 from medhpc.parallel.work import map_items
 from medhpc.tnr import rigid, trajectories
-from medhpc.tnr.flags import SectionFlags, flag_sections, flag_strain, local_strain
+from medhpc.tnr.flags import (SectionFlags, flag_sections, flag_strain, local_strain,
+                              uncovered_tissue)
 from medhpc.tnr.intensity import IntensityMaps
 from medhpc.tnr.matching import STATUS_NAMES, Matches, grid_axes, match_sections
 from medhpc.tnr.preprocess import WorkingSection, downsample, prepare_section
@@ -59,6 +60,7 @@ class PairResult:
     matches: Matches
     sections: dict                 # {index: statistics of the section}
     tissue_nodes: dict             # {index: bool (gy, gx) tissue at the grid nodes}
+    uncovered: dict = None         # {index: bool map, glass where the other has tissue}
 
     @property
     def accepted_fraction(self) -> float:
@@ -79,6 +81,8 @@ def write_pair(path, result: PairResult, fingerprint: str) -> None:
             h5[f"matches/{name}"] = getattr(result.matches, name)
         for index, nodes in result.tissue_nodes.items():
             h5[f"tissue_nodes/{index}"] = np.asarray(nodes, bool)
+        for index, uncovered in (result.uncovered or {}).items():
+            h5[f"uncovered/{index}"] = np.asarray(uncovered, bool)
 
 
 def read_pair(path, a: int, b: int, fingerprint: str) -> PairResult | None:
@@ -95,7 +99,8 @@ def read_pair(path, a: int, b: int, fingerprint: str) -> PairResult | None:
             return None
         sections = {int(k): v for k, v in json.loads(h5.attrs["sections"]).items()}
         nodes = {int(k): np.asarray(v[()], bool) for k, v in h5["tissue_nodes"].items()}
-    return PairResult(a, b, transform, matches, sections, nodes)
+        uncovered = {int(k): np.asarray(v[()], bool) for k, v in h5["uncovered"].items()}
+    return PairResult(a, b, transform, matches, sections, nodes, uncovered)
 
 
 def section_statistics(section: WorkingSection) -> dict:
@@ -147,7 +152,8 @@ def solve_trajectories(settings: TnrSettings, count: int, shape, pairs: dict,
     if settings.mode == "tnr":
         placed = trajectories.placement_free_frame(observed, valid, transforms, weights, shape,
                                                    settings.placement)
-        target = trajectories.smooth_along_z(placed["frame"], valid, settings.sigma, weights)
+        target = trajectories.smooth_along_z(placed["frame"], valid, settings.sigma,
+                                             flags.point_weights(observed, valid))
         strain = local_strain(placed["frame"], target, valid, seeds, grid)
         record["strain"] = strain
         if flag_strain(flags, strain):
@@ -157,7 +163,7 @@ def solve_trajectories(settings: TnrSettings, count: int, shape, pairs: dict,
             placed = trajectories.placement_free_frame(observed, valid, transforms, weights,
                                                        shape, settings.placement)
             target = trajectories.smooth_along_z(placed["frame"], valid, settings.sigma,
-                                                 weights)
+                                                 flags.point_weights(observed, valid))
         record["fallback"] = np.stack([p @ np.linalg.inv(d)
                                        for p, d in zip(placed["placement"], placed["drift"])])
         record.update(placement=placed["placement"], drift=placed["drift"],
@@ -498,9 +504,12 @@ class StackRegistration:
         with self.run.stage("match patches", "kernel"):
             matches = match_sections(fixed.image, fixed.mask, aligned, self.settings.match,
                                      self.kernels.zncc_scores)
+        with self.run.stage("rigid pre-alignment", "kernel"):
+            uncovered = {a: uncovered_tissue(fixed.mask, moving.mask, transform),
+                         b: uncovered_tissue(moving.mask, fixed.mask, np.linalg.inv(transform))}
         result = PairResult(a, b, transform, matches,
                             {a: section_statistics(fixed), b: section_statistics(moving)},
-                            {a: fixed.mask[nodes], b: moving.mask[nodes]})
+                            {a: fixed.mask[nodes], b: moving.mask[nodes]}, uncovered)
         self._save_pair(result)
         return result
 
@@ -780,7 +789,9 @@ class StackRegistration:
             "flagged_sections": {str(i): {"name": self.stack.names[i], "reasons": r,
                                           "role": ("excluded" if i in flags.excluded else
                                                    "leaf" if i in flags.leaves else
-                                                   "down-weighted")}
+                                                   "down-weighted where the piece is missing"
+                                                   if flags.weights(self.stack.count)[i] == 1
+                                                   else "down-weighted")}
                                  for i, r in sorted(flags.reasons.items())},
             "matched_sections": matched, "reference_section": record["reference"],
             "pairs": pair_rows,

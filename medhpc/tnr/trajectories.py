@@ -191,10 +191,12 @@ def smooth_along_z(positions: np.ndarray, valid: np.ndarray, sigma: float,
     distance from the end, the widening with the least leave-one-section-out
     prediction error over all trajectories is used (a wider window averages more
     sections' own distortion away but bends with the anatomy). ``weights`` (count,)
-    lowers the say of doubtful sections.
+    lowers the say of doubtful sections, (N, count) of single trajectories in them.
     """
     n, count, _ = positions.shape
     weights = np.ones(count) if weights is None else np.asarray(weights, np.float64)
+    if weights.ndim == 1:
+        weights = np.broadcast_to(weights, (n, count))
     smoothed = np.full(positions.shape, np.nan)
     if sigma <= 0:
         return np.where(valid[..., None], positions, np.nan)
@@ -207,22 +209,23 @@ def smooth_along_z(positions: np.ndarray, valid: np.ndarray, sigma: float,
             fits.append(None)
             continue
         first, last = int(index[0]), int(index[-1]) + 1
-        if (first, last) not in kernels:
-            kernels[first, last] = [local_linear_kernel(last - first, sigma * widening,
-                                                        weights[first:last])
-                                    for widening in END_WIDENINGS]
+        own = weights[k, first:last]
+        key = (first, last, own.tobytes())
+        if key not in kernels:
+            kernels[key] = [local_linear_kernel(last - first, sigma * widening, own)
+                            for widening in END_WIDENINGS]
         run = positions[k, first:last]
-        fitted = [kernel @ run for kernel in kernels[first, last]]
+        fitted = [kernel @ run for kernel in kernels[key]]
         fits.append((first, last, fitted))
         length = last - first
         if length < 3:
             continue
         distance = np.minimum(np.arange(length), np.arange(length)[::-1])
         near = distance < reach
-        for w, (kernel, fit) in enumerate(zip(kernels[first, last], fitted)):
-            own = np.clip(np.diag(kernel), None, 1.0 - 1e-6)
-            left_out = (fit - own[:, None] * run) / (1.0 - own[:, None])
-            miss = weights[first:last] * np.sum((run - left_out) ** 2, axis=1)
+        for w, (kernel, fit) in enumerate(zip(kernels[key], fitted)):
+            diagonal = np.clip(np.diag(kernel), None, 1.0 - 1e-6)
+            left_out = (fit - diagonal[:, None] * run) / (1.0 - diagonal[:, None])
+            miss = own * np.sum((run - left_out) ** 2, axis=1)
             np.add.at(errors[w], distance[near], miss[near])
     widening_at = np.zeros(reach, int)
     for d in range(reach):
