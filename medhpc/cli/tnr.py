@@ -18,6 +18,16 @@ def _match_default(name):
     return default_of(MatchSettings, name)
 
 
+tile_option = click.option(
+    "--tile", type=int, default=default_of(OutputSettings, "tile"), show_default=True,
+    help="Output tile side (px): the warp step, the zarr chunks and TIFF tiles; bounds the "
+         "memory per rank (see --dry-run).")
+compression_option = click.option(
+    "--compression", type=click.Choice(OUTPUT_COMPRESSIONS),
+    default=default_of(OutputSettings, "compression"), show_default=True,
+    help="Pyramidal outputs: auto is JPEG for 8-bit RGB JPEG slides, else zlib.")
+
+
 @command("tnr-register", example="""\
 mpiexec -n 4 medhpc tnr-register --input slides/ --out volume.ome.tif --level 3 \\
     --png qc.png --fields registration.h5
@@ -72,12 +82,8 @@ ls slides/*.svs | medhpc tnr-register --input - --out volume.h5""")
 @click.option("--full-res", is_flag=True,
               help="Apply the warp to the input resolution, tile by tile (default: output at "
                    "the working level).")
-@click.option("--tile", type=int, default=default_of(OutputSettings, "tile"), show_default=True,
-              help="Output tile side (px): the warp step, the zarr chunks and TIFF tiles; "
-                   "bounds the memory per rank (see --dry-run).")
-@click.option("--compression", type=click.Choice(OUTPUT_COMPRESSIONS),
-              default=default_of(OutputSettings, "compression"), show_default=True,
-              help="Pyramidal outputs: auto is JPEG for 8-bit RGB JPEG slides, else zlib.")
+@tile_option
+@compression_option
 @click.option("--fields", type=click.Path(dir_okay=False), default=None,
               help="Also write the per-section displacement fields (output -> input, working "
                    "px), the rigid transforms and the trajectories (HDF5).")
@@ -141,12 +147,8 @@ mpiexec -n 4 medhpc tnr-apply --registration registration.h5 --input ihc_slides/
               help="Output at the resolution of --input divided by this factor.")
 @click.option("--interpolation", type=click.Choice(list(INTERPOLATION_ORDER)), default=None,
               help="Resampling of the sections [default: the registration's].")
-@click.option("--tile", type=int, default=default_of(OutputSettings, "tile"), show_default=True,
-              help="Output tile side (px): the warp step, the zarr chunks and TIFF tiles; "
-                   "bounds the memory per rank (see --dry-run).")
-@click.option("--compression", type=click.Choice(OUTPUT_COMPRESSIONS),
-              default=default_of(OutputSettings, "compression"), show_default=True,
-              help="Pyramidal outputs: auto is JPEG for 8-bit RGB JPEG slides, else zlib.")
+@tile_option
+@compression_option
 @click.option("--points", type=click.Path(dir_okay=False), default=None,
               help="CSV of points with columns section (name or index), x, y in input-section "
                    "pixels (of --input, else of the registered sections).")

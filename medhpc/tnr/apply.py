@@ -41,8 +41,7 @@ from medhpc.io.wholeslide import _extend, block_mean
 from medhpc.tnr.run import _cast, write_section_volume
 from medhpc.tnr.settings import OutputSettings
 from medhpc.tnr.sources import _channels
-from medhpc.tnr.wholeslide import (memory_plan, output_tiles, region_cap_pixels, source_boxes,
-                                   warp_tile_channels)
+from medhpc.tnr.wholeslide import memory_plan, output_tiles, region_cap_pixels, warp_tile
 from medhpc.runtime.timing import peak_memory_mb
 from medhpc.tnr.registration_file import SavedRegistration, centred_offsets, load_registration
 from medhpc.tnr.sources import SectionStack, open_stack
@@ -468,19 +467,9 @@ class Application:
                             coord_y, coord_x = warp.coordinates(rows, nx, grid.factor, columns)
                             coord_y = coord_y * gain + shift[0]
                             coord_x = coord_x * gain + shift[1]
-                            tile = np.full((stack.channels,) + coord_y.shape, stack.background,
-                                           np.float32)
-                        for part, box in source_boxes(coord_y, coord_x, frame_shape, cap):
-                            if box is None:
-                                continue
-                            with self.run.stage("read sections", "io"):
-                                region = regions(*box)
-                            with self.run.stage("warp", "kernel"):
-                                warp_tile_channels(region, coord_y[part], coord_x[part],
-                                                   (box[0].start, box[1].start),
-                                                   self.kernels.remap, order,
-                                                   stack.background,
-                                                   tile[(slice(None),) + part])
+                        tile = warp_tile(coord_y, coord_x, regions, frame_shape, cap,
+                                         self.kernels.remap, order, stack.background,
+                                         stack.channels, self.run.stage)
                         values = np.stack([_cast(intensity(index, c, tile[c]), dtype)
                                            for c in range(stack.channels)])
                         with self.run.stage("write volume", "io"):

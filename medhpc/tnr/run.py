@@ -43,8 +43,7 @@ from medhpc.runtime.checkpoint import (CheckpointStop, StopSignals, StoppedBefor
 from medhpc.runtime.runlog import write_run_log
 from medhpc.runtime.timing import peak_memory_mb
 from medhpc.tnr.settings import INTERPOLATION_ORDER, OutputSettings, TnrSettings
-from medhpc.tnr.wholeslide import (memory_plan, output_tiles, region_cap_pixels,
-                                   source_boxes, warp_tile_channels)
+from medhpc.tnr.wholeslide import memory_plan, output_tiles, region_cap_pixels, warp_tile
 
 TILE_ROWS = 512
 NCC_BINS = np.linspace(-1.0, 1.0, 41)
@@ -640,16 +639,8 @@ class StackRegistration:
                 with self.run.stage("warp", "kernel"):
                     coord_y, coord_x = warps[index].coordinates(rows, shape[1], tile_factor,
                                                                 columns)
-                    tile = np.full((channels,) + coord_y.shape, fill, np.float32)
-                for part, box in source_boxes(coord_y, coord_x, source_shape, cap):
-                    if box is None:
-                        continue
-                    with self.run.stage("read sections", "io"):
-                        region = regions(*box)
-                    with self.run.stage("warp", "kernel"):
-                        warp_tile_channels(region, coord_y[part], coord_x[part],
-                                           (box[0].start, box[1].start), self.kernels.remap,
-                                           order, fill, tile[(slice(None),) + part])
+                tile = warp_tile(coord_y, coord_x, regions, source_shape, cap,
+                                 self.kernels.remap, order, fill, channels, self.run.stage)
                 for c in range(channels):
                     tile[c] = self.intensity(index, c, tile[c])
                 deliver(rows, columns, tile)

@@ -95,6 +95,24 @@ def warp_tile_channels(region: np.ndarray, coord_y: np.ndarray, coord_x: np.ndar
         out[channel] = part
 
 
+def warp_tile(coord_y: np.ndarray, coord_x: np.ndarray, regions, source_shape, cap: int,
+              remap, order: int, fill: float, channels: int, stage) -> np.ndarray:
+    """One output tile ``(channels, y, x)`` float32 resampled at ``(coord_y, coord_x)``,
+    reading only the regions its parts need (:func:`source_boxes`); ``regions(rows,
+    columns)`` reads the source, ``stage`` is the run's timing context."""
+    tile = np.full((channels,) + coord_y.shape, fill, np.float32)
+    for part, box in source_boxes(coord_y, coord_x, source_shape, cap):
+        if box is None:
+            continue
+        with stage("read sections", "io"):
+            region = regions(*box)
+        with stage("warp", "kernel"):
+            warp_tile_channels(region, coord_y[part], coord_x[part],
+                               (box[0].start, box[1].start), remap, order, fill,
+                               tile[(slice(None),) + part])
+    return tile
+
+
 def memory_plan(working_shape, output_shape, channels: int, dtype, tile: int,
                 sections_warped: int, full_res: bool, pyramid: bool, fields: bool,
                 input_tile_bytes: int = 0) -> dict:
