@@ -377,14 +377,14 @@ def read_downsampled(reader: SlideReader, factor: int, out_shape) -> tuple[np.nd
         stop = min(out_y, top + band_rows)
         rows = slice(min(top * block, level_y - 1), min(level_y, stop * block))
         band = reader.region(level, rows, columns)
-        band = _extend(band, ((stop - top) * block, out_x * block))
+        band = extend_to(band, ((stop - top) * block, out_x * block))
         image[top:stop] = block_mean(band, block)
     record = {"level": level, "level_shape": [level_y, level_x], "block": block,
               "level_downsample": round(slide.level_downsample(level), 4)}
     return image, record
 
 
-def _extend(values: np.ndarray, shape) -> np.ndarray:
+def extend_to(values: np.ndarray, shape) -> np.ndarray:
     """Repeat the last row/column so that ``values`` covers ``shape`` (y, x)."""
     pad_y, pad_x = shape[0] - values.shape[0], shape[1] - values.shape[1]
     if pad_y <= 0 and pad_x <= 0:

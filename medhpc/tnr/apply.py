@@ -36,13 +36,10 @@ from medhpc.tnr.annotations import (SectionLookup, map_geojson, read_geojson, re
                                     section_stem, write_geojson, write_points_csv)
 from medhpc.tnr.preprocess import downsample
 from medhpc.tnr.intensity import IntensityMaps
-from medhpc.tnr.settings import INTERPOLATION_ORDER, NORMALISATIONS
-from medhpc.io.wholeslide import _extend, block_mean
-from medhpc.tnr.run import _cast, write_section_volume
-from medhpc.tnr.settings import OutputSettings
-from medhpc.tnr.sources import _channels
-from medhpc.tnr.wholeslide import memory_plan, output_tiles, region_cap_pixels, warp_tile
 from medhpc.runtime.timing import peak_memory_mb
+from medhpc.tnr.run import _cast, write_section_volume
+from medhpc.tnr.settings import INTERPOLATION_ORDER, NORMALISATIONS, OutputSettings
+from medhpc.tnr.wholeslide import memory_plan, output_tiles, region_cap_pixels, warp_tile
 from medhpc.tnr.registration_file import SavedRegistration, centred_offsets, load_registration
 from medhpc.tnr.sources import SectionStack, open_stack
 
@@ -502,25 +499,12 @@ class Application:
         other = self.placement.order[index]
         exact = self.placement.scale * registration.section_offsets[index]
         if stack.kind == "slides":
-            from medhpc.io.wholeslide import choose_level, open_slide
+            from medhpc.io.wholeslide import choose_level
 
-            slide = stack.slides[other]
-            level, sub_block = choose_level(slide, block)
-            level_shape = slide.level_shapes[level]
-            shape = (stack.shape[0] // block, stack.shape[1] // block)
+            level, sub_block = choose_level(stack.slides[other], block)
             self._levels_read[stack.names[other]] = {"level": level, "block": sub_block}
-            with open_slide(slide) as reader:
-                def regions(rows, columns):
-                    wanted = ((rows.stop - rows.start) * sub_block,
-                              (columns.stop - columns.start) * sub_block)
-                    values = reader.region(
-                        level, slice(min(rows.start * sub_block, level_shape[0] - 1),
-                                     min(level_shape[0], rows.stop * sub_block)),
-                        slice(min(columns.start * sub_block, level_shape[1] - 1),
-                              min(level_shape[1], columns.stop * sub_block)))
-                    values = _channels(_extend(values, wanted), stack.channels)
-                    return block_mean(values, sub_block) if sub_block > 1 else values
-                yield regions, shape, exact
+            with stack.regions(other, block) as regions:
+                yield regions, (stack.shape[0] // block, stack.shape[1] // block), exact
             return
         canvas, residual = self.placed_section(index)
         image = downsample(canvas, block)
@@ -554,10 +538,14 @@ class Application:
         factor = max(1, int(round(registration.downsample * self.placement.scale)))
         statistics = {}
         with self.run.stage("intensity statistics", "kernel"):
+            scale = np.float32(intensity_scale(stack.dtype))
             for index in range(start, stop):
-                canvas, _ = self.placed_section(index)
-                scale = intensity_scale(stack.dtype)
-                prepared = prepare_section(canvas / np.float32(scale), registration.stain, factor)
+                if stack.kind == "slides":  # from the stored level, never level 0 whole
+                    working, _ = stack.read_working(self.placement.order[index], factor)
+                    prepared = prepare_section(working / scale, registration.stain, 1)
+                else:
+                    canvas, _ = self.placed_section(index)
+                    prepared = prepare_section(canvas / scale, registration.stain, factor)
                 statistics[index] = {"quantiles": [list(row) for row in prepared.quantiles]}
         with self.run.stage("gather statistics", "comm"):
             merged = {}

@@ -26,8 +26,8 @@ from medhpc.errors import InputError
 from medhpc.io.lists import is_stdin, read_list_text
 from medhpc.io.sections import SECTION_SUFFIXES, list_sections, natural_key, read_section
 from medhpc.io.tiff import is_tiff_path
-from medhpc.io.wholeslide import (Slide, block_mean, describe_slide, is_slide_path, open_slide,
-                                  preflight_slide, read_downsampled)
+from medhpc.io.wholeslide import (Slide, block_mean, choose_level, describe_slide, extend_to,
+                                  is_slide_path, open_slide, preflight_slide, read_downsampled)
 
 MIN_SECTIONS = 3
 PIXEL_SIZE_TOLERANCE = 0.01   # relative difference of pixel sizes taken as equal
@@ -84,18 +84,36 @@ class SectionStack:
         return _channels_float(image, self.channels), record
 
     @contextmanager
-    def regions(self, index: int):
-        """Context giving ``region(rows, columns)`` of section ``index`` at level 0.
+    def regions(self, index: int, block: int = 1):
+        """Context giving ``region(rows, columns)`` of section ``index`` ``block`` times
+        coarser than level 0 (float32 block means when ``block`` > 1).
 
-        Slides are read by region (only the tiles touched are decoded); other inputs
-        are read whole once. ``rows`` and ``columns`` lie inside :attr:`shape`.
+        Slides are read by region (only the tiles touched are decoded) from the stored
+        level :func:`choose_level` picks; other inputs are read whole once. ``rows`` and
+        ``columns`` lie inside :attr:`shape` // ``block``.
         """
         if self.kind != "slides":
             section = self.read(index)
+            if block > 1:
+                section = block_mean(section, block)
             yield lambda rows, columns: section[rows, columns]
             return
-        with open_slide(self.slides[index]) as reader:
-            yield lambda rows, columns: _channels(reader.region(0, rows, columns), self.channels)
+        slide = self.slides[index]
+        level, sub_block = choose_level(slide, block)
+        level_y, level_x = slide.level_shapes[level]
+        with open_slide(slide) as reader:
+            def region(rows, columns):
+                values = reader.region(level,
+                                       slice(min(rows.start * sub_block, level_y - 1),
+                                             min(level_y, rows.stop * sub_block)),
+                                       slice(min(columns.start * sub_block, level_x - 1),
+                                             min(level_x, columns.stop * sub_block)))
+                # a level a pixel short at its far edge repeats its last row or column
+                values = extend_to(_channels(values, self.channels),
+                                   ((rows.stop - rows.start) * sub_block,
+                                    (columns.stop - columns.start) * sub_block))
+                return block_mean(values, sub_block) if sub_block > 1 else values
+            yield region
 
     def read(self, index: int) -> np.ndarray:
         """Section ``index`` as ``[y, x]`` or ``[y, x, 3]``, padded to :attr:`shape`."""
