@@ -9,7 +9,7 @@ import click
 
 from medhpc.cli.help import command
 from medhpc.cli.options import default_of, pass_run
-from medhpc.cli.parsing import NumberList
+from medhpc.cli.parsing import NumberList, NumberListOrWord
 from medhpc.ct.settings import DEFAULT_LR, GRAD_SYNCS, OPTIMIZERS, TrainSettings
 from medhpc.errors import InputError
 
@@ -72,8 +72,10 @@ medhpc ct-prepare --images ct/images --labels ct/labels --out ct/dataset.h5""")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="HDF5 dataset.")
 @click.option("--classes", default=DEFAULT_CLASSES, show_default=True,
               help="Names of labels 1..n; labels above n are refused.")
-@click.option("--spacing-mm", type=NumberList(3), default=None,
-              help="Resample to this voxel size x,y,z in mm [default: keep each case's grid].")
+@click.option("--spacing-mm", type=NumberListOrWord(3, metavar="x,y,z|auto"), default=None,
+              help="Resample to this voxel size x,y,z in mm, or to the target spacing planned "
+                   "from the cases (auto: median, finer on a coarse slice axis) [default: keep "
+                   "each case's grid].")
 @click.option("--clip-hu", type=NumberList(2, values="any", increasing=True, metavar="low,high"),
               default=None,
               help="Clip values to low,high HU [default: keep them].")
@@ -93,9 +95,13 @@ def ct_prepare(run, images, labels, out, classes, spacing_mm, clip_hu):
                         "spacing_mm": spacing_mm, "clip_hu": clip_hu})
         return
     summary = prepare_dataset(run, images, labels, out, class_names, clip_hu, spacing_mm)
+    spacing = summary["spacing_mm"]
+    stored = "each case's own grid" if spacing is None else \
+        "x".join(f"{v:.3g}" for v in spacing) + " mm"
     run.log.info(f"wrote {out}: {summary['cases']} case(s), {summary['labelled']} labelled; "
                  f"foreground HU {summary['intensity']['low']:.0f}..."
-                 f"{summary['intensity']['high']:.0f}")
+                 f"{summary['intensity']['high']:.0f}; stored at {stored}, target spacing "
+                 f"{'x'.join(f'{v:.3g}' for v in summary['target_spacing_mm'])} mm")
 
 
 def _require_torch(run, command: str) -> None:
@@ -123,9 +129,10 @@ mpiexec -n 4 medhpc ct-train --data ct/dataset.h5 --out ct/run --epochs 100 --pn
               help="Patch z,y,x [default: planned from --gpu-mem-gb].")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Patches per rank per step [default: planned].")
-@click.option("--widths", type=str, default=",".join(map(str, _default("widths"))),
-              show_default=True,
-              help="Channels per U-Net level (the count sets the depth).")
+@click.option("--widths", type=str, default=None,
+              help="Channels per U-Net stage; the count sets the depth [default: planned: "
+                   "32 doubling to 320 for a GPU plan, 8 doubling to 64 on a CPU, as many "
+                   "stages as the patch allows].")
 @click.option("--deep-supervision", is_flag=True, help="Loss on every decoder level.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=_default("optimizer"),
               show_default=True, help="SGD Nesterov (momentum 0.99) or AdamW; poly LR decay.")
@@ -156,13 +163,16 @@ def ct_train(run, data, out, epochs, steps, patch, batch, widths, deep_supervisi
     _require_torch(run, "ct-train")
     from medhpc.ct.run import Training
 
-    try:
-        width_list = tuple(int(w) for w in widths.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{widths!r}: expected comma-separated integers",
-                                 param_hint="--widths") from None
-    if not width_list or min(width_list) < 1:
-        raise click.BadParameter(f"{widths!r}: expected positive integers", param_hint="--widths")
+    width_list = None
+    if widths is not None:
+        try:
+            width_list = tuple(int(w) for w in widths.split(","))
+        except ValueError:
+            raise click.BadParameter(f"{widths!r}: expected comma-separated integers",
+                                     param_hint="--widths") from None
+        if not width_list or min(width_list) < 1:
+            raise click.BadParameter(f"{widths!r}: expected positive integers",
+                                     param_hint="--widths")
     settings = TrainSettings(epochs=epochs, steps=steps, batch=batch, patch=patch,
                              widths=width_list, deep_supervision=deep_supervision,
                              optimizer=optimizer, lr=lr, grad_sync=grad_sync, amp=amp,

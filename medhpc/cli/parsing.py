@@ -58,3 +58,16 @@ class NumberList(click.ParamType):
         if self.increasing and any(a >= b for a, b in zip(numbers, numbers[1:])):
             self.fail(f"{value!r}: expected increasing numbers (low < high)", param, ctx)
         return tuple(numbers)
+
+
+class NumberListOrWord(NumberList):
+    """A :class:`NumberList`, or one of a few words (``--spacing-mm auto``)."""
+
+    def __init__(self, count: int | None, words=("auto",), **options):
+        super().__init__(count, **options)
+        self.words = tuple(words)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower() in self.words:
+            return value.strip().lower()
+        return super().convert(value, param, ctx)

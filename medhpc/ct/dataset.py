@@ -5,7 +5,8 @@ Layout::
     /cases/<case>/image    float32 [z, y, x] HU (clipped to --clip-hu), geometry attributes
     /cases/<case>/labels   uint8   [z, y, x], 0 = background, 1..n = the classes
     root attributes        classes (JSON), clip_hu, spacing_mm, intensity (JSON: the
-                           foreground percentiles, mean and std used to normalise)
+                           foreground percentiles, mean and std used to normalise),
+                           fingerprint (JSON, :mod:`medhpc.ct.fingerprint`)
 
 Each case keeps the geometry it was stored on and, under ``original_affine`` /
 ``original_shape``, the grid of its source file (they differ after resampling
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medhpc.ct.fingerprint import case_entry, dataset_fingerprint, target_spacing
 from medhpc.errors import InputError
 from medhpc.io.atomic import atomic_path, check_output_path
 from medhpc.io.geometry import ImageGeometry
@@ -117,6 +119,19 @@ def read_labels(path, image_path, image_geometry: ImageGeometry, n_classes: int)
     return labels.astype(np.uint8)
 
 
+def source_geometry(path) -> ImageGeometry:
+    """A case's geometry from its headers (NIfTI header, DICOM slice headers)."""
+    if Path(path).is_dir():
+        from medhpc.ct.dicom import dicom_series_geometry
+
+        return dicom_series_geometry(path)
+    if is_nifti_path(path):
+        from medhpc.io.nifti import read_nifti_geometry
+
+        return read_nifti_geometry(path)
+    return read_ct(path)[1]
+
+
 def resampled_geometry(geometry: ImageGeometry, spacing_mm) -> ImageGeometry:
     """The grid over the same extent with voxels of ``spacing_mm`` (x, y, z), same directions."""
     old = np.array(geometry.spacing_mm)
@@ -165,7 +180,8 @@ def convert_case(case: CaseFiles, n_classes: int, clip_hu=None, spacing_mm=None)
         if labels is not None:
             labels = resample(labels, geometry, stored, labels=True)
     return {"name": case.name, "image": image, "labels": labels, "geometry": stored,
-            "original": geometry, "source": str(case.image)}
+            "original": geometry, "source": str(case.image),
+            "fingerprint": case_entry(case.name, geometry, labels, n_classes)}
 
 
 def foreground_sample(image, labels, rng) -> np.ndarray:
@@ -200,7 +216,7 @@ def write_cases(path, converted: list[dict]) -> None:
     """Write converted cases into a new HDF5 file (a part file), atomically."""
     import h5py
 
-    with atomic_path(path, overwrite=True) as tmp:
+    with atomic_path(path, overwrite=True, output=False) as tmp:
         with h5py.File(tmp, "w") as h5:
             group = h5.create_group("cases")
             for case in converted:
@@ -265,11 +281,23 @@ class CtDataset:
                 self.spacings_zyx = {n: tuple(float(v) for v in ImageGeometry.from_attrs(
                     h5["cases"][n]["image"].attrs).spacing_mm[::-1]) for n in self.names}
                 self.labelled = {n: "labels" in h5["cases"][n] for n in self.names}
+                self.fingerprint = json.loads(h5.attrs["fingerprint"]) \
+                    if "fingerprint" in h5.attrs else None
         except (OSError, KeyError, ValueError) as error:
             raise InputError(f"{self.path}: not a medhpc CT dataset ({error}); expected the "
                              f"output of medhpc ct-prepare") from None
         if not self.names:
             raise InputError(f"{self.path}: empty dataset; expected at least one case")
+
+    @property
+    def median_shape(self) -> tuple:
+        """The median stored case shape (z, y, x)."""
+        return tuple(np.median(np.array(list(self.shapes.values())), axis=0))
+
+    @property
+    def median_spacing_zyx(self) -> tuple:
+        """The median stored voxel size (z, y, x, mm)."""
+        return tuple(np.median(np.array(list(self.spacings_zyx.values())), axis=0))
 
     @property
     def n_classes(self) -> int:
@@ -289,21 +317,28 @@ class CtDataset:
 
 
 def prepare_dataset(run, images, labels, out, classes, clip_hu=None, spacing_mm=None) -> dict:
-    """Convert every case into one HDF5 dataset, cases spread over the ranks (collective)."""
+    """Convert every case into one HDF5 dataset, cases spread over the ranks (collective).
+
+    ``spacing_mm`` (x, y, z) resamples every case; ``"auto"`` resamples to the target
+    spacing planned from the cases' headers (:func:`medhpc.ct.fingerprint.target_spacing`).
+    """
     from medhpc.parallel.work import static_items
 
     world = run.world
+    auto = isinstance(spacing_mm, str)
 
     def check():
         check_output_path(out, run.overwrite, (".h5", ".hdf5"))
         if clip_hu is not None and clip_hu[0] >= clip_hu[1]:
             raise InputError(f"--clip-hu {clip_hu[0]:g},{clip_hu[1]:g}: expected low < high")
-        if spacing_mm is not None and min(spacing_mm) <= 0:
+        if not auto and spacing_mm is not None and min(spacing_mm) <= 0:
             raise InputError(f"--spacing-mm {spacing_mm}: expected positive sizes")
         return find_cases(images, labels)
 
     cases = world.agree(check)
     mine = static_items(world, len(cases))
+    if auto:
+        spacing_mm = planned_spacing(run, cases, mine)
 
     def convert_mine():
         converted, samples = [], []
@@ -315,10 +350,11 @@ def prepare_dataset(run, images, labels, out, classes, clip_hu=None, spacing_mm=
             converted.append(case)
         with run.stage("write part", "io"):
             write_cases(part_path(out, world.rank), converted)
-        return np.concatenate(samples) if samples else np.empty(0, dtype=np.float32)
+        samples = np.concatenate(samples) if samples else np.empty(0, dtype=np.float32)
+        return samples, [case["fingerprint"] for case in converted]
 
     try:
-        samples = world.agree_all(convert_mine)
+        samples, entries = world.agree_all(convert_mine)
     except Exception:
         part = part_path(out, world.rank)
         if part.exists():
@@ -326,15 +362,41 @@ def prepare_dataset(run, images, labels, out, classes, clip_hu=None, spacing_mm=
         raise
     with run.stage("gather statistics", "comm"):
         gathered = world.gather(samples)
+        gathered_entries = world.gather(entries)
     summary = None
     if world.is_root:
         statistics = intensity_statistics(np.concatenate(gathered), clip_hu)
+        by_name = {e["name"]: e for part in gathered_entries for e in part}
+        fingerprint = dataset_fingerprint([by_name[c.name] for c in cases], list(classes),
+                                          statistics)
         attrs = {"classes": json.dumps(list(classes)), "intensity": json.dumps(statistics),
                  "clip_hu": json.dumps(list(clip_hu) if clip_hu is not None else None),
-                 "spacing_mm": json.dumps(list(spacing_mm) if spacing_mm is not None else None)}
+                 "spacing_mm": json.dumps(list(spacing_mm) if spacing_mm is not None else None),
+                 "fingerprint": json.dumps(fingerprint)}
         with run.stage("assemble", "io"):
             assemble(out, [part_path(out, r) for r in range(world.size)],
                      [c.name for c in cases], attrs, run.overwrite)
         summary = {"cases": len(cases), "labelled": sum(c.labels is not None for c in cases),
-                   "intensity": statistics}
+                   "intensity": statistics,
+                   "spacing_mm": list(spacing_mm) if spacing_mm is not None else None,
+                   "target_spacing_mm": fingerprint["target_spacing_zyx"][::-1]}
     return world.bcast(summary)
+
+
+def planned_spacing(run, cases: list[CaseFiles], mine) -> list[float]:
+    """The target spacing (x, y, z, mm) of ``cases`` from their headers (collective)."""
+    world = run.world
+
+    def read_mine():
+        with run.stage("read headers", "io"):
+            return [source_geometry(cases[index].image) for index in mine]
+
+    geometries = world.agree_all(read_mine)
+    with run.stage("gather statistics", "comm"):
+        gathered = world.gather([(g.spacing_mm[::-1], g.shape) for g in geometries])
+    spacing = None
+    if world.is_root:
+        pairs = [pair for part in gathered for pair in part]
+        target = target_spacing([p[0] for p in pairs], [p[1] for p in pairs])
+        spacing = [round(v, 6) for v in target[::-1]]
+    return world.bcast(spacing)

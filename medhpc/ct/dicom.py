@@ -38,6 +38,23 @@ def read_dicom_series(paths) -> tuple[np.ndarray, ImageGeometry]:
     ``stored * RescaleSlope + RescaleIntercept``. The slice spacing is the
     distance between the first two sorted positions and must be uniform.
     """
+    slices, geometry = _series(paths, pixels=True)
+    rows, columns = slices[0][1].Rows, slices[0][1].Columns
+    volume = np.empty((len(slices), rows, columns), dtype=np.float32)
+    for index, (path, dataset) in enumerate(slices):
+        slope = float(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
+        intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
+        volume[index] = dataset.pixel_array.astype(np.float32) * slope + intercept
+    return volume, geometry
+
+
+def dicom_series_geometry(paths) -> ImageGeometry:
+    """The geometry of one series from its slices' headers (pixel data not read)."""
+    return _series(paths, pixels=False)[1]
+
+
+def _series(paths, pixels: bool) -> tuple[list, ImageGeometry]:
+    """The checked slices of one series, sorted along the normal, and its geometry."""
     pydicom = _pydicom()
     if isinstance(paths, (str, Path)):
         folder = Path(paths)
@@ -45,10 +62,12 @@ def read_dicom_series(paths) -> tuple[np.ndarray, ImageGeometry]:
     paths = [Path(p) for p in paths]
     if not paths:
         raise InputError(f"no files; {_EXPECTED}")
+    required = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") \
+        + (("PixelData",) if pixels else ())
     slices = []
     for path in paths:
         try:
-            dataset = pydicom.dcmread(path)
+            dataset = pydicom.dcmread(path, stop_before_pixels=not pixels)
         except Exception as error:  # pydicom raises several types for non-DICOM files
             raise InputError(f"{path}: not readable as DICOM ({type(error).__name__}); "
                              f"{_EXPECTED}") from None
@@ -58,8 +77,7 @@ def read_dicom_series(paths) -> tuple[np.ndarray, ImageGeometry]:
         if modality != "CT":
             raise InputError(f"{path}: DICOM Modality {modality}, not CT (ct-* reads CT in "
                              f"Hounsfield units); {_EXPECTED}")
-        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
-                        "PixelData"):
+        for keyword in required:
             if keyword not in dataset:
                 raise InputError(f"{path}: DICOM slice without {keyword}; {_EXPECTED}")
         slices.append((path, dataset))
@@ -93,14 +111,10 @@ def read_dicom_series(paths) -> tuple[np.ndarray, ImageGeometry]:
         slice_step = normal * thickness
 
     rows, columns = slices[0][1].Rows, slices[0][1].Columns
-    volume = np.empty((len(slices), rows, columns), dtype=np.float32)
-    for index, (path, dataset) in enumerate(slices):
+    for path, dataset in slices:
         if (dataset.Rows, dataset.Columns) != (rows, columns):
             raise InputError(f"{path}: slice is {dataset.Columns}x{dataset.Rows}, others "
                              f"{columns}x{rows}; expected one series")
-        slope = float(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
-        intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
-        volume[index] = dataset.pixel_array.astype(np.float32) * slope + intercept
 
     row_spacing, column_spacing = (float(v) for v in slices[0][1].PixelSpacing)
     affine_lps = np.eye(4)
@@ -108,7 +122,7 @@ def read_dicom_series(paths) -> tuple[np.ndarray, ImageGeometry]:
     affine_lps[:3, 1] = column_direction * row_spacing   # y index: down a column
     affine_lps[:3, 2] = slice_step
     affine_lps[:3, 3] = positions[0]
-    return volume, ImageGeometry(volume.shape, LPS_TO_RAS @ affine_lps)
+    return slices, ImageGeometry((len(slices), rows, columns), LPS_TO_RAS @ affine_lps)
 
 
 def _check_one_series(slices) -> None:

@@ -29,7 +29,8 @@ from medhpc.ct.augment import AugmentSettings
 from medhpc.ct.dataset import CtDataset
 from medhpc.ct.inference import segment_volume
 from medhpc.ct.loss import confusion_counts, deep_supervision_loss, dice_from_counts
-from medhpc.ct.planner import given_plan, plan_training
+from medhpc.ct.planner import (CPU_WIDTHS, GPU_WIDTHS, given_plan, network_layout,
+                                plan_lowres, plan_training)
 from medhpc.ct.postprocess import helpful_classes, largest_component
 from medhpc.ct.sampler import PatchSampler, TrainingCase, rank_slots
 from medhpc.ct.settings import GRAD_SYNCS, OPTIMIZERS, TrainSettings
@@ -100,12 +101,14 @@ class Training:
         train, validation = split_folds(dataset.names, s.folds, s.fold)
         if not train:
             raise InputError(f"{self.data}: no training cases in fold {s.fold}")
-        config = UNetConfig(classes=dataset.n_classes + 1, widths=tuple(s.widths),
-                            deep_supervision=s.deep_supervision)
-        plan = self.memory_plan(config, dataset)
-        if any(p % config.divisor for p in plan.patch):
-            raise InputError(f"--patch {','.join(map(str, plan.patch))}: every size must be a "
-                             f"multiple of {config.divisor} ({config.depth} levels)")
+        classes = dataset.n_classes + 1
+        plan = self.memory_plan(classes, dataset)
+        config = UNetConfig.from_layout(plan.network, classes, s.deep_supervision)
+        divisor = config.divisor
+        if any(p % d for p, d in zip(plan.patch, divisor)):
+            raise InputError(f"--patch {','.join(map(str, plan.patch))}: expected multiples of "
+                             f"{','.join(map(str, divisor))} (z,y,x) for this network's "
+                             f"{config.depth} stages and strides")
         if self.resume and not (self.out / CHECKPOINT_NAME).exists():
             raise InputError(f"{self.out / CHECKPOINT_NAME}: no checkpoint to resume from; "
                              f"run without --resume to start afresh")
@@ -114,24 +117,45 @@ class Training:
                              f"--resume")
         return dataset, train, validation, config, plan
 
-    def memory_plan(self, config: UNetConfig, dataset: CtDataset):
+    def memory_plan(self, classes: int, dataset: CtDataset):
+        """The network, patch and batch of this run (same on every node for the same flags)."""
         s = self.settings
-        # a plan for a GPU (--gpu-mem-gb, or the run's device) uses AMP unless told not to;
-        # the same on a CPU login node's --dry-run as in the GPU job
-        for_gpu = self.run.device == "cuda" or s.gpu_mem_gb is not None
-        amp = s.amp if s.amp is not None else for_gpu
+        # a plan for a GPU (--gpu-mem-gb, or the run's device) uses AMP and nnU-Net's widths
+        # unless told otherwise; the same on a CPU login node's --dry-run as in the GPU job
+        amp = s.amp if s.amp is not None else self.for_gpu
+        rule = self.width_rule
+        widths = None if s.widths is None else tuple(s.widths)
+        median = dataset.median_shape
+        spacing = dataset.median_spacing_zyx
         if s.patch is not None:
-            return given_plan(config.widths, config.classes, s.patch, s.batch or 2, amp,
+            layout = network_layout(spacing, s.patch, widths, rule)
+            return given_plan(layout, classes, s.patch, s.batch or 2, amp,
                               bool(s.checkpointing), s.gpu_mem_gb, s.optimizer)
         budget = s.gpu_mem_gb or (16.0 if self.run.device == "cuda" else 4.0)
-        median = np.median(np.array(list(dataset.shapes.values())), axis=0)
-        spacing = np.median(np.array(list(dataset.spacings_zyx.values())), axis=0)
-        plan = plan_training(config.widths, config.classes, median, budget, amp,
-                             s.checkpointing, s.optimizer, spacing_zyx=spacing)
+        plan = plan_training(widths, classes, median, budget, amp, s.checkpointing,
+                             s.optimizer, spacing_zyx=spacing, rule=rule)
         if s.batch is not None:
-            plan = given_plan(config.widths, config.classes, plan.patch, s.batch, plan.amp,
+            plan = given_plan(plan.network, classes, plan.patch, s.batch, plan.amp,
                               plan.checkpointing, budget, s.optimizer)
         return plan
+
+    @property
+    def for_gpu(self) -> bool:
+        """A plan for a GPU: the run's device, or a budget named by --gpu-mem-gb."""
+        return self.run.device == "cuda" or self.settings.gpu_mem_gb is not None
+
+    @property
+    def width_rule(self):
+        return GPU_WIDTHS if self.for_gpu else CPU_WIDTHS
+
+    def lowres_plan(self, plan, dataset: CtDataset) -> dict | None:
+        """The low-resolution configuration the dataset calls for (printed, not trained)."""
+        s = self.settings
+        if s.patch is not None:
+            return None
+        return plan_lowres(plan, dataset.n_classes + 1, dataset.median_shape,
+                           dataset.median_spacing_zyx, plan.budget_gb, s.optimizer,
+                           None if s.widths is None else tuple(s.widths), self.width_rule)
 
     def torch_device(self) -> torch.device:
         if self.run.device == "cuda":
@@ -165,7 +189,8 @@ class Training:
                    "network": config.to_dict(), "memory_plan": plan.to_dict(),
                    "global_batch": global_batch, "grad_sync": s.grad_sync,
                    "optimizer": s.optimizer, "lr": s.learning_rate,
-                   "epochs": s.epochs, "steps_per_epoch": s.steps}
+                   "epochs": s.epochs, "steps_per_epoch": s.steps,
+                   "dataset": dataset_summary(dataset), "lowres": self.lowres_plan(plan, dataset)}
         if run.dry_run:
             run.print_plan(summary)
             return None
@@ -365,6 +390,19 @@ class Training:
             from medhpc.ct.figures import plot_training_curves
 
             plot_training_curves(self.out / "curves.png", history, dataset.classes)
+
+
+def dataset_summary(dataset: CtDataset) -> dict:
+    """What the plan was made from: the stored grid and the fingerprint's target spacing."""
+    fingerprint = dataset.fingerprint or {}
+    target = fingerprint.get("target_spacing_zyx")
+    stored = [round(float(v), 4) for v in dataset.median_spacing_zyx]
+    return {"median_shape_zyx": [int(v) for v in dataset.median_shape],
+            "median_spacing_zyx": stored,
+            "target_spacing_zyx": None if target is None else [round(v, 4) for v in target],
+            "at_target_spacing": None if target is None else bool(
+                np.allclose(stored, target, rtol=0.02)),
+            "class_fraction": fingerprint.get("class_fraction")}
 
 
 def largest_component_classes(history: list[dict]) -> list[str]:

@@ -22,7 +22,7 @@ class TrainSettings:
     steps: int = 50
     batch: int | None = None
     patch: tuple | None = None
-    widths: tuple = (8, 16, 32, 64)
+    widths: tuple | None = None  # None: planned (medhpc.ct.planner)
     deep_supervision: bool = False
     optimizer: str = "sgd"
     lr: float | None = None

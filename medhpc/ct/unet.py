@@ -1,8 +1,9 @@
-"""A compact 3-D U-Net: configurable depth and widths, instance norm, leaky ReLU,
-optional deep supervision (nnU-Net's layout at a size that trains on a CPU).
+"""A 3-D U-Net: planned depth, widths, per-axis strides and kernels, instance norm,
+leaky ReLU, optional deep supervision (nnU-Net's layout, at any size).
 
-Each level is two 3x3x3 convolutions, each followed by instance norm and a
-leaky ReLU (slope 0.01); the encoder downsamples by strided convolution, the
+Each stage is two convolutions (3 voxels long on each axis, or 1 across thick
+slices; :mod:`medhpc.ct.planner`), each followed by instance norm and a leaky
+ReLU (slope 0.01); the encoder downsamples by strided convolution (per axis), the
 decoder upsamples by transposed convolution and concatenates the skip.
 """
 
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from medhpc.ct.planner import NetworkLayout
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -23,33 +26,57 @@ class UNetConfig:
     classes: int = 4  # background included
     widths: tuple = (8, 16, 32, 64)
     deep_supervision: bool = False
+    strides: tuple | None = None  # per stage (z, y, x); None: every axis halved per stage
+    kernels: tuple | None = None  # per stage (z, y, x); None: 3^3
+
+    @classmethod
+    def from_layout(cls, layout: NetworkLayout, classes: int, deep_supervision: bool = False,
+                    in_channels: int = 1) -> "UNetConfig":
+        return cls(in_channels, classes, tuple(layout.widths), deep_supervision,
+                   tuple(layout.strides), tuple(layout.kernels))
+
+    @property
+    def layout(self) -> NetworkLayout:
+        if self.strides is None:
+            return NetworkLayout.isotropic(self.widths)
+        return NetworkLayout(tuple(self.widths), tuple(self.strides), tuple(self.kernels))
 
     @property
     def depth(self) -> int:
         return len(self.widths)
 
     @property
-    def divisor(self) -> int:
-        """Patch sizes must be multiples of this (one halving per level below the top)."""
-        return 2 ** (self.depth - 1)
+    def divisor(self) -> tuple:
+        """Patch sizes must be multiples of these (z, y, x)."""
+        return self.layout.divisor
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "widths": list(self.widths)}
+        values = {**asdict(self), "widths": list(self.widths)}
+        for key in ("strides", "kernels"):
+            if values[key] is not None:
+                values[key] = [list(v) for v in values[key]]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "UNetConfig":
-        return cls(**{**values, "widths": tuple(values["widths"])})
+        values = {**values, "widths": tuple(values["widths"])}
+        for key in ("strides", "kernels"):
+            if values.get(key) is not None:
+                values[key] = tuple(tuple(int(n) for n in v) for v in values[key])
+        return cls(**values)
 
 
 class ConvBlock(nn.Sequential):
-    """Two (conv 3^3, instance norm, leaky ReLU); the first conv may stride."""
+    """Two (conv, instance norm, leaky ReLU); the first conv may stride."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, kernel=(3, 3, 3), stride=(1, 1, 1)):
+        kernel, stride = tuple(kernel), tuple(stride)
+        padding = tuple(k // 2 for k in kernel)
         super().__init__(
-            nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1),
+            nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=padding),
             nn.InstanceNorm3d(out_channels, affine=True),
             nn.LeakyReLU(0.01, inplace=True),
-            nn.Conv3d(out_channels, out_channels, 3, padding=1),
+            nn.Conv3d(out_channels, out_channels, kernel, padding=padding),
             nn.InstanceNorm3d(out_channels, affine=True),
             nn.LeakyReLU(0.01, inplace=True),
         )
@@ -63,15 +90,18 @@ class UNet3D(nn.Module):
         super().__init__()
         self.config = config
         self.activation_checkpointing = activation_checkpointing
-        widths = config.widths
+        layout = config.layout
+        widths, strides, kernels = layout.widths, layout.strides, layout.kernels
         self.encoder = nn.ModuleList(
-            [ConvBlock(config.in_channels, widths[0])]
-            + [ConvBlock(widths[i - 1], widths[i], stride=2) for i in range(1, len(widths))])
+            [ConvBlock(config.in_channels, widths[0], kernels[0])]
+            + [ConvBlock(widths[i - 1], widths[i], kernels[i], strides[i])
+               for i in range(1, len(widths))])
         self.upsample = nn.ModuleList(
-            [nn.ConvTranspose3d(widths[i], widths[i - 1], 2, stride=2)
+            [nn.ConvTranspose3d(widths[i], widths[i - 1], strides[i], stride=strides[i])
              for i in range(len(widths) - 1, 0, -1)])
         self.decoder = nn.ModuleList(
-            [ConvBlock(2 * widths[i - 1], widths[i - 1]) for i in range(len(widths) - 1, 0, -1)])
+            [ConvBlock(2 * widths[i - 1], widths[i - 1], kernels[i - 1])
+             for i in range(len(widths) - 1, 0, -1)])
         supervised = range(len(widths) - 1, 0, -1) if config.deep_supervision else [1]
         self.heads = nn.ModuleList([nn.Conv3d(widths[i - 1], config.classes, 1)
                                     for i in supervised])

@@ -122,7 +122,7 @@ def publish_together():
 
 
 @contextmanager
-def atomic_path(path, overwrite: bool = False, now: bool = False):
+def atomic_path(path, overwrite: bool = False, now: bool = False, output: bool = True):
     """Yield a temporary path to write; rename it to ``path`` when the block succeeds.
 
     The temporary file sits in the same folder (so the rename is atomic) and
@@ -131,7 +131,8 @@ def atomic_path(path, overwrite: bool = False, now: bool = False):
     space or permission becomes one :class:`~medhpc.errors.OutputWriteError`
     line naming ``path``. Works for files and folders. Inside
     :func:`publish_together` the rename waits for the end of that block unless
-    ``now``.
+    ``now``. ``output=False`` marks an intermediate file (a rank's part), not reported
+    among the command's outputs.
     """
     path = Path(path)
     check_output_free(path, overwrite)
@@ -155,7 +156,7 @@ def atomic_path(path, overwrite: bool = False, now: bool = False):
     if now:
         _publish(tmp, path, False)
     else:
-        publish((tmp, path))
+        publish((tmp, path, output))
 
 
 def publish(*moves) -> None:

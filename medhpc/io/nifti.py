@@ -118,6 +118,25 @@ def read_nifti(path):
     return array, geometry
 
 
+def read_nifti_geometry(path) -> ImageGeometry:
+    """The geometry :func:`read_nifti` would return, from the header alone."""
+    path = Path(path)
+    try:
+        image = nib.load(path)
+        shape = tuple(int(n) for n in image.shape[:3])
+        affine = image.affine
+    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, ImageFileError,
+            HeaderDataError) as error:
+        raise InputError(f"{path}: cannot be read as NIfTI ({one_line(error)}); "
+                         f"{_EXPECTED}") from error
+    shape = shape + (1,) * (3 - len(shape))
+    try:
+        return ImageGeometry(shape[::-1], affine)
+    except ValueError as error:
+        raise InputError(f"{path}: unusable affine ({one_line(error)}); "
+                         "expected an invertible voxel-to-world affine") from error
+
+
 def write_nifti(path, array, geometry: ImageGeometry, overwrite: bool = False) -> Path:
     """Write ``[z, y, x]`` or ``[t, z, y, x]`` as NIfTI-1, atomically.
 
