@@ -83,6 +83,11 @@ def test_series_is_sorted_along_the_normal_in_hounsfield_units(series):
     # voxel (x=3, y=2, z=4) sits at ORIGIN + 3*0.6 row + 2*0.8 column + 4*2.5 normal (LPS)
     lps = ORIGIN_LPS + 3 * 0.6 * ROW_DIRECTION + 2 * 0.8 * COLUMN_DIRECTION + 10 * NORMAL
     np.testing.assert_allclose(geometry.voxel_to_world([3, 2, 4]), lps * [-1, -1, 1], atol=1e-9)
+    from medhpc.ct.dicom import dicom_series_geometry
+
+    headers_only = dicom_series_geometry(folder / "images" / "patient_a")
+    assert headers_only.shape == geometry.shape
+    np.testing.assert_array_equal(headers_only.affine, geometry.affine)
 
 
 def test_pydicom_bundled_ct_slice_reads_with_hu_and_geometry():

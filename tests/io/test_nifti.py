@@ -8,6 +8,7 @@ import pytest
 
 from medhpc.errors import InputError
 from medhpc.io import ImageGeometry, read_nifti, write_nifti
+from medhpc.io.nifti import read_nifti_geometry
 from tests.io import raises_input_error
 
 
@@ -32,6 +33,9 @@ def test_round_trip_keeps_data_dtype_and_oblique_affine(tmp_path, name, dtype):
     np.testing.assert_array_equal(array, volume)
     assert read_geometry.shape == geometry.shape
     np.testing.assert_allclose(read_geometry.affine, geometry.affine, atol=1e-5)
+    header_geometry = read_nifti_geometry(tmp_path / name)
+    assert header_geometry.shape == read_geometry.shape
+    np.testing.assert_array_equal(header_geometry.affine, read_geometry.affine)
 
 
 def test_axes_are_transposed_and_affine_kept(tmp_path):
