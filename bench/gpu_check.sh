@@ -1,5 +1,5 @@
 #!/bin/bash
-# Check and time medhpc's CUDA kernels on a machine with one NVIDIA GPU; < 8 minutes on an H100.
+# Check and time medhpc's CUDA kernels (and the CT memory model) on a machine with one NVIDIA GPU; < 9.5 minutes on an H100.
 #
 # Run:     bench/gpu_check.sh [--smoke] [--only NAME,...] [--repeats N]   (from anywhere)
 # Output:  gpu_check.json and gpu_check.txt in $OUT if set, else bench/results/.
@@ -30,6 +30,11 @@ export NUMBA_CACHE_DIR="$scratch/numba" MPLCONFIGDIR="$scratch/matplotlib"
 export HDF5_USE_FILE_LOCKING=FALSE PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 if command -v nvidia-smi > /dev/null 2>&1; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+fi
+# The CT planner's memory estimate against torch.cuda.max_memory_allocated (under 80 s).
+if "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2> /dev/null; then
+    timeout 80 "$python" "$root/bench/ct/memory.py" --device cuda \
+        --out "${OUT:-$root/bench/results}/ct_memory_gpu.json" || echo "gpu_check: ct memory check did not finish" >&2
 fi
 # A hard stop a little under 8 minutes; the script itself stops timing after --budget-s.
 status=0

@@ -47,6 +47,8 @@ ANISOTROPY_LIMIT = 2.0
 #: A low-resolution configuration is planned when the patch covers less of the median case.
 LOWRES_COVERAGE = 0.25
 LOWRES_STEP = 1.03
+#: ... and only when it has at most this fraction of the full-resolution voxels per case.
+LOWRES_MAX_VOXEL_FRACTION = 0.5
 #: The planned patch shrinks by this factor on one axis at a time until it fits.
 SHRINK_STEP = 0.97
 
@@ -227,13 +229,13 @@ def _round_up(patch, divisor) -> list:
 
 def plan_training(widths, classes: int, case_shape, budget_gb: float, amp: bool | None,
                   checkpointing: bool | None, optimizer: str = "sgd", max_batch: int = 4,
-                  max_patch: int = 192, spacing_zyx=None,
+                  max_patch: int = 256, spacing_zyx=None,
                   rule: WidthRule = GPU_WIDTHS) -> MemoryPlan:
     """Choose the network and the largest patch (then batch) that fit ``budget_gb``.
 
     The patch starts as ``max_patch^3`` voxels shared out in proportion to ``1 / spacing``
-    (``spacing_zyx``, mm: the same length in mm on every axis, as nnU-Net starts; 2.5 x 0.8 x
-    0.8 mm voxels give 90 x 281 x 281), no longer than the median case shape. Each candidate
+    (``spacing_zyx``, mm: the same length in mm on every axis, as nnU-Net v2 starts; 2.5 x
+    0.8 x 0.8 mm voxels give 120 x 374 x 374), no longer than the median case shape. Each candidate
     gets its layout (:func:`network_layout`; ``widths`` None plans them by ``rule``) and is
     rounded up to the layout's divisor per axis; the axis spanning the most mm shrinks by
     3 % at a time until batch 2 fits. AMP is used unless ``amp`` is False; activation
@@ -285,14 +287,15 @@ def given_plan(network, classes: int, patch, batch: int, amp: bool, checkpointin
 
 def plan_lowres(fullres: MemoryPlan, classes: int, median_shape, spacing_zyx, budget_gb,
                 optimizer: str = "sgd", widths=None, rule: WidthRule = GPU_WIDTHS,
-                max_patch: int = 192) -> dict | None:
+                max_patch: int = 256) -> dict | None:
     """A coarser configuration when the full-resolution patch sees too little of a case.
 
     When ``fullres``'s patch covers less than :data:`LOWRES_COVERAGE` of the median case,
     the voxels grow by :data:`LOWRES_STEP` per step (the finer axes first, until they reach
     the coarsest) and the network is planned again, until its patch covers that fraction.
     Returns the spacing, median shape and plan, or None when no such configuration is needed
-    (nnU-Net's ``3d_lowres``; medhpc trains it as an ordinary dataset prepared at that
+    or when it would keep more than :data:`LOWRES_MAX_VOXEL_FRACTION` of the voxels (too
+    close to the full resolution to be worth a second network; nnU-Net's ``3d_lowres``; medhpc trains it as an ordinary dataset prepared at that
     spacing, ``ct-prepare --spacing-mm``).
     """
     median_shape = np.asarray(median_shape, dtype=np.float64)
@@ -311,6 +314,8 @@ def plan_lowres(fullres: MemoryPlan, classes: int, median_shape, spacing_zyx, bu
                              max_patch=max_patch, rule=rule)
         if np.prod(plan.patch) >= LOWRES_COVERAGE * np.prod(shape):
             break
+    if np.prod(shape) > LOWRES_MAX_VOXEL_FRACTION * np.prod(median_shape):
+        return None
     spacing_xyz = [round(float(v), 4) for v in current[::-1]]
     return {"spacing_mm": spacing_xyz, "median_shape_zyx": [int(v) for v in shape],
             "plan": plan.to_dict(),
