@@ -170,7 +170,8 @@ def main(argv=None) -> int:
     out = Path(args.out or Path(__file__).resolve().parents[1] / "results"
                / f"ct-memory-{args.device}-{stamp}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(("medhpc", "torch", "numpy")), "rows": rows}, indent=1))
+    document = {"machine": machine(("medhpc", "torch", "numpy")), "rows": rows}
+    out.write_text(json.dumps(document, indent=1))
     print(f"written {out}", file=sys.stderr)
     return 0
 

@@ -154,10 +154,15 @@ mpiexec -n 4 medhpc ct-train --data ct/dataset.h5 --out ct/run --epochs 100 --pn
 @click.option("--no-augment", is_flag=True, help="Crop patches without augmentation.")
 @click.option("--resume", is_flag=True, help="Continue from RUN/checkpoint.pt.")
 @click.option("--png", is_flag=True, help="Also plot the loss and Dice curves.")
+@click.option("--sweep", type=click.Path(dir_okay=False), default=None,
+              help="TOML file of configurations ([grid] and/or [[configuration]]); each "
+                   "runs into OUT/<name>/, summary in OUT/sweep.csv and sweep.jsonl.")
+@click.option("--ranks-per-run", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --sweep: ranks per configuration (groups run side by side).")
 @pass_run("ct-train")
 def ct_train(run, data, out, epochs, steps, patch, batch, widths, deep_supervision, optimizer,
              lr, grad_sync, gpu_mem_gb, amp, checkpointing, folds, fold, no_augment, resume,
-             png):
+             png, sweep, ranks_per_run):
     """Train a 3-D U-Net for organ segmentation, data-parallel over the ranks (gloo on CPU,
     NCCL on GPU), with a memory plan, validation Dice per organ and checkpoints."""
     _require_torch(run, "ct-train")
@@ -178,7 +183,17 @@ def ct_train(run, data, out, epochs, steps, patch, batch, widths, deep_supervisi
                              optimizer=optimizer, lr=lr, grad_sync=grad_sync, amp=amp,
                              checkpointing=checkpointing, gpu_mem_gb=gpu_mem_gb, folds=folds,
                              fold=fold, augment=not no_augment, seed=run.seed)
-    Training(run, data, out, settings, resume=resume, png=png).execute()
+    if sweep is None:
+        Training(run, data, out, settings, resume=resume, png=png).execute()
+        return
+    from medhpc.ct.sweep import read_sweep, run_sweep
+
+    configurations = run.world.agree(lambda: read_sweep(sweep))
+    records = run_sweep(run, data, out, settings, configurations, ranks_per_run,
+                        resume=resume, png=png)
+    failed = [r["name"] for r in records if r["status"] != "ok"]
+    run.summary.update(configurations=len(records), failed=failed)
+    run.exit_code = 1 if failed else 0
 
 
 @command("ct-segment", example="""\

@@ -108,6 +108,8 @@ def run(argv=None) -> None:
 
         if isinstance(result, Run):
             report_outputs(result.world, result)
+            if result.exit_code:
+                sys.exit(result.exit_code)
         else:
             report_outputs(_world_or_none())
     except click.exceptions.Exit as exc:

@@ -26,3 +26,36 @@ def plot_training_curves(path, history: list[dict], classes) -> None:
     with atomic_path(path, overwrite=True) as tmp:
         figure.savefig(tmp, dpi=100, format="png")
     plt.close(figure)
+
+
+def plot_sweep_curves(path, folder, records: list[dict]) -> None:
+    """One curve per finished configuration of a sweep: mean validation Dice per epoch
+    (the training loss when there is no validation), read from each ``log.json``."""
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    quantity = "loss"
+    for record in records:
+        log = Path(folder) / record["name"] / "log.json"
+        if record["status"] != "ok" or not log.exists():
+            continue
+        history = json.loads(log.read_text()).get("epochs_run", [])
+        means = [[v for v in r["dice"].values() if v is not None] for r in history]
+        if all(means):
+            quantity = "mean validation Dice"
+            values = [sum(m) / len(m) for m in means]
+        else:
+            values = [r["loss"] for r in history]
+        axes.plot([r["epoch"] for r in history], values, marker="o", label=record["name"])
+    axes.set(xlabel="epoch", ylabel=quantity)
+    axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    with atomic_path(path, overwrite=True) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
+    plt.close(figure)

@@ -295,8 +295,9 @@ def plan_lowres(fullres: MemoryPlan, classes: int, median_shape, spacing_zyx, bu
     the coarsest) and the network is planned again, until its patch covers that fraction.
     Returns the spacing, median shape and plan, or None when no such configuration is needed
     or when it would keep more than :data:`LOWRES_MAX_VOXEL_FRACTION` of the voxels (too
-    close to the full resolution to be worth a second network; nnU-Net's ``3d_lowres``; medhpc trains it as an ordinary dataset prepared at that
-    spacing, ``ct-prepare --spacing-mm``).
+    close to the full resolution to be worth a second network). This is nnU-Net's
+    ``3d_lowres``; medhpc trains it as an ordinary dataset prepared at that spacing
+    (``ct-prepare --spacing-mm``), without the cascade.
     """
     median_shape = np.asarray(median_shape, dtype=np.float64)
     spacing = np.asarray(spacing_zyx, dtype=np.float64)

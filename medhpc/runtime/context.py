@@ -47,6 +47,7 @@ class Run:
     summary: dict = field(default_factory=dict)
     breakdown: dict | None = None
     finished: bool = False
+    exit_code: int = 0  # non-zero: the command finished, but some of its work failed
 
     def stage(self, name: str, kind: str = "other"):
         """Time a block as a named stage (see :class:`StageTimer`)."""

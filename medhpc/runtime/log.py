@@ -21,18 +21,22 @@ class Log:
         -1 quiet (errors only), 0 normal, 1 verbose (``-v``), 2 every rank (``-vv``).
     stream : file-like
         Where messages go (stderr by default).
+    prefix : str
+        Put before every message (a sweep's configuration name).
     """
 
-    def __init__(self, rank: int = 0, size: int = 1, verbosity: int = 0, stream=None):
+    def __init__(self, rank: int = 0, size: int = 1, verbosity: int = 0, stream=None,
+                 prefix: str = ""):
         self.rank = rank
         self.size = size
         self.verbosity = verbosity
         self.stream = stream if stream is not None else sys.stderr
+        self.prefix = prefix
 
     @property
     def tag(self) -> str:
         """The prefix of this rank's messages."""
-        return f"[rank {self.rank}/{self.size}] " if self.size > 1 else ""
+        return self.prefix + (f"[rank {self.rank}/{self.size}] " if self.size > 1 else "")
 
     def _speaks(self, level: int) -> bool:
         if self.verbosity < level:
