@@ -69,3 +69,17 @@ def test_ranks_that_do_not_split_into_groups_are_refused(tiny_dataset, tmp_path)
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(lines) == 1 and "--ranks-per-run 2" in lines[0]
+
+
+def test_one_group_of_two_ranks_runs_its_configurations_one_after_the_other(tiny_dataset,
+                                                                             tmp_path):
+    """The process group is joined and left once per configuration."""
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text("[grid]\nlr = [0.01, 0.003]\n")
+    out = tmp_path / "sweep"
+    done = run_medhpc("ct-train", "--data", tiny_dataset, "--out", out, "--sweep", sweep,
+                      "--ranks-per-run", "2", "--patch", "16", *TINY, ranks=2, timeout=180)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    assert [(r["status"], r["ranks"], r["group"]) for r in records] == [("ok", 2, 0)] * 2
+    assert "2 of 2 configuration(s) finished" in done.stderr
