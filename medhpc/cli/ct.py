@@ -217,8 +217,14 @@ mpiexec -n 4 medhpc ct-segment --model ct/run/model.pt --images new_scans/ \\
 @click.option("--postprocess/--no-postprocess", default=True, show_default=True,
               help="Keep only the largest connected component of the classes where ct-train's "
                    "validation showed it helps (stored in the model).")
+@click.option("--dicom-seg", is_flag=True,
+              help="Also write <case>.seg.dcm, a DICOM Segmentation referencing each input "
+                   "DICOM series (needs the dicom extra: highdicom).")
+@click.option("--png", is_flag=True,
+              help="Also write <case>.png: axial, coronal and sagittal overlays (and the "
+                   "reference with --labels).")
 @pass_run("ct-segment")
-def ct_segment(run, model_paths, images, out, labels, batch, tta, postprocess):
+def ct_segment(run, model_paths, images, out, labels, batch, tta, postprocess, dicom_seg, png):
     """Segment CT volumes by sliding windows with Gaussian blending, cases over the ranks;
     label maps on each input's own grid."""
     _require_torch(run, "ct-segment")
@@ -226,7 +232,7 @@ def ct_segment(run, model_paths, images, out, labels, batch, tta, postprocess):
 
     sources = images[0] if len(images) == 1 else list(images)
     Segmentation(run, list(model_paths), sources, out, labels, batch, tta=tta,
-                 postprocess=postprocess).execute()
+                 postprocess=postprocess, dicom_seg=dicom_seg, png=png).execute()
 
 
 COMMANDS = [ct_prepare, ct_train, ct_segment]

@@ -147,3 +147,69 @@ def _check_one_series(slices) -> None:
 def is_dicom_series(path) -> bool:
     """True when ``path`` is a folder (a DICOM series is given as its folder)."""
     return Path(path).is_dir()
+
+
+def _property_type(name: str):
+    """The SNOMED CT code of an organ name (``kidneys`` -> Kidney), else Tissue."""
+    from pydicom.sr.codedict import codes
+
+    for candidate in (name, name.rstrip("s"), name.replace("_", " ")):
+        key = "".join(part.capitalize() for part in candidate.replace("_", " ").split())
+        try:
+            return getattr(codes.SCT, key)
+        except AttributeError:
+            continue
+    return codes.SCT.Tissue
+
+
+def write_dicom_seg(path, series, labels: np.ndarray, classes,
+                    overwrite: bool = False) -> Path | None:
+    """Write a label map of a DICOM CT series as a DICOM Segmentation (binary, one segment
+    per class) referencing the series' slices (highdicom; the ``dicom`` extra).
+
+    ``labels`` is ``[z, y, x]`` on the series' own grid, in the slice order of
+    :func:`read_dicom_series`; classes absent from it are left out of the object, and
+    nothing is written (None returned) when no class is present.
+    """
+    try:
+        import highdicom
+        from pydicom.sr.codedict import codes
+    except ImportError:
+        raise InputError("--dicom-seg needs highdicom; install medhpc[dicom]") from None
+    from medhpc import __version__
+    from medhpc.io.atomic import atomic_path
+
+    slices, _ = _series(series, pixels=False)
+    sources = [_pydicom().dcmread(p) for p, _ in slices]
+    present = [index for index in range(1, len(classes) + 1) if np.any(labels == index)]
+    algorithm = highdicom.AlgorithmIdentificationSequence(
+        name="medhpc ct-segment", version=__version__,
+        family=codes.cid7162.ArtificialIntelligence)
+    descriptions, masks = [], []
+    for number, index in enumerate(present, start=1):
+        name = classes[index - 1]
+        descriptions.append(highdicom.seg.SegmentDescription(
+            segment_number=number, segment_label=name,
+            segmented_property_category=codes.SCT.Organ,
+            segmented_property_type=_property_type(name),
+            algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm))
+        masks.append(labels == index)
+    if not masks:
+        return None
+    pixels = np.stack(masks, axis=-1).astype(np.uint8)  # (frames, rows, columns, segments)
+    reference = sources[0]
+    segmentation = highdicom.seg.Segmentation(
+        source_images=sources, pixel_array=pixels,
+        segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=highdicom.UID(), series_number=int(
+            getattr(reference, "SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=highdicom.UID(), instance_number=1,
+        manufacturer="medhpc", manufacturer_model_name="medhpc ct-segment",
+        software_versions=__version__, device_serial_number="0",
+        series_description="medhpc ct-segment")
+    path = Path(path)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        segmentation.save_as(tmp)
+    return path

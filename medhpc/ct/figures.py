@@ -59,3 +59,50 @@ def plot_sweep_curves(path, folder, records: list[dict]) -> None:
     with atomic_path(path, overwrite=True) as tmp:
         figure.savefig(tmp, dpi=100, format="png")
     plt.close(figure)
+
+
+#: The soft-tissue window the overlays show CT in (HU).
+OVERLAY_WINDOW_HU = (-160.0, 240.0)
+
+
+def plot_segmentation_overlay(path, image_hu, labels, classes, spacing_zyx,
+                              reference=None) -> None:
+    """Axial, coronal and sagittal slices through the segmented organs' centre, CT in a
+    soft-tissue window with each class in its colour; a second row shows the reference
+    labels when given. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    foreground = np.argwhere(labels > 0)
+    centre = foreground.mean(axis=0).round().astype(int) if len(foreground) else \
+        np.array(labels.shape) // 2
+    colours = plt.get_cmap("tab10")(np.arange(len(classes)) % 10)
+    colour_map = ListedColormap(np.vstack([[0, 0, 0, 0], colours]))
+    dz, dy, dx = spacing_zyx
+    views = [("axial", lambda a: a[centre[0]], dy / dx),
+             ("coronal", lambda a: a[:, centre[1]][::-1], dz / dx),
+             ("sagittal", lambda a: a[:, :, centre[2]][::-1], dz / dy)]
+    rows = [("segmentation", labels)] + ([("reference", reference)] if reference is not None
+                                        else [])
+    figure, axes = plt.subplots(len(rows), 3, figsize=(10, 3.6 * len(rows)), squeeze=False)
+    for row, (title, label_map) in enumerate(rows):
+        for column, (name, take, aspect) in enumerate(views):
+            axis = axes[row, column]
+            axis.imshow(take(image_hu), cmap="gray", vmin=OVERLAY_WINDOW_HU[0],
+                        vmax=OVERLAY_WINDOW_HU[1], aspect=aspect, interpolation="nearest")
+            masked = np.ma.masked_equal(take(label_map), 0)
+            axis.imshow(masked, cmap=colour_map, vmin=0, vmax=len(classes), alpha=0.45,
+                        aspect=aspect, interpolation="nearest")
+            axis.set_title(f"{title}, {name}", fontsize=9)
+            axis.axis("off")
+    figure.legend(handles=[Patch(color=colours[i], label=c) for i, c in enumerate(classes)],
+                  loc="lower center", ncol=len(classes), fontsize=8)
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
+    with atomic_path(path, overwrite=True) as tmp:
+        figure.savefig(tmp, dpi=90, format="png")
+    plt.close(figure)

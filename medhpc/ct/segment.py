@@ -7,7 +7,9 @@ mirrored copies, with several ``--model`` over the fold models), bring the label
 to the input's own grid and write it as NIfTI. Classes for which ct-train's validation
 showed that keeping only the largest connected component helps (for an ensemble: every
 model's validation) get that postprocessing (:mod:`medhpc.ct.postprocess`;
-``--no-postprocess`` turns it off). With reference labels, TP/FP/FN counts per case and
+``--no-postprocess`` turns it off). ``--dicom-seg`` also writes each DICOM series' labels as
+a DICOM Segmentation referencing its slices, ``--png`` an overlay picture per case. With
+reference labels, TP/FP/FN counts per case and
 organ are gathered and rank 0 prints a Dice table (also written as ``dice.csv`` and
 ``dice.json``).
 """
@@ -54,7 +56,8 @@ class Segmentation:
     """The ct-segment run on this rank (collective)."""
 
     def __init__(self, run, model_path, images, out, labels=None, batch: int = 2,
-                 tta: bool = False, postprocess: bool = True):
+                 tta: bool = False, postprocess: bool = True, dicom_seg: bool = False,
+                 png: bool = False):
         self.run = run
         self.world = run.world
         self.model_paths = [model_path] if isinstance(model_path, (str, Path)) else \
@@ -65,6 +68,8 @@ class Segmentation:
         self.out = Path(out)
         self.labels = labels
         self.batch = batch
+        self.dicom_seg = dicom_seg
+        self.png = png
 
     def check(self):
         documents = [load_model(path, torch.device("cpu"))[1] for path in self.model_paths]
@@ -80,9 +85,28 @@ class Segmentation:
                                      f"--tta would average views it never saw (drop --tta)")
         document = documents[0]
         cases = find_cases(self.images, self.labels)
+        if self.dicom_seg:
+            try:
+                import highdicom  # noqa: F401
+            except ImportError:
+                raise InputError("--dicom-seg needs highdicom; install medhpc[dicom]") from None
+            for case in cases:
+                if not Path(case.image).is_dir():
+                    raise InputError(f"{case.image}: not a DICOM series folder; --dicom-seg "
+                                     f"writes Segmentations of DICOM series only")
         for case in cases:
-            check_output_free(self.out / f"{case.name}.nii.gz", self.run.overwrite)
+            for path in self.outputs(case):
+                check_output_free(path, self.run.overwrite)
         return cases, len(document["classes"])
+
+    def outputs(self, case) -> list[Path]:
+        """The files written for ``case``."""
+        paths = [self.out / f"{case.name}.nii.gz"]
+        if self.dicom_seg:
+            paths.append(self.out / f"{case.name}.seg.dcm")
+        if self.png:
+            paths.append(self.out / f"{case.name}.png")
+        return paths
 
     def execute(self) -> dict | None:
         run = self.run
@@ -129,6 +153,7 @@ class Segmentation:
                                         len(document["classes"]))
         stats = document["intensity"]
         kernels = backend.kernels("medhpc.ct", "cpu", "augment")
+        source_hu = image
         with run.stage("resample and normalise", "kernel"):
             model_grid = geometry
             if document.get("spacing_mm"):
@@ -154,6 +179,20 @@ class Segmentation:
         with run.stage("write", "io"):
             write_nifti(self.out / f"{case.name}.nii.gz", prediction, geometry,
                         overwrite=run.overwrite)
+            if self.dicom_seg:
+                from medhpc.ct.dicom import write_dicom_seg
+
+                if write_dicom_seg(self.out / f"{case.name}.seg.dcm", case.image, prediction,
+                                   document["classes"], overwrite=run.overwrite) is None:
+                    run.log.notice(f"{case.name}: no organ found; no DICOM Segmentation "
+                                   f"written (it needs at least one segment)")
+        if self.png:
+            from medhpc.ct.figures import plot_segmentation_overlay
+
+            with run.stage("picture", "io"):
+                plot_segmentation_overlay(self.out / f"{case.name}.png", source_hu, prediction,
+                                          document["classes"], geometry.spacing_mm[::-1],
+                                          reference)
         row = {"case": case.name}
         if reference is not None:
             row["counts"] = confusion_counts(prediction, reference,

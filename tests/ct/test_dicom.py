@@ -168,3 +168,51 @@ def test_slices_of_two_real_ct_series_in_one_folder_are_refused_listing_both(tmp
     volume, geometry = read_dicom_series(tmp_path)  # one real series beside its DICOMDIR
     assert volume.shape == (5, 16, 16)
     assert geometry.spacing_mm == pytest.approx((0.488281, 0.488281, 2.5))
+
+
+def test_ct_segment_writes_a_dicom_seg_of_a_real_series_and_an_overlay(tmp_path):
+    """pydicom's real CT series 98892001/CT5N: the Segmentation references its slices, holds
+    the NIfTI label map frame by frame, and reads back with highdicom and pydicom."""
+    import shutil
+
+    highdicom = pytest.importorskip("highdicom")
+    pytest.importorskip("torch")
+    from medhpc.ct.dicom import _series
+    from medhpc.io.nifti import read_nifti
+    from tests.ct.test_inference import _save_model
+
+    shutil.copytree(_pydicom_test_folder("98892001/CT5N"), tmp_path / "images" / "ct5n")
+    model = _save_model(tmp_path / "model.pt", 3, ["liver", "kidneys"])
+    done = run_medhpc("ct-segment", "--model", model, "--images", tmp_path / "images", "--out",
+                      tmp_path / "seg", "--dicom-seg", "--png", "--device", "cpu", timeout=120)
+    assert done.returncode == 0, done.stderr
+    labels, _ = read_nifti(tmp_path / "seg" / "ct5n.nii.gz")
+    seg = highdicom.seg.segread(tmp_path / "seg" / "ct5n.seg.dcm")
+    slices, _ = _series(tmp_path / "images" / "ct5n", pixels=False)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == slices[0][1].SeriesInstanceUID
+    present = [i for i in (1, 2) if np.any(labels == i)]
+    assert present and [s.SegmentLabel for s in seg.SegmentSequence] == \
+        [["liver", "kidneys"][i - 1] for i in present]
+    frames = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for _, ds in slices],
+        segment_numbers=list(range(1, len(present) + 1)))
+    for number, index in enumerate(present):
+        np.testing.assert_array_equal(frames[..., number], labels == index)
+    assert pydicom.dcmread(tmp_path / "seg" / "ct5n.seg.dcm").Modality == "SEG"
+    assert (tmp_path / "seg" / "ct5n.png").stat().st_size > 1000
+
+
+def test_dicom_seg_of_a_nifti_input_is_refused_before_segmenting(tmp_path):
+    pytest.importorskip("torch")
+    from tests.ct.test_inference import _save_model
+
+    geometry = ImageGeometry.from_spacing((6, 10, 12), (0.8, 0.8, 2.0))
+    (tmp_path / "images").mkdir()
+    write_nifti(tmp_path / "images" / "a.nii.gz", np.zeros((6, 10, 12), np.float32), geometry)
+    model = _save_model(tmp_path / "model.pt", 3, ["liver", "kidneys"])
+    done = run_medhpc("ct-segment", "--model", model, "--images", tmp_path / "images", "--out",
+                      tmp_path / "seg", "--dicom-seg", "--device", "cpu", timeout=120)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "a.nii.gz: not a DICOM series folder" in lines[0]
+    assert not (tmp_path / "seg").exists()
