@@ -179,8 +179,7 @@ def write_dicom_seg(path, series, labels: np.ndarray, classes,
     from medhpc import __version__
     from medhpc.io.atomic import atomic_path
 
-    slices, _ = _series(series, pixels=False)
-    sources = [_pydicom().dcmread(p) for p, _ in slices]
+    sources = [dataset for _, dataset in _series(series, pixels=False)[0]]
     present = [index for index in range(1, len(classes) + 1) if np.any(labels == index)]
     algorithm = highdicom.AlgorithmIdentificationSequence(
         name="medhpc ct-segment", version=__version__,

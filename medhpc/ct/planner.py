@@ -32,7 +32,7 @@ CPU login node's ``--dry-run`` prints the plan the GPU job will use.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -124,9 +124,8 @@ def stage_layout(spacing_zyx, patch, stages: int | None = None,
         pooled = _pooled_axes(spacing, size, 2 * MIN_FEATURE)
         if not pooled.any() and stages is not None:
             pooled = _pooled_axes(spacing, size, 2)
-        if not pooled.any():
-            if stages is None:
-                break
+        if not pooled.any() and stages is None:
+            break
         kernels.append(tuple(int(k) for k in kernel))
         spacing = np.where(pooled, spacing * 2, spacing)
         size = np.where(pooled, np.ceil(size / 2), size)
@@ -170,7 +169,7 @@ class MemoryPlan:
     budget_gb: float | None
     fits: bool
     source: str  # "planned" or "given"
-    network: NetworkLayout | None = field(default=None, compare=True)
+    network: NetworkLayout | None = None
 
     def to_dict(self) -> dict:
         values = {**asdict(self), "patch": list(self.patch)}

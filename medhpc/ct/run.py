@@ -190,7 +190,9 @@ class Training:
                    "global_batch": global_batch, "grad_sync": s.grad_sync,
                    "optimizer": s.optimizer, "lr": s.learning_rate,
                    "epochs": s.epochs, "steps_per_epoch": s.steps,
-                   "dataset": dataset_summary(dataset), "lowres": self.lowres_plan(plan, dataset)}
+                   "dataset": dataset_summary(dataset),
+                   # printed and logged by rank 0 only
+                   "lowres": self.lowres_plan(plan, dataset) if self.world.is_root else None}
         if run.dry_run:
             run.print_plan(summary)
             return None

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from medhpc.ct.settings import TrainSettings
 from medhpc.errors import InputError, one_line
-from medhpc.io.atomic import atomic_path
+from medhpc.io.atomic import atomic_path, check_output_free
 from medhpc.runtime.log import Log
 from medhpc.runtime.timing import StageTimer
 
@@ -118,20 +118,25 @@ def configuration_name(index: int, changes: dict) -> str:
 def run_sweep(run, data, out, base: TrainSettings, configurations: list[Configuration],
               ranks_per_run: int, resume: bool = False, png: bool = False) -> list[dict]:
     """Run every configuration on its group of ranks; return the records (on every rank)."""
-    from medhpc.ct.run import Training
+    from medhpc.ct.run import MODEL_NAME, Training
 
     world = run.world
+    out = Path(out)
 
     def check():
         if world.size % ranks_per_run:
             raise InputError(f"--ranks-per-run {ranks_per_run}: {world.size} ranks do not "
                              f"split into groups of {ranks_per_run}; expected a divisor of "
                              f"the rank count")
+        if not resume:  # a re-run into the same folder is refused before any training
+            for name in ("sweep.jsonl", "sweep.csv") + (("sweep.png",) if png else ()):
+                check_output_free(out / name, run.overwrite)
+            for configuration in configurations:
+                check_output_free(out / configuration.name / MODEL_NAME, run.overwrite)
 
     world.agree(check)
     groups = world.size // ranks_per_run
     group = world.rank // ranks_per_run
-    out = Path(out)
     if run.dry_run:
         run.print_plan({"sweep": [{"name": c.name, "group": c.index % groups,
                                    "settings": _plain(c.changes)} for c in configurations],

@@ -83,3 +83,19 @@ def test_one_group_of_two_ranks_runs_its_configurations_one_after_the_other(tiny
     records = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
     assert [(r["status"], r["ranks"], r["group"]) for r in records] == [("ok", 2, 0)] * 2
     assert "2 of 2 configuration(s) finished" in done.stderr
+
+
+def test_a_sweep_run_again_into_its_folder_is_refused_before_training(tiny_dataset, tmp_path):
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text("[grid]\npatch = [16]\n")
+    out = tmp_path / "sweep"
+    first = run_medhpc("ct-train", "--data", tiny_dataset, "--out", out, "--sweep", sweep,
+                       *TINY, timeout=120)
+    assert first.returncode == 0, first.stderr
+    before = (out / "sweep.jsonl").read_text()
+    again = run_medhpc("ct-train", "--data", tiny_dataset, "--out", out, "--sweep", sweep,
+                       *TINY, timeout=120)
+    assert again.returncode == 2
+    lines = [line for line in again.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "sweep.jsonl: output exists" in lines[0]
+    assert (out / "sweep.jsonl").read_text() == before
