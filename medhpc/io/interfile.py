@@ -68,7 +68,8 @@ def read_header(path) -> dict:
     return entries
 
 
-def _number(entries, key, path, kind=float, default=None):
+def header_number(entries, key, path, kind=float, default=None):
+    """``entries[key]`` as ``kind``; ``default`` when absent (None: the key is required)."""
     if key not in entries or entries[key] == "":
         if default is None:
             raise InputError(f"{path}: missing key '{key} :='")
@@ -80,25 +81,11 @@ def _number(entries, key, path, kind=float, default=None):
                          f"{'number' if kind is float else 'whole number'}") from None
 
 
-def read_interfile(path):
-    """Read an Interfile image: ``(array [z, y, x] or [t, z, y, x] float32, geometry)``."""
-    path = Path(path)
-    entries = read_header(path)
-    dimensions = _number(entries, "number of dimensions", path, int)
-    if dimensions != 3:
-        raise InputError(f"{path}: 'number of dimensions := {dimensions}'; expected 3 "
-                         f"(x, y, z; frames by 'number of time frames')")
-    sizes = [_number(entries, f"matrix size[{axis}]", path, int) for axis in (1, 2, 3)]
-    spacing = [_number(entries, f"scaling factor (mm/pixel)[{axis}]", path, float, 1.0)
-               for axis in (1, 2, 3)]
-    offsets = [_number(entries, f"first pixel offset (mm)[{axis}]", path, float,
-                       -0.5 * (sizes[axis - 1] - 1) * spacing[axis - 1]) for axis in (1, 2, 3)]
-    frames = _number(entries, "number of time frames", path, int, 1)
-    if min(sizes) < 1 or frames < 1 or min(spacing) <= 0:
-        raise InputError(f"{path}: matrix sizes {sizes}, {frames} frame(s), spacing {spacing} "
-                         f"mm; expected positive sizes and spacing")
+def data_dtype(entries: dict, path) -> np.dtype:
+    """The raw values' dtype from ``number format``, ``number of bytes per pixel`` and
+    ``imagedata byte order`` (one :class:`InputError` line when unsupported)."""
     number_format = entries.get("number format", "float").lower()
-    width = _number(entries, "number of bytes per pixel", path, int, 4)
+    width = header_number(entries, "number of bytes per pixel", path, int, 4)
     code = _FORMATS.get((number_format, width))
     if code is None:
         raise InputError(f"{path}: 'number format := {number_format}' with {width} bytes per "
@@ -108,21 +95,50 @@ def read_interfile(path):
     if order not in ("LITTLEENDIAN", "BIGENDIAN"):
         raise InputError(f"{path}: 'imagedata byte order := {order}'; expected LITTLEENDIAN or "
                          f"BIGENDIAN")
-    dtype = np.dtype(("<" if order == "LITTLEENDIAN" else ">") + code)
+    return np.dtype(("<" if order == "LITTLEENDIAN" else ">") + code)
+
+
+def data_file(entries: dict, path, needed_bytes: int, what: str) -> tuple[Path, int]:
+    """``(data path, offset)`` of ``name of data file``, checked to hold ``needed_bytes``
+    after ``data offset in bytes[1]`` (``what`` describes them in the error)."""
+    path = Path(path)
     if "name of data file" not in entries:
         raise InputError(f"{path}: missing key 'name of data file :='")
     data_path = path.parent / entries["name of data file"]
-    offset = _number(entries, "data offset in bytes[1]", path, int, 0)
-    count = frames * sizes[0] * sizes[1] * sizes[2]
+    offset = header_number(entries, "data offset in bytes[1]", path, int, 0)
     if not data_path.is_file():
         raise InputError(f"{path}: data file {data_path} (name of data file) not found")
     available = data_path.stat().st_size - offset
-    if available < count * dtype.itemsize:
-        raise InputError(f"{data_path}: {available} bytes after offset {offset}, but "
-                         f"{frames} x {sizes[2]} x {sizes[1]} x {sizes[0]} values of "
-                         f"{dtype.itemsize} bytes need {count * dtype.itemsize}")
+    if available < needed_bytes:
+        raise InputError(f"{data_path}: {available} bytes after offset {offset}, but {what} "
+                         f"need {needed_bytes}")
+    return data_path, offset
+
+
+def read_interfile(path):
+    """Read an Interfile image: ``(array [z, y, x] or [t, z, y, x] float32, geometry)``."""
+    path = Path(path)
+    entries = read_header(path)
+    dimensions = header_number(entries, "number of dimensions", path, int)
+    if dimensions != 3:
+        raise InputError(f"{path}: 'number of dimensions := {dimensions}'; expected 3 "
+                         f"(x, y, z; frames by 'number of time frames')")
+    sizes = [header_number(entries, f"matrix size[{axis}]", path, int) for axis in (1, 2, 3)]
+    spacing = [header_number(entries, f"scaling factor (mm/pixel)[{axis}]", path, float, 1.0)
+               for axis in (1, 2, 3)]
+    offsets = [header_number(entries, f"first pixel offset (mm)[{axis}]", path, float,
+                       -0.5 * (sizes[axis - 1] - 1) * spacing[axis - 1]) for axis in (1, 2, 3)]
+    frames = header_number(entries, "number of time frames", path, int, 1)
+    if min(sizes) < 1 or frames < 1 or min(spacing) <= 0:
+        raise InputError(f"{path}: matrix sizes {sizes}, {frames} frame(s), spacing {spacing} "
+                         f"mm; expected positive sizes and spacing")
+    dtype = data_dtype(entries, path)
+    count = frames * sizes[0] * sizes[1] * sizes[2]
+    data_path, offset = data_file(entries, path, count * dtype.itemsize,
+                                  f"{frames} x {sizes[2]} x {sizes[1]} x {sizes[0]} values of "
+                                  f"{dtype.itemsize} bytes")
     values = np.fromfile(data_path, dtype=dtype, count=count, offset=offset)
-    scale = _number(entries, "image scaling factor[1]", path, float, 1.0)
+    scale = header_number(entries, "image scaling factor[1]", path, float, 1.0)
     array = (values.astype(np.float32) * np.float32(scale)).reshape(
         (frames, sizes[2], sizes[1], sizes[0]))
     geometry = ImageGeometry.from_spacing(array.shape[1:], tuple(spacing), tuple(offsets))

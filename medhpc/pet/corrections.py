@@ -5,7 +5,8 @@
 - ``--norm``, ``--randoms``, ``--scatter``: sinograms (HDF5 ``file.h5`` with one dataset,
   or ``file.h5:/dataset``) of the data's shape: radial x view x plane for ``--norm``
   (efficiencies, multiplying), radial x view x plane [x TOF] for the expected randoms and
-  scatter counts.
+  scatter counts. Or STIR sinograms (``.hs``) of the same scanner: ``--norm`` then holds
+  STIR's normalisation correction factors, whose reciprocals are the efficiencies.
 
 The multiplicative term becomes normalisation x attenuation, each from its file or, when
 not given, from the sinogram file's ``normalisation`` / ``attenuation`` datasets (1 when
@@ -24,7 +25,8 @@ from medhpc.errors import InputError
 from medhpc.io.images import check_nonnegative, read_image, split_dataset
 from medhpc.pet.projector import JosephProjector, axis_aligned_grid
 from medhpc.pet.scanner import lor_endpoints
-from medhpc.pet.sinogram import SinogramBlock, _read_views_planes
+from medhpc.pet import interchange
+from medhpc.pet.sinogram import SinogramBlock, _as_index, _read_views_planes, read_stored_factor
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,16 @@ class Corrections:
     mu_shape: tuple | None = None
 
 
-def _sinogram_dataset(option: str, value: str, expected: tuple, layout) -> tuple[Path, str]:
+def _sinogram_dataset(option: str, value: str, expected: tuple, layout):
+    """``(path, dataset name)`` of an HDF5 sinogram, or ``(path, StirLayout)`` of a STIR
+    one, checked against the data's shape."""
+    if interchange.is_stir_path(value):
+        stir = interchange.read_stir_layout(value)
+        if len(expected) == 4:
+            raise InputError(f"{value}: {option} for TOF data needs TOF bins; STIR TOF "
+                             f"sinograms are not read (give file.h5:/dataset)")
+        interchange.check_stir_scanner(stir, layout.scanner, option)
+        return stir.path, stir
     path, name = split_dataset(value, "")
     if not path.is_file():
         raise InputError(f"{path}: {option} file not found")
@@ -63,7 +74,8 @@ def _sinogram_dataset(option: str, value: str, expected: tuple, layout) -> tuple
         h5 = h5py.File(path, "r")
     except OSError:
         raise InputError(f"{path}: {option} is not an HDF5 file; expected a sinogram "
-                         f"dataset (file.h5 or file.h5:/dataset)") from None
+                         f"dataset (file.h5 or file.h5:/dataset) or a STIR sinogram "
+                         f"(.hs)") from None
     with h5:
         if not name:
             names = [key for key in h5 if isinstance(h5[key], h5py.Dataset)]
@@ -113,21 +125,24 @@ def read_mu_map(path):
     return np.ascontiguousarray(mu, np.float32), grid
 
 
-def _read(path_and_name, views, planes) -> np.ndarray:
-    path, name = path_and_name
-    with h5py.File(path, "r") as h5:
-        block = np.ascontiguousarray(_read_views_planes(h5[name], views, planes), np.float32)
+def _read(source, views, planes, scanner, reciprocal: bool = False) -> np.ndarray:
+    """A correction sinogram's views and planes; STIR correction factors (``reciprocal``)
+    become the factors of the forward model, ``1 / value`` (0 where the value is 0)."""
+    path, name = source
+    if isinstance(name, interchange.StirLayout):
+        index = interchange.stir_bin_index(name, scanner, _as_index(views, scanner.n_views),
+                                           _as_index(planes, scanner.n_planes))
+        block = interchange.read_stir_values(name, index)
+        name = "STIR data"
+    else:
+        with h5py.File(path, "r") as h5:
+            block = np.ascontiguousarray(_read_views_planes(h5[name], views, planes), np.float32)
     if not np.all(np.isfinite(block) & (block >= 0)):
         raise InputError(f"{path}:{name}: negative or non-finite values; expected factors and "
                          f"counts >= 0")
+    if reciprocal:
+        block = np.where(block > 0, 1.0 / np.maximum(block, 1e-30), 0.0).astype(np.float32)
     return block
-
-
-def _stored(layout, name: str, views, planes):
-    with h5py.File(layout.path, "r") as h5:
-        if name not in h5:
-            return None
-        return np.ascontiguousarray(_read_views_planes(h5[name], views, planes), np.float32)
 
 
 def corrected_block(corrections: Corrections | None, layout, block: SinogramBlock, views,
@@ -139,22 +154,25 @@ def corrected_block(corrections: Corrections | None, layout, block: SinogramBloc
     multiplicative = block.multiplicative
     if files.mu_map is not None or files.norm is not None:
         if files.norm is not None:
-            normalisation = _read(corrections.datasets["--norm"], views, planes)
+            source = corrections.datasets["--norm"]
+            normalisation = _read(source, views, planes, layout.scanner,
+                                  reciprocal=isinstance(source[1], interchange.StirLayout))
         else:
-            normalisation = _stored(layout, "normalisation", views, planes)
+            normalisation = read_stored_factor(layout, "normalisation", views, planes)
         if files.mu_map is not None:
             attenuation = attenuation_factors(corrections, layout.scanner, views, planes, device)
         else:
-            attenuation = _stored(layout, "attenuation", views, planes)
+            attenuation = read_stored_factor(layout, "attenuation", views, planes)
         multiplicative = np.ones(block.multiplicative.shape, np.float32)
         for factor in (normalisation, attenuation):
             if factor is not None:
                 multiplicative *= factor
     additive = block.additive
     if files.randoms is not None:
-        additive = _read(corrections.datasets["--randoms"], views, planes)
+        additive = _read(corrections.datasets["--randoms"], views, planes, layout.scanner)
     if files.scatter is not None:
-        additive = additive + _read(corrections.datasets["--scatter"], views, planes)
+        additive = additive + _read(corrections.datasets["--scatter"], views, planes,
+                                       layout.scanner)
     return SinogramBlock(prompts=block.prompts, multiplicative=multiplicative, additive=additive)
 
 

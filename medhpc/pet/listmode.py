@@ -288,6 +288,9 @@ def _castor_layout(path: Path, scanner: ScannerGeometry | None) -> ListModeLayou
     if lines != 1:
         raise InputError(f"{path}: 'Maximum number of lines per event: {lines}'; expected 1 "
                          f"(compressed multi-pair events are not read)")
+    if _castor_number(entries, "Coincidence kind flag", path, int, default=0):
+        raise InputError(f"{path}: 'Coincidence kind flag: 1'; records with a coincidence kind "
+                         f"are not read (write the list mode without it)")
     flags = {name: _castor_number(entries, key, path, int, default=0)
              for key, name in CASTOR_FIELDS}
     for (key, name) in CASTOR_FIELDS:

@@ -78,6 +78,10 @@ class ListModeRecon(PetRecon):
         factor_path = None
         if self._factors_request:
             factors = read_layout(self._factors_request)
+            if factors.kind != "medhpc":
+                raise InputError(f"{factors.path}: --factors needs a medhpc sinogram file "
+                                 f"(multiplicative and additive); convert with 'medhpc "
+                                 f"pet-convert'")
             if factors.scanner != layout.scanner:
                 raise InputError(f"{factors.path}: factors for scanner '{factors.scanner.name}', "
                                  f"but the events are of scanner '{layout.scanner.name}'")

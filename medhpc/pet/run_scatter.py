@@ -28,7 +28,7 @@ from medhpc.pet.scanner import lor_endpoints
 from medhpc.pet.scatter import (interpolate_to_sinogram, single_scatter, tail_scale,
                                 tail_sums)
 from medhpc.pet.settings import ScatterSettings
-from medhpc.pet.sinogram import _read_views_planes, read_block, read_layout
+from medhpc.pet.sinogram import read_block, read_layout, read_stored_factor
 
 
 class ScatterEstimate:
@@ -129,12 +129,7 @@ class ScatterEstimate:
         return np.concatenate(blocks, axis=1), document
 
     def _stored(self, name, views):
-        if not views.size:
-            return None
-        with h5py.File(self.layout.path, "r") as h5:
-            if name not in h5:
-                return None
-            return np.asarray(_read_views_planes(h5[name], views, slice(None)), np.float32)
+        return read_stored_factor(self.layout, name, views) if views.size else None
 
     def _attenuation(self, views, mu_origin, mu_voxel):
         xstart, xend = lor_endpoints(self.layout.scanner, views=views)

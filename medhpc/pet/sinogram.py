@@ -12,6 +12,12 @@ One HDF5 file holds:
 
 Chunks are blocks of whole radial rows over a few views and planes, so that the
 ranks' reads (a block of views, or of planes) touch only their own chunks.
+
+A STIR projection-data header (``.hs``, :mod:`medhpc.pet.interchange`) is read in
+place of a sinogram file: its values are the prompts, the multiplicative factor is 1
+where STIR stores a bin (0 elsewhere), the additive term 0, the image grid the
+scanner's default; corrections come from pet-recon's ``--norm``, ``--mu-map``,
+``--randoms`` and ``--scatter``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import numpy as np
 from medhpc.errors import InputError
 from medhpc.io.atomic import atomic_path
 from medhpc.io.geometry import ImageGeometry
-from medhpc.pet.scanner import ScannerGeometry, scanner_from_dict, scanner_to_dict
+from medhpc.pet import interchange
+from medhpc.pet.scanner import (ScannerGeometry, default_image_grid, scanner_from_dict,
+                                scanner_to_dict)
 
 FORMAT = "medhpc-sinogram"
 VERSION = 1
@@ -49,6 +57,8 @@ class SinogramLayout:
     image: ImageGeometry
     frames: int
     tof: bool
+    kind: str = "medhpc"
+    stir: interchange.StirLayout | None = None
 
     @property
     def prompts_shape(self) -> tuple[int, ...]:
@@ -97,6 +107,16 @@ def read_layout(path) -> SinogramLayout:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: sinogram file not found")
+    if interchange.is_stir_path(path):
+        stir = interchange.read_stir_layout(path)
+        shape, voxel = default_image_grid(stir.scanner)
+        return SinogramLayout(path=path, scanner=stir.scanner,
+                              image=ImageGeometry.from_spacing(shape, voxel), frames=1, tof=False,
+                              kind="stir", stir=stir)
+    if interchange.is_castor_path(path):
+        raise InputError(f"{path}: a CASToR header; convert a histogram with 'medhpc "
+                         f"pet-convert {path} sinogram.h5 --scanner S', or give list-mode data "
+                         f"to --listmode")
     try:
         h5 = h5py.File(path, "r")
     except OSError:
@@ -144,14 +164,10 @@ def read_block(layout: SinogramLayout, views=None, planes=None, frame: int | Non
     """
     views = slice(None) if views is None else views
     planes = slice(None) if planes is None else planes
-    with h5py.File(layout.path, "r") as h5:
-        arrays = {}
-        for name in ("prompts", "multiplicative", "additive"):
-            dataset = h5[name]
-            block = _read_views_planes(dataset, views, planes)
-            if name != "multiplicative" and layout.frames > 1:
-                block = block[..., frame if frame is not None else 0]
-            arrays[name] = np.ascontiguousarray(block, dtype=np.float32)
+    if layout.kind == "stir":
+        arrays = _stir_block(layout, views, planes)
+    else:
+        arrays = _medhpc_block(layout, views, planes, frame)
     if check:
         for name, array in arrays.items():
             bad = ~np.isfinite(array)
@@ -162,6 +178,40 @@ def read_block(layout: SinogramLayout, views=None, planes=None, frame: int | Non
                 raise InputError(f"{layout.path}: '{name}' has {int((array < 0).sum())} negative "
                                  f"values; expected counts and factors >= 0")
     return SinogramBlock(**arrays)
+
+
+def _stir_block(layout: SinogramLayout, views, planes) -> dict:
+    index = interchange.stir_bin_index(layout.stir, layout.scanner,
+                                       _as_index(views, layout.scanner.n_views),
+                                       _as_index(planes, layout.scanner.n_planes))
+    return {"prompts": interchange.read_stir_values(layout.stir, index),
+            "multiplicative": (index >= 0).astype(np.float32),
+            "additive": np.zeros(index.shape, np.float32)}
+
+
+def _medhpc_block(layout: SinogramLayout, views, planes, frame) -> dict:
+    with h5py.File(layout.path, "r") as h5:
+        arrays = {}
+        for name in ("prompts", "multiplicative", "additive"):
+            dataset = h5[name]
+            block = _read_views_planes(dataset, views, planes)
+            if name != "multiplicative" and layout.frames > 1:
+                block = block[..., frame if frame is not None else 0]
+            arrays[name] = np.ascontiguousarray(block, dtype=np.float32)
+    return arrays
+
+
+def read_stored_factor(layout: SinogramLayout, name: str, views=None, planes=None):
+    """The file's ``attenuation`` or ``normalisation`` at some views and planes (float32),
+    None when it holds none (STIR data never do)."""
+    if layout.kind != "medhpc":
+        return None
+    views = slice(None) if views is None else views
+    planes = slice(None) if planes is None else planes
+    with h5py.File(layout.path, "r") as h5:
+        if name not in h5:
+            return None
+        return np.ascontiguousarray(_read_views_planes(h5[name], views, planes), np.float32)
 
 
 def _read_views_planes(dataset, views, planes) -> np.ndarray:
