@@ -1,4 +1,5 @@
-"""PET subcommands: pet-geometry, pet-simulate, pet-recon. Parse, validate, call."""
+"""PET subcommands: pet-geometry, pet-simulate, pet-recon, pet-scatter, pet-convert.
+Parse, validate, call."""
 
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
 mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
     --iterations 4 --subsets 8 --png --timings timings.json""")
 @click.option("--sinogram", type=click.Path(), default=None,
-              help="Sinogram file (pet-simulate's layout).")
+              help="Sinogram file (pet-simulate's layout) or STIR projection data (.hs).")
 @click.option("--listmode", type=click.Path(), default=None,
               help="List-mode events instead of a sinogram: a medhpc list-mode file (HDF5) or "
                    "CASToR list-mode data (.cdh header).")
@@ -314,4 +315,39 @@ def pet_scatter(run, sinogram, activity, mu_map, window_kev, energy_resolution, 
                     fit_tails=not no_tail_fit).execute()
 
 
-COMMANDS = [pet_geometry, pet_simulate, pet_recon, pet_scatter]
+@command("pet-convert", example="""\
+medhpc pet-convert --in scan.hs --norm norm.hs --acf acf.hs --randoms randoms.hs --out scan.h5
+medhpc pet-convert --in histogram.cdh --scanner my-scanner.toml --out scan.h5
+medhpc pet-convert --in sinogram.h5 --dataset prompts --out for-stir.hs""")
+@click.option("--in", "source", required=True, type=click.Path(),
+              help="STIR sinogram (.hs), CASToR histogram (.cdh) or medhpc sinogram (.h5).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="medhpc sinogram (.h5) from STIR or CASToR input; STIR header (.hs, data "
+                   "beside it as .s) from a medhpc sinogram.")
+@click.option("--scanner", default=None,
+              help="Preset or TOML file: required for CASToR data; for STIR data, the scanner "
+                   "whose sinogram to fill (default: the one in the header).")
+@click.option("--norm", type=click.Path(), default=None,
+              help="With STIR input: STIR normalisation correction factors (.hs).")
+@click.option("--acf", type=click.Path(), default=None,
+              help="With STIR input: STIR attenuation correction factors (.hs).")
+@click.option("--randoms", type=click.Path(), default=None,
+              help="With STIR input: expected randoms counts (.hs).")
+@click.option("--scatter", type=click.Path(), default=None,
+              help="With STIR input: expected scatter counts (.hs).")
+@click.option("--dataset", default="prompts", show_default=True,
+              help="With medhpc input: prompts, additive, multiplicative, attenuation or "
+                   "normalisation (factors are written as STIR correction factors, 1 / value).")
+@click.option("--frame", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With medhpc input: the frame of dynamic data.")
+@pass_run("pet-convert")
+def pet_convert(run, source, out, scanner, norm, acf, randoms, scatter, dataset, frame):
+    """Convert projection data between STIR Interfile, CASToR histograms and medhpc
+    sinogram files (span 1, non-TOF, non-arc-corrected)."""
+    from medhpc.pet.run_convert import Conversion
+
+    corrections = {"norm": norm, "acf": acf, "randoms": randoms, "scatter": scatter}
+    Conversion(run, source, out, scanner, corrections, dataset, frame).execute()
+
+
+COMMANDS = [pet_geometry, pet_simulate, pet_recon, pet_scatter, pet_convert]

@@ -16,7 +16,6 @@ absent). ``--randoms`` replaces the stored additive term; ``--scatter`` is added
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import h5py
 import numpy as np

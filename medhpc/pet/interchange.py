@@ -301,14 +301,18 @@ def read_stir_sinogram(stir: StirLayout, scanner: ScannerGeometry | None = None)
     return out
 
 
-def write_stir(path, scanner: ScannerGeometry, sinogram: np.ndarray, overwrite: bool = False,
-               data_type: str = "Emission") -> Path:
-    """Write a medhpc sinogram (radial x view x plane) as STIR projection data.
+def stir_stored_mask(stir: StirLayout, scanner: ScannerGeometry) -> np.ndarray:
+    """Which LORs of ``scanner``'s sinogram the STIR data store (bool, radial x view x plane)."""
+    out = np.empty(scanner.sinogram_shape[:3], bool)
+    planes = np.arange(scanner.n_planes)
+    for first in range(0, scanner.n_views, _VIEW_BLOCK):
+        views = np.arange(first, min(first + _VIEW_BLOCK, scanner.n_views))
+        out[:, views] = stir_bin_index(stir, scanner, views, planes) >= 0
+    return out
 
-    Segments ``-M..M`` in that order, each ``view x axial x tangential``, float32
-    little-endian, ``T = n_radial`` tangential positions: every medhpc bin is one STIR
-    bin. The header goes to ``path`` (``.hs``), the data beside it (``.s``).
-    """
+
+def write_stir_check(path, scanner: ScannerGeometry) -> None:
+    """Raise :class:`InputError` unless ``scanner``'s sinogram can be written as STIR data."""
     path = Path(path)
     if not is_stir_path(path):
         raise InputError(f"{path}: a STIR sinogram header ends in .hs")
@@ -318,6 +322,18 @@ def write_stir(path, scanner: ScannerGeometry, sinogram: np.ndarray, overwrite: 
                          f"spaced rings and detectors per ring divisible by 4; scanner "
                          f"'{scanner.name}' has {scanner.modules_per_ring} modules, ring gap "
                          f"{scanner.ring_gap_mm:g} mm, {n} crystals per ring")
+
+
+def write_stir(path, scanner: ScannerGeometry, sinogram: np.ndarray,
+               overwrite: bool = False) -> Path:
+    """Write a medhpc sinogram (radial x view x plane) as STIR projection data.
+
+    Segments ``-M..M`` in that order, each ``view x axial x tangential``, float32
+    little-endian, ``T = n_radial`` tangential positions: every medhpc bin is one STIR
+    bin. The header goes to ``path`` (``.hs``), the data beside it (``.s``).
+    """
+    path = Path(path)
+    write_stir_check(path, scanner)
     sinogram = np.asarray(sinogram, np.float32)
     if sinogram.shape != tuple(scanner.sinogram_shape[:3]):
         raise InputError(f"{path}: sinogram of shape {sinogram.shape}; STIR output takes one "
@@ -336,11 +352,11 @@ def write_stir(path, scanner: ScannerGeometry, sinogram: np.ndarray, overwrite: 
     with atomic_path(data_path, overwrite=overwrite) as tmp:
         values.tofile(tmp)
     with atomic_path(path, overwrite=overwrite) as tmp:
-        Path(tmp).write_text(_stir_header(stir, data_type), encoding="latin-1")
+        Path(tmp).write_text(_stir_header(stir), encoding="latin-1")
     return path
 
 
-def _stir_header(stir: StirLayout, data_type: str) -> str:
+def _stir_header(stir: StirLayout) -> str:
     scanner = stir.scanner
     listed = "{" + ",".join(str(value) for value in stir.segments) + "}"
     axial = "{" + ",".join(str(int(value)) for value in stir.segment_sizes) + "}"
@@ -350,7 +366,7 @@ def _stir_header(stir: StirLayout, data_type: str) -> str:
         f"originating system := {scanner.name}", "!version of keys := STIR4.0",
         "!GENERAL DATA :=", "!GENERAL IMAGE DATA :=", "!type of data := PET",
         "imagedata byte order := LITTLEENDIAN", "!PET STUDY (General) :=",
-        f"!PET data type := {data_type}", "applied corrections := {None}",
+        "!PET data type := Emission", "applied corrections := {None}",
         "!number format := float", "!number of bytes per pixel := 4",
         "number of dimensions := 4",
         "matrix axis label [4] := segment", f"!matrix size [4] := {len(stir.segments)}",

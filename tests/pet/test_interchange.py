@@ -1,0 +1,288 @@
+"""STIR projection data and CASToR histograms: layout, geometry, round trips, bad input."""
+
+import h5py
+import numpy as np
+import pytest
+
+from medhpc.errors import InputError
+from medhpc.io.images import read_image
+from medhpc.pet.interchange import (read_castor_histogram, read_stir_layout, read_stir_sinogram,
+                                    stir_bin_index, stir_detector_pairs, write_stir)
+from medhpc.pet.scanner import (ScannerGeometry, crystal_ids, lor_endpoints, plane_ring_pairs,
+                                sinogram_crystals)
+from medhpc.pet.sinogram import read_block, read_layout
+from tests.helpers import run_medhpc
+
+N_DETECTORS, RINGS, T_EVEN = 16, 3, 12
+RADIUS_CM, RING_CM = 8.0, 0.4
+
+
+def _stir_header(data_name, axial_major=True, segments=(-2, -1, 0, 1, 2), extra=(),
+                 tangential=T_EVEN, detectors=N_DETECTORS, dimensions=4, maximum=None):
+    """A STIR 4 style header written from the documented keys (not by medhpc)."""
+    axial = "{" + ",".join(str(RINGS - abs(d)) for d in segments) + "}"
+    labels = ("axial coordinate", "view") if axial_major else ("view", "axial coordinate")
+    sizes = (axial, detectors // 2) if axial_major else (detectors // 2, axial)
+    listed = "{" + ",".join(str(d) for d in segments) + "}"
+    lines = ["!INTERFILE  :=", f"name of data file := {data_name}",
+             "originating system := userdefined", "!GENERAL DATA :=",
+             "!type of data := PET", "imagedata byte order := LITTLEENDIAN",
+             "!PET data type := Emission", "applied corrections := {None}",
+             "!number format := float", "!number of bytes per pixel := 4",
+             f"number of dimensions := {dimensions}",
+             "matrix axis label [4] := segment", f"!matrix size [4] := {len(segments)}",
+             f"matrix axis label [3] := {labels[0]}", f"!matrix size [3] := {sizes[0]}",
+             f"matrix axis label [2] := {labels[1]}", f"!matrix size [2] := {sizes[1]}",
+             "matrix axis label [1] := tangential coordinate",
+             f"!matrix size [1] := {tangential}",
+             f"minimum ring difference per segment := {listed}",
+             f"maximum ring difference per segment := {maximum or listed}",
+             "Scanner parameters:=", "Scanner type := userdefined",
+             f"Number of rings                          := {RINGS}",
+             f"Number of detectors per ring             := {detectors}",
+             f"Inner ring diameter (cm)                 := {2 * RADIUS_CM}",
+             "Average depth of interaction (cm)        := 0.5",
+             f"Distance between rings (cm)              := {RING_CM}",
+             "View offset (degrees)                    := 0", "end scanner parameters:=",
+             *extra, "!END OF INTERFILE :="]
+    return "\n".join(lines) + "\n"
+
+
+def _write_index_file(folder, axial_major=True):
+    """A STIR file whose every value is its own element index."""
+    n_values = sum(RINGS - abs(d) for d in range(-2, 3)) * (N_DETECTORS // 2) * T_EVEN
+    np.arange(n_values, dtype="<f4").tofile(folder / "index.s")
+    header = folder / "index.hs"
+    header.write_text(_stir_header("index.s", axial_major=axial_major))
+    return header, n_values
+
+
+def _stir_bin(index, axial_major):
+    """(ring difference, view, axial position, t) of element ``index``, from STIR's layout."""
+    views = N_DETECTORS // 2
+    for difference in range(-2, 3):
+        size = (RINGS - abs(difference)) * views * T_EVEN
+        if index < size:
+            outer, position = divmod(index, T_EVEN)
+            if axial_major:
+                axial, view = divmod(outer, views)
+            else:
+                view, axial = divmod(outer, RINGS - abs(difference))
+            return difference, view, axial, position - T_EVEN // 2
+        index -= size
+    raise AssertionError("index outside the data")
+
+
+def test_detector_pairs_invert_stir_pairing():
+    for n in (8, 16, 96):
+        views, tangential, swapped = stir_detector_pairs(n)
+        det_a, det_b = np.nonzero(~np.eye(n, dtype=bool))
+        view, t = views[det_a, det_b], tangential[det_a, det_b]
+        det1 = (view + np.right_shift(t, 1)) % n
+        det2 = (view - np.right_shift(t + 1, 1) + n // 2) % n
+        reverse = swapped[det_a, det_b]
+        assert np.all(np.where(reverse, det1 == det_b, det1 == det_a))
+        assert np.all(np.where(reverse, det2 == det_a, det2 == det_b))
+        _, counts = np.unique(view * 2 * n + t, return_counts=True)
+        assert np.all(counts == 2)  # each bin once per orientation
+
+
+@pytest.mark.parametrize("axial_major", [True, False])
+def test_stir_bins_are_the_lors_stir_describes(tmp_path, axial_major):
+    header, n_values = _write_index_file(tmp_path, axial_major)
+    layout = read_layout(header)
+    scanner = layout.scanner
+    assert (scanner.crystals_per_ring, scanner.rings, scanner.max_ring_difference) == (16, 3, 2)
+    assert scanner.radius_mm == pytest.approx(80.0) and scanner.doi_mm == pytest.approx(5.0)
+    assert scanner.radial_trim == N_DETECTORS // 2 - T_EVEN // 2
+    block = read_block(layout)
+    stored = block.multiplicative > 0
+    assert np.array_equal(np.sort(block.prompts[stored]), np.arange(n_values, dtype=np.float32))
+    # with T even, one edge of medhpc radial bins has no STIR bin
+    assert stored.sum() == n_values and (~stored).sum() == scanner.n_views * scanner.n_planes
+    xstart, xend = lor_endpoints(scanner)
+    radius = scanner.radius_mm + scanner.doi_mm
+    pairs = plane_ring_pairs(scanner)
+    start, end = sinogram_crystals(scanner)
+    for radial, view, plane in zip(*np.nonzero(stored)):
+        difference, stir_view, axial, t = _stir_bin(int(block.prompts[radial, view, plane]),
+                                                    axial_major)
+        det1 = (stir_view + (t >> 1)) % N_DETECTORS
+        det2 = (stir_view - ((t + 1) >> 1) + N_DETECTORS // 2) % N_DETECTORS
+        ring1 = axial + max(0, -difference)
+        stir_ends = set()
+        for det, ring in ((det1, ring1), (det2, ring1 + difference)):
+            angle = 2 * np.pi * det / N_DETECTORS
+            stir_ends.add((round(radius * np.sin(angle), 3), round(-radius * np.cos(angle), 3),
+                           ring))
+        medhpc_ends = {(round(float(xstart[radial, view, plane, 0]), 3),
+                        round(float(xstart[radial, view, plane, 1]), 3), int(pairs[plane, 0])),
+                       (round(float(xend[radial, view, plane, 0]), 3),
+                        round(float(xend[radial, view, plane, 1]), 3), int(pairs[plane, 1]))}
+        assert stir_ends == medhpc_ends
+        assert {start[radial, view], end[radial, view]} == {(det1 - 4) % 16, (det2 - 4) % 16}
+
+
+def test_write_read_round_trip_is_exact(pet_case, tmp_path):
+    layout = read_layout(pet_case["noisy"])
+    prompts = read_block(layout).prompts
+    header = write_stir(tmp_path / "noisy.hs", layout.scanner, prompts)
+    assert (tmp_path / "noisy.s").stat().st_size == prompts.size * 4
+    stir = read_stir_layout(header)
+    assert stir.n_tangential == layout.scanner.n_radial
+    assert stir.scanner.sinogram_shape == layout.scanner.sinogram_shape
+    assert np.array_equal(read_stir_sinogram(stir, layout.scanner), prompts)
+    index = stir_bin_index(stir, layout.scanner, np.arange(layout.scanner.n_views),
+                           np.arange(layout.scanner.n_planes))
+    assert np.array_equal(np.sort(index.ravel()), np.arange(stir.n_values))
+    stir_block = read_block(read_layout(header), views=[1, 5, 9], planes=np.arange(3, 40))
+    assert np.array_equal(stir_block.prompts, prompts[:, [1, 5, 9]][:, :, 3:40])
+    assert np.all(stir_block.multiplicative == 1) and np.all(stir_block.additive == 0)
+
+
+def test_pet_convert_stir_with_corrections_rebuilds_the_sinogram(pet_case, tmp_path):
+    """Prompts, STIR correction factors (reciprocals) and randoms in; the medhpc file out."""
+    source = pet_case["noisy"]
+    for dataset, name in (("prompts", "prompts"), ("normalisation", "norm"),
+                          ("attenuation", "acf"), ("additive", "randoms")):
+        result = run_medhpc("pet-convert", "--in", source, "--dataset", dataset,
+                            "--out", tmp_path / f"{name}.hs")
+        assert result.returncode == 0, result.stderr
+    out = tmp_path / "back.h5"
+    result = run_medhpc("pet-convert", "--in", tmp_path / "prompts.hs", "--norm",
+                        tmp_path / "norm.hs", "--acf", tmp_path / "acf.hs", "--randoms",
+                        tmp_path / "randoms.hs", "--scanner", "small-test", "--out", out)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(source, "r") as original, h5py.File(out, "r") as converted:
+        assert np.array_equal(converted["prompts"][...], original["prompts"][...])
+        assert np.array_equal(converted["additive"][...], original["additive"][...])
+        for name in ("normalisation", "attenuation", "multiplicative"):
+            np.testing.assert_allclose(converted[name][...], original[name][...], rtol=1e-6)
+    assert read_layout(out).scanner == read_layout(source).scanner
+
+
+def test_pet_recon_reads_stir_as_it_reads_the_same_counts_in_medhpc(pet_case, tmp_path):
+    layout = read_layout(pet_case["noisy"])
+    prompts = read_block(layout).prompts
+    header = write_stir(tmp_path / "counts.hs", layout.scanner, prompts)
+    converted = tmp_path / "counts.h5"
+    result = run_medhpc("pet-convert", "--in", header, "--out", converted)
+    assert result.returncode == 0, result.stderr
+    images = []
+    for source in (header, converted):
+        out = tmp_path / f"{source.suffix[1:]}.nii.gz"
+        result = run_medhpc("pet-recon", "--sinogram", source, "--out", out, "--iterations", "1",
+                            "--subsets", "4", "--device", "cpu", "--no-fov-mask")
+        assert result.returncode == 0, result.stderr
+        images.append(read_image(out)[0])
+    assert images[0].max() > 0
+    assert np.array_equal(images[0], images[1])
+
+
+def _castor_files(folder, scanner, prompts, multiplicative_parts, additive, duration_s, rng):
+    """A CASToR PET histogram of the sinogram, records shuffled and half the pairs reversed."""
+    attenuation, normalisation = multiplicative_parts
+    start, end = sinogram_crystals(scanner)
+    pairs = plane_ring_pairs(scanner)
+    radial, view, plane = np.meshgrid(*[np.arange(n) for n in prompts.shape], indexing="ij")
+    id1 = crystal_ids(scanner, start[radial, view], pairs[plane, 0]).ravel()
+    id2 = crystal_ids(scanner, end[radial, view], pairs[plane, 1]).ravel()
+    reverse = rng.random(id1.size) < 0.5
+    id1, id2 = np.where(reverse, id2, id1), np.where(reverse, id1, id2)
+    order = rng.permutation(id1.size)
+    record = np.dtype([("time", "<u4"), ("acf", "<f4"), ("randoms", "<f4"), ("ncf", "<f4"),
+                       ("counts", "<f4"), ("id1", "<u4"), ("id2", "<u4")])
+    records = np.zeros(id1.size, record)
+    records["acf"] = (1.0 / attenuation).ravel()[order]
+    records["ncf"] = (1.0 / normalisation).ravel()[order]
+    records["randoms"] = (additive / duration_s).ravel()[order]
+    records["counts"] = prompts.ravel()[order]
+    records["id1"], records["id2"] = id1[order], id2[order]
+    records.tofile(folder / "histogram.cdf")
+    header = folder / "histogram.cdh"
+    header.write_text("\n".join([
+        "Data filename: histogram.cdf", f"Number of events: {id1.size}",
+        "Data mode: histogram", "Data type: PET", "Start time (s): 0",
+        f"Duration (s): {duration_s}", "Scanner name: small-test",
+        "Attenuation correction flag: 1", "Normalization correction flag: 1",
+        "Random correction flag: 1", "Scatter correction flag: 0"]) + "\n")
+    return header
+
+
+def test_castor_histogram_equals_the_sinogram(pet_case, tmp_path):
+    with h5py.File(pet_case["noisy"], "r") as h5:
+        data = {name: h5[name][...] for name in ("prompts", "attenuation", "normalisation",
+                                                 "additive", "multiplicative")}
+    layout = read_layout(pet_case["noisy"])
+    header = _castor_files(tmp_path, layout.scanner, data["prompts"],
+                           (data["attenuation"], data["normalisation"]), data["additive"], 300.0,
+                           np.random.default_rng(1))
+    histogram = read_castor_histogram(header, layout.scanner)
+    assert histogram["outside"] == 0
+    assert np.array_equal(histogram["prompts"], data["prompts"])
+    for name in ("attenuation", "normalisation", "multiplicative", "additive"):
+        np.testing.assert_allclose(histogram[name], data[name], rtol=2e-6, atol=1e-7)
+    out = tmp_path / "histogram.h5"
+    result = run_medhpc("pet-convert", "--in", header, "--scanner", "small-test", "--out", out)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(out, "r") as h5:
+        assert np.array_equal(h5["prompts"][...], data["prompts"])
+
+
+def test_castor_histogram_ids_outside_the_scanner_are_refused(tmp_path):
+    scanner = ScannerGeometry(name="tiny", crystals_per_ring=16, rings=2, radius_mm=50.0,
+                              ring_spacing_mm=4.0, crystal_size_mm=4.0, radial_trim=2,
+                              max_ring_difference=1)
+    record = np.dtype([("time", "<u4"), ("counts", "<f4"), ("id1", "<u4"), ("id2", "<u4")])
+    records = np.zeros(2, record)
+    records["id1"], records["id2"] = [0, 40], [8, 3]
+    records.tofile(tmp_path / "h.cdf")
+    (tmp_path / "h.cdh").write_text("Data filename: h.cdf\nNumber of events: 2\nData mode: "
+                                    "histogram\nData type: PET\nDuration (s): 10\n")
+    with pytest.raises(InputError, match="crystal1 ID 40"):
+        read_castor_histogram(tmp_path / "h.cdh", scanner)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"maximum": "{-2,-1,1,1,2}"}, "span > 1"),
+    ({"extra": ("applied corrections := {arc correction}",)}, "arc-corrected"),
+    ({"dimensions": 5}, "TOF"),
+    ({"detectors": 18}, "multiple of 4"),
+    ({"segments": (-2, 0, 2)}, "each of -M..M once"),
+])
+def test_unsupported_stir_data_give_one_line(tmp_path, change, message):
+    header = tmp_path / "bad.hs"
+    header.write_text(_stir_header("bad.s", **change))
+    np.zeros(10_000, "<f4").tofile(tmp_path / "bad.s")
+    with pytest.raises(InputError, match=message) as error:
+        read_layout(header)
+    assert str(header) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_short_or_missing_stir_data_are_refused_before_any_output(tmp_path):
+    header, _ = _write_index_file(tmp_path)
+    with open(tmp_path / "index.s", "r+b") as data:
+        data.truncate(100)
+    out = tmp_path / "recon.nii.gz"
+    result = run_medhpc("pet-recon", "--sinogram", header, "--out", out, "--device", "cpu")
+    assert result.returncode == 2
+    assert "index.s" in result.stderr and "need" in result.stderr
+    assert not out.exists()
+    (tmp_path / "index.s").unlink()
+    result = run_medhpc("pet-convert", "--in", header, "--out", tmp_path / "x.h5")
+    assert result.returncode == 2 and "not found" in result.stderr
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_pet_convert_refuses_mismatched_options(pet_case, tmp_path):
+    result = run_medhpc("pet-convert", "--in", pet_case["noisy"], "--norm", "n.hs",
+                        "--out", tmp_path / "x.hs")
+    assert result.returncode == 2 and "goes with a STIR" in result.stderr
+    result = run_medhpc("pet-convert", "--in", pet_case["noisy"], "--out", tmp_path / "x.h5")
+    assert result.returncode == 2 and ".hs" in result.stderr
+    castor = tmp_path / "a.cdh"
+    castor.write_text("Data mode: histogram\n")
+    result = run_medhpc("pet-convert", "--in", castor, "--out", tmp_path / "a.h5")
+    assert result.returncode == 2 and "--scanner" in result.stderr
+    result = run_medhpc("pet-recon", "--sinogram", castor, "--out", tmp_path / "r.nii.gz")
+    assert result.returncode == 2 and "pet-convert" in result.stderr
