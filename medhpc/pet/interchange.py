@@ -43,7 +43,7 @@ import numpy as np
 from medhpc.errors import InputError
 from medhpc.io.atomic import atomic_path
 from medhpc.io.interfile import data_dtype, data_file, header_number, read_header
-from medhpc.pet.listmode import _castor_number, read_castor_header
+from medhpc.pet.listmode import _castor_number, read_castor_pet_header
 from medhpc.pet.scanner import (ScannerGeometry, crystal_pair_lors, plane_ring_pairs,
                                 sinogram_crystals)
 
@@ -436,18 +436,8 @@ def read_castor_histogram(path, scanner: ScannerGeometry) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: CASToR header not found")
-    entries = read_castor_header(path)
-    for key, expected in (("Data mode", "histogram"), ("Data type", "PET")):
-        value = entries.get(key)
-        if value is None:
-            raise InputError(f"{path}: missing key '{key}:'")
-        if value.lower() != expected.lower():
-            raise InputError(f"{path}: '{key}: {value}'; expected '{expected}' (list-mode data "
-                             f"go to pet-recon --listmode)")
-    if "Data filename" not in entries:
-        raise InputError(f"{path}: missing key 'Data filename:'")
-    data_path = path.parent / entries["Data filename"]
-    n_records = _castor_number(entries, "Number of events", path, int)
+    entries, data_path, n_records = read_castor_pet_header(
+        path, "histogram", "list-mode data go to pet-recon --listmode")
     duration_s = _castor_number(entries, "Duration (s)", path, float)
     if not (math.isfinite(duration_s) and duration_s > 0):
         raise InputError(f"{path}: 'Duration (s): {duration_s}'; expected a positive number")

@@ -268,22 +268,29 @@ def _castor_number(entries, key, path, kind=float, default=None):
         raise InputError(f"{path}: '{key}: {entries[key]}' is not a {kind.__name__}") from None
 
 
-def _castor_layout(path: Path, scanner: ScannerGeometry | None) -> ListModeLayout:
-    if scanner is None:
-        raise InputError(f"{path}: CASToR data name the scanner only; pass --scanner (a preset "
-                         f"or TOML file whose crystals match the IDs in the data)")
+def read_castor_pet_header(path, mode: str, hint: str):
+    """``(entries, data path, Number of events)`` of a CASToR PET header of ``Data mode``
+    ``mode`` (``hint`` ends the error when it is another)."""
+    path = Path(path)
     entries = read_castor_header(path)
-    for key, expected in (("Data mode", "list-mode"), ("Data type", "PET")):
+    for key, expected in (("Data mode", mode), ("Data type", "PET")):
         value = entries.get(key)
         if value is None:
             raise InputError(f"{path}: missing key '{key}:'")
         if value.lower() != expected.lower():
-            raise InputError(f"{path}: '{key}: {value}'; expected '{expected}' (only PET "
-                             f"list-mode data are read)")
+            raise InputError(f"{path}: '{key}: {value}'; expected '{expected}' ({hint})")
     if "Data filename" not in entries:
         raise InputError(f"{path}: missing key 'Data filename:'")
-    data_path = path.parent / entries["Data filename"]
-    n_events = _castor_number(entries, "Number of events", path, int)
+    return (entries, path.parent / entries["Data filename"],
+            _castor_number(entries, "Number of events", path, int))
+
+
+def _castor_layout(path: Path, scanner: ScannerGeometry | None) -> ListModeLayout:
+    if scanner is None:
+        raise InputError(f"{path}: CASToR data name the scanner only; pass --scanner (a preset "
+                         f"or TOML file whose crystals match the IDs in the data)")
+    entries, data_path, n_events = read_castor_pet_header(path, "list-mode",
+                                                          "only PET list-mode data are read")
     lines = _castor_number(entries, "Maximum number of lines per event", path, int, default=1)
     if lines != 1:
         raise InputError(f"{path}: 'Maximum number of lines per event: {lines}'; expected 1 "
