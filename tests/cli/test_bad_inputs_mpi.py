@@ -64,6 +64,7 @@ def make_inputs(folder):
         (folder / name).write_bytes(garbage)
     (folder / "folder.nii.gz").mkdir()
     (folder / "folder.h5").mkdir()
+    (folder / "garbage.hs").write_text("not an Interfile header\n")
     with h5py.File(folder / "nodata.h5", "w") as handle:
         handle["something_else"] = np.zeros(4)
     whole = folder / "whole.h5"
@@ -125,6 +126,15 @@ CASES = [
     ("sim-scanner", ["pet-simulate", "--scanner", "no-such-scanner", "--activity",
                      "{d}/good.nii.gz", "--mu-map", "{d}/mu.nii.gz", "--out", "{o}/s.h5"],
      ["no-such-scanner"]),
+    # pet-convert and STIR data
+    ("convert-missing", ["pet-convert", "--in", "{d}/missing.hs", "--out", "{o}/s.h5"],
+     ["missing.hs"]),
+    ("convert-garbage", ["pet-convert", "--in", "{d}/garbage.hs", "--out", "{o}/s.h5"],
+     ["garbage.hs", "Interfile"]),
+    ("convert-castor-no-scanner", ["pet-convert", "--in", "{d}/missing.cdh", "--out",
+                                   "{o}/s.h5"], ["missing.cdh"]),
+    ("recon-stir-garbage", ["pet-recon", "--sinogram", "{d}/garbage.hs", "--out",
+                            "{o}/r.nii.gz"], ["garbage.hs"]),
     # pet-recon: the sinogram and the run options
     ("recon-missing", ["pet-recon", "--sinogram", "{d}/missing.h5", "--out", "{o}/r.nii.gz"],
      ["missing.h5"]),

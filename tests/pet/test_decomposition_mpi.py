@@ -42,6 +42,17 @@ def test_frames_decomposition_equals_one_rank(pet_case, tmp_path):
     compare(pet_case["dynamic"], tmp_path, "frames")
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("decomp", ["views", "planes"])
+def test_stir_data_over_the_ranks_equal_one_rank(pet_case, tmp_path, decomp):
+    from medhpc.pet.interchange import write_stir
+    from medhpc.pet.sinogram import read_block, read_layout
+
+    layout = read_layout(pet_case["noisy"])
+    header = write_stir(tmp_path / "noisy.hs", layout.scanner, read_block(layout).prompts)
+    compare(header, tmp_path, decomp)
+
+
 def test_every_view_of_every_subset_is_owned_once():
     for size in (1, 2, 3, 5):
         owned = [np.concatenate(decomposition.views_of_rank(48, 8, size, rank))
