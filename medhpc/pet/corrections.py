@@ -23,7 +23,7 @@ import numpy as np
 from medhpc.errors import InputError
 from medhpc.io.images import check_nonnegative, read_image, split_dataset
 from medhpc.pet.projector import JosephProjector, axis_aligned_grid
-from medhpc.pet.scanner import lor_endpoints
+from medhpc.pet.scanner import lor_endpoints, mean_over_members, plane_members
 from medhpc.pet import interchange
 from medhpc.pet.sinogram import SinogramBlock, _as_index, _read_views_planes, read_stored_factor
 
@@ -177,12 +177,13 @@ def corrected_block(corrections: Corrections | None, layout, block: SinogramBloc
 
 def attenuation_factors(corrections: Corrections, scanner, views, planes, device) -> np.ndarray:
     """``exp(-line integral of mu)`` of the LORs at ``views`` x ``planes`` (radial x view x
-    plane)."""
+    plane; at span > 1 the mean over each plane's ring pairs)."""
     view_index = None if isinstance(views, slice) else views
     plane_index = None if isinstance(planes, slice) else planes
     xstart, xend = lor_endpoints(scanner, views=view_index, planes=plane_index)
-    return line_attenuation(corrections, xstart.reshape(-1, 3), xend.reshape(-1, 3),
-                            device).reshape(xstart.shape[:3])
+    factors = line_attenuation(corrections, xstart.reshape(-1, 3), xend.reshape(-1, 3),
+                               device).reshape(xstart.shape[:3])
+    return mean_over_members(factors, plane_members(scanner, plane_index)[1]).astype(np.float32)
 
 
 def line_attenuation(corrections: Corrections, xstart, xend, device) -> np.ndarray:

@@ -1,17 +1,19 @@
 """Projection data of other PET software: STIR Interfile sinograms and CASToR histograms.
 
 STIR projection data (``.hs`` header + raw data, usually ``.s``)
-    Non-arc-corrected cylindrical data without axial compression (span 1) or view
-    mashing, one time frame, no TOF. The data are segments in the order of the
-    header's ``minimum ring difference per segment`` list, each ``view x axial x
-    tangential`` or ``axial x view x tangential`` (``matrix axis label [3]`` and
-    ``[2]``), tangential fastest. STIR pairs detectors as
+    Non-arc-corrected cylindrical data at span 1 or an odd span > 1 (segment 0 of
+    ring differences ``-(S - 1) / 2 .. (S - 1) / 2``, full segments of ``S`` beside it),
+    without view mashing, one time frame, no TOF. The data are segments in the order of
+    the header's ``minimum`` / ``maximum ring difference per segment`` lists, each ``view
+    x axial x tangential`` or ``axial x view x tangential`` (``matrix axis label [3]``
+    and ``[2]``), tangential fastest. STIR pairs detectors as
 
         det1 = (view + floor(t / 2)) mod N,  det2 = (view - floor((t + 1) / 2) + N / 2) mod N
 
     for tangential position ``t`` (index ``t + T // 2`` of ``T``), on rings whose
-    difference ``ring2 - ring1`` is the segment's and whose smaller one is the axial
-    position. STIR's detector ``k`` sits at angle ``2 pi k / N - pi / 2`` from +x
+    difference ``ring2 - ring1`` is in the segment's range; the axial position is the
+    smaller ring at span 1 and ``ring1 + ring2 - m`` at span > 1, ``m`` the segment's
+    smallest ``|ring difference|`` (medhpc's plane order within a segment). STIR's detector ``k`` sits at angle ``2 pi k / N - pi / 2`` from +x
     (``View offset (degrees) := 0``), which is medhpc's crystal ``(k - N / 4) mod N``.
     The scanner comes from the ``Scanner parameters`` block: rings, detectors per
     ring, inner ring diameter and average depth of interaction (the LOR end points sit
@@ -44,8 +46,8 @@ from medhpc.errors import InputError
 from medhpc.io.atomic import atomic_path
 from medhpc.io.interfile import data_dtype, data_file, header_number, read_header
 from medhpc.pet.listmode import _castor_number, read_castor_pet_header
-from medhpc.pet.scanner import (ScannerGeometry, crystal_pair_lors, plane_ring_pairs,
-                                sinogram_crystals)
+from medhpc.pet.scanner import (ScannerGeometry, crystal_pair_lors, plane_members,
+                                segment_plane_count, segment_ranges, sinogram_crystals)
 
 STIR_SUFFIX = ".hs"
 CASTOR_SUFFIX = ".cdh"
@@ -78,8 +80,8 @@ class StirLayout:
         ``image scaling factor[1]``.
     view_major : bool
         Segments stored ``view x axial x tangential`` (else ``axial x view x tangential``).
-    segments : tuple of int
-        Ring difference of each segment, in file order.
+    segments : tuple of (int, int)
+        Smallest and largest ring difference of each segment, in file order.
     n_tangential : int
         Tangential positions ``T``.
     scanner : ScannerGeometry
@@ -99,8 +101,9 @@ class StirLayout:
 
     @property
     def segment_sizes(self) -> np.ndarray:
-        """Axial positions of each segment: ``rings - |ring difference|``."""
-        return self.scanner.rings - np.abs(np.asarray(self.segments, np.int64))
+        """Axial positions of each segment (``rings - |ring difference|`` at span 1)."""
+        return np.array([segment_plane_count(self.scanner, low, high)
+                         for low, high in self.segments], np.int64)
 
     @property
     def n_values(self) -> int:
@@ -130,8 +133,8 @@ def read_stir_layout(path) -> StirLayout:
     entries = read_header(path)
 
     def refuse(what):
-        raise InputError(f"{path}: {what}; medhpc reads non-arc-corrected, span-1, unmashed, "
-                         f"non-TOF STIR sinograms of one frame")
+        raise InputError(f"{path}: {what}; medhpc reads non-arc-corrected, unmashed, "
+                         f"non-TOF STIR sinograms of one frame at span 1 or an odd span")
 
     data_type = entries.get("pet data type", "Emission").lower()
     if data_type == "image":
@@ -161,14 +164,20 @@ def read_stir_layout(path) -> StirLayout:
     n_segments = header_number(entries, "matrix size[4]", path, int)
     if len(low) != n_segments or len(high) != n_segments:
         refuse(f"{n_segments} segments but ring differences for {len(low)} and {len(high)}")
-    if low != high:
-        refuse("axial compression (span > 1: segments with minimum != maximum ring "
-               "difference)")
     rings = header_number(entries, "number of rings", path, int)
     detectors = header_number(entries, "number of detectors per ring", path, int)
-    largest = max(abs(value) for value in low)
-    if sorted(low) != list(range(-largest, largest + 1)):
-        refuse(f"ring differences {low}; expected each of -M..M once")
+    segments = list(zip(low, high))
+    span = high[0] - low[0] + 1 if segments else 1
+    largest = max([max(abs(a), abs(b)) for a, b in segments] or [0])
+    layout_text = ", ".join(f"{a}..{b}" for a, b in segments)
+    if any(b - a + 1 != span for a, b in segments) or (span > 1 and span % 2 == 0):
+        refuse(f"segments of ring differences {layout_text}; expected every segment one "
+               f"ring difference (span 1) or the same odd number of them")
+    if span > 1 and (largest - (span - 1) // 2) % span:
+        refuse(f"span {span} up to ring difference {largest}; expected full segments "
+               f"(largest ring difference {(span - 1) // 2} + k x {span})")
+    if largest >= rings:
+        refuse(f"ring difference {largest} of {rings} rings")
     view_size = header_number(entries, f"matrix size[{3 if view_major else 2}]", path, int)
     axial_sizes = _integer_list(entries, f"matrix size[{2 if view_major else 3}]", path)
     if detectors % 4 or detectors < 8:
@@ -176,10 +185,6 @@ def read_stir_layout(path) -> StirLayout:
     if view_size != detectors // 2:
         refuse(f"{view_size} views of {detectors} detectors (view mashing); expected "
                f"{detectors // 2}")
-    expected_axial = [rings - abs(value) for value in low]
-    if axial_sizes != expected_axial:
-        refuse(f"axial positions {axial_sizes} per segment; {rings} rings at span 1 need "
-               f"{expected_axial}")
     offset_degrees = header_number(entries, "view offset (degrees)", path, float, 0.0)
     if offset_degrees != 0.0:
         refuse(f"'View offset (degrees) := {offset_degrees:g}'; expected 0")
@@ -193,8 +198,16 @@ def read_stir_layout(path) -> StirLayout:
         ring_spacing_mm=10.0 * header_number(entries, "distance between rings (cm)", path, float),
         crystal_size_mm=2.0 * math.pi * radius_mm / detectors,
         radial_trim=max(1, detectors // 2 - n_tangential // 2), max_ring_difference=largest,
-        doi_mm=10.0 * header_number(entries, "average depth of interaction (cm)", path, float,
-                                    0.0))
+        span=span, doi_mm=10.0 * header_number(entries, "average depth of interaction (cm)",
+                                               path, float, 0.0))
+    if sorted(segments) != sorted(segment_ranges(scanner)):
+        refuse(f"segments of ring differences {layout_text}; span {span} up to {largest} "
+               f"has {', '.join(f'{a}..{b}' for a, b in sorted(segment_ranges(scanner)))}, "
+               f"each once")
+    expected_axial = [segment_plane_count(scanner, a, b) for a, b in segments]
+    if axial_sizes != expected_axial:
+        refuse(f"axial positions {axial_sizes} per segment; {rings} rings at span {span} "
+               f"need {expected_axial}")
     dtype = data_dtype(entries, path)
     layout_values = sum(expected_axial) * view_size * n_tangential
     data_path, offset = data_file(entries, path, layout_values * dtype.itemsize,
@@ -203,7 +216,7 @@ def read_stir_layout(path) -> StirLayout:
                                   f"of {dtype.itemsize} bytes)")
     return StirLayout(path=path, data_path=data_path, dtype=dtype, offset=offset,
                       scale=header_number(entries, "image scaling factor[1]", path, float, 1.0),
-                      view_major=view_major, segments=tuple(low), n_tangential=n_tangential,
+                      view_major=view_major, segments=tuple(segments), n_tangential=n_tangential,
                       scanner=scanner)
 
 
@@ -247,15 +260,19 @@ def stir_bin_index(stir: StirLayout, scanner: ScannerGeometry, views, planes) ->
     view = stir_views[det_a, det_b][:, :, None]
     position = tangential[det_a, det_b][:, :, None] + n_tangential // 2
     swap = swapped[det_a, det_b][:, :, None]
-    pairs = plane_ring_pairs(scanner)[np.asarray(planes, np.int64)]
+    members, first_member = plane_members(scanner, np.asarray(planes, np.int64))
+    pairs = members[first_member[:-1]]  # one ring pair stands for its plane
     ring1 = np.where(swap, pairs[None, None, :, 1], pairs[None, None, :, 0])
     ring2 = np.where(swap, pairs[None, None, :, 0], pairs[None, None, :, 1])
     segment_of = np.full(2 * rings - 1, -1, np.int64)
-    segment_of[np.asarray(stir.segments) + rings - 1] = np.arange(len(stir.segments))
+    smallest = np.zeros(len(stir.segments), np.int64)
+    for index, (low, high) in enumerate(stir.segments):
+        segment_of[low + rings - 1:high + rings] = index
+        smallest[index] = 0 if low <= 0 <= high else min(abs(low), abs(high))
     segment = segment_of[ring2 - ring1 + rings - 1]
     sizes = stir.segment_sizes
     first = np.concatenate([[0], np.cumsum(sizes)[:-1]]) * stir.scanner.n_views * n_tangential
-    axial = np.minimum(ring1, ring2)
+    axial = (ring1 + ring2 - smallest[segment]) // (2 if stir.scanner.span == 1 else 1)
     stored = (segment >= 0) & (view >= 0) & (position >= 0) & (position < n_tangential)
     segment = np.where(stored, segment, 0)
     if stir.view_major:
@@ -280,13 +297,15 @@ def read_stir_values(stir: StirLayout, index: np.ndarray) -> np.ndarray:
 def check_stir_scanner(stir: StirLayout, scanner: ScannerGeometry, what: str) -> None:
     """Raise :class:`InputError` unless ``scanner``'s rings and crystals are the STIR data's."""
     theirs = stir.scanner
-    if (theirs.crystals_per_ring, theirs.rings) != (scanner.crystals_per_ring, scanner.rings) \
+    if (theirs.crystals_per_ring, theirs.rings, theirs.span) != \
+            (scanner.crystals_per_ring, scanner.rings, scanner.span) \
             or theirs.max_ring_difference < scanner.max_ring_difference:
         raise InputError(f"{stir.path}: {what} of {theirs.rings} rings x "
-                         f"{theirs.crystals_per_ring} detectors up to ring difference "
-                         f"{theirs.max_ring_difference}, but the sinogram is of scanner "
-                         f"'{scanner.name}' ({scanner.rings} x {scanner.crystals_per_ring}, "
-                         f"ring difference {scanner.max_ring_difference})")
+                         f"{theirs.crystals_per_ring} detectors at span {theirs.span} up to ring "
+                         f"difference {theirs.max_ring_difference}, but the sinogram is of "
+                         f"scanner '{scanner.name}' ({scanner.rings} x "
+                         f"{scanner.crystals_per_ring}, span {scanner.span}, ring difference "
+                         f"{scanner.max_ring_difference})")
 
 
 def read_stir_sinogram(stir: StirLayout, scanner: ScannerGeometry | None = None) -> np.ndarray:
@@ -338,8 +357,7 @@ def write_stir(path, scanner: ScannerGeometry, sinogram: np.ndarray,
     if sinogram.shape != tuple(scanner.sinogram_shape[:3]):
         raise InputError(f"{path}: sinogram of shape {sinogram.shape}; STIR output takes one "
                          f"non-TOF frame of shape {scanner.sinogram_shape[:3]}")
-    largest = scanner.max_ring_difference
-    segments = tuple(range(-largest, largest + 1))
+    segments = tuple(sorted(segment_ranges(scanner)))
     data_path = path.with_suffix(".s")
     stir = StirLayout(path=path, data_path=data_path, dtype=np.dtype("<f4"), offset=0, scale=1.0,
                       view_major=True, segments=segments, n_tangential=scanner.n_radial,
@@ -358,7 +376,8 @@ def write_stir(path, scanner: ScannerGeometry, sinogram: np.ndarray,
 
 def _stir_header(stir: StirLayout) -> str:
     scanner = stir.scanner
-    listed = "{" + ",".join(str(value) for value in stir.segments) + "}"
+    lowest = "{" + ",".join(str(low) for low, _ in stir.segments) + "}"
+    highest = "{" + ",".join(str(high) for _, high in stir.segments) + "}"
     axial = "{" + ",".join(str(int(value)) for value in stir.segment_sizes) + "}"
     bin_cm = scanner.crystal_pitch_mm / 10.0
     lines = [
@@ -374,8 +393,8 @@ def _stir_header(stir: StirLayout) -> str:
         "matrix axis label [2] := axial coordinate", f"!matrix size [2] := {axial}",
         "matrix axis label [1] := tangential coordinate",
         f"!matrix size [1] := {stir.n_tangential}",
-        f"minimum ring difference per segment := {listed}",
-        f"maximum ring difference per segment := {listed}",
+        f"minimum ring difference per segment := {lowest}",
+        f"maximum ring difference per segment := {highest}",
         "Scanner parameters :=", f"Scanner type := {scanner.name}",
         "Scanner geometry (BlocksOnCylindrical/Cylindrical/Generic) := Cylindrical",
         f"Number of rings := {scanner.rings}",

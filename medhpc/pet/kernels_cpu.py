@@ -544,3 +544,27 @@ def _back_tof_summed(values, xstart, xend, origin_mm, voxel_mm, tof_bins, tof_bi
             _ray_scatter_every_bin(buffer, values[lor], xstart, xend, lor, origin, voxel, nx,
                                    ny, nz, tof, ntof)
     return buffers
+
+
+@numba.njit(parallel=True, **_JIT)
+def sum_members(values, first, out):
+    """out[r, p, k] = sum of values[r, j, k] over plane p's members ``first[p] <= j <
+    first[p + 1]``: ring-pair projections summed into span > 1 planes."""
+    planes = out.shape[1]
+    for row in numba.prange(out.shape[0]):
+        for plane in range(planes):
+            for k in range(out.shape[2]):
+                total = np.float32(0.0)
+                for member in range(first[plane], first[plane + 1]):
+                    total += values[row, member, k]
+                out[row, plane, k] = total
+
+
+@numba.njit(parallel=True, **_JIT)
+def repeat_members(values, plane_of, out):
+    """out[r, j, k] = values[r, plane_of[j], k]: the adjoint of :func:`sum_members`."""
+    for row in numba.prange(out.shape[0]):
+        for member in range(out.shape[1]):
+            plane = plane_of[member]
+            for k in range(out.shape[2]):
+                out[row, member, k] = values[row, plane, k]

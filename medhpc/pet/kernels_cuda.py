@@ -241,11 +241,38 @@ def _back_tof_summed(values, nx, ny, nz, xstart, xend, origin_mm, voxel_mm, ntof
             _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight_t * value_mm * coverage)
 
 
+def _sum_members(values, first, out):
+    index = cuda.grid(1)
+    rows, planes, bins = out.shape
+    if index >= rows * planes * bins:
+        return
+    row = index // (planes * bins)
+    plane = index // bins % planes
+    k = index % bins
+    total = _F0
+    for member in range(first[plane], first[plane + 1]):
+        total += values[row, member, k]
+    out[row, plane, k] = total
+
+
+def _repeat_members(values, plane_of, out):
+    index = cuda.grid(1)
+    rows, members, bins = out.shape
+    if index >= rows * members * bins:
+        return
+    row = index // (members * bins)
+    member = index // bins % members
+    k = index % bins
+    out[row, member, k] = values[row, plane_of[member], k]
+
+
 _forward_kernel = cuda.jit(_forward)
 _back_kernel = cuda.jit(_back)
 _forward_tof_kernel = cuda.jit(_forward_tof)
 _back_tof_kernel = cuda.jit(_back_tof)
 _back_tof_summed_kernel = cuda.jit(_back_tof_summed)
+_sum_members_kernel = cuda.jit(_sum_members)
+_repeat_members_kernel = cuda.jit(_repeat_members)
 
 _COMMON = "int64, int64, int64, float32[:, ::1], float32[:, ::1], float32[::1], float32[::1]"
 _TOF = "float32, float32, float32, float32, float32"
@@ -257,6 +284,9 @@ PTX_SIGNATURES = {
     "joseph_back_tof": (_back_tof, f"void(float32[:, ::1], {_COMMON}, {_TOF}, float32[::1])"),
     "joseph_back_tof_summed": (_back_tof_summed,
                                f"void(float32[::1], {_COMMON}, int64, {_TOF}, float32[::1])"),
+    "sum_members": (_sum_members, "void(float32[:, :, ::1], int64[::1], float32[:, :, ::1])"),
+    "repeat_members": (_repeat_members,
+                       "void(float32[:, :, ::1], int64[::1], float32[:, :, ::1])"),
 }
 
 
@@ -325,3 +355,13 @@ def joseph_back_tof_summed(values, xstart, xend, origin_mm, voxel_mm, tof_bins, 
             _on_device(origin_mm), _on_device(voxel_mm), np.int64(tof_bins),
             *_tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas),
             image.reshape(image.size))
+
+
+def sum_members(values, first, out):
+    """out[r, p, k] = sum over plane p's members of values[r, j, k] (device arrays)."""
+    _launch(_sum_members_kernel, out.size, values, first, out)
+
+
+def repeat_members(values, plane_of, out):
+    """out[r, j, k] = values[r, plane_of[j], k] (device arrays)."""
+    _launch(_repeat_members_kernel, out.size, values, plane_of, out)

@@ -197,13 +197,7 @@ class JosephProjector:
 
     def adjointness_error(self, rng) -> float:
         """Relative |<A x, y> - <x, A^T y>| / |<A x, y>| for random x, y (float64 sums)."""
-        x = rng.random(self.image_shape, dtype=np.float32)
-        y = rng.random(self.shape_out, dtype=np.float32)
-        forward_dot = np.dot(self.forward(x).ravel().astype(np.float64), y.ravel())
-        back_dot = np.dot(x.ravel().astype(np.float64), self.back(y).ravel())
-        if forward_dot == 0.0:
-            return abs(back_dot)
-        return abs(forward_dot - back_dot) / abs(forward_dot)
+        return adjointness_error(self, rng)
 
     @staticmethod
     def _checked(array, shape, name):
@@ -211,3 +205,117 @@ class JosephProjector:
         if array.shape != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {array.shape}")
         return array
+
+
+class CompressedProjector:
+    """A sinogram projector whose planes each sum the LORs of several ring pairs (span > 1).
+
+    ``A_c = C A``: the Joseph projection of every member LOR (``inner``, ordered ``row x
+    member``), then ``C`` sums each plane's members; the back projection repeats each
+    plane's value to its members (``C^T``) and back-projects them, the exact adjoint.
+
+    Parameters
+    ----------
+    inner : JosephProjector
+        LORs ``row x member`` (C order, members innermost).
+    first : (planes + 1,) array of int
+        Plane ``p``'s members are ``first[p] .. first[p + 1] - 1``.
+    """
+
+    def __init__(self, inner: JosephProjector, first):
+        self.inner = inner
+        self.first = np.ascontiguousarray(first, dtype=np.int64)
+        self.n_members = int(self.first[-1])
+        self.n_planes = len(self.first) - 1
+        if self.n_members == 0 or inner.n_lors % self.n_members:
+            raise ValueError(f"{inner.n_lors} LORs are not rows of {self.n_members} members")
+        self.rows = inner.n_lors // self.n_members
+        self.plane_of = np.repeat(np.arange(self.n_planes, dtype=np.int64), np.diff(self.first))
+        self.device, self.tof, self.image_shape = inner.device, inner.tof, inner.image_shape
+        self._device_tables = None
+
+    @property
+    def n_lors(self) -> int:
+        """Sinogram LORs (rows x planes)."""
+        return self.rows * self.n_planes
+
+    @property
+    def shape_out(self) -> tuple:
+        """Projection shape: (n_lors,) or (n_lors, tof.bins)."""
+        return (self.n_lors,) if self.tof is None else (self.n_lors, self.tof.bins)
+
+    def forward(self, image):
+        """Project ``image`` onto the span > 1 planes (host or device, as the image)."""
+        return self._sum(self.inner.forward(image))
+
+    def back(self, values):
+        """Back-project ``values`` of :attr:`shape_out` into a new image."""
+        return self.inner.back(self._repeat(values, self.shape_out))
+
+    def back_every_bin(self, values):
+        """Back-project per-LOR ``values`` given alike to every TOF bin."""
+        return self.inner.back_every_bin(self._repeat(values, (self.n_lors,)))
+
+    def adjointness_error(self, rng) -> float:
+        """Relative |<A x, y> - <x, A^T y>| / |<A x, y>| for random x, y (float64 sums)."""
+        return adjointness_error(self, rng)
+
+    def _kernels_for(self, array):
+        if self.device == "cuda" and backend.is_device_array(array):
+            if self._device_tables is None:
+                self._device_tables = (backend.to_device(self.first, "cuda"),
+                                       backend.to_device(self.plane_of, "cuda"))
+            return backend.kernels("medhpc.pet", "cuda"), self._device_tables
+        return backend.kernels("medhpc.pet", "cpu"), (self.first, self.plane_of)
+
+    def _sum(self, values):
+        kernels, (first, _) = self._kernels_for(values)
+        bins = 1 if values.ndim == 1 else values.shape[1]
+        out = backend.empty((self.n_lors,) + values.shape[1:], np.float32,
+                            "cuda" if kernels.__name__.endswith("cuda") else "cpu")
+        kernels.sum_members(values.reshape(self.rows, self.n_members, bins), first,
+                            out.reshape(self.rows, self.n_planes, bins))
+        return out
+
+    def _repeat(self, values, shape):
+        kernels, (_, plane_of) = self._kernels_for(values)
+        if not backend.is_device_array(values):
+            values = JosephProjector._checked(values, shape, "values")
+        bins = 1 if len(shape) == 1 else shape[1]
+        out = backend.empty((self.inner.n_lors,) + tuple(shape[1:]), np.float32,
+                            "cuda" if kernels.__name__.endswith("cuda") else "cpu")
+        kernels.repeat_members(values.reshape(self.rows, self.n_planes, bins), plane_of,
+                               out.reshape(self.rows, self.n_members, bins))
+        return out
+
+
+def adjointness_error(projector, rng) -> float:
+    """Relative |<A x, y> - <x, A^T y>| / |<A x, y>| for random x, y (float64 sums)."""
+    x = rng.random(projector.image_shape, dtype=np.float32)
+    y = rng.random(projector.shape_out, dtype=np.float32)
+    forward_dot = np.dot(projector.forward(x).ravel().astype(np.float64), y.ravel())
+    back_dot = np.dot(x.ravel().astype(np.float64), projector.back(y).ravel())
+    if forward_dot == 0.0:
+        return abs(back_dot)
+    return abs(forward_dot - back_dot) / abs(forward_dot)
+
+
+def sinogram_projector(scanner, image_shape, origin_mm, voxel_mm, views=None, planes=None,
+                       device="cpu", tof=None, move_endpoints=None):
+    """The projector of a block of a scanner's sinogram (``radial x views x planes``).
+
+    Span 1: a :class:`JosephProjector` of the LORs; span > 1: a
+    :class:`CompressedProjector` over the planes' ring pairs.
+    ``move_endpoints(xstart, xend)`` may shift the end points (shape ``radial x view x
+    member x 3``) before the projector is built.
+    """
+    from medhpc.pet.scanner import lor_endpoints, plane_members
+
+    xstart, xend = lor_endpoints(scanner, views=views, planes=planes)
+    if move_endpoints is not None:
+        xstart, xend = move_endpoints(xstart, xend)
+    inner = JosephProjector(xstart.reshape(-1, 3), xend.reshape(-1, 3), image_shape, origin_mm,
+                            voxel_mm, device=device, tof=tof)
+    if scanner.span == 1:
+        return inner
+    return CompressedProjector(inner, plane_members(scanner, planes)[1])

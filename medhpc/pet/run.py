@@ -28,11 +28,12 @@ from medhpc.parallel.work import map_items
 from medhpc.pet import decomposition, sensitivity_cache
 from medhpc.pet.corrections import (CorrectionFiles, check_corrections, corrected_block,
                                     corrections_fingerprint)
-from medhpc.pet.projector import JosephProjector, axis_aligned_grid, tof_spec
+from medhpc.pet.projector import (JosephProjector, axis_aligned_grid, sinogram_projector,
+                                  tof_spec)
 from medhpc.pet.osem import (OsemReconstructor, ReconSettings, ReconState, SubsetShare,
                              postfiltered)
 from medhpc.pet.scanner import (direct_planes, field_of_view_mask, lor_endpoints,
-                                plane_ring_pairs)
+                                plane_members, plane_ring_sums)
 from medhpc.pet.sinogram import SinogramLayout, read_block, read_layout
 from medhpc.runtime.checkpoint import (Checkpointer, CheckpointStop, StopSignals,
                                        StoppedBeforeFirstIteration)
@@ -182,6 +183,10 @@ class PetRecon:
         return JosephProjector(xstart.reshape(-1, 3), xend.reshape(-1, 3), image_shape, origin_mm,
                                self.voxel_mm, device=self.run.device, tof=self.tof)
 
+    def _sinogram_projector(self, views):
+        return sinogram_projector(self.layout.scanner, self.grid.shape, self.origin_mm,
+                                  self.voxel_mm, views=views, device=self.run.device, tof=self.tof)
+
     def _share(self, projector, prompts, multiplicative, additive) -> SubsetShare:
         with self.run.stage("host to device", "transfer"):
             arrays = [backend.to_device(np.ascontiguousarray(a, dtype=np.float32).reshape(-1),
@@ -210,8 +215,7 @@ class PetRecon:
                 projector = projectors[index].projector
             else:
                 with self.run.stage("LOR geometry", "other"):
-                    xstart, xend = lor_endpoints(self.layout.scanner, views=views)
-                    projector = self._projector(xstart, xend, self.grid.shape, self.origin_mm)
+                    projector = self._sinogram_projector(views)
             shares.append(self._share(projector, block.prompts[:, columns],
                                       block.multiplicative[:, columns],
                                       block.additive[:, columns]))
@@ -221,8 +225,8 @@ class PetRecon:
         """Shares of rebinned planes ``[start, stop)``: single-slice rebinning of the
         oblique planes onto the plane of their mean ring, every subset."""
         scanner = self.layout.scanner
-        pairs = plane_ring_pairs(scanner)
-        ring_sum = pairs[:, 0] + pairs[:, 1]
+        ring_sum = plane_ring_sums(scanner)
+        members = np.diff(plane_members(scanner)[1]).astype(np.float32)
         wanted = np.flatnonzero((ring_sum >= start) & (ring_sum < stop))
         with self.run.stage("read sinogram", "io"):
             block = self.world.agree_all(lambda: corrected_block(
@@ -238,7 +242,8 @@ class PetRecon:
                 target = ring_sum[wanted] - start
                 np.add.at(prompts, (slice(None), slice(None), target), block.prompts)
                 np.add.at(additive, (slice(None), slice(None), target), block.additive)
-                np.add.at(multiplicative, (slice(None), slice(None), target), block.multiplicative)
+                np.add.at(multiplicative, (slice(None), slice(None), target),
+                          block.multiplicative * members[wanted])
         slab_origin = self.origin_mm.copy()
         slab_origin[2] += start * self.voxel_mm[2]
         slab_shape = (stop - start,) + tuple(self.grid.shape[1:])

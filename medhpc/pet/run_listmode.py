@@ -26,10 +26,11 @@ from medhpc.pet.corrections import (CorrectionFiles, attenuation_factors, check_
 from medhpc.pet.listmode import (ListModeLayout, check_factor_shapes, parse_time_windows,
                                  read_events, read_listmode_layout, window_events)
 from medhpc.pet.osem import ListModeReconstructor, SubsetShare
-from medhpc.pet.projector import JosephProjector, TofSpec, axis_aligned_grid, tof_spec
+from medhpc.pet.projector import (JosephProjector, TofSpec, axis_aligned_grid, sinogram_projector,
+                                  tof_spec)
 from medhpc.pet.run import PetRecon, output_grid
 from medhpc.pet.scanner import (SPEED_OF_LIGHT_MM_PER_PS, crystal_pair_lors, crystal_positions,
-                                load_scanner, lor_endpoints)
+                                load_scanner)
 from medhpc.pet.sinogram import read_layout
 
 #: Views back-projected per call while computing the sensitivity (bounds the LOR memory).
@@ -198,19 +199,18 @@ class ListModeRecon(PetRecon):
         for first in range(start, stop, SENSITIVITY_VIEWS):
             views = np.arange(first, min(first + SENSITIVITY_VIEWS, stop))
             with self.run.stage("LOR geometry", "other"):
-                xstart, xend = lor_endpoints(scanner, views=views)
+                projector = sinogram_projector(scanner, self.grid.shape, self.origin_mm,
+                                               self.voxel_mm, views=views,
+                                               device=self.run.device, tof=tof)
             with self.run.stage("read factors", "io"):
                 factors = self._factors(self._multiplicative_name, views)
-            weights = (np.ones(xstart.shape[:3], np.float32) if factors is None
-                       else factors)
+            weights = (np.ones((scanner.n_radial, len(views), scanner.n_planes), np.float32)
+                       if factors is None else factors)
             if self.attenuation is not None:
                 with self.run.stage("attenuation", "kernel"):
                     weights = weights * attenuation_factors(self.attenuation, scanner, views,
                                                             slice(None), self.run.device)
             weights = (weights / self.settings.n_subsets).reshape(-1)
-            projector = JosephProjector(xstart.reshape(-1, 3), xend.reshape(-1, 3),
-                                        self.grid.shape, self.origin_mm, self.voxel_mm,
-                                        device=self.run.device, tof=tof)
             with self.run.stage("sensitivity", "kernel"):
                 image += backend.to_host(projector.back_every_bin(weights))
         from medhpc.filters.gaussian import GaussianFilter

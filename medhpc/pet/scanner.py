@@ -29,8 +29,17 @@ Planes
     of ring ``r1`` and ends on crystal ``b`` of ring ``r2``. Planes are grouped
     in segments of ring difference ``r2 - r1 = 0, +1, -1, +2, -2, ...`` up to
     ``max_ring_difference``; within a segment they are ordered by ``r1``
-    (that is, by mean ring). Only span 1 is supported: each ring pair is its
-    own plane, no axial compression.
+    (that is, by mean ring). At span 1 each ring pair is its own plane.
+
+Axial compression (span ``S > 1``, odd)
+    Segment 0 holds the ring differences ``-(S - 1) / 2 .. (S - 1) / 2``, segment
+    ``+k`` the next ``S`` positive ones (``k S - (S - 1) / 2 .. k S + (S - 1) / 2``),
+    segment ``-k`` their negatives, in the order ``0, +1, -1, +2, -2, ...``; the last
+    segment must be full (``max_ring_difference = (S - 1) / 2 + K S``). A plane is
+    the ring sum ``r1 + r2`` within a segment, ascending: segment 0 has ``2 rings - 1``
+    planes, a segment whose smallest ``|r2 - r1|`` is ``m`` has ``2 rings - 1 - 2 m``.
+    The plane's value is the sum over its ring pairs (its *members*, see
+    :func:`plane_members`), as STIR stores span-S data.
 
 TOF
     TOF bin ``t`` is centred ``(t - (tof_bins - 1) / 2) * tof_bin_mm`` from the
@@ -67,7 +76,7 @@ _REQUIRED_KEYS = ("crystals_per_ring", "rings", "radius_mm", "ring_spacing_mm",
 
 @dataclass(frozen=True)
 class ScannerGeometry:
-    """A cylindrical PET scanner and its span-1 sinogram layout.
+    """A cylindrical PET scanner and its sinogram layout.
 
     Parameters
     ----------
@@ -88,7 +97,7 @@ class ScannerGeometry:
     max_ring_difference : int
         Largest ``|r1 - r2|`` kept, ``0 <= max_ring_difference < rings``.
     span : int
-        Axial compression; only 1 (none) is supported.
+        Axial compression: 1 (none) or an odd number >= 3 (see the module notes).
     tof_bins : int
         Number of TOF bins; 0 for non-TOF.
     tof_resolution_ps : float
@@ -170,7 +179,15 @@ class ScannerGeometry:
             fail(f"max_ring_difference = {self.max_ring_difference}: expected 0 <= "
                  f"max_ring_difference <= {self.rings - 1} (rings - 1)")
         if self.span != 1:
-            fail(f"span = {self.span} is not supported: expected 1 (no axial compression)")
+            half = (self.span - 1) // 2
+            if self.span < 3 or self.span % 2 == 0:
+                fail(f"span = {self.span}: expected 1 (no axial compression) or an odd "
+                     f"number >= 3")
+            if (self.max_ring_difference - half) % self.span or \
+                    self.max_ring_difference < half:
+                fail(f"max_ring_difference = {self.max_ring_difference} at span {self.span}: "
+                     f"expected {half} + k x {self.span} (full segments), for example "
+                     f"{half + self.span * max(0, (self.max_ring_difference - half) // self.span)}")
         if self.tof_bins < 0:
             fail(f"tof_bins = {self.tof_bins}: expected >= 0 (0 for non-TOF)")
         if self.tof_bins > 0:
@@ -245,7 +262,13 @@ class ScannerGeometry:
 
     @property
     def n_planes(self) -> int:
-        """Ring pairs with ``|r1 - r2| <= max_ring_difference``."""
+        """Sinogram planes: ring pairs with ``|r1 - r2| <= max_ring_difference`` at span 1,
+        ring sums per segment at span > 1."""
+        return sum(segment_plane_count(self, low, high) for low, high in segment_ranges(self))
+
+    @property
+    def n_ring_pairs(self) -> int:
+        """Ring pairs with ``|r1 - r2| <= max_ring_difference`` (the planes' members)."""
         m = self.max_ring_difference
         return self.rings * (2 * m + 1) - m * (m + 1)
 
@@ -453,44 +476,133 @@ def crystal_positions(scanner: ScannerGeometry) -> np.ndarray:
 
 
 def plane_ring_pairs(scanner: ScannerGeometry) -> np.ndarray:
-    """Return the ring pair ``(r1, r2)`` of every plane, in plane order.
+    """Return the ring pair ``(r1, r2)`` of every plane, in plane order (span 1).
 
     Returns
     -------
     ndarray, int64, shape (n_planes, 2)
         Segments ``r2 - r1 = 0, +1, -1, +2, -2, ...``; within one, ``r1`` ascending.
+
+    Raises
+    ------
+    ValueError
+        At span > 1, where a plane has several ring pairs (see :func:`plane_members`).
     """
-    pairs = []
-    for difference in _segment_differences(scanner.max_ring_difference):
-        first = np.arange(max(0, -difference), scanner.rings - max(0, difference))
-        pairs.append(np.stack([first, first + difference], axis=1))
-    return np.concatenate(pairs).astype(np.int64)
+    if scanner.span != 1:
+        raise ValueError(f"scanner {scanner.name!r} has span {scanner.span}: a plane has "
+                         f"several ring pairs (use plane_members)")
+    return plane_members(scanner)[0]
+
+
+def plane_members(scanner: ScannerGeometry, planes=None) -> tuple[np.ndarray, np.ndarray]:
+    """The ring pairs summed in each plane (one per plane at span 1).
+
+    Parameters
+    ----------
+    scanner : ScannerGeometry
+    planes : None, int, slice or array of int
+        Planes to return; None for all.
+
+    Returns
+    -------
+    pairs : ndarray, int64, shape (n_members, 2)
+        ``(r1, r2)`` of the selected planes' members, plane after plane; within a plane
+        ``r1`` ascending.
+    first : ndarray, int64, shape (n_selected + 1,)
+        Plane ``i``'s members are ``pairs[first[i]:first[i + 1]]``.
+    """
+    rings = scanner.rings
+    pairs, counts = [], []
+    for low, high in segment_ranges(scanner):
+        differences = np.arange(low, high + 1)
+        if scanner.span == 1:
+            first = np.arange(max(0, -low), rings - max(0, low))
+            pairs.append(np.stack([first, first + low], axis=1))
+            counts.append(np.ones(len(first), np.int64))
+            continue
+        smallest = 0 if low <= 0 <= high else min(abs(low), abs(high))
+        for ring_sum in range(smallest, 2 * rings - 1 - smallest):
+            d = differences[(differences + ring_sum) % 2 == 0]
+            r1 = (ring_sum - d) // 2
+            keep = (r1 >= 0) & (r1 + d >= 0) & (r1 < rings) & (r1 + d < rings)
+            members = np.stack([r1[keep], r1[keep] + d[keep]], axis=1)
+            pairs.append(members[np.argsort(members[:, 0], kind="stable")])
+            counts.append(np.array([keep.sum()]))
+    pairs = np.concatenate(pairs).astype(np.int64)
+    counts = np.concatenate(counts).astype(np.int64)
+    first = np.concatenate([[0], np.cumsum(counts)])
+    if planes is None:
+        return pairs, first
+    plane_index = _selection(planes, len(counts), "plane")
+    chosen = [np.arange(first[p], first[p + 1]) for p in plane_index]
+    index = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
+    return pairs[index], np.concatenate([[0], np.cumsum(counts[plane_index])]).astype(np.int64)
+
+
+def sum_over_members(values, first) -> np.ndarray:
+    """Sum axis 2 (ring pairs, :func:`plane_members`) of ``values`` into planes."""
+    values = np.asarray(values)
+    if len(first) - 1 == values.shape[2]:
+        return values
+    return np.add.reduceat(values, np.asarray(first[:-1]), axis=2)
+
+
+def mean_over_members(values, first) -> np.ndarray:
+    """Mean over each plane's ring pairs of axis 2 of ``values``."""
+    counts = np.diff(np.asarray(first)).reshape((-1,) + (1,) * (np.ndim(values) - 3))
+    return sum_over_members(values, first) / counts
+
+
+def plane_ring_sums(scanner: ScannerGeometry) -> np.ndarray:
+    """Return ``r1 + r2`` of every plane (the same for all its members; int64)."""
+    pairs, first = plane_members(scanner)
+    return pairs[first[:-1]].sum(axis=1)
 
 
 def plane_segments(scanner: ScannerGeometry) -> np.ndarray:
-    """Return the ring difference ``r2 - r1`` of every plane (int64, shape (n_planes,))."""
-    pairs = plane_ring_pairs(scanner)
-    return pairs[:, 1] - pairs[:, 0]
+    """Return the ring difference ``r2 - r1`` at the centre of each plane's segment (its
+    only one at span 1; int64, shape (n_planes,))."""
+    ranges = segment_ranges(scanner)
+    return np.repeat([(low + high) // 2 for low, high in ranges],
+                     [segment_plane_count(scanner, low, high) for low, high in ranges]).astype(np.int64)
 
 
 def direct_planes(scanner: ScannerGeometry) -> np.ndarray:
-    """Return a bool mask over planes: True where ``r1 == r2``."""
-    return plane_segments(scanner) == 0
+    """Return a bool mask over planes: True where every member has ``r1 == r2``."""
+    pairs, first = plane_members(scanner)
+    direct = (pairs[:, 0] == pairs[:, 1]).astype(np.int64)
+    return np.add.reduceat(direct, first[:-1]) == np.diff(first)
 
 
 def ring_pair_to_plane(scanner: ScannerGeometry) -> np.ndarray:
     """Return the plane index of each ring pair ``[r1, r2]``, -1 where not recorded."""
     table = np.full((scanner.rings, scanner.rings), -1, dtype=np.int64)
-    pairs = plane_ring_pairs(scanner)
-    table[pairs[:, 0], pairs[:, 1]] = np.arange(len(pairs))
+    pairs, first = plane_members(scanner)
+    table[pairs[:, 0], pairs[:, 1]] = np.repeat(np.arange(len(first) - 1), np.diff(first))
     return table
 
 
-def _segment_differences(max_ring_difference: int) -> list[int]:
-    differences = [0]
-    for step in range(1, max_ring_difference + 1):
-        differences += [step, -step]
-    return differences
+def segment_plane_count(scanner: ScannerGeometry, low: int, high: int) -> int:
+    """Planes of the segment of ring differences ``low .. high``."""
+    if low == high:
+        return scanner.rings - abs(low)
+    smallest = 0 if low <= 0 <= high else min(abs(low), abs(high))
+    return 2 * scanner.rings - 1 - 2 * smallest
+
+
+def segment_ranges(scanner: ScannerGeometry) -> list[tuple[int, int]]:
+    """``(lowest, highest)`` ring difference ``r2 - r1`` of each segment, in plane order."""
+    span, largest = scanner.span, scanner.max_ring_difference
+    if span == 1:
+        ranges = [(0, 0)]
+        for step in range(1, largest + 1):
+            ranges += [(step, step), (-step, -step)]
+        return ranges
+    half = (span - 1) // 2
+    ranges = [(-half, half)]
+    for k in range(1, (largest - half) // span + 1):
+        ranges += [(k * span - half, k * span + half), (-k * span - half, -k * span + half)]
+    return ranges
 
 
 # ---------------------------------------------------------------- LORs
@@ -530,18 +642,18 @@ def lor_endpoints(scanner: ScannerGeometry, views=None, planes=None):
 
     Returns
     -------
-    xstart, xend : ndarray, float32, shape (n_radial, n_views_selected, n_planes_selected, 3)
+    xstart, xend : ndarray, float32, shape (n_radial, n_views_selected, n_members, 3)
         ``(x, y, z)`` in mm of crystal ``a`` on ring ``r1`` and crystal ``b`` on
-        ring ``r2`` (see the module notes).
+        ring ``r2`` (see the module notes), for each member ring pair of the selected
+        planes (:func:`plane_members`; one per plane at span 1).
     """
-    plane_index = _selection(planes, scanner.n_planes, "plane")
     start_crystal, end_crystal = sinogram_crystals(scanner, views)
-    ring_pairs = plane_ring_pairs(scanner)[plane_index]
+    ring_pairs = plane_members(scanner, planes)[0]
     ring_z = scanner.ring_z_mm.astype(np.float32)
     xy = crystal_xy(scanner)
     ring_x = xy[:, 0].astype(np.float32)
     ring_y = xy[:, 1].astype(np.float32)
-    shape = start_crystal.shape + (len(plane_index), 3)
+    shape = start_crystal.shape + (len(ring_pairs), 3)
     endpoints = []
     for crystal, ring in ((start_crystal, ring_pairs[:, 0]), (end_crystal, ring_pairs[:, 1])):
         points = np.empty(shape, dtype=np.float32)

@@ -31,7 +31,8 @@ import numba
 import numpy as np
 
 from medhpc.pet.projector import JosephProjector
-from medhpc.pet.scanner import ScannerGeometry, crystal_xy, plane_ring_pairs, sinogram_crystals
+from medhpc.pet.scanner import (ScannerGeometry, crystal_xy, plane_members, sinogram_crystals,
+                                sum_over_members)
 from medhpc.pet.settings import ScatterSettings
 
 ELECTRON_REST_KEV = 511.0
@@ -216,10 +217,10 @@ def interpolate_to_sinogram(scanner: ScannerGeometry, bins: SampledBins, values,
     radial = _linear_lookup(bins.radial, np.arange(scanner.n_radial))
     view = _linear_lookup(bins.views, views)
     rings = _linear_lookup(bins.rings, np.arange(scanner.rings))
-    out = np.empty((scanner.n_radial, len(views), scanner.n_planes), np.float32)
-    _interpolate(np.ascontiguousarray(values, np.float64), *radial, *view, *rings,
-                 plane_ring_pairs(scanner), out)
-    return out
+    pairs, first = plane_members(scanner)
+    out = np.empty((scanner.n_radial, len(views), len(pairs)), np.float32)
+    _interpolate(np.ascontiguousarray(values, np.float64), *radial, *view, *rings, pairs, out)
+    return sum_over_members(out, first)
 
 
 def _linear_lookup(samples, targets):

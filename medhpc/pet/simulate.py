@@ -30,11 +30,11 @@ from medhpc.errors import InputError
 from medhpc.io.geometry import ImageGeometry
 from medhpc.io.images import check_nonnegative, check_same_grid, read_image
 from medhpc.parallel.geometry import block_range
-from medhpc.pet.projector import JosephProjector, axis_aligned_grid, tof_spec
+from medhpc.pet.projector import axis_aligned_grid, sinogram_projector, tof_spec
 from medhpc.pet.corrections import read_mu_map
 from medhpc.pet.listmode import write_listmode
-from medhpc.pet.scanner import (ScannerGeometry, crystal_ids, lor_endpoints, plane_ring_pairs,
-                                sinogram_crystals)
+from medhpc.pet.scanner import (ScannerGeometry, crystal_ids, mean_over_members, plane_members,
+                                plane_ring_pairs, sinogram_crystals)
 from medhpc.pet.settings import ScatterSettings
 from medhpc.pet.sinogram import write_sinogram
 
@@ -61,12 +61,14 @@ def crystal_efficiencies(scanner: ScannerGeometry, seed: int) -> np.ndarray:
 
 
 def normalisation_factors(scanner: ScannerGeometry, views, seed: int) -> np.ndarray:
-    """e_a e_b per (radial, view, plane) for the given views."""
+    """e_a e_b per (radial, view, plane) for the given views (at span > 1 the mean over
+    the plane's ring pairs)."""
     efficiency = crystal_efficiencies(scanner, seed)
     crystal_a, crystal_b = sinogram_crystals(scanner, views)
-    rings = plane_ring_pairs(scanner)
-    return (efficiency[rings[None, None, :, 0], crystal_a[:, :, None]]
-            * efficiency[rings[None, None, :, 1], crystal_b[:, :, None]]).astype(np.float32)
+    rings, first = plane_members(scanner)
+    pairs = (efficiency[rings[None, None, :, 0], crystal_a[:, :, None]]
+             * efficiency[rings[None, None, :, 1], crystal_b[:, :, None]])
+    return mean_over_members(pairs, first).astype(np.float32)
 
 
 def on_crystal_face(scanner: ScannerGeometry, points: np.ndarray, across: float,
@@ -119,13 +121,14 @@ class Simulation:
         self.origin_mm, self.voxel_mm = axis_aligned_grid(grid, source)
 
     def _projector(self, views, tof: bool, offsets=None):
-        xstart, xend = lor_endpoints(self.scanner, views=views)
-        if offsets is not None:
-            xstart = on_crystal_face(self.scanner, xstart, *offsets[0])
-            xend = on_crystal_face(self.scanner, xend, *offsets[1])
-        return JosephProjector(xstart.reshape(-1, 3), xend.reshape(-1, 3), self.grid.shape,
-                               self.origin_mm, self.voxel_mm, device=self.run.device,
-                               tof=tof_spec(self.scanner) if tof else None)
+        def on_faces(xstart, xend):
+            return (on_crystal_face(self.scanner, xstart, *offsets[0]),
+                    on_crystal_face(self.scanner, xend, *offsets[1]))
+
+        return sinogram_projector(self.scanner, self.grid.shape, self.origin_mm, self.voxel_mm,
+                                  views=views, device=self.run.device,
+                                  tof=tof_spec(self.scanner) if tof else None,
+                                  move_endpoints=None if offsets is None else on_faces)
 
     def _trues_projectors(self, views):
         """One projector per ray of a LOR: its centre, or ``rays x rays`` rays between points
@@ -245,6 +248,9 @@ def listmode_events(scanner: ScannerGeometry, prompts: np.ndarray, duration_s: f
     orientation (the TOF bin mirrored with it), at a uniform random time in
     ``[0, duration_s)``.
     """
+    if scanner.span != 1:
+        raise InputError(f"--listmode: scanner '{scanner.name}' has span {scanner.span}; "
+                         f"events are crystal pairs, simulate them with a span-1 scanner")
     counts = np.asarray(prompts)
     if not np.array_equal(counts, np.rint(counts)):
         raise InputError("list-mode events need whole counts: drop --no-noise")

@@ -8,8 +8,8 @@ from medhpc.errors import InputError
 from medhpc.io.images import read_image
 from medhpc.pet.interchange import (read_castor_histogram, read_stir_layout, read_stir_sinogram,
                                     stir_bin_index, stir_detector_pairs, write_stir)
-from medhpc.pet.scanner import (ScannerGeometry, crystal_ids, lor_endpoints, plane_ring_pairs,
-                                sinogram_crystals)
+from medhpc.pet.scanner import (ScannerGeometry, crystal_ids, lor_endpoints, plane_members,
+                                plane_ring_pairs, sinogram_crystals)
 from medhpc.pet.sinogram import read_block, read_layout
 from tests.helpers import run_medhpc
 
@@ -18,9 +18,11 @@ RADIUS_CM, RING_CM = 8.0, 0.4
 
 
 def _stir_header(data_name, axial_major=True, segments=(-2, -1, 0, 1, 2), extra=(),
-                 tangential=T_EVEN, detectors=N_DETECTORS, dimensions=4, maximum=None):
+                 tangential=T_EVEN, detectors=N_DETECTORS, dimensions=4, maximum=None,
+                 rings=RINGS, axial_sizes=None):
     """A STIR 4 style header written from the documented keys (not by medhpc)."""
-    axial = "{" + ",".join(str(RINGS - abs(d)) for d in segments) + "}"
+    axial = "{" + ",".join(str(n) for n in (axial_sizes or [rings - abs(d) for d in segments])) \
+        + "}"
     labels = ("axial coordinate", "view") if axial_major else ("view", "axial coordinate")
     sizes = (axial, detectors // 2) if axial_major else (detectors // 2, axial)
     listed = "{" + ",".join(str(d) for d in segments) + "}"
@@ -38,7 +40,7 @@ def _stir_header(data_name, axial_major=True, segments=(-2, -1, 0, 1, 2), extra=
              f"minimum ring difference per segment := {listed}",
              f"maximum ring difference per segment := {maximum or listed}",
              "Scanner parameters:=", "Scanner type := userdefined",
-             f"Number of rings                          := {RINGS}",
+             f"Number of rings                          := {rings}",
              f"Number of detectors per ring             := {detectors}",
              f"Inner ring diameter (cm)                 := {2 * RADIUS_CM}",
              "Average depth of interaction (cm)        := 0.5",
@@ -121,6 +123,80 @@ def test_stir_bins_are_the_lors_stir_describes(tmp_path, axial_major):
                         round(float(xend[radial, view, plane, 1]), 3), int(pairs[plane, 1]))}
         assert stir_ends == medhpc_ends
         assert {start[radial, view], end[radial, view]} == {(det1 - 4) % 16, (det2 - 4) % 16}
+
+
+SPAN3_RINGS = 5
+SPAN3_SEGMENTS = ((-1, 1), (-4, -2), (2, 4))  # file order need not be medhpc's
+SPAN3_AXIAL = (9, 5, 5)  # 2 rings - 1 - 2 x (smallest |ring difference|)
+
+
+def _write_span3_index_file(folder, axial_major):
+    views = N_DETECTORS // 2
+    n_values = sum(SPAN3_AXIAL) * views * T_EVEN
+    np.arange(n_values, dtype="<f4").tofile(folder / "span3.s")
+    header = folder / "span3.hs"
+    header.write_text(_stir_header(
+        "span3.s", axial_major=axial_major, segments=[low for low, _ in SPAN3_SEGMENTS],
+        maximum="{" + ",".join(str(high) for _, high in SPAN3_SEGMENTS) + "}",
+        rings=SPAN3_RINGS, axial_sizes=SPAN3_AXIAL))
+    return header, n_values
+
+
+def _stir_span3_bin(index, axial_major):
+    """(segment range, view, axial position, t) of element ``index``, from STIR's layout."""
+    views = N_DETECTORS // 2
+    for (low, high), size in zip(SPAN3_SEGMENTS, SPAN3_AXIAL):
+        count = size * views * T_EVEN
+        if index < count:
+            outer, position = divmod(index, T_EVEN)
+            axial, view = divmod(outer, views) if axial_major else divmod(outer, size)[::-1]
+            return (low, high), view, axial, position - T_EVEN // 2
+        index -= count
+    raise AssertionError("index outside the data")
+
+
+@pytest.mark.parametrize("axial_major", [True, False])
+def test_span3_stir_bins_sum_the_ring_pairs_stir_describes(tmp_path, axial_major):
+    """Each STIR span-3 bin holds the LORs of every ring pair whose difference is in its
+    segment and whose ring sum is its axial position plus the segment's smallest |difference|;
+    the medhpc plane it lands in has exactly those ring pairs between the same detectors."""
+    header, n_values = _write_span3_index_file(tmp_path, axial_major)
+    layout = read_layout(header)
+    scanner = layout.scanner
+    assert (scanner.span, scanner.rings, scanner.max_ring_difference) == (3, 5, 4)
+    block = read_block(layout)
+    stored = block.multiplicative > 0
+    assert np.array_equal(np.sort(block.prompts[stored]), np.arange(n_values, dtype=np.float32))
+    pairs, first = plane_members(scanner)
+    start, end = sinogram_crystals(scanner)
+    for radial, view, plane in zip(*np.nonzero(stored)):
+        (low, high), stir_view, axial, t = _stir_span3_bin(
+            int(block.prompts[radial, view, plane]), axial_major)
+        det1 = (stir_view + (t >> 1)) % N_DETECTORS
+        det2 = (stir_view - ((t + 1) >> 1) + N_DETECTORS // 2) % N_DETECTORS
+        smallest = 0 if low <= 0 <= high else min(abs(low), abs(high))
+        stir_lors = set()
+        for ring1 in range(SPAN3_RINGS):
+            ring2 = axial + smallest - ring1
+            if low <= ring2 - ring1 <= high and 0 <= ring2 < SPAN3_RINGS:
+                stir_lors.add(frozenset({((det1 - 4) % 16, ring1), ((det2 - 4) % 16, ring2)}))
+        medhpc_lors = {frozenset({(int(start[radial, view]), int(r1)),
+                                  (int(end[radial, view]), int(r2))})
+                       for r1, r2 in pairs[first[plane]:first[plane + 1]]}
+        assert stir_lors and stir_lors == medhpc_lors
+
+
+def test_span3_write_read_round_trip_and_header(tmp_path):
+    header, _ = _write_span3_index_file(tmp_path, axial_major=True)
+    layout = read_layout(header)
+    prompts = read_block(layout).prompts
+    written = write_stir(tmp_path / "again.hs", layout.scanner, prompts)
+    again = read_stir_layout(written)
+    assert again.scanner.span == 3 and sorted(again.segments) == sorted(SPAN3_SEGMENTS)
+    assert np.array_equal(read_stir_sinogram(again, layout.scanner), prompts)
+    text = written.read_text()
+    assert "minimum ring difference per segment := {-4,-1,2}" in text
+    assert "maximum ring difference per segment := {-2,1,4}" in text
 
 
 def test_write_read_round_trip_is_exact(pet_case, tmp_path):
@@ -244,11 +320,14 @@ def test_castor_histogram_ids_outside_the_scanner_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"maximum": "{-2,-1,1,1,2}"}, "span > 1"),
+    ({"maximum": "{-2,-1,1,1,2}"}, "same odd number"),
+    ({"segments": (-2, 1), "maximum": "{-1,2}", "axial_sizes": (3, 3)}, "same odd number"),
+    ({"segments": (-4, -1, 2), "maximum": "{-2,1,4}", "axial_sizes": (1, 5, 1)},
+     "ring difference 4 of 3 rings"),
     ({"extra": ("applied corrections := {arc correction}",)}, "arc-corrected"),
     ({"dimensions": 5}, "TOF"),
     ({"detectors": 18}, "multiple of 4"),
-    ({"segments": (-2, 0, 2)}, "each of -M..M once"),
+    ({"segments": (-2, 0, 2)}, "each once"),
 ])
 def test_unsupported_stir_data_give_one_line(tmp_path, change, message):
     header = tmp_path / "bad.hs"

@@ -8,12 +8,13 @@ The agreement tests run in the simulator pass::
 import numpy as np
 import pytest
 
+from medhpc import backend
 from medhpc.backend import cuda_simulator_active
 from medhpc.pet.projector import JosephProjector, TofSpec
 
 COMPUTE_CAPABILITIES = [(7, 5), (9, 0)]
 KERNEL_NAMES = ["joseph_forward", "joseph_back", "joseph_forward_tof", "joseph_back_tof",
-                "joseph_back_tof_summed"]
+                "joseph_back_tof_summed", "sum_members", "repeat_members"]
 
 SHAPE = (5, 7, 6)  # (nz, ny, nx)
 ORIGIN_MM = np.array([-5.0, -4.5, -3.0], dtype=np.float32)
@@ -131,6 +132,57 @@ def test_summed_tof_back_projection_matches_its_cpu_twin():
     projector = JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM, device="cuda",
                                 tof=TofSpec(TOF_BINS, *TOF_ARGS), chunk_lors=20)
     assert_close(projector.back_every_bin(values), expected - 1.0)
+
+
+@pytest.mark.cudasim
+def test_member_sum_and_repeat_match_their_cpu_twins():
+    from numba import cuda
+
+    from medhpc.pet import kernels_cpu
+
+    module = kernels_cuda()
+    rng = np.random.default_rng(12)
+    first = np.array([0, 1, 3, 4, 7], np.int64)
+    plane_of = np.repeat(np.arange(4), np.diff(first))
+    members = rng.random((3, 7, 2), dtype=np.float32)
+    planes = rng.random((3, 4, 2), dtype=np.float32)
+    summed, repeated = np.empty_like(planes), np.empty_like(members)
+    kernels_cpu.sum_members(members, first, summed)
+    kernels_cpu.repeat_members(planes, plane_of, repeated)
+    np.testing.assert_allclose(summed, np.add.reduceat(members, first[:-1], axis=1), rtol=1e-6)
+    assert np.array_equal(repeated, planes[:, plane_of])
+    d_summed = cuda.to_device(np.full_like(planes, np.nan))
+    d_repeated = cuda.to_device(np.full_like(members, np.nan))
+    module.sum_members(cuda.to_device(members), cuda.to_device(first), d_summed)
+    module.repeat_members(cuda.to_device(planes), cuda.to_device(plane_of), d_repeated)
+    assert_close(d_summed.copy_to_host(), summed)
+    assert np.array_equal(d_repeated.copy_to_host(), repeated)
+
+
+@pytest.mark.cudasim
+def test_cuda_span3_projector_matches_cpu_on_device_arrays():
+    import dataclasses
+
+    from numba import cuda
+
+    from medhpc.pet.projector import sinogram_projector
+    from medhpc.pet.scanner import load_scanner
+
+    scanner = dataclasses.replace(load_scanner("small-test"), rings=3, max_ring_difference=1,
+                                  span=3, crystals_per_ring=16, radial_trim=4,
+                                  crystal_size_mm=2.0, radius_mm=12.0)
+    shape, voxel = (5, 7, 6), np.array([2.0, 2.0, 2.0], np.float32)
+    origin = -0.5 * (np.array(shape[::-1]) - 1) * voxel
+    cpu = sinogram_projector(scanner, shape, origin, voxel, views=[0, 3])
+    gpu = sinogram_projector(scanner, shape, origin, voxel, views=[0, 3], device="cuda")
+    image = np.random.default_rng(5).random(shape, dtype=np.float32)
+    projection = gpu.forward(cuda.to_device(image))
+    assert backend.is_device_array(projection)
+    assert_close(projection.copy_to_host(), cpu.forward(image))
+    values = cpu.forward(image)
+    back = gpu.back(cuda.to_device(values))
+    assert backend.is_device_array(back)
+    assert_close(back.copy_to_host(), cpu.back(values))
 
 
 @pytest.mark.cudasim

@@ -8,7 +8,8 @@ import pytest
 from medhpc.errors import InputError
 from medhpc.pet.scanner import (ScannerGeometry, available_presets, crystal_positions,
                                 default_image_grid, direct_planes, load_scanner, lor_endpoints,
-                                plane_ring_pairs, ring_pair_to_plane, scanner_from_dict,
+                                plane_members, plane_ring_pairs, plane_ring_sums,
+                                plane_segments, ring_pair_to_plane, scanner_from_dict,
                                 scanner_to_dict, sinogram_crystals, subset_views,
                                 tof_bin_centres_mm)
 
@@ -171,7 +172,8 @@ def test_toml_name_defaults_to_stem(tmp_path, small):
     ({"radius_mm": "big"}, ["radius_mm", "number"]),
     ({"colour": "red"}, ["unknown", "colour"]),
     ({"radial_trim": 60}, ["radial_trim", "48"]),
-    ({"span": 3}, ["span", "not supported"]),
+    ({"span": 2}, ["span", "odd"]),
+    ({"span": 3, "max_ring_difference": 6}, ["max_ring_difference = 6 at span 3", "1 + k x 3"]),
     ({"crystals_per_ring": 95}, ["crystals_per_ring", "even"]),
     ({"max_ring_difference": 8}, ["max_ring_difference", "7"]),
     ({"tof_bins": 9}, ["tof_resolution_ps"]),
@@ -297,3 +299,50 @@ def test_modular_scanner_keeps_its_sinogram_and_an_adjoint_projector(tmp_path):
     projector = JosephProjector(xstart.reshape(-1, 3), xend.reshape(-1, 3), (15, 40, 40),
                                 np.array([-78.0, -78.0, -14.0]), np.array([4.0, 4.0, 2.0]))
     assert projector.adjointness_error(np.random.default_rng(0)) < 1e-5
+
+
+def test_span_planes_match_the_mmr_layout():
+    """Siemens mMR at span 11 up to ring difference 60 (64 rings): 837 planes of 4084 ring
+    pairs, segments of 127, 115, 115, 93, 93, 71, 71, 49, 49, 27, 27 planes (as STIR lists)."""
+    mmr = ScannerGeometry(name="mmr-like", crystals_per_ring=504, rings=64, radius_mm=328.0,
+                          ring_spacing_mm=4.0625, crystal_size_mm=4.0, radial_trim=127,
+                          max_ring_difference=60, span=11)
+    assert mmr.n_planes == 837 and mmr.n_ring_pairs == 4084
+    _, counts = np.unique(plane_segments(mmr), return_counts=True)
+    assert sorted(counts.tolist()) == sorted([127] + [115, 93, 71, 49, 27] * 2)
+    pairs, first = plane_members(mmr)
+    assert len(pairs) == 4084 and len(np.unique(pairs, axis=0)) == 4084
+    assert np.abs(pairs[:, 1] - pairs[:, 0]).max() == 60
+
+
+@pytest.mark.parametrize("span, max_ring_difference", [(3, 1), (3, 4), (5, 2), (5, 7)])
+def test_span_planes_hold_each_ring_pair_once_by_sum_and_segment(small, span,
+                                                                 max_ring_difference):
+    import dataclasses
+
+    scanner = dataclasses.replace(small, span=span, max_ring_difference=max_ring_difference)
+    pairs, first = plane_members(scanner)
+    difference = pairs[:, 1] - pairs[:, 0]
+    wanted = {(r1, r2) for r1 in range(small.rings) for r2 in range(small.rings)
+              if abs(r2 - r1) <= max_ring_difference}
+    assert {tuple(pair) for pair in pairs.tolist()} == wanted and len(pairs) == len(wanted)
+    assert len(first) - 1 == scanner.n_planes and scanner.n_ring_pairs == len(wanted)
+    half = (span - 1) // 2
+    segment = np.sign(difference) * ((np.abs(difference) + half) // span)
+    sums = plane_ring_sums(scanner)
+    table = ring_pair_to_plane(scanner)
+    for plane in range(scanner.n_planes):
+        members = slice(first[plane], first[plane + 1])
+        assert len(set(segment[members])) == 1 and np.all(pairs[members].sum(axis=1) == sums[plane])
+        assert np.all(table[pairs[members, 0], pairs[members, 1]] == plane)
+    assert np.all(np.diff(sums[plane_segments(scanner) == 0]) == 1)  # ascending, all sums
+    xstart, xend = lor_endpoints(scanner, views=[3])
+    assert xstart.shape[2] == len(pairs)
+    assert np.allclose(xstart[0, 0, :, 2], scanner.ring_z_mm[pairs[:, 0]])
+
+
+def test_span_one_members_are_the_planes(small):
+    pairs, first = plane_members(small)
+    assert np.array_equal(pairs, plane_ring_pairs(small))
+    assert np.array_equal(first, np.arange(small.n_planes + 1))
+    assert np.array_equal(plane_ring_sums(small), pairs.sum(axis=1))
