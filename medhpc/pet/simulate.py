@@ -150,8 +150,7 @@ class Simulation:
         with self.run.stage("factors", "kernel"):
             normalisation = normalisation_factors(scanner, views, seed)
             if self.mu_map is not None:
-                attenuation = np.exp(-self._projector(views, False).forward(self.mu_map))
-                attenuation = attenuation.reshape(shape).astype(np.float32)
+                attenuation = self._attenuation(views)
             else:
                 attenuation = np.ones(shape, np.float32)
             multiplicative = attenuation * normalisation
@@ -194,6 +193,15 @@ class Simulation:
         if blocks is None:
             return None
         return self._assemble(blocks)
+
+    def _attenuation(self, views) -> np.ndarray:
+        """``exp(-line integral of mu)`` per bin (at span > 1 the mean over the ring pairs)."""
+        projector = self._projector(views, False)
+        member_projector = getattr(projector, "inner", projector)
+        integrals = member_projector.forward(self.mu_map).reshape(
+            self.scanner.n_radial, len(views), -1)
+        return mean_over_members(np.exp(-integrals), plane_members(self.scanner)[1]).astype(
+            np.float32)
 
     def _scatter(self, activity, views) -> np.ndarray:
         """Single-scatter estimate of the activity on this rank's views, in the units of ``A x``

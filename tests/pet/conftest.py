@@ -73,3 +73,33 @@ def pet_case(tmp_path_factory):
         "dynamic": simulate(folder, "dynamic", counts=2e6, frames=2),
         "listmode": simulate(folder, "counts", counts=3e5, listmode=True),
     }
+
+
+SPAN_SCANNER = """[scanner]
+name = "small-span{span}"
+crystals_per_ring = 96
+rings = 8
+radius_mm = 120.0
+ring_spacing_mm = 4.0
+crystal_size_mm = 6.0
+radial_trim = 17
+max_ring_difference = 4
+span = {span}
+"""
+
+
+@pytest.fixture(scope="session")
+def span_case(pet_case):
+    """The phantom on the small scanner up to ring difference 4 at span 1 and span 3:
+    noise-free sinograms of both and a noisy span-3 one."""
+    folder = pet_case["folder"]
+    scanners = {}
+    for span in (1, 3):
+        scanners[span] = folder / f"span{span}.toml"
+        scanners[span].write_text(SPAN_SCANNER.format(span=span))
+    return {
+        "span1": simulate(folder, "span1", noise=False, scanner=scanners[1]),
+        "span3": simulate(folder, "span3", noise=False, scanner=scanners[3]),
+        "span3_noisy": simulate(folder, "span3_noisy", counts=5e6, scanner=scanners[3]),
+        "truth": pet_case["truth"],
+    }

@@ -171,3 +171,9 @@ def test_nmf_frames_over_the_ranks_equal_one_rank(tmp_path):
         np.testing.assert_allclose(image, reference, rtol=1e-4, atol=1e-5 * reference.max())
     else:
         assert image is None
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("decomp", ["views", "planes"])
+def test_span3_data_over_the_ranks_equal_one_rank(span_case, tmp_path, decomp):
+    compare(span_case["span3_noisy"], tmp_path, decomp)
