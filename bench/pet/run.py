@@ -19,6 +19,10 @@ One command (``make bench`` or ``python bench/pet/run.py``). Writes
 5. Scatter: single-scatter simulation on the ge-dmi-4ring with the NEMA-like phantom on its
    default grid (215 x 215 x 71 at 2.78 mm): the SSS samples, and their interpolation to 8
    views (scaled to all 272), CPU-seconds with 1 thread.
+6. Axial compression: one subset (8 views) of the DMI up to ring difference 27 at span 1
+   (1224 planes) and span 11 (263 planes summing the same 1224 ring pairs): forward and back
+   CPU-seconds with 1 thread, and the cost of summing the ring pairs into planes (and of
+   its adjoint) within them.
 
 Every time is the median of ``--repeats`` runs after one warm-up run (JIT compilation).
 """
@@ -320,6 +324,43 @@ def scatter_timing(repeats: int) -> dict:
             "lors": scanner.n_lors}
 
 
+def span_timing(repeats: int) -> list[dict]:
+    import dataclasses
+
+    import numba
+
+    from medhpc.pet.projector import sinogram_projector
+    from medhpc.pet.scanner import default_image_grid, load_scanner, subset_views
+
+    dmi = load_scanner("ge-dmi-4ring")
+    span1 = dataclasses.replace(dmi, max_ring_difference=27)
+    shape, voxel = default_image_grid(dmi)
+    origin = -0.5 * (np.array(shape[::-1]) - 1) * np.array(voxel)
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    views = subset_views(dmi.n_views, 34, 0)
+    numba.set_num_threads(1)
+    rows = []
+    for scanner in (span1, dataclasses.replace(span1, span=11)):
+        projector = sinogram_projector(scanner, shape, origin, voxel, views=views)
+        projection = projector.forward(image)
+        row = {"span": scanner.span, "planes": scanner.n_planes,
+               "ring_pairs": scanner.n_ring_pairs, "bins": projector.n_lors,
+               "forward_cpu_s": median_time(lambda: projector.forward(image), repeats,
+                                            clock=time.process_time),
+               "back_cpu_s": median_time(lambda: projector.back(projection), repeats,
+                                         clock=time.process_time)}
+        if scanner.span > 1:
+            members = projector.inner.forward(image)
+            row["sum_cpu_s"] = median_time(lambda: projector._sum(members), repeats,
+                                           clock=time.process_time)
+            row["repeat_cpu_s"] = median_time(
+                lambda: projector._repeat(projection, projector.shape_out), repeats,
+                clock=time.process_time)
+        rows.append(row)
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    return rows
+
+
 def markdown(results: dict) -> str:
     lines = ["### Projector, one ge-dmi-4ring subset, 215 x 215 x 71 at 2.78 mm", "",
              "| direction | TOF | threads | LORs | median s | M LORs/s | per core | bar per core | ratio |",
@@ -380,6 +421,15 @@ def markdown(results: dict) -> str:
                   f"| {scatter['scatter_points']:,} | {scatter['sampled_lors']:,} | "
                   f"{scatter['sss_cpu_s']:.2f} | {scatter['interpolation_8_views_cpu_s']:.2f} | "
                   f"{scatter['interpolation_all_views_cpu_s']:.1f} |"]
+    if results.get("span"):
+        lines += ["", "### Axial compression, one DMI subset (8 views) up to ring difference 27, "
+                      "1 thread, median CPU-s", "",
+                  "| span | planes | ring pairs | bins | forward s | back s | sum into planes s | "
+                  "its adjoint s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in results["span"]:
+            lines.append(f"| {row['span']} | {row['planes']} | {row['ring_pairs']} | "
+                         f"{row['bins']:,} | {row['forward_cpu_s']:.2f} | {row['back_cpu_s']:.2f} | "
+                         f"{row.get('sum_cpu_s', 0):.3f} | {row.get('repeat_cpu_s', 0):.3f} |")
     return "\n".join(lines)
 
 
@@ -390,7 +440,8 @@ def main(argv=None) -> int:
                         help="LORs of the subset used for the TOF timing (TOF is slower).")
     parser.add_argument("--listmode-counts", type=float, default=5e6,
                         help="Counts (events) of the list-mode part.")
-    parser.add_argument("--parts", default="projector,tof-sensitivity,radon,osem,listmode,scatter",
+    parser.add_argument("--parts",
+                        default="projector,tof-sensitivity,radon,osem,listmode,scatter,span",
                         help="Comma-separated parts to run (default: all).")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
@@ -417,6 +468,9 @@ def main(argv=None) -> int:
     if "scatter" in parts:
         print("single-scatter simulation ...", file=sys.stderr)
         results["scatter"] = scatter_timing(args.repeats)
+    if "span" in parts:
+        print("axial compression ...", file=sys.stderr)
+        results["span"] = span_timing(args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"pet-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=2))
