@@ -155,6 +155,21 @@ def _summed_tof_inputs(rng, size):
     return [values, xstart, xend, origin, voxel, bins, *tof, image]
 
 
+def _member_inputs(rng, size, repeat):
+    """sum_members / repeat_members: span-11-like planes of 1 to 6 ring pairs, 8 views of
+    the DMI's 415 radial bins as rows at the timing size."""
+    rows = {"smoke": 6, "check": 400, "time": 415 * 8}[size]
+    counts = 1 + np.arange({"smoke": 5, "check": 40, "time": 263}[size]) % 6
+    first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    planes, members = len(counts), int(first[-1])
+    if repeat:
+        plane_of = np.repeat(np.arange(planes, dtype=np.int64), counts)
+        return [rng.random((rows, planes, 1), dtype=np.float32), plane_of,
+                np.zeros((rows, members, 1), np.float32)]
+    return [rng.random((rows, members, 1), dtype=np.float32), first,
+            np.zeros((rows, planes, 1), np.float32)]
+
+
 CHECKS = [
     Check("gaussian convolve_axis", "medhpc.filters", "kernels", "convolve_axis",
           lambda rng, size: [_image(rng, SIZES[size][0]),
@@ -203,6 +218,12 @@ CHECKS = [
           outputs=(8,), tolerance=1e-4, work=_lor_count, unit="LORs"),
     Check("joseph_back_tof_summed", "medhpc.pet", "kernels", "joseph_back_tof_summed",
           _summed_tof_inputs, outputs=(9,), tolerance=1e-4, work=_lor_count, unit="LORs"),
+    Check("sum_members", "medhpc.pet", "kernels", "sum_members",
+          lambda rng, size: _member_inputs(rng, size, repeat=False), outputs=(2,),
+          tolerance=1e-5, work=lambda args: args[2].size, unit="bins"),
+    Check("repeat_members", "medhpc.pet", "kernels", "repeat_members",
+          lambda rng, size: _member_inputs(rng, size, repeat=True), outputs=(2,),
+          work=lambda args: args[2].size, unit="bins"),
 ]
 
 
