@@ -83,8 +83,8 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
     from medhpc.io.atomic import check_output_path
     from medhpc.pet.projector import axis_aligned_grid
     from medhpc.pet.scanner import load_scanner
-    from medhpc.pet.simulate import (Simulation, check_settings, read_inputs,
-                                     write_simulated_listmode, write_simulation)
+    from medhpc.pet.simulate import (Simulation, check_listmode_scanner, check_settings,
+                                     read_inputs, write_simulated_listmode, write_simulation)
 
     def prepare():
         check_output_path(out, run.overwrite, (".h5", ".hdf5"))
@@ -96,6 +96,8 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
             if frames < 1 or image.shape[0] != 1:
                 raise click.BadParameter("--frames needs a 3-D activity and a count >= 1")
             image = np.repeat(image, frames, axis=0)
+        if listmode:
+            check_listmode_scanner(geometry)
         if listmode and (no_noise or image.shape[0] != 1):
             raise click.BadParameter("--listmode needs Poisson counts of one acquisition: drop "
                                      "--no-noise and --frames (pet-recon --time-windows selects "

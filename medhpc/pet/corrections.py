@@ -175,6 +175,12 @@ def corrected_block(corrections: Corrections | None, layout, block: SinogramBloc
     return SinogramBlock(prompts=block.prompts, multiplicative=multiplicative, additive=additive)
 
 
+def mu_map_corrections(mu_map: np.ndarray, origin_mm, voxel_mm) -> Corrections:
+    """Corrections holding only a mu-map (for :func:`attenuation_factors`)."""
+    return Corrections(files=CorrectionFiles(), datasets={}, mu_map=mu_map,
+                       mu_origin_mm=origin_mm, mu_voxel_mm=voxel_mm, mu_shape=mu_map.shape)
+
+
 def attenuation_factors(corrections: Corrections, scanner, views, planes, device) -> np.ndarray:
     """``exp(-line integral of mu)`` of the LORs at ``views`` x ``planes`` (radial x view x
     plane; at span > 1 the mean over each plane's ring pairs)."""

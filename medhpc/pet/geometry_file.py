@@ -18,7 +18,7 @@ def write_geometry_file(path, scanner: ScannerGeometry, overwrite: bool = False)
     (``plane_ring_pairs``) of the planes (plane ``p`` sums pairs ``plane_first_pair[p]`` to
     ``plane_first_pair[p + 1] - 1``; one each at span 1) and the scanner description;
     views are generated and written in blocks."""
-    pairs, first = plane_members(scanner)
+    pairs, plane_first_pair = plane_members(scanner)
     shape = (scanner.n_radial, scanner.n_views, len(pairs), 3)
     with atomic_path(path, overwrite=overwrite) as tmp:
         with h5py.File(tmp, "w") as h5:
@@ -32,7 +32,7 @@ def write_geometry_file(path, scanner: ScannerGeometry, overwrite: bool = False)
             ends = h5.create_dataset("xend", shape, np.float32, chunks=chunks,
                                      compression="gzip", compression_opts=1)
             h5.create_dataset("plane_ring_pairs", data=pairs)
-            h5.create_dataset("plane_first_pair", data=first)
+            h5.create_dataset("plane_first_pair", data=plane_first_pair)
             for first in range(0, scanner.n_views, VIEWS_PER_WRITE):
                 views = slice(first, min(first + VIEWS_PER_WRITE, scanner.n_views))
                 starts[:, views], ends[:, views] = lor_endpoints(scanner, views=views)

@@ -13,7 +13,8 @@ STIR projection data (``.hs`` header + raw data, usually ``.s``)
     for tangential position ``t`` (index ``t + T // 2`` of ``T``), on rings whose
     difference ``ring2 - ring1`` is in the segment's range; the axial position is the
     smaller ring at span 1 and ``ring1 + ring2 - m`` at span > 1, ``m`` the segment's
-    smallest ``|ring difference|`` (medhpc's plane order within a segment). STIR's detector ``k`` sits at angle ``2 pi k / N - pi / 2`` from +x
+    smallest ``|ring difference|`` (medhpc's plane order within a segment). STIR's
+    detector ``k`` sits at angle ``2 pi k / N - pi / 2`` from +x
     (``View offset (degrees) := 0``), which is medhpc's crystal ``(k - N / 4) mod N``.
     The scanner comes from the ``Scanner parameters`` block: rings, detectors per
     ring, inner ring diameter and average depth of interaction (the LOR end points sit

@@ -260,30 +260,29 @@ class CompressedProjector:
         """Relative |<A x, y> - <x, A^T y>| / |<A x, y>| for random x, y (float64 sums)."""
         return adjointness_error(self, rng)
 
-    def _kernels_for(self, array):
+    def _tables_for(self, array):
+        """(device, kernels, (first, plane_of)) where ``array`` lives."""
         if self.device == "cuda" and backend.is_device_array(array):
             if self._device_tables is None:
                 self._device_tables = (backend.to_device(self.first, "cuda"),
                                        backend.to_device(self.plane_of, "cuda"))
-            return backend.kernels("medhpc.pet", "cuda"), self._device_tables
-        return backend.kernels("medhpc.pet", "cpu"), (self.first, self.plane_of)
+            return "cuda", backend.kernels("medhpc.pet", "cuda"), self._device_tables
+        return "cpu", backend.kernels("medhpc.pet", "cpu"), (self.first, self.plane_of)
 
     def _sum(self, values):
-        kernels, (first, _) = self._kernels_for(values)
+        device, kernels, (first, _) = self._tables_for(values)
         bins = 1 if values.ndim == 1 else values.shape[1]
-        out = backend.empty((self.n_lors,) + values.shape[1:], np.float32,
-                            "cuda" if kernels.__name__.endswith("cuda") else "cpu")
+        out = backend.empty((self.n_lors,) + values.shape[1:], np.float32, device)
         kernels.sum_members(values.reshape(self.rows, self.n_members, bins), first,
                             out.reshape(self.rows, self.n_planes, bins))
         return out
 
     def _repeat(self, values, shape):
-        kernels, (_, plane_of) = self._kernels_for(values)
-        if not backend.is_device_array(values):
+        device, kernels, (_, plane_of) = self._tables_for(values)
+        if device == "cpu":
             values = JosephProjector._checked(values, shape, "values")
         bins = 1 if len(shape) == 1 else shape[1]
-        out = backend.empty((self.inner.n_lors,) + tuple(shape[1:]), np.float32,
-                            "cuda" if kernels.__name__.endswith("cuda") else "cpu")
+        out = backend.empty((self.inner.n_lors,) + tuple(shape[1:]), np.float32, device)
         kernels.repeat_members(values.reshape(self.rows, self.n_planes, bins), plane_of,
                                out.reshape(self.rows, self.n_members, bins))
         return out

@@ -21,8 +21,7 @@ from medhpc.errors import InputError
 from medhpc.io.atomic import atomic_path, check_output_path
 from medhpc.io.images import check_nonnegative, read_image
 from medhpc.parallel.geometry import block_range
-from medhpc.pet.corrections import (CorrectionFiles, Corrections, attenuation_factors,
-                                    read_mu_map)
+from medhpc.pet.corrections import attenuation_factors, mu_map_corrections, read_mu_map
 from medhpc.pet.projector import axis_aligned_grid
 from medhpc.pet.scatter import (interpolate_to_sinogram, single_scatter, tail_scale,
                                 tail_sums)
@@ -131,9 +130,8 @@ class ScatterEstimate:
         return read_stored_factor(self.layout, name, views) if views.size else None
 
     def _attenuation(self, views, mu_origin, mu_voxel):
-        mu = Corrections(files=CorrectionFiles(), datasets={}, mu_map=self.mu,
-                         mu_origin_mm=mu_origin, mu_voxel_mm=mu_voxel, mu_shape=self.mu.shape)
-        return attenuation_factors(mu, self.layout.scanner, views, slice(None), self.run.device)
+        return attenuation_factors(mu_map_corrections(self.mu, mu_origin, mu_voxel),
+                                   self.layout.scanner, views, slice(None), self.run.device)
 
     def _write(self, scatter, document) -> None:
         with atomic_path(self.out, overwrite=self.overwrite) as tmp:

@@ -514,12 +514,12 @@ def plane_members(scanner: ScannerGeometry, planes=None) -> tuple[np.ndarray, np
     rings = scanner.rings
     pairs, counts = [], []
     for low, high in segment_ranges(scanner):
-        differences = np.arange(low, high + 1)
         if scanner.span == 1:
             first = np.arange(max(0, -low), rings - max(0, low))
             pairs.append(np.stack([first, first + low], axis=1))
             counts.append(np.ones(len(first), np.int64))
             continue
+        differences = np.arange(low, high + 1)
         smallest = 0 if low <= 0 <= high else min(abs(low), abs(high))
         for ring_sum in range(smallest, 2 * rings - 1 - smallest):
             d = differences[(differences + ring_sum) % 2 == 0]
@@ -563,8 +563,8 @@ def plane_segments(scanner: ScannerGeometry) -> np.ndarray:
     """Return the ring difference ``r2 - r1`` at the centre of each plane's segment (its
     only one at span 1; int64, shape (n_planes,))."""
     ranges = segment_ranges(scanner)
-    return np.repeat([(low + high) // 2 for low, high in ranges],
-                     [segment_plane_count(scanner, low, high) for low, high in ranges]).astype(np.int64)
+    sizes = [segment_plane_count(scanner, low, high) for low, high in ranges]
+    return np.repeat([(low + high) // 2 for low, high in ranges], sizes).astype(np.int64)
 
 
 def direct_planes(scanner: ScannerGeometry) -> np.ndarray:

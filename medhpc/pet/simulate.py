@@ -31,7 +31,7 @@ from medhpc.io.geometry import ImageGeometry
 from medhpc.io.images import check_nonnegative, check_same_grid, read_image
 from medhpc.parallel.geometry import block_range
 from medhpc.pet.projector import axis_aligned_grid, sinogram_projector, tof_spec
-from medhpc.pet.corrections import read_mu_map
+from medhpc.pet.corrections import attenuation_factors, mu_map_corrections, read_mu_map
 from medhpc.pet.listmode import write_listmode
 from medhpc.pet.scanner import (ScannerGeometry, crystal_ids, mean_over_members, plane_members,
                                 plane_ring_pairs, sinogram_crystals)
@@ -96,6 +96,13 @@ def check_settings(scanner: ScannerGeometry, counts: float, randoms_fraction: fl
                          f"(for example ge-dmi-4ring-tof)")
 
 
+def check_listmode_scanner(scanner: ScannerGeometry) -> None:
+    """Raise :class:`InputError` unless list-mode events can be simulated on ``scanner``."""
+    if scanner.span != 1:
+        raise InputError(f"--listmode: scanner '{scanner.name}' has span {scanner.span}; "
+                         f"events are crystal pairs, simulate them with a span-1 scanner")
+
+
 class Simulation:
     """One pet-simulate run (see the module notes)."""
 
@@ -150,7 +157,9 @@ class Simulation:
         with self.run.stage("factors", "kernel"):
             normalisation = normalisation_factors(scanner, views, seed)
             if self.mu_map is not None:
-                attenuation = self._attenuation(views)
+                attenuation = attenuation_factors(
+                    mu_map_corrections(self.mu_map, self.origin_mm, self.voxel_mm), scanner,
+                    views, slice(None), self.run.device)
             else:
                 attenuation = np.ones(shape, np.float32)
             multiplicative = attenuation * normalisation
@@ -193,15 +202,6 @@ class Simulation:
         if blocks is None:
             return None
         return self._assemble(blocks)
-
-    def _attenuation(self, views) -> np.ndarray:
-        """``exp(-line integral of mu)`` per bin (at span > 1 the mean over the ring pairs)."""
-        projector = self._projector(views, False)
-        member_projector = getattr(projector, "inner", projector)
-        integrals = member_projector.forward(self.mu_map).reshape(
-            self.scanner.n_radial, len(views), -1)
-        return mean_over_members(np.exp(-integrals), plane_members(self.scanner)[1]).astype(
-            np.float32)
 
     def _scatter(self, activity, views) -> np.ndarray:
         """Single-scatter estimate of the activity on this rank's views, in the units of ``A x``
@@ -256,9 +256,7 @@ def listmode_events(scanner: ScannerGeometry, prompts: np.ndarray, duration_s: f
     orientation (the TOF bin mirrored with it), at a uniform random time in
     ``[0, duration_s)``.
     """
-    if scanner.span != 1:
-        raise InputError(f"--listmode: scanner '{scanner.name}' has span {scanner.span}; "
-                         f"events are crystal pairs, simulate them with a span-1 scanner")
+    check_listmode_scanner(scanner)
     counts = np.asarray(prompts)
     if not np.array_equal(counts, np.rint(counts)):
         raise InputError("list-mode events need whole counts: drop --no-noise")

@@ -85,6 +85,21 @@ def test_an_output_name_of_the_wrong_format_is_refused_before_any_work(tiny, com
     assert "stage" not in result.stderr and not out.exists()
 
 
+def test_listmode_simulation_on_a_span3_scanner_is_refused_before_any_work(tiny):
+    from tests.pet.conftest import SPAN_SCANNER
+
+    folder, phantom, _ = tiny
+    scanner = folder / "span3.toml"
+    scanner.write_text(SPAN_SCANNER.format(span=3))
+    out = folder / "events.h5"
+    result = run_medhpc("pet-simulate", "--activity", phantom / "activity.nii.gz", "--scanner",
+                        scanner, "--listmode", "--out", out, "--device", "cpu")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "span 3" in lines[0] and "span-1 scanner" in lines[0]
+    assert "stage" not in result.stderr and not out.exists()
+
+
 def test_dry_run_prints_the_plan_and_touches_nothing(tiny):
     folder, _, sinogram = tiny
     result = run_medhpc("pet-recon", "--sinogram", sinogram, "--out", folder / "dry.nii.gz",
