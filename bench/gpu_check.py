@@ -132,15 +132,25 @@ def _projector_inputs(rng, size, tof_bins, back):
     values_shape = (n,) if tof_bins == 1 else (n, tof_bins)
     if tof_bins == 1:
         tof = ()
-    elif size == "time":
-        tof = (25.371, 24.5, 3.0)  # ge-dmi-4ring-tof: bin mm, sigma mm (385 ps), cutoff
     else:
-        tof = (float(voxel[0]) * 3.0, float(voxel[0]) * 2.5, 3.0)  # scaled to the small image
+        tof = _lor_tof_kernels(rng, n, size, voxel)
     if back:
         values = rng.random(values_shape, dtype=np.float32)
         return [values, xstart, xend, origin, voxel, *tof, np.zeros(shape, np.float32)]
     return [_image(rng, shape), xstart, xend, origin, voxel, *tof,
             np.zeros(values_shape, np.float32)]
+
+
+def _lor_tof_kernels(rng, n, size, voxel):
+    """(bin_mm, sigma_mm, offset_mm, cutoff): each LOR its own kernel, as from a timing
+    calibration (CTR spread +-10 %, offsets up to +-1.5 bin)."""
+    if size == "time":
+        bin_mm, sigma_mm = 25.371, 24.5  # ge-dmi-4ring-tof: 385 ps CTR
+    else:
+        bin_mm, sigma_mm = float(voxel[0]) * 3.0, float(voxel[0]) * 2.5  # small image
+    sigma = (sigma_mm * rng.uniform(0.9, 1.1, n)).astype(np.float32)
+    offset = (bin_mm * rng.uniform(-1.5, 1.5, n)).astype(np.float32)
+    return bin_mm, sigma, offset, 3.0
 
 
 def _lor_count(args):
@@ -151,7 +161,7 @@ def _summed_tof_inputs(rng, size):
     """joseph_back_tof_summed: one value per LOR, the TOF binning as for joseph_back_tof."""
     values, xstart, xend, origin, voxel, image = _projector_inputs(rng, size, 1, back=True)
     bins = 29 if size == "time" else 7
-    tof = _projector_inputs(rng, size, bins, back=True)[5:8]
+    tof = _projector_inputs(rng, size, bins, back=True)[5:9]
     return [values, xstart, xend, origin, voxel, bins, *tof, image]
 
 
@@ -212,12 +222,12 @@ CHECKS = [
           outputs=(5,), tolerance=1e-4, work=_lor_count, unit="LORs"),
     Check("joseph_forward_tof", "medhpc.pet", "kernels", "joseph_forward_tof",
           lambda rng, size: _projector_inputs(rng, size, 29 if size == "time" else 7, back=False),
-          outputs=(8,), tolerance=1e-4, work=_lor_count, unit="LORs"),
+          outputs=(9,), tolerance=1e-4, work=_lor_count, unit="LORs"),
     Check("joseph_back_tof", "medhpc.pet", "kernels", "joseph_back_tof",
           lambda rng, size: _projector_inputs(rng, size, 29 if size == "time" else 7, back=True),
-          outputs=(8,), tolerance=1e-4, work=_lor_count, unit="LORs"),
+          outputs=(9,), tolerance=1e-4, work=_lor_count, unit="LORs"),
     Check("joseph_back_tof_summed", "medhpc.pet", "kernels", "joseph_back_tof_summed",
-          _summed_tof_inputs, outputs=(9,), tolerance=1e-4, work=_lor_count, unit="LORs"),
+          _summed_tof_inputs, outputs=(10,), tolerance=1e-4, work=_lor_count, unit="LORs"),
     Check("sum_members", "medhpc.pet", "kernels", "sum_members",
           lambda rng, size: _member_inputs(rng, size, repeat=False), outputs=(2,),
           tolerance=1e-5, work=lambda args: args[2].size, unit="bins"),

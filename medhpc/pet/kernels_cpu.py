@@ -12,10 +12,12 @@ interpolation in the two other axes, constant in the outer half voxel. Inside
 the box this is Joseph's method; at the box faces it gives exact chords.
 
 TOF: bin ``k`` is centred at signed distance ``(k - (ntof - 1) / 2) * tof_bin_mm``
-from the LOR midpoint (towards ``xend``); the TOF kernel is a Gaussian truncated
-at ``tof_cutoff_sigmas`` and renormalised, so the bins of a LOR sum to its
-non-TOF projection wherever they cover the kernel. The CPU twin reads erf from
-a table (error below 3e-7); the CUDA twin calls ``math.erf``.
+from the LOR midpoint (towards ``xend``); the TOF kernel of LOR ``i`` is a Gaussian of
+``tof_sigma_mm[i]`` centred ``tof_offset_mm[i]`` beyond the sample (one value for all
+LORs when the arrays have length 1), truncated at ``tof_cutoff_sigmas`` and
+renormalised, so the bins of a LOR sum to its non-TOF projection wherever they cover
+the kernel. The CPU twin reads erf from a table (error below 3e-7); the CUDA twin calls
+``math.erf``.
 
 Forward kernels overwrite ``out``; back-projections add into ``image``. The
 back-projections give each thread its own image buffer (numba has no atomics),
@@ -274,150 +276,243 @@ def _ray_scatter(flat, value, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz
         _scatter(flat, base, next_a, next_b, frac_a, frac_b, inner_mm)
 
 
-@numba.njit(inline='always', **_JIT)
-def _tof_range(distance_mm, ntof, tof_bin_mm, reach_mm):
-    """First and last TOF bin that can overlap [distance - reach, distance + reach]."""
-    middle = 0.5 * (ntof - 1)
-    first = int(math.floor((distance_mm - reach_mm) / tof_bin_mm + middle - 0.5))
-    last = int(math.floor((distance_mm + reach_mm) / tof_bin_mm + middle + 0.5))
-    return max(first, 0), min(last, ntof - 1), middle
+# fields of the TOF constants tuple (:func:`_tof_constants`)
+(_INV_BIN, _PER_MM, _PER_BIN, _REACH_MM, _NORM, _LOW_POSITION, _HIGH_POSITION, _EDGE0_POSITION,
+ _WIDTH, _EDGE_ERF, _OFFSET_MM, _FIRST_SHIFT) = range(12)
 
 
 @numba.njit(inline='always', **_JIT)
-def _tof_edge_erf(edge_mm, distance_mm, inv_sigma_sqrt2, cutoff_sqrt2):
-    """erf of the bin edge's distance in sigma sqrt 2 units, clipped at the cutoff.
+def _table_erf(position):
+    """erf read from :data:`_ERF_TABLE` at table ``position`` = (x + 4) x ``_ERF_SCALE``.
 
-    Read from :data:`_ERF_TABLE` by linear interpolation (error below 3e-7,
-    twice as fast as ``math.erf`` here); beyond +-4 erf is 1 to 2e-8.
+    Linear interpolation (error below 3e-7, twice as fast as ``math.erf`` here); beyond
+    +-4 erf is 1 to 2e-8.
     """
-    limit = min(cutoff_sqrt2, _ERF_RANGE)
-    x = min(max((edge_mm - distance_mm) * inv_sigma_sqrt2, -limit), limit)
-    position = (x + _ERF_RANGE) * _ERF_SCALE
-    index = np.uint64(position)
-    fraction = position - index
-    return _ERF_TABLE[index] + fraction * (_ERF_TABLE[index + np.uint64(1)] - _ERF_TABLE[index])
+    # through int64: numba's float -> uint64 conversion is several instructions
+    index = np.uint64(np.int64(position))
+    fraction = position - np.int64(index)
+    low = _ERF_TABLE[index]
+    return low + fraction * (_ERF_TABLE[index + np.uint64(1)] - low)
 
 
 @numba.njit(inline='always', **_JIT)
-def _tof_spread(out_row, sample, distance_mm, tof):
-    """out_row[k] += sample x (TOF weight of bin k for an event at ``distance_mm``)."""
-    tof_bin_mm, inv_sigma_sqrt2, cutoff_sqrt2, reach_mm, norm = tof
-    first, last, middle = _tof_range(distance_mm, out_row.shape[0], tof_bin_mm, reach_mm)
-    low = _tof_edge_erf((first - middle - 0.5) * tof_bin_mm, distance_mm, inv_sigma_sqrt2,
-                        cutoff_sqrt2)
-    for k in range(first, last + 1):
-        high = _tof_edge_erf((k - middle + 0.5) * tof_bin_mm, distance_mm, inv_sigma_sqrt2,
-                             cutoff_sqrt2)
-        out_row[k] += sample * norm * (high - low)
+def _erf_at(position, tof):
+    """:func:`_table_erf` with the position clipped at the kernel's cutoff."""
+    return _table_erf(min(max(position, tof[_LOW_POSITION]), tof[_HIGH_POSITION]))
+
+
+@numba.njit(**_JIT)
+def _tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas, ntof):
+    """The TOF constants of a kernel ``tof_sigma_mm`` wide, indexed by the ``_TOF`` fields.
+
+    Positions are erf-table positions; ``width`` bins from the first one a sample's kernel
+    reaches hold all of it; ``edge erf`` is erf at the cutoff, and ``norm`` = 1 / (2 edge
+    erf) renormalises the truncated Gaussian.
+    """
+    sigma_mm, cutoff = np.float64(tof_sigma_mm), np.float64(tof_cutoff_sigmas)
+    bin_mm = np.float64(tof_bin_mm)
+    limit = min(cutoff / math.sqrt(2.0), _ERF_RANGE)
+    per_mm = _ERF_SCALE / (sigma_mm * math.sqrt(2.0))
+    high_position = (_ERF_RANGE + limit) * _ERF_SCALE
+    edge = _table_erf(high_position)
+    return (1.0 / bin_mm, per_mm, bin_mm * per_mm, cutoff * sigma_mm, 0.5 / edge,
+            (_ERF_RANGE - limit) * _ERF_SCALE, high_position,
+            _ERF_RANGE * _ERF_SCALE - (0.5 * ntof) * bin_mm * per_mm,
+            np.float64(math.floor(2.0 * cutoff * sigma_mm / bin_mm) + 2), edge, 0.0,
+            0.5 * (ntof - 1) + 0.5)
+
+
+@numba.njit(inline='always', **_JIT)
+def _lor_tof(tof_bin_mm, tof_sigma_mm, tof_offset_mm, tof_cutoff_sigmas, ntof, lor, shared):
+    """The TOF constants of LOR ``lor``: ``shared`` unless it has its own width or offset."""
+    offset = np.float64(tof_offset_mm[lor if tof_offset_mm.shape[0] > 1 else 0])
+    if tof_sigma_mm.shape[0] > 1:
+        tof = _tof_constants(tof_bin_mm, tof_sigma_mm[lor], tof_cutoff_sigmas, ntof)
+    else:
+        tof = shared
+    return (tof[0], tof[1], tof[2], tof[3], tof[4], tof[5], tof[6], tof[7], tof[8], tof[9],
+            offset, tof[11])
+
+
+@numba.njit(inline='always', **_JIT)
+def _tof_window(distance_mm, ntof, tof):
+    """(first bin, its low edge's table position, kernel centre) for a sample at
+    ``distance_mm``; ``first`` may lie outside [0, ntof)."""
+    centre = distance_mm + tof[_OFFSET_MM]
+    first = np.int64(math.floor((centre - tof[_REACH_MM]) * tof[_INV_BIN] + tof[_FIRST_SHIFT]))
+    position = tof[_EDGE0_POSITION] + first * tof[_PER_BIN] - centre * tof[_PER_MM]
+    return first, position
+
+
+@numba.njit(inline='always', **_JIT)
+def _tof_spread(padded, sample, distance_mm, ntof, tof):
+    """padded[k + width] += sample x (TOF weight of bin k for a sample at ``distance_mm``).
+
+    The ``width`` bins from ``first`` hold the whole kernel: the low edge of the first and
+    the high edge of the last lie beyond the cutoff (erf = -+ the edge value), so only the
+    inner edges read the table. ``padded`` has ``width`` spare bins on each side.
+    """
+    width = np.int64(tof[_WIDTH])
+    first, position = _tof_window(distance_mm, ntof, tof)
+    if first + width <= 0 or first >= ntof:
+        return
+    scaled = sample * tof[_NORM]
+    step = tof[_PER_BIN]
+    low = -tof[_EDGE_ERF]
+    base = np.uint64(first + width)
+    for j in range(np.uint64(width - 1)):
+        position += step
+        high = _erf_at(position, tof)
+        padded[base + j] += scaled * (high - low)
         low = high
+    padded[base + np.uint64(width - 1)] += scaled * (tof[_EDGE_ERF] - low)
 
 
 @numba.njit(inline='always', **_JIT)
-def _tof_gather(values_row, distance_mm, tof):
-    """Sum over k of values_row[k] x (TOF weight of bin k for an event at ``distance_mm``)."""
-    tof_bin_mm, inv_sigma_sqrt2, cutoff_sqrt2, reach_mm, norm = tof
-    first, last, middle = _tof_range(distance_mm, values_row.shape[0], tof_bin_mm, reach_mm)
-    low = _tof_edge_erf((first - middle - 0.5) * tof_bin_mm, distance_mm, inv_sigma_sqrt2,
-                        cutoff_sqrt2)
-    total = 0.0
-    for k in range(first, last + 1):
-        high = _tof_edge_erf((k - middle + 0.5) * tof_bin_mm, distance_mm, inv_sigma_sqrt2,
-                             cutoff_sqrt2)
-        total += values_row[k] * (high - low)
-        low = high
-    return total * norm
+def _tof_gather(padded, distance_mm, ntof, tof):
+    """Sum over k of padded[k + width] x (TOF weight of bin k for a sample at ``distance_mm``).
 
-
-@numba.njit(inline='always', **_JIT)
-def _tof_coverage(distance_mm, ntof, tof, full_mm):
-    """Sum over the bins of the TOF weights of an event at ``distance_mm``: 1 within
-    ``full_mm`` of the LOR midpoint (the bins hold the whole truncated kernel), else the
-    bin sums telescoped to the outer edges of the bins the kernel reaches."""
-    if abs(distance_mm) <= full_mm:
-        return 1.0
-    tof_bin_mm, inv_sigma_sqrt2, cutoff_sqrt2, reach_mm, norm = tof
-    first, last, middle = _tof_range(distance_mm, ntof, tof_bin_mm, reach_mm)
-    if last < first:
+    By parts: sum_k v_k (E_k+1 - E_k) = E (v_first + v_last) + sum over the inner edges j of
+    E_j (v_j-1 - v_j), with E the erf at the outer edges (as in :func:`_tof_spread`).
+    """
+    width = np.int64(tof[_WIDTH])
+    first, position = _tof_window(distance_mm, ntof, tof)
+    if first + width <= 0 or first >= ntof:
         return 0.0
-    low = _tof_edge_erf((first - middle - 0.5) * tof_bin_mm, distance_mm, inv_sigma_sqrt2,
-                        cutoff_sqrt2)
-    high = _tof_edge_erf((last - middle + 0.5) * tof_bin_mm, distance_mm, inv_sigma_sqrt2,
-                         cutoff_sqrt2)
-    return norm * (high - low)
+    step = tof[_PER_BIN]
+    base = np.uint64(first + width)
+    total = tof[_EDGE_ERF] * (padded[base] + padded[base + np.uint64(width - 1)])
+    for j in range(np.uint64(1), np.uint64(width)):
+        position += step
+        total += _erf_at(position, tof) * (padded[base + j - np.uint64(1)] - padded[base + j])
+    return total * tof[_NORM]
+
+
+@numba.njit(inline='always', **_JIT)
+def _tof_coverage(distance_mm, ntof, tof):
+    """Sum over the bins of the TOF weights of a sample at ``distance_mm``: 1 where the
+    bins hold the whole truncated kernel, else the weights telescoped to the outer edges
+    of the bins it reaches."""
+    width = np.int64(tof[_WIDTH])
+    first, position = _tof_window(distance_mm, ntof, tof)
+    if first >= 0 and first + width <= ntof:
+        return 1.0
+    if first + width <= 0 or first >= ntof:
+        return 0.0
+    low = max(first, 0)
+    high = min(first + width, ntof)
+    return tof[_NORM] * (_erf_at(position + (high - first) * tof[_PER_BIN], tof)
+                         - _erf_at(position + (low - first) * tof[_PER_BIN], tof))
+
+
+@numba.njit(inline='always', **_JIT)
+def _sample_distances(ray):
+    """(distance0, per_plane): plane p's sample lies distance0 + p x per_plane mm from the
+    LOR midpoint, towards xend (inner planes)."""
+    start_p, inv_step_p, length_mm = ray[8], ray[9], ray[17]
+    return -(start_p * inv_step_p + 0.5) * length_mm, inv_step_p * length_mm
 
 
 @numba.njit(inline='always', **_JIT)
 def _ray_scatter_every_bin(flat, value, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz,
                            tof, ntof):
-    full_mm = 0.5 * ntof * tof[0] - tof[3]
     ray = _ray(xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz)
     first, last, end_count = _ends(ray)
-    start_p, inv_step_p, length_mm = ray[8], ray[9], ray[17]
+    length_mm = ray[17]
     for end in range(end_count):
         weight_t, t_mid, base, next_a, next_b, frac_a, frac_b = _end_sample(
             ray, first if end == 0 else last)
         if weight_t > 0.0:
             weight = (weight_t * length_mm * value
-                      * _tof_coverage((t_mid - 0.5) * length_mm, ntof, tof, full_mm))
+                      * _tof_coverage((t_mid - 0.5) * length_mm, ntof, tof))
             _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight)
     line = _inner_line(ray)
     inner_mm = 2.0 * ray[10] * length_mm
+    distance0, per_plane = _sample_distances(ray)
     for plane in range(first + 1, last):
-        t_mid = (plane - start_p) * inv_step_p
-        weight = inner_mm * value * _tof_coverage((t_mid - 0.5) * length_mm, ntof, tof, full_mm)
+        weight = inner_mm * value * _tof_coverage(distance0 + plane * per_plane, ntof, tof)
         base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
         _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight)
 
 
 @numba.njit(inline='always', **_JIT)
-def _ray_integral_tof(flat, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz, tof, out_row):
-    for k in range(out_row.shape[0]):
-        out_row[k] = 0.0
+def _ray_integral_tof(flat, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz, tof, out_row,
+                      padded):
+    ntof = out_row.shape[0]
+    padded[:] = 0.0
     ray = _ray(xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz)
     first, last, end_count = _ends(ray)
-    start_p, inv_step_p, length_mm = ray[8], ray[9], ray[17]
+    length_mm = ray[17]
     for end in range(end_count):
         weight_t, t_mid, base, next_a, next_b, frac_a, frac_b = _end_sample(
             ray, first if end == 0 else last)
         if weight_t > 0.0:
             sample = weight_t * length_mm * _bilinear(flat, base, next_a, next_b, frac_a, frac_b)
-            _tof_spread(out_row, sample, (t_mid - 0.5) * length_mm, tof)
+            _tof_spread(padded, sample, (t_mid - 0.5) * length_mm, ntof, tof)
     line = _inner_line(ray)
     inner_mm = 2.0 * ray[10] * length_mm
-    for plane in range(first + 1, last):
+    distance0, per_plane = _sample_distances(ray)
+    interior_low, interior_high = _inner_segments(ray, line, first, last)
+    for plane in range(first + 1, interior_low):
         base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
         sample = inner_mm * _bilinear(flat, base, next_a, next_b, frac_a, frac_b)
-        t_mid = (plane - start_p) * inv_step_p
-        _tof_spread(out_row, sample, (t_mid - 0.5) * length_mm, tof)
+        _tof_spread(padded, sample, distance0 + plane * per_plane, ntof, tof)
+    stride_a, stride_b = np.uint64(ray[4]), np.uint64(ray[5])
+    for plane in range(interior_low, interior_high + 1):
+        base, frac_a, frac_b = _interior_sample(ray, line, plane)
+        low = flat[base] + frac_a * (flat[base + stride_a] - flat[base])
+        high = flat[base + stride_b] + frac_a * (flat[base + stride_a + stride_b]
+                                                 - flat[base + stride_b])
+        _tof_spread(padded, inner_mm * (low + frac_b * (high - low)),
+                    distance0 + plane * per_plane, ntof, tof)
+    for plane in range(interior_high + 1, last):
+        base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
+        sample = inner_mm * _bilinear(flat, base, next_a, next_b, frac_a, frac_b)
+        _tof_spread(padded, sample, distance0 + plane * per_plane, ntof, tof)
+    width = np.int64(tof[_WIDTH])
+    for k in range(ntof):
+        out_row[k] = padded[k + width]
 
 
 @numba.njit(inline='always', **_JIT)
-def _ray_scatter_tof(flat, values_row, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz, tof):
+def _ray_scatter_tof(flat, values_row, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz, tof,
+                     padded):
+    ntof = values_row.shape[0]
+    width = np.int64(tof[_WIDTH])
+    padded[:] = 0.0
+    for k in range(ntof):
+        padded[k + width] = values_row[k]
     ray = _ray(xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz)
     first, last, end_count = _ends(ray)
-    start_p, inv_step_p, length_mm = ray[8], ray[9], ray[17]
+    length_mm = ray[17]
     for end in range(end_count):
         weight_t, t_mid, base, next_a, next_b, frac_a, frac_b = _end_sample(
             ray, first if end == 0 else last)
         if weight_t > 0.0:
-            weight = weight_t * length_mm * _tof_gather(values_row, (t_mid - 0.5) * length_mm, tof)
+            weight = weight_t * length_mm * _tof_gather(padded, (t_mid - 0.5) * length_mm, ntof,
+                                                        tof)
             _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight)
     line = _inner_line(ray)
     inner_mm = 2.0 * ray[10] * length_mm
-    for plane in range(first + 1, last):
-        t_mid = (plane - start_p) * inv_step_p
-        weight = inner_mm * _tof_gather(values_row, (t_mid - 0.5) * length_mm, tof)
+    distance0, per_plane = _sample_distances(ray)
+    interior_low, interior_high = _inner_segments(ray, line, first, last)
+    for plane in range(first + 1, interior_low):
+        weight = inner_mm * _tof_gather(padded, distance0 + plane * per_plane, ntof, tof)
         base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
         _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight)
-
-
-@numba.njit(**_JIT)
-def _tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas):
-    """(bin_mm, 1 / (sigma sqrt 2), cutoff / sqrt 2, reach_mm, 1 / (2 erf(cutoff / sqrt 2)))."""
-    sigma_mm, cutoff = np.float64(tof_sigma_mm), np.float64(tof_cutoff_sigmas)
-    cutoff_sqrt2 = cutoff / math.sqrt(2.0)
-    return (np.float64(tof_bin_mm), 1.0 / (sigma_mm * math.sqrt(2.0)), cutoff_sqrt2,
-            cutoff * sigma_mm, 0.5 / math.erf(cutoff_sqrt2))
+    stride_a, stride_b = np.uint64(ray[4]), np.uint64(ray[5])
+    for plane in range(interior_low, interior_high + 1):
+        weight = inner_mm * _tof_gather(padded, distance0 + plane * per_plane, ntof, tof)
+        base, frac_a, frac_b = _interior_sample(ray, line, plane)
+        w_low, w_high = (1.0 - frac_b) * weight, frac_b * weight
+        flat[base] += (1.0 - frac_a) * w_low
+        flat[base + stride_a] += frac_a * w_low
+        flat[base + stride_b] += (1.0 - frac_a) * w_high
+        flat[base + stride_a + stride_b] += frac_a * w_high
+    for plane in range(interior_high + 1, last):
+        weight = inner_mm * _tof_gather(padded, distance0 + plane * per_plane, ntof, tof)
+        base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
+        _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight)
 
 
 @numba.njit(**_JIT)
@@ -481,66 +576,101 @@ def _back(values, xstart, xend, origin_mm, voxel_mm, image, blocks):
     return buffers
 
 
-@numba.njit(parallel=True, **_JIT)
+@numba.njit(**_JIT)
+def _padded_size(ntof, tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas):
+    """Length of a TOF row with room for the widest kernel on both sides."""
+    widest = np.float64(tof_sigma_mm.max())
+    return ntof + 2 * np.int64(_tof_constants(tof_bin_mm, widest, tof_cutoff_sigmas,
+                                              ntof)[_WIDTH]) + 1
+
+
 def joseph_forward_tof(image, xstart, xend, origin_mm, voxel_mm, tof_bin_mm, tof_sigma_mm,
-                       tof_cutoff_sigmas, out):
-    """out[i, k] = TOF-weighted line integral of ``image`` along LOR i in TOF bin k."""
+                       tof_offset_mm, tof_cutoff_sigmas, out):
+    """out[i, k] = TOF-weighted line integral of ``image`` along LOR i in TOF bin k.
+
+    ``tof_sigma_mm`` and ``tof_offset_mm`` hold one kernel width and centre offset per LOR,
+    or one for all (length 1).
+    """
+    blocks = min(xstart.shape[0], 64 * numba.get_num_threads())
+    _forward_tof(image, xstart, xend, origin_mm, voxel_mm, tof_bin_mm, tof_sigma_mm,
+                 tof_offset_mm, tof_cutoff_sigmas, out, blocks)
+
+
+@numba.njit(parallel=True, **_JIT)
+def _forward_tof(image, xstart, xend, origin_mm, voxel_mm, tof_bin_mm, tof_sigma_mm,
+                 tof_offset_mm, tof_cutoff_sigmas, out, blocks):
     origin, voxel, nx, ny, nz = _geometry(image, origin_mm, voxel_mm)
     flat = image.reshape(image.size)
-    tof = _tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas)
-    for lor in numba.prange(xstart.shape[0]):
-        _ray_integral_tof(flat, xstart, xend, lor, origin, voxel, nx, ny, nz, tof, out[lor])
+    ntof = out.shape[1]
+    shared = _tof_constants(tof_bin_mm, tof_sigma_mm[0], tof_cutoff_sigmas, ntof)
+    size = _padded_size(ntof, tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas)
+    n = np.int64(xstart.shape[0])
+    for block in numba.prange(blocks):
+        padded = np.empty(size)
+        start, stop = _block_range(block, blocks, n)
+        for lor in range(start, stop):
+            tof = _lor_tof(tof_bin_mm, tof_sigma_mm, tof_offset_mm, tof_cutoff_sigmas, ntof, lor,
+                           shared)
+            _ray_integral_tof(flat, xstart, xend, lor, origin, voxel, nx, ny, nz, tof, out[lor],
+                              padded)
 
 
 def joseph_back_tof(values, xstart, xend, origin_mm, voxel_mm, tof_bin_mm, tof_sigma_mm,
-                    tof_cutoff_sigmas, image):
+                    tof_offset_mm, tof_cutoff_sigmas, image):
     """image += A^T values for (n, ntof) ``values``: adjoint of :func:`joseph_forward_tof`."""
     buffers = _back_tof(values, xstart, xend, origin_mm, voxel_mm, tof_bin_mm, tof_sigma_mm,
-                        tof_cutoff_sigmas, image, _buffer_count(xstart.shape[0]))
+                        tof_offset_mm, tof_cutoff_sigmas, image, _buffer_count(xstart.shape[0]))
     _add_buffers(buffers, image)
 
 
 @numba.njit(parallel=True, **_JIT)
 def _back_tof(values, xstart, xend, origin_mm, voxel_mm, tof_bin_mm, tof_sigma_mm,
-              tof_cutoff_sigmas, image, blocks):
+              tof_offset_mm, tof_cutoff_sigmas, image, blocks):
     origin, voxel, nx, ny, nz = _geometry(image, origin_mm, voxel_mm)
     flat = image.reshape(image.size)
-    tof = _tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas)
+    ntof = values.shape[1]
+    shared = _tof_constants(tof_bin_mm, tof_sigma_mm[0], tof_cutoff_sigmas, ntof)
+    size = _padded_size(ntof, tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas)
     n = np.int64(xstart.shape[0])
     buffers = np.zeros((blocks if blocks > 1 else 0, flat.shape[0]), dtype=np.float32)
     for block in numba.prange(blocks):
+        padded = np.empty(size)
         first, stop = _block_range(block, blocks, n)
         buffer = buffers[block] if blocks > 1 else flat
         for lor in range(first, stop):
+            tof = _lor_tof(tof_bin_mm, tof_sigma_mm, tof_offset_mm, tof_cutoff_sigmas, ntof, lor,
+                           shared)
             _ray_scatter_tof(buffer, values[lor], xstart, xend, lor, origin, voxel, nx, ny, nz,
-                             tof)
+                             tof, padded)
     return buffers
 
 
 def joseph_back_tof_summed(values, xstart, xend, origin_mm, voxel_mm, tof_bins, tof_bin_mm,
-                           tof_sigma_mm, tof_cutoff_sigmas, image):
+                           tof_sigma_mm, tof_offset_mm, tof_cutoff_sigmas, image):
     """image += sum over the TOF bins of A_k^T values, for one value per LOR (n,): the TOF
     back projection of ``values`` repeated in every bin (a TOF sensitivity image) at the
     cost of a non-TOF back projection."""
     buffers = _back_tof_summed(values, xstart, xend, origin_mm, voxel_mm, tof_bins,
-                               tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas, image,
+                               tof_bin_mm, tof_sigma_mm, tof_offset_mm, tof_cutoff_sigmas, image,
                                _buffer_count(xstart.shape[0]))
     _add_buffers(buffers, image)
 
 
 @numba.njit(parallel=True, **_JIT)
 def _back_tof_summed(values, xstart, xend, origin_mm, voxel_mm, tof_bins, tof_bin_mm,
-                     tof_sigma_mm, tof_cutoff_sigmas, image, blocks):
+                     tof_sigma_mm, tof_offset_mm, tof_cutoff_sigmas, image, blocks):
     origin, voxel, nx, ny, nz = _geometry(image, origin_mm, voxel_mm)
     flat = image.reshape(image.size)
-    tof = _tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas)
     ntof = np.int64(tof_bins)
+    shared = _tof_constants(tof_bin_mm, tof_sigma_mm[0], tof_cutoff_sigmas, ntof)
     n = np.int64(xstart.shape[0])
     buffers = np.zeros((blocks if blocks > 1 else 0, flat.shape[0]), dtype=np.float32)
     for block in numba.prange(blocks):
         first, stop = _block_range(block, blocks, n)
         buffer = buffers[block] if blocks > 1 else flat
         for lor in range(first, stop):
+            tof = _lor_tof(tof_bin_mm, tof_sigma_mm, tof_offset_mm, tof_cutoff_sigmas, ntof, lor,
+                           shared)
             _ray_scatter_every_bin(buffer, values[lor], xstart, xend, lor, origin, voxel, nx,
                                    ny, nz, tof, ntof)
     return buffers

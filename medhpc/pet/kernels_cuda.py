@@ -120,16 +120,25 @@ def _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight):
 
 
 @cuda.jit(device=True, inline="always")
-def _tof_range(distance_mm, ntof, tof_bin_mm, reach_mm):
+def _lor_kernel(tof_sigma_mm, tof_offset_mm, cutoff_sqrt2, lor):
+    """(1 / (sigma sqrt 2), reach_mm, offset_mm) of LOR ``lor`` (length-1 arrays: shared)."""
+    sigma_mm = tof_sigma_mm[lor if tof_sigma_mm.shape[0] > 1 else 0]
+    offset_mm = tof_offset_mm[lor if tof_offset_mm.shape[0] > 1 else 0]
+    inv_sigma_sqrt2 = _F1 / (sigma_mm * np.float32(math.sqrt(2.0)))
+    return inv_sigma_sqrt2, cutoff_sqrt2 / inv_sigma_sqrt2, offset_mm
+
+
+@cuda.jit(device=True, inline="always")
+def _tof_range(centre_mm, ntof, tof_bin_mm, reach_mm):
     middle = _HALF * np.float32(ntof - 1)
-    first = np.int64(math.floor((distance_mm - reach_mm) / tof_bin_mm + middle - _HALF))
-    last = np.int64(math.floor((distance_mm + reach_mm) / tof_bin_mm + middle + _HALF))
+    first = np.int64(math.floor((centre_mm - reach_mm) / tof_bin_mm + middle - _HALF))
+    last = np.int64(math.floor((centre_mm + reach_mm) / tof_bin_mm + middle + _HALF))
     return max(first, np.int64(0)), min(last, ntof - 1), middle
 
 
 @cuda.jit(device=True, inline="always")
-def _tof_edge_cdf(edge_mm, distance_mm, inv_sigma_sqrt2, cutoff_sqrt2):
-    return math.erf(min(max((edge_mm - distance_mm) * inv_sigma_sqrt2, -cutoff_sqrt2),
+def _tof_edge_cdf(edge_mm, centre_mm, inv_sigma_sqrt2, cutoff_sqrt2):
+    return math.erf(min(max((edge_mm - centre_mm) * inv_sigma_sqrt2, -cutoff_sqrt2),
                         cutoff_sqrt2))
 
 
@@ -161,13 +170,15 @@ def _back(values, nx, ny, nz, xstart, xend, origin_mm, voxel_mm, flat):
 
 
 def _forward_tof(flat, nx, ny, nz, xstart, xend, origin_mm, voxel_mm, tof_bin_mm,
-                 inv_sigma_sqrt2, cutoff_sqrt2, reach_mm, norm, out):
+                 tof_sigma_mm, tof_offset_mm, cutoff_sqrt2, norm, out):
     lor = np.int64(cuda.grid(1))
     if lor >= xstart.shape[0]:
         return
     ntof = np.int64(out.shape[1])
     for k in range(ntof):
         out[lor, k] = _F0
+    inv_sigma_sqrt2, reach_mm, offset_mm = _lor_kernel(tof_sigma_mm, tof_offset_mm,
+                                                       cutoff_sqrt2, lor)
     ray = _ray(xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz)
     length_mm = ray[16]
     for plane in range(ray[0], ray[1] + 1):
@@ -175,36 +186,38 @@ def _forward_tof(flat, nx, ny, nz, xstart, xend, origin_mm, voxel_mm, tof_bin_mm
         if weight_t > _F0:
             sample = (weight_t * length_mm * norm
                       * _bilinear(flat, base, next_a, next_b, frac_a, frac_b))
-            distance_mm = (t_mid - _HALF) * length_mm
-            first, last, middle = _tof_range(distance_mm, ntof, tof_bin_mm, reach_mm)
+            centre_mm = (t_mid - _HALF) * length_mm + offset_mm
+            first, last, middle = _tof_range(centre_mm, ntof, tof_bin_mm, reach_mm)
             cdf_low = _tof_edge_cdf((np.float32(first) - middle - _HALF) * tof_bin_mm,
-                                    distance_mm, inv_sigma_sqrt2, cutoff_sqrt2)
+                                    centre_mm, inv_sigma_sqrt2, cutoff_sqrt2)
             for k in range(first, last + 1):
                 cdf_high = _tof_edge_cdf((np.float32(k) - middle + _HALF) * tof_bin_mm,
-                                         distance_mm, inv_sigma_sqrt2, cutoff_sqrt2)
+                                         centre_mm, inv_sigma_sqrt2, cutoff_sqrt2)
                 out[lor, k] += sample * (cdf_high - cdf_low)
                 cdf_low = cdf_high
 
 
 def _back_tof(values, nx, ny, nz, xstart, xend, origin_mm, voxel_mm, tof_bin_mm,
-              inv_sigma_sqrt2, cutoff_sqrt2, reach_mm, norm, flat):
+              tof_sigma_mm, tof_offset_mm, cutoff_sqrt2, norm, flat):
     lor = np.int64(cuda.grid(1))
     if lor >= xstart.shape[0]:
         return
     ntof = np.int64(values.shape[1])
+    inv_sigma_sqrt2, reach_mm, offset_mm = _lor_kernel(tof_sigma_mm, tof_offset_mm,
+                                                       cutoff_sqrt2, lor)
     ray = _ray(xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz)
     length_mm = ray[16]
     for plane in range(ray[0], ray[1] + 1):
         weight_t, t_mid, base, next_a, next_b, frac_a, frac_b = _slab_sample(ray, plane)
         if weight_t > _F0:
-            distance_mm = (t_mid - _HALF) * length_mm
-            first, last, middle = _tof_range(distance_mm, ntof, tof_bin_mm, reach_mm)
+            centre_mm = (t_mid - _HALF) * length_mm + offset_mm
+            first, last, middle = _tof_range(centre_mm, ntof, tof_bin_mm, reach_mm)
             cdf_low = _tof_edge_cdf((np.float32(first) - middle - _HALF) * tof_bin_mm,
-                                    distance_mm, inv_sigma_sqrt2, cutoff_sqrt2)
+                                    centre_mm, inv_sigma_sqrt2, cutoff_sqrt2)
             tof_sum = _F0
             for k in range(first, last + 1):
                 cdf_high = _tof_edge_cdf((np.float32(k) - middle + _HALF) * tof_bin_mm,
-                                         distance_mm, inv_sigma_sqrt2, cutoff_sqrt2)
+                                         centre_mm, inv_sigma_sqrt2, cutoff_sqrt2)
                 tof_sum += values[lor, k] * (cdf_high - cdf_low)
                 cdf_low = cdf_high
             if tof_sum != _F0:
@@ -213,7 +226,7 @@ def _back_tof(values, nx, ny, nz, xstart, xend, origin_mm, voxel_mm, tof_bin_mm,
 
 
 def _back_tof_summed(values, nx, ny, nz, xstart, xend, origin_mm, voxel_mm, ntof, tof_bin_mm,
-                     inv_sigma_sqrt2, cutoff_sqrt2, reach_mm, norm, flat):
+                     tof_sigma_mm, tof_offset_mm, cutoff_sqrt2, norm, flat):
     lor = np.int64(cuda.grid(1))
     if lor >= xstart.shape[0]:
         return
@@ -222,21 +235,23 @@ def _back_tof_summed(values, nx, ny, nz, xstart, xend, origin_mm, voxel_mm, ntof
     value_mm = values[lor] * length_mm * norm
     if value_mm == _F0:
         return
+    inv_sigma_sqrt2, reach_mm, offset_mm = _lor_kernel(tof_sigma_mm, tof_offset_mm,
+                                                       cutoff_sqrt2, lor)
     full_mm = _HALF * np.float32(ntof) * tof_bin_mm - reach_mm
     for plane in range(ray[0], ray[1] + 1):
         weight_t, t_mid, base, next_a, next_b, frac_a, frac_b = _slab_sample(ray, plane)
         if weight_t > _F0:
-            distance_mm = (t_mid - _HALF) * length_mm
-            if abs(distance_mm) <= full_mm:  # the bins hold the whole truncated kernel
+            centre_mm = (t_mid - _HALF) * length_mm + offset_mm
+            if abs(centre_mm) <= full_mm:  # the bins hold the whole truncated kernel
                 coverage = _F1 / norm
             else:  # the bins' sum telescopes to the outer edges of the bins reached
-                first, last, middle = _tof_range(distance_mm, ntof, tof_bin_mm, reach_mm)
+                first, last, middle = _tof_range(centre_mm, ntof, tof_bin_mm, reach_mm)
                 coverage = _F0
                 if last >= first:
                     coverage = (_tof_edge_cdf((np.float32(last) - middle + _HALF) * tof_bin_mm,
-                                              distance_mm, inv_sigma_sqrt2, cutoff_sqrt2)
+                                              centre_mm, inv_sigma_sqrt2, cutoff_sqrt2)
                                 - _tof_edge_cdf((np.float32(first) - middle - _HALF)
-                                                * tof_bin_mm, distance_mm, inv_sigma_sqrt2,
+                                                * tof_bin_mm, centre_mm, inv_sigma_sqrt2,
                                                 cutoff_sqrt2))
             _scatter(flat, base, next_a, next_b, frac_a, frac_b, weight_t * value_mm * coverage)
 
@@ -275,7 +290,7 @@ _sum_members_kernel = cuda.jit(_sum_members)
 _repeat_members_kernel = cuda.jit(_repeat_members)
 
 _COMMON = "int64, int64, int64, float32[:, ::1], float32[:, ::1], float32[::1], float32[::1]"
-_TOF = "float32, float32, float32, float32, float32"
+_TOF = "float32, float32[::1], float32[::1], float32, float32"
 PTX_SIGNATURES = {
     "joseph_forward": (_forward, f"void(float32[::1], {_COMMON}, float32[::1])"),
     "joseph_back": (_back, f"void(float32[::1], {_COMMON}, float32[::1])"),
@@ -296,15 +311,14 @@ def _on_device(array):
     return array
 
 
-def _tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas):
-    """float32 (bin_mm, 1 / (sigma sqrt 2), cutoff / sqrt 2, reach_mm, norm).
+def _tof_constants(tof_bin_mm, tof_sigma_mm, tof_offset_mm, tof_cutoff_sigmas):
+    """Launch arguments (bin_mm, sigma_mm, offset_mm, cutoff / sqrt 2, norm), float32.
 
     ``norm`` = 1 / (2 erf(cutoff / sqrt 2)) renormalises the truncated Gaussian.
     """
     cutoff_sqrt2 = tof_cutoff_sigmas / math.sqrt(2.0)
-    return tuple(np.float32(c) for c in (
-        tof_bin_mm, 1.0 / (tof_sigma_mm * math.sqrt(2.0)), cutoff_sqrt2,
-        tof_cutoff_sigmas * tof_sigma_mm, 0.5 / math.erf(cutoff_sqrt2)))
+    return (np.float32(tof_bin_mm), _on_device(tof_sigma_mm), _on_device(tof_offset_mm),
+            np.float32(cutoff_sqrt2), np.float32(0.5 / math.erf(cutoff_sqrt2)))
 
 
 def _launch(kernel, n_lors, *args):
@@ -329,31 +343,34 @@ def joseph_back(values, xstart, xend, origin_mm, voxel_mm, image):
 
 
 def joseph_forward_tof(image, xstart, xend, origin_mm, voxel_mm, tof_bin_mm, tof_sigma_mm,
-                       tof_cutoff_sigmas, out):
-    """out[i, k] = TOF-weighted line integral of the device ``image`` along LOR i, bin k."""
+                       tof_offset_mm, tof_cutoff_sigmas, out):
+    """out[i, k] = TOF-weighted line integral of the device ``image`` along LOR i, bin k.
+
+    ``tof_sigma_mm``/``tof_offset_mm``: one kernel width and offset per LOR, or length 1.
+    """
     nz, ny, nx = image.shape
     _launch(_forward_tof_kernel, xstart.shape[0], image.reshape(image.size), nx, ny, nz,
             xstart, xend, _on_device(origin_mm), _on_device(voxel_mm),
-            *_tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas), out)
+            *_tof_constants(tof_bin_mm, tof_sigma_mm, tof_offset_mm, tof_cutoff_sigmas), out)
 
 
 def joseph_back_tof(values, xstart, xend, origin_mm, voxel_mm, tof_bin_mm, tof_sigma_mm,
-                    tof_cutoff_sigmas, image):
+                    tof_offset_mm, tof_cutoff_sigmas, image):
     """image += A^T values for (n, ntof) device ``values`` (atomic adds)."""
     nz, ny, nx = image.shape
     _launch(_back_tof_kernel, xstart.shape[0], values, nx, ny, nz, xstart, xend,
             _on_device(origin_mm), _on_device(voxel_mm),
-            *_tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas),
+            *_tof_constants(tof_bin_mm, tof_sigma_mm, tof_offset_mm, tof_cutoff_sigmas),
             image.reshape(image.size))
 
 
 def joseph_back_tof_summed(values, xstart, xend, origin_mm, voxel_mm, tof_bins, tof_bin_mm,
-                           tof_sigma_mm, tof_cutoff_sigmas, image):
+                           tof_sigma_mm, tof_offset_mm, tof_cutoff_sigmas, image):
     """image += sum over the TOF bins of A_k^T values for (n,) device ``values`` (atomic adds)."""
     nz, ny, nx = image.shape
     _launch(_back_tof_summed_kernel, xstart.shape[0], values, nx, ny, nz, xstart, xend,
             _on_device(origin_mm), _on_device(voxel_mm), np.int64(tof_bins),
-            *_tof_constants(tof_bin_mm, tof_sigma_mm, tof_cutoff_sigmas),
+            *_tof_constants(tof_bin_mm, tof_sigma_mm, tof_offset_mm, tof_cutoff_sigmas),
             image.reshape(image.size))
 
 

@@ -42,6 +42,44 @@ class TofSpec:
             raise ValueError(f"TOF cutoff_sigmas must be finite and > 0, got {self.cutoff_sigmas}")
 
 
+@dataclass(frozen=True)
+class LorTofKernels:
+    """Each LOR's TOF kernel: Gaussian width and centre offset in mm (timing calibration).
+
+    ``offset_mm[i]`` moves LOR ``i``'s kernel towards ``xend`` (a measured TOF position
+    ``offset_mm`` beyond the true one). Arrays of length 1 apply to every LOR.
+    """
+
+    sigma_mm: np.ndarray
+    offset_mm: np.ndarray
+
+    def __post_init__(self):
+        sigma = np.ascontiguousarray(self.sigma_mm, dtype=np.float32).reshape(-1)
+        offset = np.ascontiguousarray(self.offset_mm, dtype=np.float32).reshape(-1)
+        if sigma.size == 1 and offset.size > 1:
+            sigma = np.full(offset.size, sigma[0], np.float32)
+        if offset.size == 1 and sigma.size > 1:
+            offset = np.full(sigma.size, offset[0], np.float32)
+        if sigma.size != offset.size or sigma.size == 0:
+            raise ValueError(f"TOF kernel widths ({sigma.size}) and offsets ({offset.size}) "
+                             f"must be one per LOR")
+        if not (np.all(sigma > 0) and np.all(np.isfinite(sigma)) and
+                np.all(np.isfinite(offset))):
+            raise ValueError("TOF kernel widths must be finite and > 0, offsets finite")
+        object.__setattr__(self, "sigma_mm", sigma)
+        object.__setattr__(self, "offset_mm", offset)
+
+    @classmethod
+    def uniform(cls, sigma_mm: float, offset_mm: float = 0.0) -> "LorTofKernels":
+        """One kernel for every LOR."""
+        return cls(np.array([sigma_mm], np.float32), np.array([offset_mm], np.float32))
+
+    @property
+    def n_lors(self) -> int:
+        """LORs described (1: all alike)."""
+        return self.sigma_mm.shape[0]
+
+
 def tof_spec(scanner) -> TofSpec:
     """The TOF kernel of a TOF scanner."""
     return TofSpec(bins=scanner.tof_bins, bin_mm=scanner.tof_bin_mm, sigma_mm=scanner.tof_sigma_mm)
@@ -77,10 +115,13 @@ class JosephProjector:
         TOF binning; None for non-TOF.
     chunk_lors : int, optional
         LORs per kernel call; default all on the CPU, ``CUDA_CHUNK_LORS`` on CUDA.
+    tof_kernels : LorTofKernels, optional
+        Each LOR's own TOF kernel width and centre offset (timing calibration); default
+        ``tof.sigma_mm`` and no offset for every LOR.
     """
 
     def __init__(self, xstart, xend, image_shape, origin_mm, voxel_mm, device="cpu", tof=None,
-                 chunk_lors=None):
+                 chunk_lors=None, tof_kernels=None):
         self.xstart = np.ascontiguousarray(xstart, dtype=np.float32)
         self.xend = np.ascontiguousarray(xend, dtype=np.float32)
         if self.xstart.ndim != 2 or self.xstart.shape[1:] != (3,) or \
@@ -95,6 +136,7 @@ class JosephProjector:
         self.voxel_mm = np.ascontiguousarray(voxel_mm, dtype=np.float32).reshape(3)
         self.device = device
         self.tof = tof
+        self.tof_kernels = self._checked_tof_kernels(tof, tof_kernels, self.n_lors)
         self._kernels = backend.kernels("medhpc.pet", device)
         if chunk_lors is None:
             chunk_lors = CUDA_CHUNK_LORS if device == "cuda" else max(self.n_lors, 1)
@@ -111,13 +153,24 @@ class JosephProjector:
         """Projection shape: (n_lors,) or (n_lors, tof.bins)."""
         return (self.n_lors,) if self.tof is None else (self.n_lors, self.tof.bins)
 
-    def _tof_args(self):
+    @staticmethod
+    def _checked_tof_kernels(tof, tof_kernels, n_lors):
+        if tof_kernels is None:
+            return None if tof is None else LorTofKernels.uniform(tof.sigma_mm)
+        if tof is None:
+            raise ValueError("per-LOR TOF kernels given to a non-TOF projector")
+        if tof_kernels.n_lors not in (1, n_lors):
+            raise ValueError(f"per-LOR TOF kernels for {tof_kernels.n_lors} LORs; the projector "
+                             f"has {n_lors}")
+        return tof_kernels
+
+    def _tof_args(self, sigma_mm, offset_mm):
         if self.tof is None:
             return ()
-        return (self.tof.bin_mm, self.tof.sigma_mm, self.tof.cutoff_sigmas)
+        return (self.tof.bin_mm, sigma_mm, offset_mm, self.tof.cutoff_sigmas)
 
     def _chunks(self):
-        """Yield (slice, xstart, xend) per chunk, the end points on the kernels' device.
+        """Yield (slice, xstart, xend, TOF arguments) per chunk, on the kernels' device.
 
         On CUDA the chunks uploaded by the first call stay on the GPU for every later
         forward and back projection, as long as the card keeps :data:`DEVICE_RESERVE` of
@@ -129,17 +182,29 @@ class JosephProjector:
                 continue
             part = slice(start, min(start + self.chunk_lors, self.n_lors))
             chunk = (part, backend.to_device(self.xstart[part], self.device),
-                     backend.to_device(self.xend[part], self.device))
+                     backend.to_device(self.xend[part], self.device),
+                     self._tof_args(*self._chunk_tof_kernels(part)))
             if self.device == "cuda" and index == len(self._resident) and self._room_for(chunk):
                 self._resident.append(chunk)
             yield chunk
+
+    def _chunk_tof_kernels(self, part):
+        if self.tof is None:
+            return None, None
+        kernels = self.tof_kernels
+        if kernels.n_lors > 1:
+            kernels = LorTofKernels(kernels.sigma_mm[part], kernels.offset_mm[part])
+        return (backend.to_device(kernels.sigma_mm, self.device),
+                backend.to_device(kernels.offset_mm, self.device))
 
     @staticmethod
     def _room_for(chunk) -> bool:
         from numba import cuda
 
         free, total = cuda.current_context().get_memory_info()
-        return free - chunk[1].nbytes - chunk[2].nbytes >= DEVICE_RESERVE * total
+        resident = chunk[1].nbytes + chunk[2].nbytes + sum(
+            getattr(argument, "nbytes", 0) for argument in chunk[3])
+        return free - resident >= DEVICE_RESERVE * total
 
     def forward(self, image):
         """Project ``image`` (nz, ny, nx) to float32 values of :attr:`shape_out`.
@@ -153,13 +218,12 @@ class JosephProjector:
         out = backend.empty(self.shape_out, np.float32, self.device if on_device else "cpu")
         forward = self._kernels.joseph_forward if self.tof is None else \
             self._kernels.joseph_forward_tof
-        for part, xstart, xend in self._chunks():
+        for part, xstart, xend, tof_args in self._chunks():
             if self.device == "cuda" and not on_device:
                 out_part = backend.empty(out[part].shape, np.float32, "cuda")
             else:
                 out_part = out[part]
-            forward(image, xstart, xend, self.origin_mm, self.voxel_mm, *self._tof_args(),
-                    out_part)
+            forward(image, xstart, xend, self.origin_mm, self.voxel_mm, *tof_args, out_part)
             if self.device == "cuda" and not on_device:
                 out[part] = out_part.copy_to_host()
         return out
@@ -170,7 +234,7 @@ class JosephProjector:
         Host values give a host image; on CUDA, device values give a device image.
         """
         back = self._kernels.joseph_back if self.tof is None else self._kernels.joseph_back_tof
-        return self._back_with(back, values, self.shape_out, self._tof_args())
+        return self._back_with(back, values, self.shape_out)
 
     def back_every_bin(self, values):
         """Back-project per-LOR ``values`` (n_lors,) given alike to every TOF bin.
@@ -183,16 +247,17 @@ class JosephProjector:
         if self.tof is None:
             return self.back(values)
         return self._back_with(self._kernels.joseph_back_tof_summed, values, (self.n_lors,),
-                               (self.tof.bins, *self._tof_args()))
+                               (self.tof.bins,))
 
-    def _back_with(self, kernel, values, shape, kernel_args):
+    def _back_with(self, kernel, values, shape, leading_args=()):
         on_device = self.device == "cuda" and backend.is_device_array(values)
         if not on_device:
             values = self._checked(values, shape, "values")
         image = backend.zeros(self.image_shape, np.float32, self.device)
-        for part, xstart, xend in self._chunks():
+        for part, xstart, xend, tof_args in self._chunks():
             chunk = values[part] if on_device else backend.to_device(values[part], self.device)
-            kernel(chunk, xstart, xend, self.origin_mm, self.voxel_mm, *kernel_args, image)
+            kernel(chunk, xstart, xend, self.origin_mm, self.voxel_mm, *leading_args, *tof_args,
+                   image)
         return image if on_device else backend.to_host(image)
 
     def adjointness_error(self, rng) -> float:

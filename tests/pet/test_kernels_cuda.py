@@ -10,7 +10,7 @@ import pytest
 
 from medhpc import backend
 from medhpc.backend import cuda_simulator_active
-from medhpc.pet.projector import JosephProjector, TofSpec
+from medhpc.pet.projector import JosephProjector, LorTofKernels, TofSpec
 
 COMPUTE_CAPABILITIES = [(7, 5), (9, 0)]
 KERNEL_NAMES = ["joseph_forward", "joseph_back", "joseph_forward_tof", "joseph_back_tof",
@@ -21,6 +21,17 @@ ORIGIN_MM = np.array([-5.0, -4.5, -3.0], dtype=np.float32)
 VOXEL_MM = np.array([2.0, 1.5, 1.25], dtype=np.float32)
 TOF_ARGS = (3.0, 2.5, 3.0)  # bin_mm, sigma_mm, cutoff_sigmas
 TOF_BINS = 9
+
+
+def kernel_tof_args(rng, n_lors, per_lor):
+    """TOF launch arguments (bin_mm, sigma_mm, offset_mm, cutoff): one kernel for all LORs,
+    or each LOR its own width and centre offset."""
+    bin_mm, sigma_mm, cutoff = TOF_ARGS
+    if not per_lor:
+        return bin_mm, np.array([sigma_mm], np.float32), np.zeros(1, np.float32), cutoff
+    sigma = (sigma_mm * rng.uniform(0.7, 1.4, n_lors)).astype(np.float32)
+    offset = rng.uniform(-4.0, 4.0, n_lors).astype(np.float32)
+    return bin_mm, sigma, offset, cutoff
 
 
 def kernels_cuda():
@@ -76,8 +87,9 @@ def assert_close(actual, expected):
 
 
 @pytest.mark.cudasim
-@pytest.mark.parametrize("tof", [False, True], ids=["nontof", "tof"])
-def test_launchers_match_cpu_twins(tof):
+@pytest.mark.parametrize("tof, per_lor", [(False, False), (True, False), (True, True)],
+                         ids=["nontof", "tof", "tof-per-lor"])
+def test_launchers_match_cpu_twins(tof, per_lor):
     from numba import cuda
 
     from medhpc.pet import kernels_cpu
@@ -89,7 +101,7 @@ def test_launchers_match_cpu_twins(tof):
     image = rng.random(SHAPE, dtype=np.float32)
     out_shape = (n, TOF_BINS) if tof else (n,)
     values = rng.random(out_shape, dtype=np.float32)
-    tof_args = TOF_ARGS if tof else ()
+    tof_args = kernel_tof_args(rng, n, per_lor) if tof else ()
     suffix = "_tof" if tof else ""
     d_xstart, d_xend = cuda.to_device(xstart), cuda.to_device(xend)
     d_origin, d_voxel = cuda.to_device(ORIGIN_MM), cuda.to_device(VOXEL_MM)
@@ -112,7 +124,8 @@ def test_launchers_match_cpu_twins(tof):
 
 
 @pytest.mark.cudasim
-def test_summed_tof_back_projection_matches_its_cpu_twin():
+@pytest.mark.parametrize("per_lor", [False, True], ids=["shared", "per-lor"])
+def test_summed_tof_back_projection_matches_its_cpu_twin(per_lor):
     from numba import cuda
 
     from medhpc.pet import kernels_cpu
@@ -121,16 +134,18 @@ def test_summed_tof_back_projection_matches_its_cpu_twin():
     rng = np.random.default_rng(11)
     xstart, xend = tiny_lors(rng)
     values = rng.random(xstart.shape[0], dtype=np.float32)
+    tof_args = kernel_tof_args(rng, xstart.shape[0], per_lor)
     expected = np.ones(SHAPE, dtype=np.float32)
     kernels_cpu.joseph_back_tof_summed(values, xstart, xend, ORIGIN_MM, VOXEL_MM, TOF_BINS,
-                                       *TOF_ARGS, expected)
+                                       *tof_args, expected)
     d_image = cuda.to_device(np.ones(SHAPE, dtype=np.float32))
     module.joseph_back_tof_summed(cuda.to_device(values), cuda.to_device(xstart),
                                   cuda.to_device(xend), cuda.to_device(ORIGIN_MM),
-                                  cuda.to_device(VOXEL_MM), TOF_BINS, *TOF_ARGS, d_image)
+                                  cuda.to_device(VOXEL_MM), TOF_BINS, *tof_args, d_image)
     assert_close(d_image.copy_to_host(), expected)
     projector = JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM, device="cuda",
-                                tof=TofSpec(TOF_BINS, *TOF_ARGS), chunk_lors=20)
+                                tof=TofSpec(TOF_BINS, *TOF_ARGS), chunk_lors=20,
+                                tof_kernels=LorTofKernels(tof_args[1], tof_args[2]))
     assert_close(projector.back_every_bin(values), expected - 1.0)
 
 
@@ -231,9 +246,9 @@ def test_end_points_stay_on_the_gpu_in_chunks_while_the_card_has_room(monkeypatc
         device_image = cuda.to_device(image)
         uploads.clear()
         first = gpu.forward(device_image)
-        assert len(uploads) == 2 * chunks  # the end points, once
+        assert len(uploads) == 4 * chunks  # end points and TOF kernel widths/offsets, once
         uploads.clear()
         second = gpu.forward(device_image)
-        assert len(uploads) == (0 if room is None else 2 * (chunks - room))
+        assert len(uploads) == (0 if room is None else 4 * (chunks - room))
         assert_close(second.copy_to_host(), first.copy_to_host())
         assert_close(second.copy_to_host(), cpu.forward(image))

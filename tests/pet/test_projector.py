@@ -4,7 +4,7 @@ import numba
 import numpy as np
 import pytest
 
-from medhpc.pet.projector import JosephProjector, TofSpec
+from medhpc.pet.projector import JosephProjector, LorTofKernels, TofSpec
 
 SHAPE = (5, 6, 7)  # (nz, ny, nx)
 VOXEL_MM = np.array([2.0, 1.5, 2.5], dtype=np.float32)  # (x, y, z)
@@ -224,6 +224,89 @@ def test_tof_profile_follows_a_point_source():
     assert forward_mean == pytest.approx(10.0, abs=0.05)
     assert backward_mean == pytest.approx(-10.0, abs=0.05)
     np.testing.assert_allclose(projection.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def per_lor_kernels(rng, n_lors, sigma_mm=TOF.sigma_mm):
+    """Timing-calibration-like kernels: widths within +-30 %, offsets up to a bin."""
+    return LorTofKernels(sigma_mm * rng.uniform(0.7, 1.3, n_lors),
+                         rng.uniform(-TOF.bin_mm, TOF.bin_mm, n_lors))
+
+
+def test_per_lor_tof_kernels_are_adjoint_and_sum_to_the_nontof_projection():
+    rng = np.random.default_rng(21)
+    xstart, xend = mixed_lors(rng)
+    n = xstart.shape[0]
+    kernels = per_lor_kernels(rng, n)
+    wide = TofSpec(bins=41, bin_mm=TOF.bin_mm, sigma_mm=TOF.sigma_mm)  # bins cover the box
+    projector = JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM, tof=wide,
+                                tof_kernels=kernels)
+    for _ in range(2):
+        assert projector.adjointness_error(rng) < 1e-5
+    image = rng.random(SHAPE, dtype=np.float32)
+    plain = JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM).forward(image)
+    np.testing.assert_allclose(projector.forward(image).sum(axis=1), plain, rtol=1e-5,
+                               atol=1e-5 * plain.max())
+    chunked = JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM, tof=wide,
+                              tof_kernels=kernels, chunk_lors=13)
+    np.testing.assert_allclose(chunked.forward(image), projector.forward(image), rtol=1e-6)
+    factors = rng.uniform(0.2, 1.0, n).astype(np.float32)
+    expected = projector.back(np.repeat(factors, wide.bins).reshape(projector.shape_out))
+    np.testing.assert_allclose(projector.back_every_bin(factors), expected, rtol=1e-5,
+                               atol=1e-6 * expected.max())
+
+
+def test_per_lor_tof_kernels_equal_to_the_shared_one_change_nothing():
+    rng = np.random.default_rng(22)
+    xstart, xend = mixed_lors(rng)
+    n = xstart.shape[0]
+    shared = JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM, tof=TOF)
+    own = JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM, tof=TOF,
+                          tof_kernels=LorTofKernels(np.full(n, TOF.sigma_mm), np.zeros(n)))
+    image = rng.random(SHAPE, dtype=np.float32)
+    values = rng.random(shared.shape_out, dtype=np.float32)
+    np.testing.assert_allclose(own.forward(image), shared.forward(image), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(own.back(values), shared.back(values), rtol=1e-6, atol=1e-6)
+
+
+def test_a_kernel_offset_of_one_bin_moves_the_profile_by_one_bin():
+    shape = (1, 1, 41)
+    voxel_mm = np.ones(3, dtype=np.float32)
+    origin_mm = np.array([-20.0, 0.0, 0.0], dtype=np.float32)
+    image = np.zeros(shape, dtype=np.float32)
+    image[0, 0, 24] = 1.0  # at x = +4 mm
+    xstart = np.array([[-50.0, 0.0, 0.0]] * 3, dtype=np.float32)
+    tof = TofSpec(bins=21, bin_mm=2.0, sigma_mm=2.0, cutoff_sigmas=4.0)
+    kernels = LorTofKernels([2.0, 2.0, 4.0], [0.0, tof.bin_mm, -3.0])
+    projection = JosephProjector(xstart, -xstart, shape, origin_mm, voxel_mm, tof=tof,
+                                 tof_kernels=kernels).forward(image)
+    np.testing.assert_allclose(projection[1, 1:], projection[0, :-1], atol=1e-6)
+    centres_mm = (np.arange(tof.bins) - (tof.bins - 1) / 2) * tof.bin_mm
+    means = projection @ centres_mm / projection.sum(axis=1)
+    np.testing.assert_allclose(means, [4.0, 6.0, 1.0], atol=0.05)
+    spread = np.sqrt(projection @ centres_mm ** 2 / projection.sum(axis=1) - means ** 2)
+    assert spread[2] > 1.8 * spread[0]  # the wider kernel
+
+
+@pytest.mark.parametrize("sigma, offset, message", [
+    ([1.0, 2.0], [0.0, 0.0, 0.0], "one per LOR"),
+    ([1.0, 0.0], [0.0, 0.0], "finite and > 0"),
+    ([1.0, np.nan], [0.0], "finite and > 0"),
+    ([1.0], [np.inf], "offsets finite"),
+])
+def test_lor_tof_kernels_reject_bad_values(sigma, offset, message):
+    with pytest.raises(ValueError, match=message):
+        LorTofKernels(sigma, offset)
+
+
+def test_projector_rejects_tof_kernels_it_cannot_use():
+    rng = np.random.default_rng(23)
+    xstart, xend = mixed_lors(rng)
+    with pytest.raises(ValueError, match="non-TOF"):
+        JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM,
+                        tof_kernels=LorTofKernels.uniform(3.0))
+    with pytest.raises(ValueError, match="for 2 LORs"):
+        JosephProjector(xstart, xend, SHAPE, ORIGIN_MM, VOXEL_MM, tof=TOF,
+                        tof_kernels=LorTofKernels([3.0, 3.0], [0.0, 0.0]))
 
 
 def test_matches_skimage_radon_in_2d():
