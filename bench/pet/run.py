@@ -110,6 +110,45 @@ def tof_sensitivity(repeats: int, tof_lors: int) -> dict:
             "max_relative_difference": float(np.abs(fast - reference).max() / reference.max())}
 
 
+def tof_kernel_cost(repeats: int, tof_lors: int) -> list[dict]:
+    """TOF forward and back projection of one DMI TOF subset, one thread, median CPU-s: one
+    kernel for every LOR, and each LOR its own width and offset (a timing calibration: CTR
+    within +-10 %, offsets up to +-1.5 bins), beside the non-TOF projection of the same LORs."""
+    import numba
+
+    from medhpc.phantoms.pet import nema_iq_phantom
+    from medhpc.pet.projector import JosephProjector, LorTofKernels
+
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    shared, grid = dmi_subset_projector(True, tof_lors)
+    rng = np.random.default_rng(0)
+    n, tof = shared.n_lors, shared.tof
+    calibrated = LorTofKernels(tof.sigma_mm * rng.uniform(0.9, 1.1, n),
+                               tof.bin_mm * rng.uniform(-1.5, 1.5, n))
+    geometry = (shared.xstart, shared.xend, shared.image_shape, shared.origin_mm,
+                shared.voxel_mm)
+    projectors = {"non-TOF": JosephProjector(*geometry), "TOF, one kernel": shared,
+                  "TOF, per-LOR kernels": JosephProjector(*geometry, tof=tof,
+                                                          tof_kernels=calibrated)}
+    image = nema_iq_phantom(grid.shape, grid.spacing_mm)["activity"]
+    cpu = time.process_time
+    rows = []
+    for name, projector in projectors.items():
+        values = projector.forward(image)
+        forward = median_time(lambda: projector.forward(image), repeats, cpu)
+        back = median_time(lambda: projector.back(values), repeats, cpu)
+        rows.append({"kernel": name, "lors": n, "tof_bins": 1 if projector.tof is None else
+                     tof.bins, "forward_cpu_s": forward, "back_cpu_s": back,
+                     "forward_mlors_per_cpu_s": n / forward / 1e6,
+                     "back_mlors_per_cpu_s": n / back / 1e6})
+    numba.set_num_threads(threads)
+    for row in rows:
+        row["forward_vs_non_tof"] = row["forward_cpu_s"] / rows[0]["forward_cpu_s"]
+        row["back_vs_non_tof"] = row["back_cpu_s"] / rows[0]["back_cpu_s"]
+    return rows
+
+
 def projector_throughput(repeats: int, tof_lors: int) -> list[dict]:
     import numba
 
@@ -380,6 +419,18 @@ def markdown(results: dict) -> str:
                   f"| {sensitivity['bin_by_bin_cpu_s']:.3f} | {sensitivity['one_pass_cpu_s']:.3f} | "
                   f"{sensitivity['non_tof_cpu_s']:.3f} | {sensitivity['speedup']:.2f}x | "
                   f"{sensitivity['max_relative_difference']:.1e} |"]
+    if results.get("tof_kernels"):
+        first = results["tof_kernels"][0]
+        lines += ["", f"### TOF kernel cost, one ge-dmi-4ring-tof subset ({first['lors']:,} LORs), "
+                      "1 thread, median CPU-s", "",
+                  "| kernel | bins | forward s | back s | forward M LORs/CPU-s | "
+                  "back M LORs/CPU-s | forward / non-TOF | back / non-TOF |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in results["tof_kernels"]:
+            lines.append(f"| {row['kernel']} | {row['tof_bins']} | {row['forward_cpu_s']:.3f} | "
+                         f"{row['back_cpu_s']:.3f} | {row['forward_mlors_per_cpu_s']:.3f} | "
+                         f"{row['back_mlors_per_cpu_s']:.3f} | {row['forward_vs_non_tof']:.1f}x | "
+                         f"{row['back_vs_non_tof']:.1f}x |")
     radon = results.get("radon")
     if radon:
         lines += ["", "### Side by side with skimage.transform.radon (2-D, 215 x 215, 272 angles, 1 thread)",
@@ -441,7 +492,8 @@ def main(argv=None) -> int:
     parser.add_argument("--listmode-counts", type=float, default=5e6,
                         help="Counts (events) of the list-mode part.")
     parser.add_argument("--parts",
-                        default="projector,tof-sensitivity,radon,osem,listmode,scatter,span",
+                        default="projector,tof-kernels,tof-sensitivity,radon,osem,listmode,"
+                                "scatter,span",
                         help="Comma-separated parts to run (default: all).")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
@@ -450,6 +502,9 @@ def main(argv=None) -> int:
     if "projector" in parts:
         print("projector throughput ...", file=sys.stderr)
         results["projector"] = projector_throughput(args.repeats, args.tof_lors)
+    if "tof-kernels" in parts:
+        print("TOF kernel cost ...", file=sys.stderr)
+        results["tof_kernels"] = tof_kernel_cost(args.repeats, args.tof_lors)
     if "tof-sensitivity" in parts:
         print("TOF sensitivity ...", file=sys.stderr)
         results["tof_sensitivity"] = tof_sensitivity(args.repeats, args.tof_lors)

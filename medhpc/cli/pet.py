@@ -68,11 +68,15 @@ medhpc pet-simulate --activity phantom/activity.nii.gz --mu-map phantom/mu_map.n
                    "factors, instead of a sinogram.")
 @click.option("--duration-s", type=click.FloatRange(min=0, min_open=True), default=600.0,
               show_default=True, help="With --listmode: acquisition time the events spread over.")
+@click.option("--tof-calibration", type=click.Path(dir_okay=False), default=None,
+              help="With --tof: a scanner whose crystals have these time offsets (and timing "
+                   "resolutions): HDF5 'crystal_time_offset_ps' [rings, crystals per ring], "
+                   "optional 'crystal_time_resolution_ps'.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Sinogram or list-mode file (HDF5).")
 @pass_run("pet-simulate")
 def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fraction, tof, frames,
-                 scatter, rays, listmode, duration_s, out):
+                 scatter, rays, listmode, duration_s, tof_calibration, out):
     """Forward-project an activity image with attenuation, normalisation, randoms and Poisson
     noise; write a sinogram file (or, with --listmode, the events) holding the factors, the
     additive term, the image grid and the scanner."""
@@ -85,11 +89,18 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
     from medhpc.pet.scanner import load_scanner
     from medhpc.pet.simulate import (Simulation, check_listmode_scanner, check_settings,
                                      read_inputs, write_simulated_listmode, write_simulation)
+    from medhpc.errors import InputError
+    from medhpc.pet.timing import read_timing_calibration
 
     def prepare():
         check_output_path(out, run.overwrite, (".h5", ".hdf5"))
         geometry = load_scanner(scanner)
         check_settings(geometry, counts, randoms_fraction, tof)
+        if tof_calibration is not None and not tof:
+            raise InputError(f"{tof_calibration}: --tof-calibration shifts TOF positions; "
+                             f"expected --tof data (add --tof)")
+        timing = (read_timing_calibration(tof_calibration, geometry)
+                  if tof_calibration is not None else None)
         image, mu, grid = read_inputs(activity, mu_map)
         axis_aligned_grid(grid, activity)
         if frames is not None:
@@ -102,11 +113,12 @@ def pet_simulate(run, activity, scanner, mu_map, counts, no_noise, randoms_fract
             raise click.BadParameter("--listmode needs Poisson counts of one acquisition: drop "
                                      "--no-noise and --frames (pet-recon --time-windows selects "
                                      "frames)")
-        return geometry, image, mu, grid
+        return geometry, image, mu, grid, timing
 
-    geometry, image, mu, grid = run.world.agree(prepare)
+    geometry, image, mu, grid, timing = run.world.agree(prepare)
     simulation = Simulation(run, geometry, image, mu, grid, counts, not no_noise,
-                            randoms_fraction, tof, source=activity, rays=rays, scatter=scatter)
+                            randoms_fraction, tof, source=activity, rays=rays, scatter=scatter,
+                            timing=timing)
     if run.dry_run:
         run.print_plan({"scanner": geometry.name, "lors": geometry.n_lors,
                         "frames": int(image.shape[0]), "tof": tof})
@@ -215,6 +227,10 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
                    "recovery and background variability for 'medhpc phantom pet'; with --png "
                    "shown beside the result) [default with --png: the activity the data were "
                    "simulated from, when it is still there].")
+@click.option("--tof-calibration", type=click.Path(dir_okay=False), default=None,
+              help="TOF data: each crystal's time offset (and timing resolution) from a timing "
+                   "calibration, HDF5 'crystal_time_offset_ps' [rings, crystals per ring], "
+                   "optional 'crystal_time_resolution_ps'; each LOR gets its own TOF kernel.")
 @click.option("--png", is_flag=True, help="Also write a picture: central planes and convergence.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None,
               help="JSON log [default: beside --out, .json].")
@@ -224,7 +240,7 @@ def pet_recon(run, sinogram, listmode, scanner, factors, mu_map, norm, randoms, 
               subsets, psf_fwhm_mm, postfilter_fwhm_mm, beta, gamma, relaxation, components,
               decomp,
               image_shape, voxel_size_mm, checkpoint_every, resume, sensitivity_cache, no_fov_mask,
-              truth, png, log_path):
+              tof_calibration, truth, png, log_path):
     """Reconstruct a PET image (OSEM, MLEM, or OSEM-OSL or BSREM with the relative difference
     prior) with the Joseph projector, spreading views, planes or frames over the ranks, or
     list-mode events."""
@@ -257,14 +273,15 @@ def pet_recon(run, sinogram, listmode, scanner, factors, mu_map, norm, randoms, 
                       time_windows=time_windows, image_shape=image_shape,
                       voxel_size_mm=voxel_size_mm, resume=resume,
                       checkpoint_every=checkpoint_every, png=png, log_path=log_path,
-                      fov_mask=not no_fov_mask, truth=truth, mu_map=mu_map).execute()
+                      fov_mask=not no_fov_mask, truth=truth, mu_map=mu_map,
+                      tof_calibration=tof_calibration).execute()
         return
 
     def recon(scatter_file=scatter, target=out, **overrides):
         options = dict(decomp=decomp, image_shape=image_shape, voxel_size_mm=voxel_size_mm,
                        resume=resume, checkpoint_every=checkpoint_every, png=png,
                        log_path=log_path, sensitivity_cache=sensitivity_cache,
-                       fov_mask=not no_fov_mask, truth=truth,
+                       fov_mask=not no_fov_mask, truth=truth, tof_calibration=tof_calibration,
                        corrections=CorrectionFiles(mu_map=mu_map, norm=norm, randoms=randoms,
                                                    scatter=scatter_file))
         options.update(overrides)

@@ -135,7 +135,7 @@ def read_volume(path, dataset: str = "volume"):
     attrs : dict
         The dataset's other attributes (``units`` included).
     """
-    with _open(path) as h5:
+    with open_hdf5(path) as h5:
         data = _volume_dataset(h5, path, dataset)
         geometry = _geometry(data, path)
         return _read(data, path, ()), geometry, _user_attrs(data)
@@ -147,7 +147,7 @@ def read_planes(path, dataset: str, z_start: int, z_stop: int) -> np.ndarray:
     Returns ``[z, y, x]`` for a 3-D dataset and ``[c_or_t, z, y, x]`` for 4-D.
     Use ``geometry.slab(z_start, z_stop)`` for the slab's geometry.
     """
-    with _open(path) as h5:
+    with open_hdf5(path) as h5:
         data = _volume_dataset(h5, path, dataset)
         nz = data.shape[-3]
         if not 0 <= z_start <= z_stop <= nz:
@@ -158,7 +158,7 @@ def read_planes(path, dataset: str, z_start: int, z_stop: int) -> np.ndarray:
 
 def volume_info(path, dataset: str = "volume") -> VolumeInfo:
     """Return shape, dtype, geometry, chunks and attributes without reading the data."""
-    with _open(path) as h5:
+    with open_hdf5(path) as h5:
         data = _volume_dataset(h5, path, dataset)
         return VolumeInfo(tuple(data.shape), data.dtype, _geometry(data, path),
                           data.chunks, _user_attrs(data))
@@ -166,12 +166,13 @@ def volume_info(path, dataset: str = "volume") -> VolumeInfo:
 
 def list_datasets(path) -> list[str]:
     """Return the full names of all datasets in an HDF5 file."""
-    with _open(path) as h5:
+    with open_hdf5(path) as h5:
         return _dataset_names(h5)
 
 
 @contextmanager
-def _open(path):
+def open_hdf5(path):
+    """Open an input HDF5 file for reading; one :class:`InputError` line when it cannot be."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found; expected an HDF5 file (.h5, .hdf5)")

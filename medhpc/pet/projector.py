@@ -365,21 +365,25 @@ def adjointness_error(projector, rng) -> float:
 
 
 def sinogram_projector(scanner, image_shape, origin_mm, voxel_mm, views=None, planes=None,
-                       device="cpu", tof=None, move_endpoints=None):
+                       device="cpu", tof=None, move_endpoints=None, timing=None):
     """The projector of a block of a scanner's sinogram (``radial x views x planes``).
 
     Span 1: a :class:`JosephProjector` of the LORs; span > 1: a
     :class:`CompressedProjector` over the planes' ring pairs.
     ``move_endpoints(xstart, xend)`` may shift the end points (shape ``radial x view x
-    member x 3``) before the projector is built.
+    member x 3``) before the projector is built; ``timing``, a
+    :class:`~medhpc.pet.timing.TimingCalibration`, gives each LOR its own TOF kernel.
     """
+    from medhpc.pet.timing import sinogram_kernels
+
     from medhpc.pet.scanner import lor_endpoints, plane_members
 
     xstart, xend = lor_endpoints(scanner, views=views, planes=planes)
     if move_endpoints is not None:
         xstart, xend = move_endpoints(xstart, xend)
+    kernels = sinogram_kernels(timing, scanner, views, planes) if tof is not None else None
     inner = JosephProjector(xstart.reshape(-1, 3), xend.reshape(-1, 3), image_shape, origin_mm,
-                            voxel_mm, device=device, tof=tof)
+                            voxel_mm, device=device, tof=tof, tof_kernels=kernels)
     if scanner.span == 1:
         return inner
     return CompressedProjector(inner, plane_members(scanner, planes)[1])

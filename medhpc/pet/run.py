@@ -26,6 +26,7 @@ from medhpc.parallel.comm import World
 from medhpc.parallel.geometry import block_range
 from medhpc.parallel.work import map_items
 from medhpc.pet import decomposition, sensitivity_cache
+from medhpc.pet.timing import read_timing_calibration
 from medhpc.pet.corrections import (CorrectionFiles, check_corrections, corrected_block,
                                     corrections_fingerprint)
 from medhpc.pet.projector import (JosephProjector, axis_aligned_grid, sinogram_projector,
@@ -74,7 +75,7 @@ class PetRecon:
     def __init__(self, run, sinogram, out, settings: ReconSettings, decomp="auto",
                  image_shape=None, voxel_size_mm=None, resume=False, checkpoint_every=0,
                  png=False, log_path=None, sensitivity_cache=None, fov_mask=True,
-                 corrections: CorrectionFiles | None = None, truth=None):
+                 corrections: CorrectionFiles | None = None, truth=None, tof_calibration=None):
         self.run = run
         self.world: World = run.world
         self.settings = settings
@@ -88,6 +89,7 @@ class PetRecon:
         (self.layout, self.grid, self.origin_mm, self.voxel_mm, self.mode) = self.world.agree(
             lambda: self._validated_inputs(sinogram, decomp, image_shape, voxel_size_mm))
         self.tof = tof_spec(self.layout.scanner) if self.layout.tof else None
+        self.timing = self.world.agree(lambda: self._timing(tof_calibration))
         self.corrections = self.world.agree(
             lambda: check_corrections(corrections, self.layout)) if corrections else None
         self.truth_path = self.world.agree(lambda: self._truth_path(truth))
@@ -109,6 +111,15 @@ class PetRecon:
         if mode == "planes":
             check_planes_grid(layout, grid, origin_mm, voxel_mm)
         return layout, grid, origin_mm, voxel_mm, mode
+
+    def _timing(self, path):
+        """The TOF timing calibration, checked against the data (rank 0); None without."""
+        if path is None:
+            return None
+        if self.mode == "planes":
+            raise InputError(f"{path}: --tof-calibration gives each ring pair's LORs their own "
+                             f"TOF kernel, which --decomp planes rebins away; use --decomp views")
+        return read_timing_calibration(path, self.layout.scanner, self.layout.tof)
 
     def _check_nmf(self, layout, decomp) -> str:
         """NMF spreads frames over the ranks; it needs dynamic data with a frame per rank."""
@@ -185,7 +196,8 @@ class PetRecon:
 
     def _sinogram_projector(self, views):
         return sinogram_projector(self.layout.scanner, self.grid.shape, self.origin_mm,
-                                  self.voxel_mm, views=views, device=self.run.device, tof=self.tof)
+                                  self.voxel_mm, views=views, device=self.run.device, tof=self.tof,
+                                  timing=self.timing)
 
     def _share(self, projector, prompts, multiplicative, additive) -> SubsetShare:
         with self.run.stage("host to device", "transfer"):
@@ -314,6 +326,7 @@ class PetRecon:
                        "ranks": self.world.size, **asdict(self.settings),
                        "image_shape": list(self.grid.shape),
                        **corrections_fingerprint(getattr(self, "corrections", None)),
+                       **_timing_fingerprint(getattr(self, "timing", None)),
                        **(fingerprint_extra or {})}
         resume = self.resume and world.agree(path.exists)
         if self.resume and not resume and not quiet:
@@ -357,6 +370,7 @@ class PetRecon:
         expected = sensitivity_cache.fingerprint(self.layout.path, self.settings, self.grid,
                                                  self.layout.tof)
         expected.update(corrections_fingerprint(self.corrections))
+        expected.update(_timing_fingerprint(self.timing))
         with self.run.stage("read sensitivity cache", "io"):
             images = self.world.agree_all(lambda: sensitivity_cache.load(self.sensitivity_cache,
                                                                          expected))
@@ -550,3 +564,7 @@ def _stem(path: Path) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
+
+
+def _timing_fingerprint(timing) -> dict:
+    return {} if timing is None else timing.fingerprint()

@@ -26,8 +26,8 @@ from medhpc.pet.corrections import (CorrectionFiles, attenuation_factors, check_
 from medhpc.pet.listmode import (ListModeLayout, check_factor_shapes, parse_time_windows,
                                  read_events, read_listmode_layout, window_events)
 from medhpc.pet.osem import ListModeReconstructor, SubsetShare
-from medhpc.pet.projector import (JosephProjector, TofSpec, axis_aligned_grid, sinogram_projector,
-                                  tof_spec)
+from medhpc.pet.projector import (JosephProjector, LorTofKernels, TofSpec, axis_aligned_grid,
+                                  sinogram_projector, tof_spec)
 from medhpc.pet.run import PetRecon, output_grid
 from medhpc.pet.scanner import (SPEED_OF_LIGHT_MM_PER_PS, crystal_pair_lors, crystal_positions,
                                 load_scanner)
@@ -201,7 +201,8 @@ class ListModeRecon(PetRecon):
             with self.run.stage("LOR geometry", "other"):
                 projector = sinogram_projector(scanner, self.grid.shape, self.origin_mm,
                                                self.voxel_mm, views=views,
-                                               device=self.run.device, tof=tof)
+                                               device=self.run.device, tof=tof,
+                                               timing=self.timing)
             with self.run.stage("read factors", "io"):
                 factors = self._factors(self._multiplicative_name, views)
             weights = (np.ones((scanner.n_radial, len(views), scanner.n_planes), np.float32)
@@ -285,10 +286,18 @@ class ListModeRecon(PetRecon):
             with self.run.stage("event geometry", "other"):
                 xstart = positions[events["crystal1"][chosen]]
                 xend = positions[events["crystal2"][chosen]]
+                kernels = None
                 if tof is not None:
-                    xstart, xend = centred_on_tof(xstart, xend, events["tof_mm"][chosen])
+                    tof_mm = events["tof_mm"][chosen]
+                    if self.timing is not None:  # the true position and the pair's own width
+                        kernels = self.timing.pair_kernels(events["crystal1"][chosen],
+                                                           events["crystal2"][chosen])
+                        tof_mm = tof_mm - kernels.offset_mm
+                        kernels = LorTofKernels(kernels.sigma_mm, np.zeros(1, np.float32))
+                    xstart, xend = centred_on_tof(xstart, xend, tof_mm)
                 projector = JosephProjector(xstart, xend, self.grid.shape, self.origin_mm,
-                                            self.voxel_mm, device=self.run.device, tof=tof)
+                                            self.voxel_mm, device=self.run.device, tof=tof,
+                                            tof_kernels=kernels)
             with self.run.stage("host to device", "transfer"):
                 arrays = [backend.to_device(np.ascontiguousarray(a, np.float32), self.run.device)
                           for a in (np.ones(chosen.size, np.float32), multiplicative[chosen],

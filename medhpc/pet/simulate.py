@@ -108,7 +108,7 @@ class Simulation:
 
     def __init__(self, run, scanner: ScannerGeometry, activity: np.ndarray, mu_map, grid: ImageGeometry,
                  counts: float, noise: bool, randoms_fraction: float, tof: bool, source="activity",
-                 rays: int = 1, scatter: bool = False):
+                 rays: int = 1, scatter: bool = False, timing=None):
         check_settings(scanner, counts, randoms_fraction, tof)
         if scatter and mu_map is None:
             raise InputError("--scatter needs --mu-map: scatter happens in the attenuating body")
@@ -116,6 +116,7 @@ class Simulation:
         if rays < 1:
             raise InputError(f"--rays {rays}: expected 1 (the LOR's centre) or more per side")
         self.rays = int(rays)
+        self.timing = timing  # each crystal's TOF time offset (medhpc.pet.timing)
         self.run = run
         self.scanner = scanner
         self.activity = activity
@@ -135,7 +136,8 @@ class Simulation:
         return sinogram_projector(self.scanner, self.grid.shape, self.origin_mm, self.voxel_mm,
                                   views=views, device=self.run.device,
                                   tof=tof_spec(self.scanner) if tof else None,
-                                  move_endpoints=None if offsets is None else on_faces)
+                                  move_endpoints=None if offsets is None else on_faces,
+                                  timing=self.timing)
 
     def _trues_projectors(self, views):
         """One projector per ray of a LOR: its centre, or ``rays x rays`` rays between points

@@ -36,9 +36,10 @@ LISTMODE_DURATION_S = 100.0
 
 
 def simulate(folder, name, counts=2e6, noise=True, frames=1, tof=False, scanner="small-test",
-             listmode=False, rays=1, scatter=False):
+             listmode=False, rays=1, scatter=False, timing=None):
     """Simulate the phantom; write a sinogram file (and, with ``listmode``, the same counts
-    as list-mode events beside it: ``name.listmode.h5``)."""
+    as list-mode events beside it: ``name.listmode.h5``); ``timing``: the crystals' TOF
+    timing calibration (:mod:`medhpc.pet.timing`)."""
     phantom = folder / "phantom"
     activity, mu_map, grid = read_inputs(phantom / "activity.nii.gz", phantom / "mu_map.nii.gz")
     if frames > 1:
@@ -46,7 +47,7 @@ def simulate(folder, name, counts=2e6, noise=True, frames=1, tof=False, scanner=
     geometry = load_scanner(scanner)
     run = serial_run("pet-simulate")
     simulation = Simulation(run, geometry, activity, mu_map, grid, counts, noise, 0.2, tof,
-                            rays=rays, scatter=scatter)
+                            rays=rays, scatter=scatter, timing=timing)
     data = simulation.execute(seed=3)
     path = folder / f"{name}.h5"
     write_simulation(path, geometry, grid, data, tof, overwrite=True, attrs={})

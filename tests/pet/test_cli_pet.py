@@ -303,3 +303,22 @@ def test_scatter_iterations_loop_and_keep_the_estimate(tiny, tmp_path):
     result = run_medhpc("pet-recon", "--sinogram", sinogram, "--scatter-iterations", "1",
                         "--out", tmp_path / "x.nii.gz", "--device", "cpu")
     assert result.returncode == 2 and "--mu-map" in result.stderr
+
+
+def test_a_tof_calibration_without_tof_data_is_one_line_before_work(tiny, tmp_path):
+    folder, phantom, sinogram = tiny
+    from medhpc.pet.timing import write_timing_calibration
+
+    calibration = tmp_path / "timing.h5"
+    write_timing_calibration(calibration, np.zeros((8, 96)))
+    out = tmp_path / "x.nii.gz"
+    result = run_medhpc("pet-recon", "--sinogram", sinogram, "--tof-calibration", calibration,
+                        "--out", out, "--device", "cpu", ranks=2)
+    expect_input_error(result, str(calibration), "have no TOF")
+    assert not out.exists()
+    out = tmp_path / "x.h5"
+    result = run_medhpc("pet-simulate", "--activity", phantom / "activity.nii.gz", "--scanner",
+                        "small-test", "--tof-calibration", calibration, "--out", out,
+                        "--device", "cpu")
+    expect_input_error(result, "--tof-calibration", "add --tof")
+    assert not out.exists()
