@@ -200,6 +200,15 @@ def _interior_sample(ray, line, plane):
 
 
 @numba.njit(inline='always', **_JIT)
+def _interior_bilinear(flat, base, stride_a, stride_b, frac_a, frac_b):
+    """:func:`_bilinear` inside the image (both neighbours exist; unsigned offsets)."""
+    low = flat[base] + frac_a * (flat[base + stride_a] - flat[base])
+    high = flat[base + stride_b] + frac_a * (flat[base + stride_a + stride_b]
+                                             - flat[base + stride_b])
+    return low + frac_b * (high - low)
+
+
+@numba.njit(inline='always', **_JIT)
 def _bilinear(flat, base, next_a, next_b, frac_a, frac_b):
     low = (1.0 - frac_a) * flat[base] + frac_a * flat[base + next_a]
     high = (1.0 - frac_a) * flat[base + next_b] + frac_a * flat[base + next_a + next_b]
@@ -241,10 +250,7 @@ def _ray_integral(flat, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz):
     stride_a, stride_b = np.uint64(ray[4]), np.uint64(ray[5])
     for plane in range(interior_low, interior_high + 1):
         base, frac_a, frac_b = _interior_sample(ray, line, plane)
-        low = flat[base] + frac_a * (flat[base + stride_a] - flat[base])
-        high = flat[base + stride_b] + frac_a * (flat[base + stride_a + stride_b]
-                                                 - flat[base + stride_b])
-        inner += low + frac_b * (high - low)
+        inner += _interior_bilinear(flat, base, stride_a, stride_b, frac_a, frac_b)
     for plane in range(interior_high + 1, last):
         base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
         inner += _bilinear(flat, base, next_a, next_b, frac_a, frac_b)
@@ -460,11 +466,8 @@ def _ray_integral_tof(flat, xstart, xend, lor, origin_mm, voxel_mm, nx, ny, nz, 
     stride_a, stride_b = np.uint64(ray[4]), np.uint64(ray[5])
     for plane in range(interior_low, interior_high + 1):
         base, frac_a, frac_b = _interior_sample(ray, line, plane)
-        low = flat[base] + frac_a * (flat[base + stride_a] - flat[base])
-        high = flat[base + stride_b] + frac_a * (flat[base + stride_a + stride_b]
-                                                 - flat[base + stride_b])
-        _tof_spread(padded, inner_mm * (low + frac_b * (high - low)),
-                    distance0 + plane * per_plane, ntof, tof)
+        sample = inner_mm * _interior_bilinear(flat, base, stride_a, stride_b, frac_a, frac_b)
+        _tof_spread(padded, sample, distance0 + plane * per_plane, ntof, tof)
     for plane in range(interior_high + 1, last):
         base, next_a, next_b, frac_a, frac_b = _inner_sample(ray, line, plane)
         sample = inner_mm * _bilinear(flat, base, next_a, next_b, frac_a, frac_b)

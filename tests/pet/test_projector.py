@@ -208,12 +208,18 @@ def test_back_projection_of_every_bin_equals_the_tof_back_projection_of_repeated
         assert expected.sum() < plain.sum() * (1 - 1e-3)
 
 
+def point_source_row(x_mm):
+    """A row of 41 one-mm voxels along x, centred at 0, lit at ``x_mm``:
+    (image, origin_mm, voxel_mm)."""
+    image = np.zeros((1, 1, 41), dtype=np.float32)
+    image[0, 0, 20 + int(x_mm)] = 1.0
+    return (image, np.array([-20.0, 0.0, 0.0], dtype=np.float32),
+            np.ones(3, dtype=np.float32))
+
+
 def test_tof_profile_follows_a_point_source():
-    shape = (1, 1, 41)
-    voxel_mm = np.ones(3, dtype=np.float32)
-    origin_mm = np.array([-20.0, 0.0, 0.0], dtype=np.float32)
-    image = np.zeros(shape, dtype=np.float32)
-    image[0, 0, 30] = 1.0  # at x = +10 mm
+    image, origin_mm, voxel_mm = point_source_row(10)
+    shape = image.shape
     xstart = np.array([[-50.0, 0.0, 0.0], [50.0, 0.0, 0.0]], dtype=np.float32)
     tof = TofSpec(bins=21, bin_mm=2.0, sigma_mm=2.0, cutoff_sigmas=4.0)
     projection = JosephProjector(xstart, -xstart, shape, origin_mm, voxel_mm,
@@ -269,11 +275,8 @@ def test_per_lor_tof_kernels_equal_to_the_shared_one_change_nothing():
 
 
 def test_a_kernel_offset_of_one_bin_moves_the_profile_by_one_bin():
-    shape = (1, 1, 41)
-    voxel_mm = np.ones(3, dtype=np.float32)
-    origin_mm = np.array([-20.0, 0.0, 0.0], dtype=np.float32)
-    image = np.zeros(shape, dtype=np.float32)
-    image[0, 0, 24] = 1.0  # at x = +4 mm
+    image, origin_mm, voxel_mm = point_source_row(4)
+    shape = image.shape
     xstart = np.array([[-50.0, 0.0, 0.0]] * 3, dtype=np.float32)
     tof = TofSpec(bins=21, bin_mm=2.0, sigma_mm=2.0, cutoff_sigmas=4.0)
     kernels = LorTofKernels([2.0, 2.0, 4.0], [0.0, tof.bin_mm, -3.0])
