@@ -110,10 +110,54 @@ def tof_sensitivity(repeats: int, tof_lors: int) -> dict:
             "max_relative_difference": float(np.abs(fast - reference).max() / reference.max())}
 
 
-def tof_kernel_cost(repeats: int, tof_lors: int) -> list[dict]:
+def baseline_kernels(revision: str, folder: Path):
+    """``medhpc.pet.kernels_cpu`` as it was at git ``revision``, imported from ``folder``."""
+    import importlib.util
+
+    source = subprocess.run(["git", "show", f"{revision}:medhpc/pet/kernels_cpu.py"], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout
+    path = folder / "baseline_kernels_cpu.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("baseline_kernels_cpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def baseline_tof_rows(revision: str, projector, image, repeats: int) -> list[dict]:
+    """The TOF kernels of ``revision`` (one kernel width for all LORs, the signature before
+    per-LOR kernels) on the same LORs and image, results compared with today's."""
+    cpu = time.process_time
+    tof = projector.tof
+    geometry = (projector.xstart, projector.xend, projector.origin_mm, projector.voxel_mm)
+    kernel = (tof.bin_mm, tof.sigma_mm, tof.cutoff_sigmas)
+    with tempfile.TemporaryDirectory() as folder:
+        old = baseline_kernels(revision, Path(folder))
+        values = np.zeros(projector.shape_out, np.float32)
+        old.joseph_forward_tof(image, *geometry, *kernel, values)
+        back = np.zeros(projector.image_shape, np.float32)
+        old.joseph_back_tof(values, *geometry, *kernel, back)
+        forward_s = median_time(lambda: old.joseph_forward_tof(image, *geometry, *kernel,
+                                                               values), repeats, cpu)
+        back_s = median_time(lambda: old.joseph_back_tof(values, *geometry, *kernel,
+                                                         np.zeros_like(back)), repeats, cpu)
+    forward_today, back_today = projector.forward(image), projector.back(values)
+    n = projector.n_lors
+    return [{"kernel": f"TOF, kernels of {revision}", "lors": n, "tof_bins": tof.bins,
+             "forward_cpu_s": forward_s, "back_cpu_s": back_s,
+             "forward_mlors_per_cpu_s": n / forward_s / 1e6,
+             "back_mlors_per_cpu_s": n / back_s / 1e6,
+             "forward_max_relative_difference": float(
+                 np.abs(forward_today - values).max() / np.abs(values).max()),
+             "back_max_relative_difference": float(
+                 np.abs(back_today - back).max() / np.abs(back).max())}]
+
+
+def tof_kernel_cost(repeats: int, tof_lors: int, baseline: str | None = None) -> list[dict]:
     """TOF forward and back projection of one DMI TOF subset, one thread, median CPU-s: one
     kernel for every LOR, and each LOR its own width and offset (a timing calibration: CTR
-    within +-10 %, offsets up to +-1.5 bins), beside the non-TOF projection of the same LORs."""
+    within +-10 %, offsets up to +-1.5 bins), beside the non-TOF projection of the same LORs
+    and, with ``baseline``, the TOF kernels of that git revision."""
     import numba
 
     from medhpc.phantoms.pet import nema_iq_phantom
@@ -142,6 +186,8 @@ def tof_kernel_cost(repeats: int, tof_lors: int) -> list[dict]:
                      tof.bins, "forward_cpu_s": forward, "back_cpu_s": back,
                      "forward_mlors_per_cpu_s": n / forward / 1e6,
                      "back_mlors_per_cpu_s": n / back / 1e6})
+    if baseline:
+        rows += baseline_tof_rows(baseline, shared, image, repeats)
     numba.set_num_threads(threads)
     for row in rows:
         row["forward_vs_non_tof"] = row["forward_cpu_s"] / rows[0]["forward_cpu_s"]
@@ -431,6 +477,13 @@ def markdown(results: dict) -> str:
                          f"{row['back_cpu_s']:.3f} | {row['forward_mlors_per_cpu_s']:.3f} | "
                          f"{row['back_mlors_per_cpu_s']:.3f} | {row['forward_vs_non_tof']:.1f}x | "
                          f"{row['back_vs_non_tof']:.1f}x |")
+        today, old = results["tof_kernels"][1], results["tof_kernels"][-1]
+        if "forward_max_relative_difference" in old:
+            lines += ["", f"{today['kernel']} against {old['kernel']}: forward "
+                          f"{old['forward_cpu_s'] / today['forward_cpu_s']:.2f}x, back "
+                          f"{old['back_cpu_s'] / today['back_cpu_s']:.2f}x faster; results equal "
+                          f"to {old['forward_max_relative_difference']:.1e} / "
+                          f"{old['back_max_relative_difference']:.1e} relative"]
     radon = results.get("radon")
     if radon:
         lines += ["", "### Side by side with skimage.transform.radon (2-D, 215 x 215, 272 angles, 1 thread)",
@@ -489,6 +542,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tof-lors", type=int, default=100_000,
                         help="LORs of the subset used for the TOF timing (TOF is slower).")
+    parser.add_argument("--tof-baseline", default=None,
+                        help="tof-kernels: also time the TOF kernels of this git revision "
+                             "(e.g. 7a516a6) on the same LORs.")
     parser.add_argument("--listmode-counts", type=float, default=5e6,
                         help="Counts (events) of the list-mode part.")
     parser.add_argument("--parts",
@@ -504,7 +560,8 @@ def main(argv=None) -> int:
         results["projector"] = projector_throughput(args.repeats, args.tof_lors)
     if "tof-kernels" in parts:
         print("TOF kernel cost ...", file=sys.stderr)
-        results["tof_kernels"] = tof_kernel_cost(args.repeats, args.tof_lors)
+        results["tof_kernels"] = tof_kernel_cost(args.repeats, args.tof_lors,
+                                                 args.tof_baseline)
     if "tof-sensitivity" in parts:
         print("TOF sensitivity ...", file=sys.stderr)
         results["tof_sensitivity"] = tof_sensitivity(args.repeats, args.tof_lors)
