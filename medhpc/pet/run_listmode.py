@@ -30,7 +30,7 @@ from medhpc.pet.projector import (JosephProjector, LorTofKernels, TofSpec, axis_
                                   sinogram_projector, tof_spec)
 from medhpc.pet.run import PetRecon, output_grid
 from medhpc.pet.scanner import (SPEED_OF_LIGHT_MM_PER_PS, crystal_pair_lors, crystal_positions,
-                                load_scanner)
+                                load_scanner, plane_members)
 from medhpc.pet.sinogram import read_layout
 
 #: Views back-projected per call while computing the sensitivity (bounds the LOR memory).
@@ -367,6 +367,8 @@ class ListModeRecon(PetRecon):
                 block = h5["additive"][:, views]
                 additive[picked] = block[index + ((tof_bin[picked],) if tof_bin is not None
                                                   else ())]
+        if scanner.span > 1:  # a plane's additive counts spread over its ring pairs' LORs
+            additive /= np.diff(plane_members(scanner)[1]).astype(np.float32)[plane]
         return multiplicative, additive
 
 

@@ -312,3 +312,40 @@ def test_list_mode_refuses_nmf(pet_case, tmp_path):
     with pytest.raises(InputError, match="--algorithm nmf models dynamic sinograms"):
         ListModeRecon(serial_run(), events, tmp_path / "n.nii.gz",
                       ReconSettings(algorithm="nmf"))
+
+
+def test_events_with_span3_factors_equal_the_same_factors_per_ring_pair(pet_case, span_case,
+                                                                        tmp_path):
+    """Span > 1: each event takes its plane's multiplicative factor and an equal share of the
+    plane's additive counts; the sensitivity repeats a plane's factor to its ring pairs. So
+    span-3 factors give the image that span-1 factors holding those values per ring pair do."""
+    import shutil
+
+    from medhpc.pet.scanner import plane_members, ring_pair_to_plane
+
+    folder = pet_case["folder"]
+    span1, span3 = (load_scanner(str(folder / f"span{n}.toml")) for n in (1, 3))
+    sinogram1, events1 = simulate(folder, "span1_events", counts=2e5,
+                                  scanner=str(folder / "span1.toml"), listmode=True)
+    # span-1 factors that repeat the span-3 file's per plane (additive split over the pairs)
+    pairs1 = plane_members(span1)[0]
+    plane3 = ring_pair_to_plane(span3)[pairs1[:, 0], pairs1[:, 1]]
+    members3 = np.diff(plane_members(span3)[1])[plane3]
+    factors1 = tmp_path / "factors1.h5"
+    shutil.copy(sinogram1, factors1)
+    with h5py.File(span_case["span3"], "r") as h5:
+        multiplicative3, additive3 = h5["multiplicative"][...], h5["additive"][...]
+    with h5py.File(factors1, "r+") as h5:
+        h5["multiplicative"][...] = multiplicative3[:, :, plane3]
+        h5["additive"][...] = additive3[:, :, plane3] / members3
+    # the same events on the span-3 scanner
+    with h5py.File(events1, "r") as h5:
+        events = {name: h5[f"events/{name}"][...] for name in ("crystal1", "crystal2", "time_ms")}
+        grid = ImageGeometry(tuple(h5.attrs["image_shape"]), np.asarray(h5.attrs["image_affine"]))
+    events3 = tmp_path / "span3.listmode.h5"
+    write_listmode(events3, span3, grid, events, LISTMODE_DURATION_S)
+    reference, _ = ListModeRecon(serial_run(), events1, tmp_path / "a.nii.gz", MLEM,
+                                 factors=factors1).compute()
+    image, _ = ListModeRecon(serial_run(), events3, tmp_path / "b.nii.gz", MLEM,
+                             factors=span_case["span3"]).compute()
+    np.testing.assert_allclose(image, reference, rtol=1e-3, atol=2e-5 * reference.max())
