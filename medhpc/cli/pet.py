@@ -337,7 +337,8 @@ def pet_scatter(run, sinogram, activity, mu_map, window_kev, energy_resolution, 
 @command("pet-convert", example="""\
 medhpc pet-convert --in scan.hs --norm norm.hs --acf acf.hs --randoms randoms.hs --out scan.h5
 medhpc pet-convert --in histogram.cdh --scanner my-scanner.toml --out scan.h5
-medhpc pet-convert --in sinogram.h5 --dataset prompts --out for-stir.hs""")
+medhpc pet-convert --in sinogram.h5 --dataset prompts --out for-stir.hs
+medhpc pet-convert --in span1.h5 --span 11 --out span11.h5""")
 @click.option("--in", "source", required=True, type=click.Path(),
               help="STIR sinogram (.hs), CASToR histogram (.cdh) or medhpc sinogram (.h5).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
@@ -359,14 +360,17 @@ medhpc pet-convert --in sinogram.h5 --dataset prompts --out for-stir.hs""")
                    "normalisation (factors are written as STIR correction factors, 1 / value).")
 @click.option("--frame", type=click.IntRange(min=0), default=0, show_default=True,
               help="With medhpc input: the frame of dynamic data.")
+@click.option("--span", type=int, default=None,
+              help="With medhpc span-1 input and .h5 output: compress to this odd span (each "
+                   "plane sums its ring pairs; factors are their mean), all frames and TOF bins.")
 @pass_run("pet-convert")
-def pet_convert(run, source, out, scanner, norm, acf, randoms, scatter, dataset, frame):
+def pet_convert(run, source, out, scanner, norm, acf, randoms, scatter, dataset, frame, span):
     """Convert projection data between STIR Interfile, CASToR histograms and medhpc
     sinogram files (span 1, non-TOF, non-arc-corrected)."""
     from medhpc.pet.run_convert import Conversion
 
     corrections = {"norm": norm, "acf": acf, "randoms": randoms, "scatter": scatter}
-    Conversion(run, source, out, scanner, corrections, dataset, frame).execute()
+    Conversion(run, source, out, scanner, corrections, dataset, frame, span).execute()
 
 
 COMMANDS = [pet_geometry, pet_simulate, pet_recon, pet_scatter, pet_convert]

@@ -6,7 +6,8 @@ For every sinogram bin::
     normalisation = e_a e_b                          (crystal efficiencies, seeded)
     m             = attenuation * normalisation
     y_bar         = s * m * A x + a                  (s scales to the requested counts)
-    a             = randoms: flat, a share of the counts (randoms fraction)
+    a             = randoms: flat per LOR (a span > 1 plane: times its ring pairs), a
+                    share of the counts (randoms fraction)
     prompts       ~ Poisson(y_bar)                   (or y_bar with --no-noise)
 
 With ``--scatter`` single scatter (:mod:`medhpc.pet.scatter`, default settings) of the
@@ -181,7 +182,11 @@ class Simulation:
                              "view; expected activity inside the scanner")
         # one scale for all frames keeps their relative activity; the mean frame gets `counts`
         scale = (1 - self.randoms_fraction) * self.counts * len(trues) / total_trues
-        randoms_per_bin = self.randoms_fraction * self.counts / (scanner.n_lors * tof_bins)
+        # flat per LOR: a plane holds its ring pairs' share (all alike at span 1)
+        pairs = np.diff(plane_members(scanner)[1]).astype(np.float64)
+        randoms_per_bin = (self.randoms_fraction * self.counts * pairs / (pairs.sum()
+                           * scanner.n_radial * scanner.n_views * tof_bins))
+        randoms_per_bin = randoms_per_bin.reshape((1, 1, -1) + ((1,) if self.tof else ()))
         prompts, additive = [], []
         scatter = []
         for frame, frame_trues in enumerate(trues):
@@ -194,7 +199,7 @@ class Simulation:
                     frame_scatter = np.repeat(frame_scatter[..., None] / tof_bins, tof_bins, -1)
                 expected = expected + frame_scatter
                 scatter.append(frame_scatter.astype(np.float32))
-            additive.append(np.full(expected.shape, randoms_per_bin, np.float32))
+            additive.append(np.broadcast_to(randoms_per_bin, expected.shape).astype(np.float32))
             with self.run.stage("noise", "other"):
                 prompts.append(self._noisy(expected, views, frame, seed))
         with self.run.stage("gather", "comm"):

@@ -365,3 +365,51 @@ def test_pet_convert_refuses_mismatched_options(pet_case, tmp_path):
     assert result.returncode == 2 and "--scanner" in result.stderr
     result = run_medhpc("pet-recon", "--sinogram", castor, "--out", tmp_path / "r.nii.gz")
     assert result.returncode == 2 and "pet-convert" in result.stderr
+
+
+def test_pet_convert_span_sums_ring_pairs_and_reconstructs_like_span_data(span_case, pet_case,
+                                                                        tmp_path):
+    """--span 3 on the span-1 sinogram: the counts are kept, each plane is its ring pairs' sum,
+    and it is within the factor averaging of the span-3 data simulated directly."""
+    out = tmp_path / "span3.h5"
+    result = run_medhpc("pet-convert", "--in", span_case["span1"], "--span", "3", "--out", out,
+                        "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    span1, span3 = read_layout(span_case["span1"]), read_layout(out)
+    assert span3.scanner.span == 3 and span3.scanner.n_planes == read_layout(
+        span_case["span3"]).scanner.n_planes
+    block1, block3 = read_block(span1), read_block(span3)
+    np.testing.assert_allclose(block3.prompts.sum(), block1.prompts.sum(), rtol=1e-6)
+    np.testing.assert_allclose(block3.additive.sum(), block1.additive.sum(), rtol=1e-6)
+    # segment 0 of span 3 takes ring differences -1..1; at ring sum 3 that is (1, 2), (2, 1)
+    pairs1 = plane_members(span1.scanner)[0]
+    pairs3, first3 = plane_members(span3.scanner)
+    plane = next(p for p in range(len(first3) - 1)
+                 if {tuple(q) for q in pairs3[first3[p]:first3[p + 1]]} == {(1, 2), (2, 1)})
+    members = [int(np.flatnonzero((pairs1 == q).all(axis=1))[0]) for q in ((1, 2), (2, 1))]
+    np.testing.assert_allclose(block3.prompts[:, :, plane],
+                               block1.prompts[:, :, members].sum(axis=2), rtol=1e-5)
+    np.testing.assert_allclose(block3.multiplicative[:, :, plane],
+                               block1.multiplicative[:, :, members].mean(axis=2), rtol=1e-5)
+    direct = read_block(read_layout(span_case["span3"])).prompts
+    assert np.linalg.norm(block3.prompts - direct) < 0.02 * np.linalg.norm(direct)
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (("--span", "2"), ["--span 2", "odd span"]),
+    (("--span", "3", "--scanner", "small-test"), ["--scanner", "expected no --scanner"]),
+])
+def test_pet_convert_span_refuses_bad_requests(span_case, tmp_path, arguments, words):
+    out = tmp_path / "x.h5"
+    result = run_medhpc("pet-convert", "--in", span_case["span1"], *arguments, "--out", out,
+                        "--device", "cpu")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "rror" in line]
+    assert len(lines) == 1 and all(word in lines[0] for word in words), result.stderr
+    assert not out.exists()
+
+
+def test_pet_convert_span_refuses_compressed_input(span_case, tmp_path):
+    result = run_medhpc("pet-convert", "--in", span_case["span3"], "--span", "3", "--out",
+                        tmp_path / "x.h5", "--device", "cpu")
+    assert result.returncode == 2 and "already span 3" in result.stderr
