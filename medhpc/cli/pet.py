@@ -338,12 +338,14 @@ def pet_scatter(run, sinogram, activity, mu_map, window_kev, energy_resolution, 
 medhpc pet-convert --in scan.hs --norm norm.hs --acf acf.hs --randoms randoms.hs --out scan.h5
 medhpc pet-convert --in histogram.cdh --scanner my-scanner.toml --out scan.h5
 medhpc pet-convert --in sinogram.h5 --dataset prompts --out for-stir.hs
+medhpc pet-convert --in sinogram.h5 --out for-castor.cdh
 medhpc pet-convert --in span1.h5 --span 11 --out span11.h5""")
 @click.option("--in", "source", required=True, type=click.Path(),
               help="STIR sinogram (.hs), CASToR histogram (.cdh) or medhpc sinogram (.h5).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="medhpc sinogram (.h5) from STIR or CASToR input; STIR header (.hs, data "
-                   "beside it as .s) from a medhpc sinogram.")
+                   "beside it as .s) or CASToR histogram (.cdh, records beside it as .cdf) "
+                   "from a medhpc sinogram.")
 @click.option("--scanner", default=None,
               help="Preset or TOML file: required for CASToR data; for STIR data, the scanner "
                    "whose sinogram to fill (default: the one in the header).")

@@ -47,7 +47,7 @@ from medhpc.errors import InputError
 from medhpc.io.atomic import atomic_path
 from medhpc.io.interfile import data_dtype, data_file, header_number, read_header
 from medhpc.pet.listmode import _castor_number, read_castor_pet_header
-from medhpc.pet.scanner import (ScannerGeometry, crystal_pair_lors, plane_members,
+from medhpc.pet.scanner import (ScannerGeometry, crystal_ids, crystal_pair_lors, plane_members,
                                 segment_plane_count, segment_ranges, sinogram_crystals)
 
 STIR_SUFFIX = ".hs"
@@ -440,6 +440,59 @@ def castor_histogram_dtype(entries: dict, path) -> np.dtype:
     if flags["Scatter correction flag"]:
         record.append(("scatter_rate", "<f4"))
     return np.dtype(record + [("crystal1", "<u4"), ("crystal2", "<u4")])
+
+
+def write_castor_histogram(path, scanner: ScannerGeometry, prompts, multiplicative, additive,
+                           duration_s: float, attenuation=None, normalisation=None,
+                           overwrite: bool = False) -> int:
+    """Write a span-1, non-TOF medhpc sinogram as a CASToR PET histogram (``.cdh`` header,
+    ``.cdf`` records beside it); the conventions :func:`read_castor_histogram` reads.
+
+    One record per LOR with a non-zero factor, crystal IDs as :func:`crystal_ids`; the
+    attenuation (when given apart) as ACF = 1 / attenuation, the rest of ``multiplicative`` as
+    NCF = 1 / factor, ``additive / duration_s`` as the random rate. Returns the records.
+    """
+    path = Path(path)
+    if not is_castor_path(path):
+        raise InputError(f"{path}: a CASToR histogram header ends in {CASTOR_SUFFIX}")
+    if scanner.span != 1:
+        raise InputError(f"{path}: CASToR histogram bins are crystal pairs; scanner "
+                         f"'{scanner.name}' has span {scanner.span} (a plane sums several)")
+    multiplicative = np.asarray(multiplicative, np.float64)
+    if attenuation is not None and normalisation is None:
+        attenuation = np.asarray(attenuation, np.float64)
+        normalisation = multiplicative / np.where(attenuation > 0, attenuation, 1.0)
+    keep = (multiplicative > 0).ravel()
+    start, end = sinogram_crystals(scanner)
+    pairs = plane_members(scanner)[0]
+    shape = tuple(scanner.sinogram_shape[:3])
+    radial, view, plane = np.unravel_index(np.flatnonzero(keep), shape)
+    fields = [("time_ms", "<u4")]
+    if attenuation is not None:
+        fields.append(("attenuation", "<f4"))
+    fields += [("randoms_rate", "<f4"), ("normalisation", "<f4"), ("counts", "<f4"),
+               ("crystal1", "<u4"), ("crystal2", "<u4")]
+    records = np.zeros(radial.size, np.dtype(fields))
+    if attenuation is not None:
+        records["attenuation"] = 1.0 / np.asarray(attenuation, np.float64).ravel()[keep]
+    factor = multiplicative if attenuation is None else np.asarray(normalisation, np.float64)
+    records["normalisation"] = 1.0 / factor.ravel()[keep]
+    records["randoms_rate"] = np.asarray(additive, np.float64).ravel()[keep] / duration_s
+    records["counts"] = np.asarray(prompts, np.float32).ravel()[keep]
+    records["crystal1"] = crystal_ids(scanner, start[radial, view], pairs[plane, 0])
+    records["crystal2"] = crystal_ids(scanner, end[radial, view], pairs[plane, 1])
+    data_path = path.with_suffix(".cdf")
+    with atomic_path(data_path, overwrite=overwrite) as tmp:
+        records.tofile(tmp)
+    header = [f"Data filename: {data_path.name}", f"Number of events: {records.size}",
+              "Data mode: histogram", "Data type: PET", "Start time (s): 0",
+              f"Duration (s): {duration_s:.9g}", f"Scanner name: {scanner.name}",
+              f"Attenuation correction flag: {int(attenuation is not None)}",
+              "Normalization correction flag: 1", "Random correction flag: 1",
+              "Scatter correction flag: 0"]
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        Path(tmp).write_text("\n".join(header) + "\n", encoding="latin-1")
+    return int(records.size)
 
 
 def read_castor_histogram(path, scanner: ScannerGeometry) -> dict:

@@ -6,6 +6,8 @@
 - CASToR histogram ``.cdh`` -> medhpc sinogram ``.h5`` (``--scanner`` names the crystals).
 - medhpc sinogram ``.h5`` -> STIR ``.hs``: one dataset of one frame; the factors
   (``multiplicative``, ``attenuation``, ``normalisation``) as STIR correction factors.
+- medhpc span-1 sinogram ``.h5`` -> CASToR histogram ``.cdh``: one frame's prompts with its
+  correction factors and random rates (additive / ``duration_s``, 1 s when not recorded).
 - medhpc span-1 sinogram ``.h5`` -> medhpc span-``S`` sinogram ``.h5`` (``--span S``): each
   plane's ring pairs summed (prompts, additive), the factors their mean over the pairs, every
   frame and TOF bin; ring pairs beyond the last full segment are dropped (with a notice).
@@ -53,7 +55,8 @@ class Conversion:
         if interchange.is_stir_path(source) or interchange.is_castor_path(source):
             check_output_path(self.out, self.run.overwrite, (".h5", ".hdf5"))
         else:
-            check_output_path(self.out, self.run.overwrite, (interchange.STIR_SUFFIX,))
+            check_output_path(self.out, self.run.overwrite,
+                              (interchange.STIR_SUFFIX, interchange.CASTOR_SUFFIX))
         if self.corrections and not interchange.is_stir_path(source):
             raise InputError(f"{source}: --{next(iter(self.corrections))} goes with a STIR "
                              f"sinogram (.hs) input")
@@ -83,6 +86,14 @@ class Conversion:
         if self.dataset in ("attenuation", "normalisation") \
                 and read_stored_factor(layout, self.dataset, views=[0], planes=[0]) is None:
             raise InputError(f"{source}: no dataset '{self.dataset}'")
+        if interchange.is_castor_path(self.out):
+            if layout.scanner.span != 1:
+                raise InputError(f"{self.out}: CASToR histogram bins are crystal pairs; "
+                                 f"{source} is span {layout.scanner.span}")
+            if self.dataset != "prompts":
+                raise InputError(f"--dataset {self.dataset}: a CASToR histogram holds the "
+                                 f"prompts with their factors and additive term")
+            return {"kind": "to-castor", "scanner": layout.scanner, "layout": layout}
         interchange.write_stir_check(self.out, layout.scanner)
         return {"kind": "medhpc", "scanner": layout.scanner, "layout": layout}
 
@@ -113,7 +124,8 @@ class Conversion:
         if not self.run.world.is_root:
             return
         converter = {"stir": self._from_stir, "castor": self._from_castor,
-                     "medhpc": self._to_stir, "compress": self._compress}[self.plan["kind"]]
+                     "medhpc": self._to_stir, "compress": self._compress,
+                     "to-castor": self._to_castor}[self.plan["kind"]]
         converter()
 
     def _from_stir(self) -> None:
@@ -169,6 +181,24 @@ class Conversion:
             interchange.write_stir(self.out, layout.scanner, values, overwrite=self.run.overwrite)
         self.run.log.info(f"wrote {self.out} (+ {self.out.with_suffix('.s').name}): "
                           f"{self.dataset} of {layout.scanner.name}")
+
+    def _to_castor(self) -> None:
+        layout = self.plan["layout"]
+        with self.run.stage("read", "io"):
+            block = read_block(layout, frame=self.frame)
+            attenuation = read_stored_factor(layout, "attenuation")
+            with h5py.File(layout.path, "r") as h5:
+                duration_s = float(h5.attrs.get("duration_s", 0.0))
+        if not duration_s > 0:
+            duration_s = 1.0
+            self.run.log.notice(f"{self.source}: no acquisition time (attribute duration_s); "
+                                f"the histogram says 1 s, so its random rates are counts")
+        with self.run.stage("write", "io"):
+            records = interchange.write_castor_histogram(
+                self.out, layout.scanner, block.prompts, block.multiplicative, block.additive,
+                duration_s, attenuation=attenuation, overwrite=self.run.overwrite)
+        self.run.log.info(f"wrote {self.out} (+ {self.out.with_suffix('.cdf').name}): "
+                          f"{records:,} histogram bins of {layout.scanner.name}")
 
     def _compress(self) -> None:
         layout, scanner = self.plan["layout"], self.plan["scanner"]

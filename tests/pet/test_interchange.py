@@ -285,6 +285,13 @@ def _castor_files(folder, scanner, prompts, multiplicative_parts, additive, dura
     return header
 
 
+def assert_histogram_is_the_sinogram(histogram, data):
+    assert histogram["outside"] == 0
+    assert np.array_equal(histogram["prompts"], data["prompts"])
+    for name in ("attenuation", "normalisation", "multiplicative", "additive"):
+        np.testing.assert_allclose(histogram[name], data[name], rtol=2e-6, atol=1e-7)
+
+
 def test_castor_histogram_equals_the_sinogram(pet_case, tmp_path):
     with h5py.File(pet_case["noisy"], "r") as h5:
         data = {name: h5[name][...] for name in ("prompts", "attenuation", "normalisation",
@@ -293,11 +300,7 @@ def test_castor_histogram_equals_the_sinogram(pet_case, tmp_path):
     header = _castor_files(tmp_path, layout.scanner, data["prompts"],
                            (data["attenuation"], data["normalisation"]), data["additive"], 300.0,
                            np.random.default_rng(1))
-    histogram = read_castor_histogram(header, layout.scanner)
-    assert histogram["outside"] == 0
-    assert np.array_equal(histogram["prompts"], data["prompts"])
-    for name in ("attenuation", "normalisation", "multiplicative", "additive"):
-        np.testing.assert_allclose(histogram[name], data[name], rtol=2e-6, atol=1e-7)
+    assert_histogram_is_the_sinogram(read_castor_histogram(header, layout.scanner), data)
     out = tmp_path / "histogram.h5"
     result = run_medhpc("pet-convert", "--in", header, "--scanner", "small-test", "--out", out)
     assert result.returncode == 0, result.stderr
@@ -413,3 +416,40 @@ def test_pet_convert_span_refuses_compressed_input(span_case, tmp_path):
     result = run_medhpc("pet-convert", "--in", span_case["span3"], "--span", "3", "--out",
                         tmp_path / "x.h5", "--device", "cpu")
     assert result.returncode == 2 and "already span 3" in result.stderr
+
+
+def test_pet_convert_writes_a_castor_histogram_that_reads_back_as_the_sinogram(pet_case,
+                                                                              tmp_path):
+    source = pet_case["noisy"]
+    with h5py.File(source, "r") as h5:
+        data = {name: h5[name][...] for name in ("prompts", "attenuation", "normalisation",
+                                                 "additive", "multiplicative")}
+    header = tmp_path / "for-castor.cdh"
+    result = run_medhpc("pet-convert", "--in", source, "--out", header, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "1 s" in result.stderr  # no acquisition time recorded: said once, rates are counts
+    text = header.read_text()
+    assert "Data mode: histogram" in text and "Attenuation correction flag: 1" in text
+    layout = read_layout(source)
+    assert_histogram_is_the_sinogram(read_castor_histogram(header, layout.scanner), data)
+    back = tmp_path / "back.h5"
+    result = run_medhpc("pet-convert", "--in", header, "--scanner", "small-test", "--out", back,
+                        "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    with h5py.File(back, "r") as h5:
+        assert np.array_equal(h5["prompts"][...], data["prompts"])
+
+
+def test_pet_convert_to_castor_refuses_what_a_histogram_cannot_hold(pet_case, span_case,
+                                                                   tmp_path):
+    out = tmp_path / "x.cdh"
+    for source, extra, expected in (
+            (pet_case["noisy"], ("--dataset", "additive"),
+             ["--dataset additive", "prompts with their factors"]),
+            (span_case["span3"], (), ["crystal pairs", "span 3"])):
+        result = run_medhpc("pet-convert", "--in", source, *extra, "--out", out, "--device",
+                            "cpu")
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if "rror" in line]
+        assert len(lines) == 1 and all(word in lines[0] for word in expected), result.stderr
+        assert not out.exists() and not out.with_suffix(".cdf").exists()
