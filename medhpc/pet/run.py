@@ -121,6 +121,9 @@ class PetRecon:
                              f"TOF kernel, which --decomp planes rebins away; use --decomp views")
         return read_timing_calibration(path, self.layout.scanner, self.layout.tof)
 
+    def _timing_path(self) -> str | None:
+        return None if self.timing is None else str(self.timing.path)
+
     def _check_nmf(self, layout, decomp) -> str:
         """NMF spreads frames over the ranks; it needs dynamic data with a frame per rank."""
         if layout.frames < 2:
@@ -187,6 +190,7 @@ class PetRecon:
         return {"decomposition": self.mode, "scanner": scanner.name,
                 "sinogram_shape": list(self.layout.prompts_shape), "image_shape": list(self.grid.shape),
                 "lors": scanner.n_lors, "frames": self.layout.frames, "tof": self.layout.tof,
+                "tof_calibration": self._timing_path(),
                 "settings": asdict(self.settings), "ranks_detail": shares}
 
     # -- shares --------------------------------------------------------------------------
@@ -515,6 +519,8 @@ class PetRecon:
             "settings": asdict(self.settings), "subsets": self.settings.n_subsets,
             "log_likelihood_per_subiteration": history, **self.log_extra,
         }
+        if self.timing is not None:
+            self._log_document["tof_calibration"] = self._timing_path()
         if getattr(self, "_nmf", None) is not None:
             self._write_factors()
         truth, comparison = None, None

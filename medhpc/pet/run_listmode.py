@@ -129,7 +129,7 @@ class ListModeRecon(PetRecon):
         return {"decomposition": "events", "scanner": self.layout.scanner.name,
                 "listmode": str(self.layout.path), "format": self.layout.kind,
                 "events": self.layout.n_events, "tof": self.layout.tof,
-                "windows_s": self.windows, "events_per_window": [b - a for a, b in ranges],
+                "tof_calibration": self._timing_path(), "windows_s": self.windows, "events_per_window": [b - a for a, b in ranges],
                 "factors": str(self.factor_path) if self.factor_path else None,
                 "image_shape": list(self.grid.shape), "settings": asdict(self.settings),
                 "ranks_detail": ranks}

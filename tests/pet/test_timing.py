@@ -167,3 +167,19 @@ def test_calibrated_reconstruction_over_the_ranks_equals_one_rank(miscalibrated,
                                          OSEM, tof_calibration=calibration).compute()
     np.testing.assert_allclose(image, reference, rtol=2e-4, atol=2e-5 * reference.max())
     np.testing.assert_allclose(np.ravel(history), np.ravel(reference_history), rtol=1e-5)
+
+
+def test_the_plan_and_the_log_name_the_calibration(miscalibrated):
+    folder, calibration = miscalibrated["folder"], miscalibrated["calibration"]
+    recon = PetRecon(serial_run(), miscalibrated["noise_free"], folder / "logged.nii.gz",
+                     ReconSettings(iterations=1, subsets=2), tof_calibration=calibration)
+    assert recon.plan()["tof_calibration"] == str(calibration)
+    listmode = ListModeRecon(serial_run(), miscalibrated["events"], folder / "lm.nii.gz",
+                             ReconSettings(iterations=1, subsets=2), tof_calibration=calibration)
+    assert listmode.plan()["tof_calibration"] == str(calibration)
+    recon.execute()
+    import json
+
+    log = json.loads((folder / "logged.json").read_text())
+    assert log["tof_calibration"] == str(calibration)
+
