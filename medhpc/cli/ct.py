@@ -1,4 +1,4 @@
-"""CT segmentation subcommands: ct-prepare, ct-train, ct-segment, and ``phantom ct``.
+"""CT subcommands: ct-prepare, ct-train, ct-segment, ct-register, and ``phantom ct``.
 
 Parse, validate, call. PyTorch is imported only inside ct-train and ct-segment.
 """
@@ -10,7 +10,7 @@ import click
 from medhpc.cli.help import command
 from medhpc.cli.options import default_of, pass_run
 from medhpc.cli.parsing import NumberList, NumberListOrWord
-from medhpc.ct.settings import DEFAULT_LR, GRAD_SYNCS, OPTIMIZERS, TrainSettings
+from medhpc.ct.settings import DEFAULT_LR, GRAD_SYNCS, OPTIMIZERS, TASKS, TrainSettings
 from medhpc.errors import InputError
 
 DEFAULT_CLASSES = "liver,spleen,kidneys"
@@ -121,6 +121,15 @@ mpiexec -n 4 medhpc ct-train --data ct/dataset.h5 --out ct/run --epochs 100 --pn
               help="Dataset written by ct-prepare.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder: model.pt, checkpoint.pt, log.json, log.csv (curves.png).")
+@click.option("--task", type=click.Choice(TASKS), default=_default("task"), show_default=True,
+              help="Organ segmentation, or deformable registration between cases (a velocity "
+                   "field by local NCC and diffusion; Dice of warped labels when labelled); "
+                   "ct-register applies a registration model.")
+@click.option("--smoothness", type=click.FloatRange(min=0), default=_default("smoothness"),
+              show_default=True, help="Registration: weight of the diffusion regulariser.")
+@click.option("--label-weight", type=click.FloatRange(min=0), default=_default("label_weight"),
+              show_default=True,
+              help="Registration: weight of the warped-label Dice term (labelled datasets).")
 @click.option("--epochs", type=click.IntRange(min=1), default=_default("epochs"), show_default=True,
               help="Passes of --steps optimiser steps each, validated after each.")
 @click.option("--steps", type=click.IntRange(min=1), default=_default("steps"), show_default=True,
@@ -160,11 +169,12 @@ mpiexec -n 4 medhpc ct-train --data ct/dataset.h5 --out ct/run --epochs 100 --pn
 @click.option("--ranks-per-run", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --sweep: ranks per configuration (groups run side by side).")
 @pass_run("ct-train")
-def ct_train(run, data, out, epochs, steps, patch, batch, widths, deep_supervision, optimizer,
+def ct_train(run, data, out, task, smoothness, label_weight, epochs, steps, patch, batch, widths, deep_supervision, optimizer,
              lr, grad_sync, gpu_mem_gb, amp, checkpointing, folds, fold, no_augment, resume,
              png, sweep, ranks_per_run):
-    """Train a 3-D U-Net for organ segmentation, data-parallel over the ranks (gloo on CPU,
-    NCCL on GPU), with a memory plan, validation Dice per organ and checkpoints."""
+    """Train a 3-D U-Net for organ segmentation or for deformable registration between
+    cases, data-parallel over the ranks (gloo on CPU, NCCL on GPU), with a memory plan,
+    validation (Dice per organ; for registration also NCC and folding) and checkpoints."""
     _require_torch(run, "ct-train")
     from medhpc.ct.run import Training
 
@@ -178,7 +188,8 @@ def ct_train(run, data, out, epochs, steps, patch, batch, widths, deep_supervisi
         if not width_list or min(width_list) < 1:
             raise click.BadParameter(f"{widths!r}: expected positive integers",
                                      param_hint="--widths")
-    settings = TrainSettings(epochs=epochs, steps=steps, batch=batch, patch=patch,
+    settings = TrainSettings(task=task, smoothness=smoothness, label_weight=label_weight,
+                             epochs=epochs, steps=steps, batch=batch, patch=patch,
                              widths=width_list, deep_supervision=deep_supervision,
                              optimizer=optimizer, lr=lr, grad_sync=grad_sync, amp=amp,
                              checkpointing=checkpointing, gpu_mem_gb=gpu_mem_gb, folds=folds,
@@ -235,5 +246,47 @@ def ct_segment(run, model_paths, images, out, labels, batch, tta, postprocess, d
                  postprocess=postprocess, dicom_seg=dicom_seg, png=png).execute()
 
 
-COMMANDS = [ct_prepare, ct_train, ct_segment]
+@command("ct-register", example="""\
+medhpc ct-register --model ct/registration/model.pt --fixed a.nii.gz --moving b.nii.gz \\
+    --out a_to_b""")
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="RUN/model.pt written by ct-train --task registration.")
+@click.option("--fixed", type=click.Path(), default=None,
+              help="Fixed (target) CT: NIfTI file or DICOM series folder.")
+@click.option("--moving", type=click.Path(), default=None,
+              help="Moving CT, registered onto the fixed one.")
+@click.option("--pairs", type=click.Path(dir_okay=False), default=None,
+              help="CSV of fixed,moving[,name] (as lddmm --pairs; '-' reads stdin): pairs "
+                   "over the ranks, outputs in OUT/<name>/.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for transform.h5 (lddmm-apply reads it), the ITK warps, "
+                   "warped.nii.gz and jacobian.nii.gz.")
+@click.option("--moving-labels", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Label map of the moving image: also write warped_labels.nii.gz.")
+@click.option("--fixed-labels", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Label map of the fixed image: Dice of the warped labels (dice.json).")
+@pass_run("ct-register")
+def ct_register(run, model_path, fixed, moving, pairs, out, moving_labels, fixed_labels):
+    """Register CT volumes with a trained registration network (one forward pass per pair,
+    a diffeomorphism by scaling and squaring), writing the same transform files as lddmm."""
+    _require_torch(run, "ct-register")
+    from medhpc.ct.register import Registration
+
+    if pairs is not None:
+        if fixed is not None or moving is not None:
+            raise click.UsageError("give --fixed and --moving, or --pairs, not both")
+        if moving_labels is not None or fixed_labels is not None:
+            raise click.UsageError("--moving-labels/--fixed-labels: for one pair "
+                                   "(--fixed, --moving); with --pairs use lddmm-apply")
+        from medhpc.lddmm.run import read_pairs
+
+        pair_list = run.world.agree(lambda: read_pairs(pairs))
+    elif fixed is None or moving is None:
+        raise click.UsageError("expected --fixed and --moving, or --pairs")
+    else:
+        pair_list = [{"fixed": fixed, "moving": moving, "name": None}]
+    Registration(run, model_path, pair_list, out, moving_labels, fixed_labels).execute()
+
+
+COMMANDS = [ct_prepare, ct_train, ct_segment, ct_register]
 PHANTOM_COMMANDS = [phantom_ct]

@@ -21,6 +21,14 @@ def dice_ce_loss(logits, labels, smooth: float = 1e-5):
     cross_entropy = F.cross_entropy(logits, labels, reduction="none").flatten(1).mean(1)
     probabilities = torch.softmax(logits, dim=1)
     onehot = F.one_hot(labels, logits.shape[1]).permute(0, 4, 1, 2, 3).to(probabilities.dtype)
+    present = (onehot.sum((2, 3, 4)) > 0)[:, 1:].to(probabilities.dtype)
+    mean_dice = mean_soft_dice(probabilities, onehot, smooth)
+    return (cross_entropy + present.amax(1) * (1 - mean_dice)).mean()
+
+
+def mean_soft_dice(probabilities, onehot, smooth: float = 1e-5):
+    """Soft Dice per sample (B,), averaged over the foreground classes (1..C-1) present in
+    the reference ``onehot``; both (B, C, z, y, x)."""
     axes = (2, 3, 4)
     intersection = (probabilities * onehot).sum(axes)
     denominator = probabilities.sum(axes) + onehot.sum(axes)
@@ -28,8 +36,7 @@ def dice_ce_loss(logits, labels, smooth: float = 1e-5):
     # classes absent from a sample's reference would only reward predicting nothing of them
     # (cross-entropy already does), so each sample averages Dice over the classes it holds
     present = (onehot.sum(axes) > 0)[:, 1:].to(dice.dtype)
-    mean_dice = (dice[:, 1:] * present).sum(1) / present.sum(1).clamp(min=1)
-    return (cross_entropy + present.amax(1) * (1 - mean_dice)).mean()
+    return (dice[:, 1:] * present).sum(1) / present.sum(1).clamp(min=1)
 
 
 def deep_supervision_loss(outputs, labels):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import signal
 import time
@@ -27,13 +26,12 @@ from medhpc import backend
 from medhpc.ct import distributed
 from medhpc.ct.augment import AugmentSettings
 from medhpc.ct.dataset import CtDataset
-from medhpc.ct.inference import segment_volume
-from medhpc.ct.loss import confusion_counts, deep_supervision_loss, dice_from_counts
 from medhpc.ct.planner import (CPU_WIDTHS, GPU_WIDTHS, given_plan, network_layout,
                                 plan_lowres, plan_training)
-from medhpc.ct.postprocess import helpful_classes, largest_component
-from medhpc.ct.sampler import PatchSampler, TrainingCase, rank_slots
+from medhpc.ct.postprocess import helpful_classes
+from medhpc.ct.sampler import TrainingCase, rank_slots
 from medhpc.ct.settings import GRAD_SYNCS, OPTIMIZERS, TrainSettings
+from medhpc.ct.tasks import task_for
 from medhpc.ct.unet import UNet3D, UNetConfig
 from medhpc.errors import InputError
 from medhpc.io.atomic import atomic_path, publish_together
@@ -85,6 +83,7 @@ class Training:
         self.settings = settings
         self.resume = resume
         self.png = png
+        self.task = task_for(settings)
 
     # -- setup ----------------------------------------------------------------------------
     def validate(self):
@@ -94,16 +93,14 @@ class Training:
         if s.grad_sync not in GRAD_SYNCS:
             raise InputError(f"--grad-sync {s.grad_sync}: expected {' or '.join(GRAD_SYNCS)}")
         dataset = CtDataset(self.data)
-        unlabelled = [n for n in dataset.names if not dataset.labelled[n]]
-        if unlabelled:
-            raise InputError(f"{self.data}: case(s) {', '.join(unlabelled[:3])} have no labels; "
-                             f"expected a labelled dataset (ct-prepare --labels)")
+        self.task.check(dataset, self.data)
         train, validation = split_folds(dataset.names, s.folds, s.fold)
         if not train:
             raise InputError(f"{self.data}: no training cases in fold {s.fold}")
-        classes = dataset.n_classes + 1
-        plan = self.memory_plan(classes, dataset)
-        config = UNetConfig.from_layout(plan.network, classes, s.deep_supervision)
+        in_channels, out_channels = self.task.channels(dataset)
+        plan = self.memory_plan(out_channels, dataset)
+        config = UNetConfig.from_layout(plan.network, out_channels, s.deep_supervision,
+                                        in_channels)
         divisor = config.divisor
         if any(p % d for p, d in zip(plan.patch, divisor)):
             raise InputError(f"--patch {','.join(map(str, plan.patch))}: expected multiples of "
@@ -153,7 +150,7 @@ class Training:
         s = self.settings
         if s.patch is not None:
             return None
-        return plan_lowres(plan, dataset.n_classes + 1, dataset.median_shape,
+        return plan_lowres(plan, self.task.channels(dataset)[1], dataset.median_shape,
                            dataset.median_spacing_zyx, plan.budget_gb, s.optimizer,
                            None if s.widths is None else tuple(s.widths), self.width_rule)
 
@@ -185,7 +182,10 @@ class Training:
             dataset, train_names, val_names, config, plan = self.world.agree(self.validate)
         batch = plan.batch
         global_batch = batch * self.world.size
-        summary = {"cases": {"train": len(train_names), "validation": len(val_names)},
+        self.task.bind(dataset)
+        summary = {"task": self.task.name,
+                   "cases": {"train": len(train_names), "validation": len(val_names)},
+                   "validation_cases": list(val_names),
                    "network": config.to_dict(), "memory_plan": plan.to_dict(),
                    "global_batch": global_batch, "grad_sync": s.grad_sync,
                    "optimizer": s.optimizer, "lr": s.learning_rate,
@@ -215,7 +215,9 @@ class Training:
         global_batch = batch * ranks.size
         total_steps = s.epochs * s.steps
         torch.manual_seed(s.seed)
-        model = UNet3D(config, activation_checkpointing=plan.checkpointing).to(device)
+        model = UNet3D(config, activation_checkpointing=plan.checkpointing)
+        self.task.prepare_model(model)
+        model = model.to(device)
         if s.optimizer == "sgd":
             optimizer = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=0.99,
                                         nesterov=True, weight_decay=s.weight_decay)
@@ -225,15 +227,14 @@ class Training:
         scaler = torch.amp.GradScaler("cuda", enabled=plan.amp and device.type == "cuda")
 
         slots = rank_slots(ranks.rank, batch)
-        sampler = PatchSampler({}, len(train_names), global_batch, slots, patch, s.seed,
-                               backend.kernels("medhpc.ct", "cpu", "augment"),
-                               AugmentSettings() if s.augment else AugmentSettings.none(),
-                               s.foreground_fraction)
+        sampler = self.task.sampler(len(train_names), global_batch, slots, patch,
+                                    backend.kernels("medhpc.ct", "cpu", "augment"),
+                                    AugmentSettings() if s.augment else AugmentSettings.none())
         with run.stage("load cases", "io"):
             needed = sampler.needed_cases()
             sampler.cases = self.load_cases(dataset, [(i, train_names[i]) for i in needed])
-            mine = range(*block_range(len(val_names), ranks.size, ranks.rank))
-            val_cases = self.load_cases(dataset, [(i, val_names[i]) for i in mine])
+            val_items, val_reads = self.task.validation_items(val_names, ranks)
+            val_cases = self.load_cases(dataset, [(name, name) for name in val_reads])
 
         state = {"epoch": 0, "step": 0, "history": [], "epoch_loss": 0.0, "epoch_seconds": 0.0}
         fingerprint = s.fingerprint(ranks.size)
@@ -260,15 +261,13 @@ class Training:
             for step in range(state["step"], s.steps):
                 global_step = epoch * s.steps + step
                 with run.stage("sample and augment", "kernel"):
-                    images, labels = sampler.batch(global_step)
-                    x = torch.from_numpy(images).to(device)
-                    y = torch.from_numpy(labels).to(device)
+                    batch_arrays = sampler.batch(global_step)
                 for group in optimizer.param_groups:
                     group["lr"] = poly_lr(s.learning_rate, global_step, total_steps)
                 with run.stage("forward and backward", "kernel"):
                     optimizer.zero_grad(set_to_none=True)
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=plan.amp):
-                        loss = deep_supervision_loss(network(x), y)
+                        loss = self.task.loss(network, batch_arrays, device)
                     scaler.scale(loss).backward()
                 if sync is not None:
                     with run.stage("gradient all-reduce", "comm"):
@@ -299,22 +298,20 @@ class Training:
             epoch_loss = distributed.reduce_sum(
                 self.world, ranks, np.array([state["epoch_loss"]]))[0] / ranks.size
             with run.stage("validation", "kernel"):
-                dice, dice_largest = self.validate_epoch(model, val_cases, dataset, patch,
-                                                         device, plan.amp, ranks)
+                model.eval()
+                with torch.no_grad():
+                    measured = self.task.validate(self.world, ranks, model, val_items,
+                                                  val_cases, dataset, patch, device, plan.amp)
             record = {"epoch": epoch + 1, "loss": float(epoch_loss) / s.steps,
                       "lr": poly_lr(s.learning_rate, (epoch + 1) * s.steps, total_steps),
                       "patches_per_s": s.steps * global_batch / seconds,
-                      "seconds": seconds,
-                      "dice": {name: _finite(d) for name, d in zip(dataset.classes, dice)},
-                      "dice_largest_component": {name: _finite(d) for name, d in
-                                                 zip(dataset.classes, dice_largest)}}
+                      "seconds": seconds, **measured}
             if device.type == "cuda":
                 record["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1024 ** 3
             state["history"].append(record)
             run.log.info(f"epoch {epoch + 1}/{s.epochs}: loss {record['loss']:.4f}, "
-                         f"{record['patches_per_s']:.2f} patches/s, Dice "
-                         + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -"
-                                     for k, v in record["dice"].items()))
+                         f"{record['patches_per_s']:.2f} patches/s, "
+                         + self.task.describe(record))
             state.update(epoch=epoch + 1, step=0, epoch_loss=0.0, epoch_seconds=0.0)
             with run.stage("checkpoint", "io"):
                 self.write_checkpoint(model, optimizer, scaler, state, fingerprint, ranks)
@@ -325,24 +322,9 @@ class Training:
             if state["history"]:
                 last = state["history"][-1]
                 run.summary.update(epochs=len(state["history"]), loss=last["loss"],
-                                   dice=last["dice"])
+                                   **self.task.summary(last))
             run.finish()
         return {"history": state["history"]}
-
-    # -- validation -----------------------------------------------------------------------
-    def validate_epoch(self, model, val_cases: dict, dataset, patch, device, amp, ranks):
-        """Pooled Dice per class of the held-out cases, as predicted and with only the
-        largest connected component of each class kept."""
-        classes = range(1, dataset.n_classes + 1)
-        counts = np.zeros((2, dataset.n_classes, 3))
-        for case in val_cases.values():
-            prediction = segment_volume(model, case.image, patch, dataset.n_classes + 1, device,
-                                        case.fill, amp=amp)
-            counts[0] += confusion_counts(prediction, case.labels, dataset.n_classes)
-            counts[1] += confusion_counts(largest_component(prediction, classes), case.labels,
-                                          dataset.n_classes)
-        counts = distributed.reduce_sum(self.world, ranks, counts)
-        return dice_from_counts(counts[0]), dice_from_counts(counts[1])
 
     # -- state ----------------------------------------------------------------------------
     def write_checkpoint(self, model, optimizer, scaler, state, fingerprint, ranks):
@@ -372,8 +354,7 @@ class Training:
         document = {"model": model.state_dict(), **plain_data({
             "network": config.to_dict(), "patch": list(plan.patch), "classes": dataset.classes,
             "intensity": dataset.intensity, "spacing_mm": dataset.spacing_mm,
-            "amp": bool(plan.amp), "largest_component": largest_component_classes(history),
-            "mirrored": bool(self.settings.augment)})}
+            "amp": bool(plan.amp), "task": self.task.name, **self.task.document(history)})}
         with atomic_path(self.out / MODEL_NAME, overwrite=True) as tmp:
             torch.save(document, tmp)
         log = {**summary, "epochs_run": history}
@@ -382,12 +363,11 @@ class Training:
             with open(tmp, "w", newline="") as stream:
                 writer = csv.writer(stream)
                 writer.writerow(["epoch", "loss", "lr", "patches_per_s", "seconds"]
-                                + [f"dice_{c}" for c in dataset.classes])
+                                + self.task.csv_columns(dataset.classes))
                 for r in history:
                     writer.writerow([r["epoch"], f"{r['loss']:.6f}", f"{r['lr']:.6g}",
                                      f"{r['patches_per_s']:.4f}", f"{r['seconds']:.3f}"]
-                                    + ["" if r["dice"][c] is None else f"{r['dice'][c]:.4f}"
-                                       for c in dataset.classes])
+                                    + self.task.csv_values(r, dataset.classes))
         if self.png:
             from medhpc.ct.figures import plot_training_curves
 
@@ -423,6 +403,3 @@ def _signal_step() -> int | None:
     value = os.environ.get(STOP_AFTER_STEP_VARIABLE, "").strip()
     return int(value) if value.isdigit() else None
 
-
-def _finite(value) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)

@@ -35,7 +35,8 @@ def rank_slots(rank: int, batch_per_rank: int) -> range:
 
 
 class TrainingCase:
-    """One case held in memory for sampling: normalised image, labels, foreground voxels."""
+    """One case held in memory for sampling: normalised image, labels (or None), foreground
+    voxels."""
 
     def __init__(self, name: str, image: np.ndarray, labels: np.ndarray, n_classes: int,
                  fill: float):
@@ -45,7 +46,7 @@ class TrainingCase:
         self.fill = fill
         rng = np.random.default_rng(list(name.encode()))
         self.foreground = {}
-        for c in range(1, n_classes + 1):
+        for c in range(1, n_classes + 1 if labels is not None else 1):
             voxels = np.argwhere(labels == c)
             if len(voxels) > FOREGROUND_VOXELS_KEPT:
                 voxels = voxels[rng.choice(len(voxels), FOREGROUND_VOXELS_KEPT, replace=False)]

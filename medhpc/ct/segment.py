@@ -73,6 +73,11 @@ class Segmentation:
 
     def check(self):
         documents = [load_model(path, torch.device("cpu"))[1] for path in self.model_paths]
+        for path, document in zip(self.model_paths, documents):
+            if document.get("task", "segmentation") != "segmentation":
+                raise InputError(f"{path}: a {document['task']} model; expected RUN/model.pt "
+                                 f"of ct-train --task segmentation (ct-register applies "
+                                 f"registration models)")
         for path, document in zip(self.model_paths[1:], documents[1:]):
             for key in ("classes", "spacing_mm", "intensity"):
                 if document.get(key) != documents[0].get(key):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+TASKS = ("segmentation", "registration")
 OPTIMIZERS = ("sgd", "adamw")
 GRAD_SYNCS = ("ddp", "mpi")
 #: Initial learning rate by optimizer when --lr is not given.
@@ -18,6 +19,7 @@ DEFAULT_LR = {"sgd": 0.01, "adamw": 3e-4}
 class TrainSettings:
     """Everything that defines a training run (its fingerprint for --resume)."""
 
+    task: str = "segmentation"
     epochs: int = 10
     steps: int = 50
     batch: int | None = None
@@ -36,6 +38,8 @@ class TrainSettings:
     augment: bool = True
     foreground_fraction: float = 1 / 3
     seed: int = 0
+    smoothness: float = 1.0  # registration: weight of the diffusion regulariser
+    label_weight: float = 1.0  # registration: weight of the warped-label Dice (with labels)
 
     @property
     def learning_rate(self) -> float:

@@ -195,7 +195,7 @@ CASES = [
                            "{d}/sections_ok", "--out", "{o}/a.h5"], ["missing.h5"]),
     ("tnr-apply-garbage", ["tnr-apply", "--registration", "{d}/garbage.h5", "--input",
                            "{d}/sections_ok", "--out", "{o}/a.h5"], ["garbage.h5"]),
-    # ct-prepare, ct-train, ct-segment
+    # ct-prepare, ct-train, ct-segment, ct-register
     ("ct-prepare-empty", ["ct-prepare", "--images", "{d}/sections_empty", "--labels",
                           "{d}/ct_labels", "--out", "{o}/data.h5"], ["sections_empty"]),
     ("ct-prepare-garbage", ["ct-prepare", "--images", "{d}/ct_images", "--labels",
@@ -213,6 +213,12 @@ CASES = [
                             "{d}/good.nii.gz", "--out", "{o}/seg"], ["missing.pt"]),
     ("ct-segment-garbage", ["ct-segment", "--model", "{d}/garbage.pt", "--images",
                             "{d}/good.nii.gz", "--out", "{o}/seg"], ["garbage.pt"]),
+    ("ct-register-missing", ["ct-register", "--model", "{d}/missing.pt", "--fixed",
+                             "{d}/good.nii.gz", "--moving", "{d}/good.nii.gz", "--out",
+                             "{o}/reg"], ["missing.pt"]),
+    ("ct-register-garbage", ["ct-register", "--model", "{d}/garbage.pt", "--fixed",
+                             "{d}/good.nii.gz", "--moving", "{d}/good.nii.gz", "--out",
+                             "{o}/reg"], ["garbage.pt"]),
     # compile (one rank only: later jobs share the cache)
     ("compile-under-mpiexec", ["compile", "--app", "tnr"], ["one rank"]),
     # report
