@@ -169,9 +169,9 @@ mpiexec -n 4 medhpc ct-train --data ct/dataset.h5 --out ct/run --epochs 100 --pn
 @click.option("--ranks-per-run", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --sweep: ranks per configuration (groups run side by side).")
 @pass_run("ct-train")
-def ct_train(run, data, out, task, smoothness, label_weight, epochs, steps, patch, batch, widths, deep_supervision, optimizer,
-             lr, grad_sync, gpu_mem_gb, amp, checkpointing, folds, fold, no_augment, resume,
-             png, sweep, ranks_per_run):
+def ct_train(run, data, out, task, smoothness, label_weight, epochs, steps, patch, batch, widths,
+             deep_supervision, optimizer, lr, grad_sync, gpu_mem_gb, amp, checkpointing, folds,
+             fold, no_augment, resume, png, sweep, ranks_per_run):
     """Train a 3-D U-Net for organ segmentation or for deformable registration between
     cases, data-parallel over the ranks (gloo on CPU, NCCL on GPU), with a memory plan,
     validation (Dice per organ; for registration also NCC and folding) and checkpoints."""
@@ -265,8 +265,12 @@ medhpc ct-register --model ct/registration/model.pt --fixed a.nii.gz --moving b.
               help="Label map of the moving image: also write warped_labels.nii.gz.")
 @click.option("--fixed-labels", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Label map of the fixed image: Dice of the warped labels (dice.json).")
+@click.option("--refine", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Refine the network's velocity for each pair by this many Adam iterations "
+                   "of the NCC + diffusion loss on the fixed grid (0: the network alone).")
 @pass_run("ct-register")
-def ct_register(run, model_path, fixed, moving, pairs, out, moving_labels, fixed_labels):
+def ct_register(run, model_path, fixed, moving, pairs, out, moving_labels, fixed_labels,
+                refine):
     """Register CT volumes with a trained registration network (one forward pass per pair,
     a diffeomorphism by scaling and squaring), writing the same transform files as lddmm."""
     _require_torch(run, "ct-register")
@@ -285,7 +289,8 @@ def ct_register(run, model_path, fixed, moving, pairs, out, moving_labels, fixed
         raise click.UsageError("expected --fixed and --moving, or --pairs")
     else:
         pair_list = [{"fixed": fixed, "moving": moving, "name": None}]
-    Registration(run, model_path, pair_list, out, moving_labels, fixed_labels).execute()
+    Registration(run, model_path, pair_list, out, moving_labels, fixed_labels,
+                 refine).execute()
 
 
 COMMANDS = [ct_prepare, ct_train, ct_segment, ct_register]

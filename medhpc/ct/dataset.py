@@ -132,6 +132,22 @@ def source_geometry(path) -> ImageGeometry:
     return read_ct(path)[1]
 
 
+def normalised_hu(image: np.ndarray, stats: dict) -> np.ndarray:
+    """``(clip(image, low, high) - mean) / std`` with the dataset's intensity statistics."""
+    from medhpc.ct import augment_cpu
+
+    out = np.empty(image.shape, dtype=np.float32)
+    augment_cpu.normalise_hu(np.ascontiguousarray(image, dtype=np.float32),
+                             np.float32(stats["low"]), np.float32(stats["high"]),
+                             np.float32(stats["mean"]), np.float32(stats["std"]), out)
+    return out
+
+
+def intensity_fill(stats: dict) -> float:
+    """The normalised value of the window's low end (what lies outside a volume)."""
+    return (stats["low"] - stats["mean"]) / stats["std"]
+
+
 def resampled_geometry(geometry: ImageGeometry, spacing_mm) -> ImageGeometry:
     """The grid over the same extent with voxels of ``spacing_mm`` (x, y, z), same directions."""
     old = np.array(geometry.spacing_mm)

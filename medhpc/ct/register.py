@@ -4,8 +4,10 @@ For each pair the network runs on the fixed image's extent at the model's voxel 
 fixed grid itself when the model was trained on each case's grid): the moving image is
 resampled there through world coordinates, both are normalised as in training, and one
 forward pass gives the velocity field; brought onto the fixed image's own grid
-(:func:`displacement_on_grid`), scaling and squaring of ``v`` and ``-v`` there gives the
-forward and inverse displacements (:mod:`medhpc.ct.registration`). The outputs are those of ``lddmm``, on the
+(:func:`displacement_on_grid`), optionally refined for this pair (``--refine N``: N Adam
+iterations on ``v`` of the training loss's image terms, on the fixed grid), scaling and
+squaring of ``v`` and ``-v`` there gives the forward and inverse displacements
+(:mod:`medhpc.ct.registration`). The outputs are those of ``lddmm``, on the
 fixed grid:
 ``transform.h5`` (so ``lddmm-apply`` warps images, labels and points with it), the ITK
 fields ``forward_warp.nii.gz`` / ``inverse_warp.nii.gz`` with ``affine.txt``, ``warped.nii.gz``
@@ -22,17 +24,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medhpc import backend
-from medhpc.ct.dataset import read_ct, read_labels, resample, resampled_geometry, source_geometry
+from medhpc.ct.dataset import (intensity_fill, normalised_hu, read_ct, read_labels, resample,
+                               resampled_geometry, source_geometry)
 from medhpc.ct.loss import confusion_counts, dice_from_counts
-from medhpc.ct.registration import exponential, jacobian_determinant, predict_velocity
-from medhpc.ct.segment import load_model
+from medhpc.ct.registration import (exponential, jacobian_determinant, predict_velocity,
+                                    refine_velocity)
+from medhpc.ct.segment import inference_device, load_model
 from medhpc.errors import InputError
 from medhpc.io.atomic import check_output_free, publish_together
 from medhpc.io.nifti import write_nifti
 from medhpc.lddmm import itk
 from medhpc.lddmm.transform import (IDENTITY, apply_transform, map_points, sample_field,
                                     write_transform)
+from medhpc.parallel.geometry import block_range
 from medhpc.parallel.work import static_items
 from medhpc.runtime.runlog import write_run_log
 
@@ -70,7 +74,7 @@ class Registration:
     """The ct-register run on this rank (collective)."""
 
     def __init__(self, run, model_path, pairs: list[dict], out, moving_labels=None,
-                 fixed_labels=None):
+                 fixed_labels=None, refine: int = 0):
         self.run = run
         self.world = run.world
         self.model_path = Path(model_path)
@@ -78,6 +82,7 @@ class Registration:
         self.out = Path(out)
         self.moving_labels = moving_labels
         self.fixed_labels = fixed_labels
+        self.refine = int(refine)
 
     def folder(self, pair: dict) -> Path:
         return self.out if len(self.pairs) == 1 and pair.get("name") is None \
@@ -118,15 +123,13 @@ class Registration:
         with run.stage("validate inputs", "io"):
             document = self.world.agree(self.check)
         if run.dry_run:
+            size = self.world.size
             run.print_plan({"pairs": len(self.pairs), "model_spacing_mm": document.get(
-                "spacing_mm"), "pairs_per_rank": [len(self.pairs[r::self.world.size])
-                                                  for r in range(self.world.size)]})
+                "spacing_mm"), "pairs_per_rank": [len(range(*block_range(len(self.pairs), size,
+                                                                         r)))
+                                                  for r in range(size)]})
             return None
-        torch.set_num_threads(run.threads)
-        device = torch.device("cpu")
-        if run.device == "cuda":
-            device = torch.device("cuda", run.gpu if run.gpu is not None else 0)
-            torch.cuda.set_device(device)
+        device = inference_device(run)
         with run.stage("load model", "io"):
             model, document = load_registration_model(self.model_path, device)
         mine = static_items(self.world, len(self.pairs))
@@ -144,32 +147,38 @@ class Registration:
     def register_pair(self, pair: dict, model, document, device) -> dict:
         run = self.run
         stats = document["intensity"]
-        kernels = backend.kernels("medhpc.ct", "cpu", "augment")
         started = time.perf_counter()
         with run.stage("read", "io"):
             fixed, fixed_geometry = read_ct(pair["fixed"])
             moving, moving_geometry = read_ct(pair["moving"])
-        with run.stage("resample and normalise", "kernel"):
-            grid = fixed_geometry
-            if document.get("spacing_mm"):
-                grid = resampled_geometry(fixed_geometry, document["spacing_mm"])
+        grid = fixed_geometry
+        if document.get("spacing_mm"):
+            grid = resampled_geometry(fixed_geometry, document["spacing_mm"])
+
+        def normalised_on(target):
             images = []
             for image, geometry in ((moving, moving_geometry), (fixed, fixed_geometry)):
-                if not geometry.same_grid(grid):
-                    image = resample(image, geometry, grid, labels=False, fill=float(image.min()))
-                normalised = np.empty(image.shape, dtype=np.float32)
-                kernels.normalise_hu(np.ascontiguousarray(image, dtype=np.float32),
-                                     np.float32(stats["low"]), np.float32(stats["high"]),
-                                     np.float32(stats["mean"]), np.float32(stats["std"]),
-                                     normalised)
-                images.append(normalised)
-        fill = (stats["low"] - stats["mean"]) / stats["std"]
+                if not geometry.same_grid(target):
+                    image = resample(image, geometry, target, labels=False,
+                                     fill=float(image.min()))
+                images.append(normalised_hu(image, stats))
+            return images
+
+        with run.stage("resample and normalise", "kernel"):
+            images = normalised_on(grid)
+        fill = intensity_fill(stats)
         with run.stage("inference", "kernel"):
             velocity = predict_velocity(model, images[0], images[1], model.config.divisor,
                                         fill, device)
+        if not grid.same_grid(fixed_geometry):  # exp(v) integrated on the fixed grid
+            velocity = displacement_on_grid(velocity, grid, fixed_geometry)
+        if self.refine:
+            with run.stage("refinement", "kernel"):
+                if not grid.same_grid(fixed_geometry):
+                    images = normalised_on(fixed_geometry)
+                velocity = refine_velocity(velocity, images[0], images[1], self.refine,
+                                           float(document.get("smoothness", 1.0)), device)
         with run.stage("integration", "kernel"):
-            if not grid.same_grid(fixed_geometry):  # exp(v) integrated on the fixed grid
-                velocity = displacement_on_grid(velocity, grid, fixed_geometry)
             forward, inverse = exponential(velocity, device), exponential(-velocity, device)
             determinant = jacobian_determinant(forward)
         seconds = time.perf_counter() - started
@@ -184,6 +193,7 @@ class Registration:
             folder.mkdir(parents=True, exist_ok=True)
             settings = {"method": "ct-register", "model": str(self.model_path),
                         "integration_steps": int(document.get("integration_steps", 7)),
+                        "refine_iterations": self.refine,
                         "network_grid": grid.describe()}
             write_transform(folder / TRANSFORM, forward, inverse, fixed_geometry,
                             moving_geometry, settings, overwrite=run.overwrite)
@@ -198,11 +208,11 @@ class Registration:
                                             document, folder))
             write_run_log(folder / "register.json", "ct-register", row,
                           overwrite=run.overwrite)
+        dice = ", Dice " + ", ".join(f"{k} {v:.3f}" for k, v in row["dice"].items()
+                                     if v is not None) if "dice" in row else ""
         run.log.info(f"registered {pair['moving']} to {pair['fixed']} in {seconds:.2f} s "
-                     f"(network at {row['network_grid']}): {100 * row['folded_share']:.3g}% voxels with "
-                     f"det <= 0" + (", Dice " + ", ".join(
-                         f"{k} {v:.3f}" for k, v in row["dice"].items() if v is not None)
-                         if "dice" in row else ""))
+                     f"(network at {row['network_grid']}): "
+                     f"{100 * row['folded_share']:.3g}% voxels with det <= 0{dice}")
         return row
 
     def warp_labels(self, transform, moving_geometry, fixed_geometry, document, folder) -> dict:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from medhpc.ct.augment import draw_transform, extract_patch
 from medhpc.ct.loss import mean_soft_dice
-from medhpc.ct.sampler import slot_cases
+from medhpc.ct.sampler import slot_cases, uniform_centre
 
 INTEGRATION_STEPS = 7
 NCC_WINDOW = 9
@@ -149,6 +149,29 @@ def predict_displacements(model, moving: np.ndarray, fixed: np.ndarray, divisor,
             exponential(-velocity, device) if inverse else None)
 
 
+REFINE_LEARNING_RATE = 0.1  # voxels per Adam step
+
+
+def refine_velocity(velocity: np.ndarray, moving: np.ndarray, fixed: np.ndarray,
+                    iterations: int, smoothness: float, device="cpu") -> np.ndarray:
+    """The network's velocity refined for one pair: ``iterations`` Adam steps on ``v`` of
+    ``1 - local NCC + smoothness * diffusion`` (the training loss without labels), on the
+    grid of ``fixed`` (``moving`` resampled there, both normalised)."""
+    field = torch.from_numpy(np.ascontiguousarray(velocity, np.float32))[None].to(device)
+    field.requires_grad_(True)
+    moving_t = torch.from_numpy(np.ascontiguousarray(moving, np.float32))[None, None].to(device)
+    fixed_t = torch.from_numpy(np.ascontiguousarray(fixed, np.float32))[None, None].to(device)
+    optimizer = torch.optim.Adam([field], lr=REFINE_LEARNING_RATE)
+    for _ in range(iterations):
+        optimizer.zero_grad(set_to_none=True)
+        displacement = integrate_velocity(field)
+        loss = (1 - local_ncc(fixed_t, sample_at(moving_t, displacement))
+                + smoothness * diffusion_energy(displacement)).mean()
+        loss.backward()
+        optimizer.step()
+    return field.detach()[0].cpu().numpy()
+
+
 def warp_numpy(volume: np.ndarray, displacement: np.ndarray, labels: bool = False) -> np.ndarray:
     """A volume on the fixed grid warped by a displacement (trilinear, nearest for labels)."""
     tensor = torch.from_numpy(np.asarray(volume, np.float32))[None, None]
@@ -201,21 +224,14 @@ class PairSampler:
         return sorted({case for s in self.slots for p in self.slot_pairs(s)
                        for case in self.pairs[p]})
 
-    def centre(self, rng, shape) -> np.ndarray:
-        half = (np.array(self.patch_shape) - 1) / 2
-        shape = np.array(shape)
-        low = np.minimum(half, (shape - 1) / 2)
-        high = np.maximum(shape - 1 - half, (shape - 1) / 2)
-        return rng.uniform(low, high)
-
     def patch(self, step: int, slot: int):
         """(moving image, fixed image, moving labels, fixed labels) of ``slot`` at ``step``."""
         rng = np.random.default_rng([self.seed, step, slot])
         choices = self.slot_pairs(slot)
         moving_index, fixed_index = self.pairs[choices[rng.integers(len(choices))]]
         moving, fixed = self.cases[moving_index], self.cases[fixed_index]
-        transform = draw_transform(rng, self.centre(rng, fixed.image.shape), self.patch_shape,
-                                   self.augment)
+        centre = uniform_centre(rng, self.patch_shape, fixed.image.shape)
+        transform = draw_transform(rng, centre, self.patch_shape, self.augment)
         m_image, m_labels = extract_patch(self.kernels, moving.image, moving.labels, transform,
                                           self.patch_shape, moving.fill, rng)
         f_image, f_labels = extract_patch(self.kernels, fixed.image, fixed.labels, transform,

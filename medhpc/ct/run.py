@@ -25,7 +25,7 @@ import torch
 from medhpc import backend
 from medhpc.ct import distributed
 from medhpc.ct.augment import AugmentSettings
-from medhpc.ct.dataset import CtDataset
+from medhpc.ct.dataset import CtDataset, intensity_fill, normalised_hu
 from medhpc.ct.planner import (CPU_WIDTHS, GPU_WIDTHS, given_plan, network_layout,
                                 plan_lowres, plan_training)
 from medhpc.ct.postprocess import helpful_classes
@@ -162,17 +162,12 @@ class Training:
         return torch.device("cpu")
 
     def load_cases(self, dataset: CtDataset, names: list[str]) -> dict:
-        kernels = backend.kernels("medhpc.ct", "cpu", "augment")
         stats = dataset.intensity
-        fill = (stats["low"] - stats["mean"]) / stats["std"]
         cases = {}
         for index, name in names:
             image, labels, _ = dataset.read(name)
-            normalised = np.empty_like(image, dtype=np.float32)
-            kernels.normalise_hu(image.astype(np.float32), np.float32(stats["low"]),
-                                 np.float32(stats["high"]), np.float32(stats["mean"]),
-                                 np.float32(stats["std"]), normalised)
-            cases[index] = TrainingCase(name, normalised, labels, dataset.n_classes, fill)
+            cases[index] = TrainingCase(name, normalised_hu(image, stats), labels,
+                                        dataset.n_classes, intensity_fill(stats))
         return cases
 
     # -- the run --------------------------------------------------------------------------

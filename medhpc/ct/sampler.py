@@ -29,6 +29,15 @@ def slot_cases(n_cases: int, slots: int, slot: int) -> range:
     return range(slot % n_cases, slot % n_cases + 1)
 
 
+def uniform_centre(rng, patch_shape, shape) -> np.ndarray:
+    """A patch centre drawn uniformly where the patch fits (the middle on shorter axes)."""
+    half = (np.array(patch_shape) - 1) / 2
+    shape = np.array(shape)
+    low = np.minimum(half, (shape - 1) / 2)
+    high = np.maximum(shape - 1 - half, (shape - 1) / 2)
+    return rng.uniform(low, high)
+
+
 def rank_slots(rank: int, batch_per_rank: int) -> range:
     """The global batch slots rank ``rank`` fills."""
     return range(rank * batch_per_rank, (rank + 1) * batch_per_rank)
@@ -79,11 +88,7 @@ class PatchSampler:
             classes = sorted(case.foreground)
             voxels = case.foreground[classes[rng.integers(len(classes))]]
             return voxels[rng.integers(len(voxels))].astype(np.float64)
-        half = (np.array(self.patch_shape) - 1) / 2
-        shape = np.array(case.image.shape)
-        low = np.minimum(half, (shape - 1) / 2)
-        high = np.maximum(shape - 1 - half, (shape - 1) / 2)
-        return rng.uniform(low, high)
+        return uniform_centre(rng, self.patch_shape, case.image.shape)
 
     def patch(self, step: int, slot: int):
         """The (image, labels) patch of global batch slot ``slot`` at ``step``."""

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medhpc import backend
-from medhpc.ct.dataset import find_cases, read_ct, read_labels, resample, resampled_geometry
+from medhpc.ct.dataset import (find_cases, intensity_fill, normalised_hu, read_ct, read_labels,
+                               resample, resampled_geometry)
 from medhpc.ct.inference import segment_volume
 from medhpc.ct.loss import confusion_counts, dice_from_counts
 from medhpc.ct.postprocess import largest_component
@@ -50,6 +50,16 @@ def load_model(path, device) -> tuple[torch.nn.Module, dict]:
         raise InputError(f"{path}: not a ct-train model ({type(error).__name__}: "
                          f"{one_line(error)}); expected RUN/model.pt") from None
     return model.to(device).eval(), document
+
+
+def inference_device(run) -> torch.device:
+    """The torch device of this rank for inference (its GPU with --device cuda), threads set."""
+    torch.set_num_threads(run.threads)
+    if run.device != "cuda":
+        return torch.device("cpu")
+    device = torch.device("cuda", run.gpu if run.gpu is not None else 0)
+    torch.cuda.set_device(device)
+    return device
 
 
 class Segmentation:
@@ -122,11 +132,7 @@ class Segmentation:
                             [len(static_items(_RankView(r, self.world.size), len(cases)))
                              for r in range(self.world.size)]})
             return None
-        torch.set_num_threads(run.threads)
-        device = torch.device("cpu")
-        if run.device == "cuda":
-            device = torch.device("cuda", run.gpu if run.gpu is not None else 0)
-            torch.cuda.set_device(device)
+        device = inference_device(run)
         with run.stage("load model", "io"):
             loaded = [load_model(path, device) for path in self.model_paths]
         document = dict(loaded[0][1], largest_component=[  # what every model's validation chose
@@ -157,7 +163,6 @@ class Segmentation:
                 reference = read_labels(case.labels, case.image, geometry,
                                         len(document["classes"]))
         stats = document["intensity"]
-        kernels = backend.kernels("medhpc.ct", "cpu", "augment")
         source_hu = image
         with run.stage("resample and normalise", "kernel"):
             model_grid = geometry
@@ -165,11 +170,8 @@ class Segmentation:
                 model_grid = resampled_geometry(geometry, document["spacing_mm"])
                 image = resample(image, geometry, model_grid, labels=False,
                                  fill=float(image.min()))
-            normalised = np.empty(image.shape, dtype=np.float32)
-            kernels.normalise_hu(np.ascontiguousarray(image, dtype=np.float32),
-                                 np.float32(stats["low"]), np.float32(stats["high"]),
-                                 np.float32(stats["mean"]), np.float32(stats["std"]), normalised)
-        fill = (stats["low"] - stats["mean"]) / stats["std"]
+            normalised = normalised_hu(image, stats)
+        fill = intensity_fill(stats)
         with run.stage("inference", "kernel"):
             prediction = segment_volume(model, normalised, tuple(document["patch"]),
                                         len(document["classes"]) + 1, device, fill,

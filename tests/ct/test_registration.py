@@ -105,3 +105,20 @@ def test_unlabelled_pairs_and_a_loss_that_trains_the_network():
     loss = registration_loss(network, torch.from_numpy(moving), torch.from_numpy(fixed))
     loss.backward()
     assert torch.isfinite(loss) and float(network.weight.grad.abs().sum()) > 0
+
+
+def test_refinement_raises_the_similarity_of_a_shifted_pair():
+    from medhpc.ct.registration import refine_velocity
+
+    rng = np.random.default_rng(4)
+    coarse = torch.from_numpy(rng.normal(size=(1, 1, 4, 4, 4)).astype(np.float32))
+    fixed = torch.nn.functional.interpolate(coarse, size=(12, 12, 12), mode="trilinear",
+                                            align_corners=True)
+    shift = torch.zeros(1, 3, 12, 12, 12)
+    shift[:, 2] = 1.0
+    moving = sample_at(fixed, -shift)  # fixed moved by one voxel along x
+    velocity = refine_velocity(np.zeros((3, 12, 12, 12), np.float32), moving[0, 0].numpy(),
+                               fixed[0, 0].numpy(), 30, 0.1)
+    warped = sample_at(moving, integrate_velocity(torch.from_numpy(velocity)[None]))
+    assert float(local_ncc(fixed, warped)[0]) > float(local_ncc(fixed, moving)[0]) + 0.05
+    assert float(velocity[2, 4:8, 4:8, 4:8].mean()) == pytest.approx(1.0, abs=0.35)
