@@ -182,7 +182,8 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
               "osem-rdp: OSEM with a relative difference prior (--beta), one-step-late; "
               "bsrem: relaxed block sequential regularised EM with the same prior, convergent; "
               "nmf: dynamic data as a low-rank product of --components spatial factors and "
-              "time-activity curves, frames over the ranks.")
+              "time-activity curves, frames over the ranks; dip: the image as the output of "
+              "a 3-D U-Net (from noise or --prior) fitted to the data by Adam (train extra).")
 @click.option("--iterations", type=click.IntRange(min=1), default=_default("iterations"),
               show_default=True,
               help="Passes over all views (each of --subsets updates).")
@@ -206,6 +207,11 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
               help="bsrem: step 1 / (1 + relaxation x iteration).")
 @click.option("--components", type=click.IntRange(min=1), default=_default("components"),
               show_default=True, help="nmf: spatial factors (kinetic components) of the model.")
+@click.option("--prior", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="dip: an anatomical image (CT, MR) on the output grid as the network's "
+                   "input [default: seeded noise].")
+@click.option("--dip-lr", type=click.FloatRange(min=0, min_open=True), default=_default("dip_lr"),
+              show_default=True, help="dip: Adam's learning rate.")
 @click.option("--decomp", type=click.Choice(["planes", "views", "frames", "auto"]), default="auto",
               show_default=True, help="How the work is spread over the ranks.")
 @click.option("--image-shape", type=NumberList(3, int), default=None,
@@ -238,6 +244,7 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
 def pet_recon(run, sinogram, listmode, scanner, factors, mu_map, norm, randoms, scatter,
               scatter_iterations, time_windows, out, algorithm, iterations,
               subsets, psf_fwhm_mm, postfilter_fwhm_mm, beta, gamma, relaxation, components,
+              prior, dip_lr,
               decomp,
               image_shape, voxel_size_mm, checkpoint_every, resume, sensitivity_cache, no_fov_mask,
               tof_calibration, truth, png, log_path):
@@ -259,13 +266,15 @@ def pet_recon(run, sinogram, listmode, scanner, factors, mu_map, norm, randoms, 
     if listmode is not None and given:
         raise click.UsageError(f"{given[0]} goes with --sinogram; list-mode data take their "
                                f"factors from the file or --factors")
+    if listmode is not None and (algorithm == "dip" or prior is not None):
+        raise click.UsageError("--algorithm dip and --prior reconstruct sinograms (--sinogram)")
     if listmode is not None and (decomp != "auto" or sensitivity_cache):
         raise click.UsageError("--listmode spreads events over the ranks: leave out --decomp "
                                "and --sensitivity-cache")
     settings = ReconSettings(algorithm=algorithm, iterations=iterations, subsets=subsets,
                              psf_fwhm_mm=psf_fwhm_mm, postfilter_fwhm_mm=postfilter_fwhm_mm,
                              rdp_beta=beta if algorithm in PENALISED else 0.0, rdp_gamma=gamma,
-                             bsrem_relaxation=relaxation, components=components)
+                             bsrem_relaxation=relaxation, components=components, dip_lr=dip_lr)
     if listmode is not None:
         from medhpc.pet.run_listmode import ListModeRecon
 
@@ -282,7 +291,7 @@ def pet_recon(run, sinogram, listmode, scanner, factors, mu_map, norm, randoms, 
                        resume=resume, checkpoint_every=checkpoint_every, png=png,
                        log_path=log_path, sensitivity_cache=sensitivity_cache,
                        fov_mask=not no_fov_mask, truth=truth, tof_calibration=tof_calibration,
-                       corrections=CorrectionFiles(mu_map=mu_map, norm=norm, randoms=randoms,
+                       prior=prior, corrections=CorrectionFiles(mu_map=mu_map, norm=norm, randoms=randoms,
                                                    scatter=scatter_file))
         options.update(overrides)
         return PetRecon(run, sinogram, target, settings, **options)

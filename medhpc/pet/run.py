@@ -75,7 +75,8 @@ class PetRecon:
     def __init__(self, run, sinogram, out, settings: ReconSettings, decomp="auto",
                  image_shape=None, voxel_size_mm=None, resume=False, checkpoint_every=0,
                  png=False, log_path=None, sensitivity_cache=None, fov_mask=True,
-                 corrections: CorrectionFiles | None = None, truth=None, tof_calibration=None):
+                 corrections: CorrectionFiles | None = None, truth=None, tof_calibration=None,
+                 prior=None):
         self.run = run
         self.world: World = run.world
         self.settings = settings
@@ -93,6 +94,7 @@ class PetRecon:
         self.corrections = self.world.agree(
             lambda: check_corrections(corrections, self.layout)) if corrections else None
         self.truth_path = self.world.agree(lambda: self._truth_path(truth))
+        self.prior = self.world.agree(lambda: self._prior(prior))
         self.log_extra = {}  # what a caller adds to the JSON log
         self.support = field_of_view_mask(self.layout.scanner, self.grid.shape, self.origin_mm,
                                           self.voxel_mm) if fov_mask else None
@@ -108,6 +110,8 @@ class PetRecon:
         mode = decomposition.choose_mode(decomp, layout.frames, self.world.size)
         if self.settings.algorithm == "nmf":
             mode = self._check_nmf(layout, decomp)
+        if self.settings.algorithm == "dip":
+            self._check_dip(layout, mode)
         if mode == "planes":
             check_planes_grid(layout, grid, origin_mm, voxel_mm)
         return layout, grid, origin_mm, voxel_mm, mode
@@ -123,6 +127,36 @@ class PetRecon:
 
     def _timing_path(self) -> str | None:
         return None if self.timing is None else str(self.timing.path)
+
+    def _check_dip(self, layout, mode) -> None:
+        """DIP fits one static image with its views over the ranks; it needs PyTorch."""
+        if mode != "views" or layout.frames > 1:
+            raise InputError(f"{layout.path}: --algorithm dip reconstructs one static frame "
+                             f"with its views over the ranks (--decomp views); this run would "
+                             f"use --decomp {mode} on {layout.frames} frame(s)")
+        if self.resume or self.checkpoint_every:
+            raise InputError("--algorithm dip does not checkpoint yet: leave out --resume and "
+                             "--checkpoint-every")
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise InputError("--algorithm dip needs PyTorch: pip install 'medhpc[train]'") \
+                from None
+
+    def _prior(self, path):
+        """The --prior image on the output grid (rank 0), or None."""
+        if path is None:
+            return None
+        if self.settings.algorithm != "dip":
+            raise InputError(f"{path}: --prior is the network input of --algorithm dip; "
+                             f"this run is {self.settings.algorithm}")
+        from medhpc.io.images import read_image
+
+        image, geometry = read_image(path, ndim=3)
+        if not geometry.same_grid(self.grid):
+            raise InputError(f"{path}: prior image on {geometry.describe()}; expected the "
+                             f"output grid {self.grid.describe()}")
+        return np.asarray(image, np.float32)
 
     def _check_nmf(self, layout, decomp) -> str:
         """NMF spreads frames over the ranks; it needs dynamic data with a frame per rank."""
@@ -356,10 +390,14 @@ class PetRecon:
         views = decomposition.views_of_rank(scanner.n_views, self.settings.n_subsets,
                                             self.world.size, self.world.rank)
         shares = self.view_shares(views, self.world)
-        reconstructor = OsemReconstructor(self.run, shares, self.grid.shape, self.voxel_mm,
-                                          self.settings, reduce=self.world,
-                                          sensitivities=self._cached_sensitivities(),
-                                          support=self.support)
+        kind, extra = OsemReconstructor, {}
+        if self.settings.algorithm == "dip":
+            from medhpc.pet.dip import DipReconstructor
+
+            kind, extra = DipReconstructor, {"prior": self.prior, "seed": self.run.seed}
+        reconstructor = kind(self.run, shares, self.grid.shape, self.voxel_mm, self.settings,
+                             reduce=self.world, sensitivities=self._cached_sensitivities(),
+                             support=self.support, **extra)
         self._cache_sensitivities(reconstructor)
         with self._checkpointer(self.world, self.checkpoint_path) as checkpointer:
             state = self._iterate(reconstructor, checkpointer)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ALGORITHMS = ("osem", "mlem", "osem-rdp", "bsrem", "nmf")
+ALGORITHMS = ("osem", "mlem", "osem-rdp", "bsrem", "nmf", "dip")
 #: The algorithms with the relative difference prior.
 PENALISED = ("osem-rdp", "bsrem")
 
@@ -29,6 +29,9 @@ class ReconSettings:
     bsrem_relaxation: float = 0.1
     #: NMF (dynamic data): spatial factors of the low-rank model.
     components: int = 3
+    #: DIP: Adam's learning rate and the U-Net's channels per stage.
+    dip_lr: float = 1e-2
+    dip_widths: tuple = (16, 32, 64)
 
     @property
     def n_subsets(self) -> int:

@@ -177,3 +177,17 @@ def test_nmf_frames_over_the_ranks_equal_one_rank(tmp_path):
 @pytest.mark.parametrize("decomp", ["views", "planes"])
 def test_span3_data_over_the_ranks_equal_one_rank(span_case, tmp_path, decomp):
     compare(span_case["span3_noisy"], tmp_path, decomp)
+
+
+@pytest.mark.mpi
+def test_dip_views_over_the_ranks_equal_one_rank(pet_case, tmp_path):
+    pytest.importorskip("torch")
+    settings = ReconSettings(algorithm="dip", iterations=1, subsets=2, dip_widths=(4, 8))
+    world = get_world()
+    run = start_run("pet-recon", device="cpu", verbosity=-1, world=world)
+    image, history = PetRecon(run, pet_case["noisy"], tmp_path / "x.nii.gz", settings).compute()
+    reference, reference_history = PetRecon(serial_run(), pet_case["noisy"],
+                                            tmp_path / "y.nii.gz", settings).compute()
+    np.testing.assert_allclose(image, reference, rtol=1e-3, atol=1e-4 * reference.max())
+    np.testing.assert_allclose(history, reference_history, rtol=1e-5)
+
