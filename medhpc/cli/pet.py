@@ -291,7 +291,8 @@ def pet_recon(run, sinogram, listmode, scanner, factors, mu_map, norm, randoms, 
                        resume=resume, checkpoint_every=checkpoint_every, png=png,
                        log_path=log_path, sensitivity_cache=sensitivity_cache,
                        fov_mask=not no_fov_mask, truth=truth, tof_calibration=tof_calibration,
-                       prior=prior, corrections=CorrectionFiles(mu_map=mu_map, norm=norm, randoms=randoms,
+                       prior=prior,
+                       corrections=CorrectionFiles(mu_map=mu_map, norm=norm, randoms=randoms,
                                                    scatter=scatter_file))
         options.update(overrides)
         return PetRecon(run, sinogram, target, settings, **options)
