@@ -183,7 +183,9 @@ mpiexec -n 4 medhpc pet-recon --sinogram sinogram.h5 --out recon.nii.gz \\
               "bsrem: relaxed block sequential regularised EM with the same prior, convergent; "
               "nmf: dynamic data as a low-rank product of --components spatial factors and "
               "time-activity curves, frames over the ranks; dip: the image as the output of "
-              "a 3-D U-Net (from noise or --prior) fitted to the data by Adam (train extra).")
+              "a 3-D U-Net (from noise or --prior) fitted to the data by Adam, one step per "
+              "subset (train extra; it needs far more --iterations than OSEM, e.g. 60 x 4 "
+              "subsets).")
 @click.option("--iterations", type=click.IntRange(min=1), default=_default("iterations"),
               show_default=True,
               help="Passes over all views (each of --subsets updates).")
