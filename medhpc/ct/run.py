@@ -28,7 +28,6 @@ from medhpc.ct.augment import AugmentSettings
 from medhpc.ct.dataset import CtDataset, intensity_fill, normalised_hu
 from medhpc.ct.planner import (CPU_WIDTHS, GPU_WIDTHS, given_plan, network_layout,
                                 plan_lowres, plan_training)
-from medhpc.ct.postprocess import helpful_classes
 from medhpc.ct.sampler import TrainingCase, rank_slots
 from medhpc.ct.settings import GRAD_SYNCS, OPTIMIZERS, TrainSettings
 from medhpc.ct.tasks import task_for
@@ -382,19 +381,7 @@ def dataset_summary(dataset: CtDataset) -> dict:
             "class_fraction": fingerprint.get("class_fraction")}
 
 
-def largest_component_classes(history: list[dict]) -> list[str]:
-    """The classes whose validation Dice of the last epoch rose with only their largest
-    connected component kept (none without validation)."""
-    if not history or "dice_largest_component" not in history[-1]:
-        return []
-    last = history[-1]
-    names = list(last["dice"])
-    as_array = lambda values: np.array([np.nan if v is None else v for v in values])  # noqa: E731
-    return helpful_classes(as_array(last["dice"].values()),
-                           as_array(last["dice_largest_component"][n] for n in names), names)
-
 
 def _signal_step() -> int | None:
     value = os.environ.get(STOP_AFTER_STEP_VARIABLE, "").strip()
     return int(value) if value.isdigit() else None
-

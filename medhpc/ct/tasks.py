@@ -20,7 +20,7 @@ import torch
 from medhpc.ct import distributed
 from medhpc.ct.inference import segment_volume
 from medhpc.ct.loss import confusion_counts, deep_supervision_loss, dice_from_counts
-from medhpc.ct.postprocess import largest_component
+from medhpc.ct.postprocess import helpful_classes, largest_component
 from medhpc.ct.settings import TASKS
 from medhpc.errors import InputError
 from medhpc.parallel.geometry import block_range
@@ -37,6 +37,18 @@ def task_for(settings):
 
 def _finite(value) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
+
+
+def largest_component_classes(history: list[dict]) -> list[str]:
+    """The classes whose validation Dice of the last epoch rose with only their largest
+    connected component kept (none without validation)."""
+    if not history or "dice_largest_component" not in history[-1]:
+        return []
+    last = history[-1]
+    names = list(last["dice"])
+    as_array = lambda values: np.array([np.nan if v is None else v for v in values])  # noqa: E731
+    return helpful_classes(as_array(last["dice"].values()),
+                           as_array(last["dice_largest_component"][n] for n in names), names)
 
 
 class SegmentationTask:
@@ -111,8 +123,6 @@ class SegmentationTask:
         return {"dice": record["dice"]}
 
     def document(self, history: list[dict]) -> dict:
-        from medhpc.ct.run import largest_component_classes
-
         return {"largest_component": largest_component_classes(history),
                 "mirrored": bool(self.settings.augment)}
 

@@ -31,7 +31,7 @@ def test_ct_train_stores_the_classes_its_last_validation_chose():
     import pytest
 
     pytest.importorskip("torch")
-    from medhpc.ct.run import largest_component_classes
+    from medhpc.ct.tasks import largest_component_classes
 
     history = [{"dice": {"liver": 0.5, "spleen": None},
                 "dice_largest_component": {"liver": 0.4, "spleen": None}},
